@@ -1,0 +1,1 @@
+//! Ferro controllers: the runtime (reflector, queue, leader election) and one module per controller.

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Installs the Debian packages Ferro needs on a host, only those missing. Idempotent.
+set -euo pipefail
+
+packages=(
+  etcd-server etcd-client    # the store
+  protobuf-compiler          # etcd-client's build needs protoc
+  qemu-system-x86 qemu-utils # the hypervisor
+  genisoimage                # config drives
+  busybox-static cpio xz-utils # the test guest's initramfs
+  openvswitch-switch dnsmasq-base nftables iproute2 ethtool
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+
+echo "installing host packages: ${missing[*]}"
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo"
+export DEBIAN_FRONTEND=noninteractive
+$sudo apt-get update -qq
+$sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
