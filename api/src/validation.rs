@@ -1,0 +1,1 @@
+//! Defaulting and validation of objects, for create and for update.
