@@ -8,15 +8,27 @@
 //! are interchangeable and pass the same conformance suite (`tests/conformance.rs`).
 //!
 //! Semantics shared by both backends:
-//! - A range at a revision sees the store as it was then; a revision at or below the
-//!   compaction point fails with [`StoreError::Compacted`].
+//! - A range at a revision sees the store as it was then. As in etcd, compacting at `c`
+//!   keeps revision `c` itself readable: a revision *below* the compaction point fails with
+//!   [`StoreError::Compacted`], one above the current revision with
+//!   [`StoreError::FutureRevision`].
 //! - A transaction evaluates all its comparisons atomically, then runs its success or its
-//!   failure operations; a transaction that writes bumps the revision by exactly one.
+//!   failure operations; a transaction that writes bumps the revision by exactly one, one
+//!   that writes nothing (failed guard, delete of nothing, reads) does not bump it. Reads
+//!   inside a transaction see the writes made before them in the same transaction.
 //! - A watch from revision `r` delivers, in revision order, every event with revision `>= r`
-//!   exactly once, each with the key's previous value; a start revision already compacted
-//!   ends the stream with [`StoreError::Compacted`].
-//! - Keys attached to a lease are deleted (one delete event each) when the lease expires or
-//!   is revoked.
+//!   exactly once, each with the key's previous value; a start revision below the compaction
+//!   point ends the stream with [`StoreError::Compacted`].
+//! - Keys attached to a lease are deleted (one delete event each, all in one revision) when
+//!   the lease expires or is revoked. TTLs are whole seconds, rounded up, and at least
+//!   [`MIN_LEASE_TTL`], as etcd does.
+//! - Requests etcd rejects are rejected by both with [`StoreError::InvalidArgument`]: an empty
+//!   key, a [`KeyRange::Between`] whose end is not after its start, more than
+//!   [`MAX_TXN_OPS`] comparisons or operations in a branch, or two writes to one key in one
+//!   branch (two puts, or a put inside a deleted range).
+//!
+//! [`etcd_process::EtcdProcess`] runs a real etcd member as a child process, for `ferro up`
+//! and for tests.
 
 #![allow(clippy::module_name_repetitions)]
 
@@ -26,6 +38,7 @@ use async_trait::async_trait;
 use futures::stream::BoxStream;
 
 pub mod etcd;
+pub mod etcd_process;
 pub mod memory;
 
 /// A store revision: etcd's cluster-wide, strictly increasing write counter.
@@ -33,6 +46,14 @@ pub type Revision = i64;
 
 /// The identifier of a lease; `0` is never a valid lease.
 pub type LeaseId = i64;
+
+/// The most comparisons, or operations in one branch, a transaction may hold (etcd's default
+/// `--max-txn-ops`).
+pub const MAX_TXN_OPS: usize = 128;
+
+/// The shortest lease TTL: etcd raises shorter ones to 1.5 election timeouts, rounded up to
+/// whole seconds, which is 2 s with its default timing.
+pub const MIN_LEASE_TTL: Duration = Duration::from_secs(2);
 
 /// One key with its value and its multi-version bookkeeping.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -56,7 +77,7 @@ pub struct KeyValue {
 pub enum KeyRange {
     /// Exactly one key.
     Key(String),
-    /// Every key that starts with the prefix.
+    /// Every key that starts with the prefix; the empty prefix covers every key.
     Prefix(String),
     /// Keys `k` with `start <= k < end` in byte order.
     Between {
@@ -78,6 +99,23 @@ impl KeyRange {
             }
         }
     }
+
+    /// Rejects the ranges etcd rejects or reads differently from their meaning here: an
+    /// empty key, and a `Between` whose end is not after its start (etcd reads an empty end
+    /// as "just the start key").
+    pub(crate) fn validate(&self) -> Result<(), StoreError> {
+        match self {
+            KeyRange::Key(k) if k.is_empty() => {
+                Err(StoreError::InvalidArgument("key is not provided".into()))
+            }
+            KeyRange::Between { start, end } if end.as_bytes() <= start.as_bytes() => {
+                Err(StoreError::InvalidArgument(format!(
+                    "range end {end:?} is not after its start {start:?}"
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 /// A read of a range of keys.
@@ -85,7 +123,8 @@ impl KeyRange {
 pub struct RangeRequest {
     /// The keys to read.
     pub range: KeyRange,
-    /// Read the store as it was at this revision; `None` reads the latest.
+    /// Read the store as it was at this revision; `None` (or a revision `<= 0`, as in etcd)
+    /// reads the latest.
     pub revision: Option<Revision>,
     /// At most this many keys; `0` means no limit.
     pub limit: usize,
@@ -96,12 +135,22 @@ pub struct RangeRequest {
 impl RangeRequest {
     /// A read of one key at the latest revision.
     pub fn key(key: impl Into<String>) -> Self {
-        Self { range: KeyRange::Key(key.into()), revision: None, limit: 0, keys_only: false }
+        Self {
+            range: KeyRange::Key(key.into()),
+            revision: None,
+            limit: 0,
+            keys_only: false,
+        }
     }
 
     /// A read of every key under a prefix at the latest revision.
     pub fn prefix(prefix: impl Into<String>) -> Self {
-        Self { range: KeyRange::Prefix(prefix.into()), revision: None, limit: 0, keys_only: false }
+        Self {
+            range: KeyRange::Prefix(prefix.into()),
+            revision: None,
+            limit: 0,
+            keys_only: false,
+        }
     }
 }
 
@@ -129,7 +178,8 @@ pub enum CompareTarget {
     ModRevision(Revision),
     /// The key's create revision; `0` when the key does not exist.
     CreateRevision(Revision),
-    /// The key's value; a missing key compares unequal to every value.
+    /// The key's value, compared byte-wise; as in etcd, no comparison of the value of a
+    /// missing key holds, not even `NotEqual`.
     Value(Vec<u8>),
 }
 
@@ -160,12 +210,20 @@ pub struct Compare {
 impl Compare {
     /// True when the key does not exist (create-if-absent).
     pub fn absent(key: impl Into<String>) -> Self {
-        Self { key: key.into(), op: CompareOp::Equal, target: CompareTarget::Version(0) }
+        Self {
+            key: key.into(),
+            op: CompareOp::Equal,
+            target: CompareTarget::Version(0),
+        }
     }
 
     /// True when the key was last modified at `revision` (compare-and-swap).
     pub fn mod_revision(key: impl Into<String>, revision: Revision) -> Self {
-        Self { key: key.into(), op: CompareOp::Equal, target: CompareTarget::ModRevision(revision) }
+        Self {
+            key: key.into(),
+            op: CompareOp::Equal,
+            target: CompareTarget::ModRevision(revision),
+        }
     }
 }
 
@@ -220,7 +278,8 @@ pub struct Txn {
 pub struct TxnResponse {
     /// Whether the guard held and `success` ran.
     pub succeeded: bool,
-    /// The store revision after the transaction.
+    /// The store revision after the transaction: the one it wrote at, or the current one if
+    /// it wrote nothing.
     pub revision: Revision,
     /// One response per operation that ran, in order.
     pub responses: Vec<TxnOpResponse>,
@@ -252,29 +311,40 @@ pub struct WatchEvent {
 pub struct WatchRequest {
     /// The keys watched.
     pub range: KeyRange,
-    /// Deliver events from this revision on; `None` starts after the current revision.
+    /// Deliver events from this revision on; `None` (or a revision `<= 0`, as in etcd)
+    /// starts after the current revision. A revision beyond the current one is allowed: the
+    /// watch waits for it.
     pub start_revision: Option<Revision>,
 }
 
-/// A batch of events that share one revision, or a progress notice with no events.
+/// A batch of events in revision order, or a progress notice with no events.
+///
+/// The etcd backend yields one batch per etcd watch response: a history replay comes as
+/// batches of several whole revisions each, and a batch's `revision` may then be well past
+/// its events, with more history still to come. The memory backend yields one batch per
+/// revision. Callers therefore track the
+/// `mod_revision` of the last event they handled and resume from it + 1. Only an empty batch
+/// promises that every event up to its `revision` has been delivered.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WatchBatch {
-    /// The revision the store had reached when this batch was sent; all events in it are
-    /// at or below this revision.
+    /// A revision the store had reached when this batch was sent; every event in it is at or
+    /// below this revision.
     pub revision: Revision,
-    /// The events, in revision order.
+    /// The events, in revision order; within one revision, in the order the transaction
+    /// wrote them.
     pub events: Vec<WatchEvent>,
 }
 
-/// The stream a watch yields. It ends with an error when the watch cannot continue
-/// (compaction, lost connection); the caller resumes from its last seen revision + 1.
+/// The stream a watch yields. It never ends quietly: when the watch cannot continue
+/// (compaction, lost connection, a consumer too slow for its buffer, a closed store) it
+/// yields one error and ends; the caller resumes from its last seen revision + 1.
 pub type WatchStream = BoxStream<'static, Result<WatchBatch, StoreError>>;
 
 /// Errors of the store.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// The requested revision is at or below the compaction point.
-    #[error("revision {requested} has been compacted (compacted through {compacted})")]
+    /// The requested revision is below the compaction point.
+    #[error("revision {requested} has been compacted (store compacted at {compacted})")]
     Compacted {
         /// The revision asked for.
         requested: Revision,
@@ -292,6 +362,9 @@ pub enum StoreError {
     /// The lease does not exist or has expired.
     #[error("lease {0} not found")]
     LeaseNotFound(LeaseId),
+    /// The request is malformed in a way etcd rejects (see the crate docs).
+    #[error("invalid store request: {0}")]
+    InvalidArgument(String),
     /// The backend cannot be reached or failed.
     #[error("store unavailable: {0}")]
     Unavailable(String),
@@ -312,17 +385,20 @@ pub trait Store: Send + Sync + 'static {
     /// Watches a range of keys from a revision.
     async fn watch(&self, request: WatchRequest) -> Result<WatchStream, StoreError>;
 
-    /// Grants a lease that expires `ttl` after its last keep-alive.
+    /// Grants a lease that expires `ttl` after its last keep-alive; `ttl` is rounded up to
+    /// whole seconds and raised to [`MIN_LEASE_TTL`].
     async fn lease_grant(&self, ttl: Duration) -> Result<LeaseId, StoreError>;
 
-    /// Renews a lease; returns its TTL.
+    /// Renews a lease; returns its granted TTL.
     async fn lease_keep_alive(&self, lease: LeaseId) -> Result<Duration, StoreError>;
 
     /// Revokes a lease now, deleting its keys.
     async fn lease_revoke(&self, lease: LeaseId) -> Result<(), StoreError>;
 
-    /// Forgets history at and below `revision`; later reads of it fail with
-    /// [`StoreError::Compacted`].
+    /// Forgets the history before `revision`: later reads and watches at a lower revision
+    /// fail with [`StoreError::Compacted`], while `revision` itself stays readable. Compacting
+    /// at or below an earlier compaction fails with [`StoreError::Compacted`], beyond the
+    /// current revision with [`StoreError::FutureRevision`].
     async fn compact(&self, revision: Revision) -> Result<(), StoreError>;
 
     /// The store's current revision.
@@ -330,6 +406,17 @@ pub trait Store: Send + Sync + 'static {
 
     /// Reads one key at the latest revision.
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
-        Ok(self.range(RangeRequest::key(key)).await?.kvs.into_iter().next())
+        Ok(self
+            .range(RangeRequest::key(key))
+            .await?
+            .kvs
+            .into_iter()
+            .next())
     }
+}
+
+/// A TTL in whole seconds, rounded up as etcd's lease API counts them.
+pub(crate) fn ttl_seconds(ttl: Duration) -> i64 {
+    let secs = ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0);
+    i64::try_from(secs).unwrap_or(i64::MAX)
 }
