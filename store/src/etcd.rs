@@ -15,7 +15,7 @@
 //!
 //! The client is a set of `tonic` channels; cloning an [`EtcdStore`] is cheap and shares them.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use etcd_client::{
@@ -25,9 +25,9 @@ use etcd_client::{
 use futures::StreamExt;
 
 use crate::{
-    CompareOp, CompareTarget, EventKind, KeyRange, KeyValue, LeaseId, RangeRequest, RangeResponse,
-    Revision, Store, StoreError, Txn, TxnOp, TxnOpResponse, TxnResponse, WatchBatch, WatchEvent,
-    WatchRequest, WatchStream, ttl_seconds,
+    CompareOp, CompareTarget, EventKind, KeyRange, KeyValue, LeaseId, ProgressRequester,
+    RangeRequest, RangeResponse, Revision, Store, StoreError, Txn, TxnOp, TxnOpResponse,
+    TxnResponse, WatchBatch, WatchEvent, WatchRequest, WatchStream, ttl_seconds,
 };
 
 /// How long to wait for a TCP connection to an endpoint.
@@ -479,6 +479,13 @@ impl Store for EtcdStore {
     }
 
     async fn watch(&self, request: WatchRequest) -> Result<WatchStream, StoreError> {
+        Ok(self.watch_with_progress(request).await?.0)
+    }
+
+    async fn watch_with_progress(
+        &self,
+        request: WatchRequest,
+    ) -> Result<(WatchStream, ProgressRequester), StoreError> {
         request.range.validate()?;
         let (key, end) = etcd_range(&request.range);
         let mut options = WatchOptions::new().with_prev_key();
@@ -496,13 +503,28 @@ impl Store for EtcdStore {
             .await
             .map_err(plain_error)?;
         let (sender, responses) = stream.split();
+        let sender = Arc::new(tokio::sync::Mutex::new(sender));
+        let weak = Arc::downgrade(&sender);
+        let requester = ProgressRequester::new(move || {
+            let Some(sender) = weak.upgrade() else {
+                return;
+            };
+            // etcd answers with an empty response whose header revision is current, sent
+            // after every event of the watch up to it (etcd >= 3.4).
+            tokio::spawn(async move {
+                let _ = sender.lock().await.request_progress().await;
+            });
+        });
         let feed = EtcdFeed {
             _sender: sender,
             responses,
             resume_from: start,
             ended: false,
         };
-        Ok(futures::stream::unfold(feed, EtcdFeed::next).boxed())
+        Ok((
+            futures::stream::unfold(feed, EtcdFeed::next).boxed(),
+            requester,
+        ))
     }
 
     async fn lease_grant(&self, ttl: Duration) -> Result<LeaseId, StoreError> {
@@ -585,8 +607,9 @@ fn lease_error(error: etcd_client::Error, lease: LeaseId) -> StoreError {
 
 /// The state behind an etcd watch stream.
 struct EtcdFeed {
-    /// Held so etcd keeps the watch open: dropping the request side may end it.
-    _sender: etcd_client::WatchRequestSender,
+    /// Held so etcd keeps the watch open (dropping the request side may end it), and shared
+    /// with the watch's [`ProgressRequester`].
+    _sender: Arc<tokio::sync::Mutex<etcd_client::WatchRequestSender>>,
     responses: etcd_client::WatchResponseStream,
     /// The first revision not yet delivered, for the compaction error's `requested`.
     resume_from: Option<Revision>,

@@ -340,6 +340,32 @@ pub struct WatchBatch {
 /// yields one error and ends; the caller resumes from its last seen revision + 1.
 pub type WatchStream = BoxStream<'static, Result<WatchBatch, StoreError>>;
 
+/// Asks the store behind one watch for a progress notice: an empty [`WatchBatch`] whose
+/// `revision` is the store's current revision, delivered after every event of the watch up
+/// to that revision. A cache built from the watch uses it to prove it is current before
+/// answering a consistent read. A request may go unanswered (a full buffer, an ended
+/// watch); callers wait with a timeout.
+#[derive(Clone)]
+pub struct ProgressRequester(std::sync::Arc<dyn Fn() + Send + Sync>);
+
+impl ProgressRequester {
+    /// A requester that runs `request` for each request.
+    pub fn new(request: impl Fn() + Send + Sync + 'static) -> Self {
+        ProgressRequester(std::sync::Arc::new(request))
+    }
+
+    /// Asks for a progress notice; returns at once.
+    pub fn request(&self) {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for ProgressRequester {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ProgressRequester")
+    }
+}
+
 /// Errors of the store.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -384,6 +410,12 @@ pub trait Store: Send + Sync + 'static {
 
     /// Watches a range of keys from a revision.
     async fn watch(&self, request: WatchRequest) -> Result<WatchStream, StoreError>;
+
+    /// Watches like [`Store::watch`] and returns a handle that asks for progress notices.
+    async fn watch_with_progress(
+        &self,
+        request: WatchRequest,
+    ) -> Result<(WatchStream, ProgressRequester), StoreError>;
 
     /// Grants a lease that expires `ttl` after its last keep-alive; `ttl` is rounded up to
     /// whole seconds and raised to [`MIN_LEASE_TTL`].

@@ -38,8 +38,9 @@ use tokio::time::Instant;
 
 use crate::{
     Compare, CompareOp, CompareTarget, EventKind, KeyRange, KeyValue, LeaseId, MAX_TXN_OPS,
-    MIN_LEASE_TTL, RangeRequest, RangeResponse, Revision, Store, StoreError, Txn, TxnOp,
-    TxnOpResponse, TxnResponse, WatchBatch, WatchEvent, WatchRequest, WatchStream, ttl_seconds,
+    MIN_LEASE_TTL, ProgressRequester, RangeRequest, RangeResponse, Revision, Store, StoreError,
+    Txn, TxnOp, TxnOpResponse, TxnResponse, WatchBatch, WatchEvent, WatchRequest, WatchStream,
+    ttl_seconds,
 };
 
 /// How many batches (revisions) a watcher may have waiting before it is dropped as too slow.
@@ -760,6 +761,31 @@ impl Store for MemoryStore {
 
     async fn watch(&self, request: WatchRequest) -> Result<WatchStream, StoreError> {
         self.lock().watch(request)
+    }
+
+    async fn watch_with_progress(
+        &self,
+        request: WatchRequest,
+    ) -> Result<(WatchStream, ProgressRequester), StoreError> {
+        let mut state = self.lock();
+        let stream = state.watch(request)?;
+        // The watcher just registered is the last one; its sender feeds the stream. (A
+        // watch that failed at once, on a compacted revision, registered none.)
+        let tx = state.watchers.last().map(|w| w.tx.clone());
+        let inner = Arc::downgrade(&self.inner);
+        let requester = ProgressRequester::new(move || {
+            let (Some(tx), Some(inner)) = (tx.as_ref(), inner.upgrade()) else {
+                return;
+            };
+            // Sent under the lock, as events are, so the notice follows every event up to
+            // the revision it names.
+            let state = inner.state.lock().unwrap_or_else(PoisonError::into_inner);
+            let _ = tx.try_send(WatchBatch {
+                revision: state.revision,
+                events: Vec::new(),
+            });
+        });
+        Ok((stream, requester))
     }
 
     async fn lease_grant(&self, ttl: Duration) -> Result<LeaseId, StoreError> {

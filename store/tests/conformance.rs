@@ -64,6 +64,7 @@ conformance!(
     keep_alive_extends_a_lease,
     revoke_deletes_keys_at_once,
     malformed_requests_are_rejected,
+    progress_notice_follows_every_event_up_to_its_revision,
 );
 
 /// Runs `test` against a fresh etcd on tmpfs, stopped and removed afterwards.
@@ -971,5 +972,41 @@ async fn malformed_requests_are_rejected(store: Backend) -> Result<()> {
         Err(StoreError::InvalidArgument(_))
     ));
     assert_eq!(store.current_revision().await?, 2);
+    Ok(())
+}
+
+async fn progress_notice_follows_every_event_up_to_its_revision(store: Backend) -> Result<()> {
+    let (mut stream, progress) = store
+        .watch_with_progress(WatchRequest {
+            range: prefix("/p/"),
+            start_revision: None,
+        })
+        .await?;
+    put(&store, "/p/a", "1").await?;
+    put(&store, "/other", "x").await?;
+    let last = put(&store, "/other", "y").await?;
+    progress.request();
+    // Events of the range come first; the notice carries a revision at least the store's
+    // revision when it was asked for, though no event of the range is at that revision.
+    let mut seen = Vec::new();
+    loop {
+        let batch = tokio::time::timeout(PATIENCE, stream.next())
+            .await
+            .context("no progress notice")?
+            .context("watch stream ended")??;
+        if batch.events.is_empty() {
+            ensure!(
+                batch.revision >= last,
+                "notice at {} before {last}",
+                batch.revision
+            );
+            break;
+        }
+        seen.extend(batch.events);
+    }
+    ensure!(
+        summary(&seen) == [(EventKind::Put, "/p/a".to_owned(), 2)],
+        "{seen:#?}"
+    );
     Ok(())
 }
