@@ -125,6 +125,23 @@ macro_rules! kinds {
             }
         }
 
+        impl From<Object> for v1::AnyObject {
+            fn from(object: Object) -> Self {
+                let inner = match object { $(Object::$kind(o) => v1::any_object::Object::$rust(o)),* };
+                v1::AnyObject { object: Some(inner) }
+            }
+        }
+
+        impl TryFrom<v1::AnyObject> for Object {
+            type Error = crate::Error;
+            fn try_from(any: v1::AnyObject) -> Result<Self, crate::Error> {
+                match any.object {
+                    $(Some(v1::any_object::Object::$rust(o)) => Ok(Object::$kind(o)),)*
+                    None => Err(crate::Error::invalid("", "object", "required")),
+                }
+            }
+        }
+
         $(
             impl Resource for v1::$rust {
                 const KIND: Kind = Kind::$kind;

@@ -6,10 +6,21 @@
 //!   field).
 //! - [`kinds`]: the table of kinds — names, scope, store keys, status writers.
 //! - [`validation`]: defaulting and validation, for create and for update.
+//! - [`error`]: the one error type and its mapping to gRPC statuses.
 
+pub mod auth;
+pub mod cache;
+pub mod client;
 pub mod codec;
+pub mod error;
 pub mod kinds;
+pub mod owners;
+pub mod selector;
+pub mod server;
 pub mod validation;
+
+pub use error::Error;
+pub use kinds::{Kind, Object, Resource};
 
 /// The `ferro/v1` types, generated from the schema.
 #[allow(missing_docs, clippy::all)]

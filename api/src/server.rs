@@ -1,0 +1,1516 @@
+//! The apiserver: the `Resources` gRPC service over a [`Store`].
+//!
+//! Objects are stored as the protobuf encoding of their kind's message under the key of
+//! [`Kind::key`]; their `resourceVersion` is not stored but taken from the key's mod
+//! revision on every read, as Kubernetes does. Every write is a compare-and-swap on that
+//! revision, so concurrent writers never lose each other's changes: server-side patches
+//! (apply, status, metadata, bind, delete) re-read and retry; a client's Update with a
+//! resourceVersion fails with `Conflict` instead.
+//!
+//! Admission happens here, before anything is written: authentication, authorization,
+//! defaulting, validation, the status owner table. A refused request writes nothing.
+
+use std::{collections::HashMap, pin::Pin, sync::Arc, time::Duration};
+
+use ferro_store::{
+    Compare, KeyRange, KeyValue, RangeRequest, Revision, Store, StoreError, Txn, TxnOp,
+    WatchRequest as StoreWatch,
+};
+use futures::{Stream, StreamExt};
+use prost_reflect::{DynamicMessage, ReflectMessage, Value as ProtoValue};
+use tokio::sync::mpsc;
+use tonic::{Request, Response, Status};
+
+use crate::{
+    Error, Kind, Object, auth,
+    auth::{Authorizer, Identity, Tokens, Verb},
+    cache::{CacheOptions, Query, WatchCache},
+    kinds::Scope,
+    owners,
+    selector::{FieldSelector, LabelSelector, node_of},
+    v1::{self, resources_server::Resources},
+    validation,
+};
+
+/// The project an object lands in when none is given.
+pub const DEFAULT_PROJECT: &str = "default";
+
+/// The finalizer Delete adds for foreground propagation; the garbage collector removes it
+/// once the dependents that block owner deletion are gone.
+pub const FOREGROUND_FINALIZER: &str = "ferro.io/foreground-deletion";
+
+/// The finalizer Delete adds for orphan propagation; the garbage collector removes it once
+/// the dependents no longer name this owner.
+pub const ORPHAN_FINALIZER: &str = "ferro.io/orphan";
+
+/// Size and paging limits, explicit so clients can rely on them.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// The largest request message accepted.
+    pub max_request_bytes: usize,
+    /// The largest response message sent.
+    pub max_response_bytes: usize,
+    /// Objects per List page when the request gives no limit.
+    pub default_page_size: usize,
+    /// The most objects per List page.
+    pub max_page_size: usize,
+    /// A List page ends once its objects add up to this many bytes.
+    pub max_page_bytes: usize,
+    /// How often an idle watch receives a bookmark.
+    pub bookmark_interval: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_request_bytes: 4 << 20,
+            max_response_bytes: 16 << 20,
+            default_page_size: 500,
+            max_page_size: 5_000,
+            max_page_bytes: 8 << 20,
+            bookmark_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+/// How many times a server-side patch re-reads after losing a compare-and-swap race.
+const MAX_RETRIES: usize = 64;
+
+/// The apiserver's state; cheap to clone.
+#[derive(Clone)]
+pub struct ApiServer {
+    store: Arc<dyn Store>,
+    cache: Option<Arc<WatchCache>>,
+    tokens: Arc<Tokens>,
+    authorizer: Authorizer,
+    limits: Limits,
+}
+
+impl ApiServer {
+    /// An apiserver over a store, accepting the given tokens.
+    pub fn new(store: Arc<dyn Store>, tokens: Tokens) -> Self {
+        let cache = Some(WatchCache::new(store.clone(), CacheOptions::default()));
+        ApiServer {
+            store,
+            cache,
+            tokens: Arc::new(tokens),
+            authorizer: Authorizer,
+            limits: Limits::default(),
+        }
+    }
+
+    /// Serves List and Watch from the store directly, without a watch cache.
+    pub fn without_cache(mut self) -> Self {
+        self.cache = None;
+        self
+    }
+
+    /// Replaces the watch cache's tuning.
+    pub fn with_cache_options(mut self, options: CacheOptions) -> Self {
+        self.cache = Some(WatchCache::new(self.store.clone(), options));
+        self
+    }
+
+    /// Replaces the default limits.
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// The gRPC service, with the message size limits applied.
+    pub fn into_service(self) -> v1::resources_server::ResourcesServer<ApiServer> {
+        let limits = self.limits;
+        v1::resources_server::ResourcesServer::new(self)
+            .max_decoding_message_size(limits.max_request_bytes)
+            .max_encoding_message_size(limits.max_response_bytes)
+    }
+
+    /// Serves the Resources service, gRPC reflection and the standard health service on a
+    /// listener until `shutdown` completes.
+    pub async fn serve(
+        self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        if let Some(cache) = &self.cache {
+            cache.warm();
+        }
+        let (health_reporter, health) = tonic_health::server::health_reporter();
+        health_reporter
+            .set_serving::<v1::resources_server::ResourcesServer<ApiServer>>()
+            .await;
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::DESCRIPTOR_SET)
+            .build_v1()?;
+        tonic::transport::Server::builder()
+            .add_service(health)
+            .add_service(reflection)
+            .add_service(self.into_service())
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                shutdown,
+            )
+            .await?;
+        Ok(())
+    }
+
+    fn identity<T>(&self, request: &Request<T>) -> Result<Identity, Error> {
+        let header = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
+        self.tokens.authenticate(header)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Helpers.
+
+fn now() -> prost_types::Timestamp {
+    let ts = jiff::Timestamp::now();
+    prost_types::Timestamp {
+        seconds: ts.as_second(),
+        nanos: ts.subsec_nanosecond(),
+    }
+}
+
+pub(crate) fn store_error(error: StoreError) -> Error {
+    match error {
+        StoreError::Compacted {
+            requested,
+            compacted,
+        } => Error::Expired {
+            message: format!(
+                "resourceVersion {requested} is too old (history kept from {compacted}); list again"
+            ),
+        },
+        StoreError::FutureRevision { requested, current } => Error::invalid(
+            "",
+            "resourceVersion",
+            format!("{requested} is newer than the store's current revision {current}"),
+        ),
+        StoreError::Unavailable(message) => Error::Unavailable {
+            message: format!("store unavailable: {message}"),
+        },
+        StoreError::InvalidArgument(reason) => {
+            Error::invalid("", "", format!("the store refused the request: {reason}"))
+        }
+        StoreError::LeaseNotFound(lease) => Error::NotFound {
+            object: format!("lease {lease}"),
+        },
+        other => Error::internal(other),
+    }
+}
+
+fn parse_kind(name: &str) -> Result<Kind, Error> {
+    Kind::from_kind_name(name)
+        .or_else(|| Kind::lookup(name))
+        .ok_or_else(|| Error::invalid("", "kind", format!("unknown kind `{name}`")))
+}
+
+/// Resolves a request's project for a kind: cluster-scoped kinds have none; project-scoped
+/// ones default to `default`.
+fn scoped_project(kind: Kind, project: &str) -> String {
+    match kind.scope() {
+        Scope::Cluster => String::new(),
+        Scope::Project if project.is_empty() => DEFAULT_PROJECT.to_owned(),
+        Scope::Project => project.to_owned(),
+    }
+}
+
+struct Key {
+    kind: Kind,
+    project: String,
+    name: String,
+}
+
+impl Key {
+    fn from_proto(key: Option<v1::ObjectKey>) -> Result<Key, Error> {
+        let key = key.ok_or_else(|| Error::invalid("", "key", "required"))?;
+        let kind = parse_kind(&key.kind)?;
+        if key.name.is_empty() {
+            return Err(Error::invalid("", "key.name", "required"));
+        }
+        Ok(Key {
+            kind,
+            project: scoped_project(kind, &key.project),
+            name: key.name,
+        })
+    }
+    fn store_key(&self) -> String {
+        self.kind.key(&self.project, &self.name)
+    }
+    fn display(&self) -> String {
+        format!("{}/{}", self.kind.plural(), self.name)
+    }
+}
+
+pub(crate) fn decode_kv(kind: Kind, kv: &KeyValue) -> Result<Object, Error> {
+    let mut object = Object::decode(kind, &kv.value).map_err(|e| {
+        Error::internal(format!(
+            "stored {} at {} does not decode: {e}",
+            kind.name(),
+            kv.key
+        ))
+    })?;
+    object.metadata_mut().resource_version = kv.mod_revision;
+    Ok(object)
+}
+
+fn encode_for_store(object: &Object) -> Vec<u8> {
+    let mut object = object.clone();
+    object.metadata_mut().resource_version = 0;
+    object.encode_to_vec()
+}
+
+/// Reads a part (`spec` or `status`) of an object reflectively.
+fn part(object: &Object, name: &str) -> Option<DynamicMessage> {
+    let message = object.to_dynamic();
+    let field = message.descriptor().get_field_by_name(name)?;
+    if !message.has_field(&field) {
+        return None;
+    }
+    match message.get_field(&field).into_owned() {
+        ProtoValue::Message(m) => Some(m),
+        _ => None,
+    }
+}
+
+/// Replaces (or clears) a part of an object reflectively.
+fn with_part(object: &Object, name: &str, value: Option<DynamicMessage>) -> Object {
+    let mut message = object.to_dynamic();
+    match value {
+        Some(v) => message.set_field_by_name(name, ProtoValue::Message(v)),
+        None => message.clear_field_by_name(name),
+    }
+    Object::from_dynamic(object.kind(), &message).expect("an object re-encodes as its own kind")
+}
+
+/// Strips what only the server may set from a client's object.
+fn admit(object: Object) -> Object {
+    let mut object = with_part(&object, "status", None);
+    let meta = object.metadata_mut();
+    meta.uid.clear();
+    meta.resource_version = 0;
+    meta.generation = 0;
+    meta.creation_timestamp = None;
+    meta.deletion_timestamp = None;
+    meta.managed_keys.clear();
+    object
+}
+
+/// Defaults and validates an object for creation, and gives it the server's metadata.
+fn prepare_new(mut object: Object) -> Result<Object, Error> {
+    validation::apply_defaults(&mut object);
+    validation::validate_create(&object)?;
+    let meta = object.metadata_mut();
+    meta.uid = uuid::Uuid::new_v4().to_string();
+    meta.generation = 1;
+    meta.creation_timestamp = Some(now());
+    Ok(object)
+}
+
+fn spec_equal(a: &Object, b: &Object) -> bool {
+    part(a, "spec") == part(b, "spec")
+}
+
+fn is_deleting(object: &Object) -> bool {
+    object
+        .metadata()
+        .is_some_and(|m| m.deletion_timestamp.is_some())
+}
+
+/// What a server-side patch decided.
+enum Change {
+    /// Nothing to write; here is the object as it is.
+    Unchanged(Object),
+    /// Write this object.
+    Put(Object),
+    /// Remove the object (its last finalizer went while it was being deleted).
+    Remove(Object),
+}
+
+impl ApiServer {
+    async fn get_kv(&self, key: &str) -> Result<Option<KeyValue>, Error> {
+        self.store.get(key).await.map_err(store_error)
+    }
+
+    async fn read(&self, key: &Key) -> Result<(Object, KeyValue), Error> {
+        let kv = self
+            .get_kv(&key.store_key())
+            .await?
+            .ok_or_else(|| Error::NotFound {
+                object: key.display(),
+            })?;
+        Ok((decode_kv(key.kind, &kv)?, kv))
+    }
+
+    /// Creates an object unless its key exists; returns it with its resourceVersion.
+    async fn insert(&self, object: Object) -> Result<Option<Object>, Error> {
+        let key = object.key();
+        let txn = Txn {
+            compare: vec![Compare::absent(key.clone())],
+            success: vec![TxnOp::Put {
+                key,
+                value: encode_for_store(&object),
+                lease: None,
+            }],
+            failure: vec![],
+        };
+        let response = self.store.txn(txn).await.map_err(store_error)?;
+        if !response.succeeded {
+            return Ok(None);
+        }
+        let mut object = object;
+        object.metadata_mut().resource_version = response.revision;
+        Ok(Some(object))
+    }
+
+    /// Writes `new` (or removes the key) if the key is still at `revision`.
+    async fn swap(&self, revision: Revision, change: &Change) -> Result<Option<Object>, Error> {
+        let (object, op) = match change {
+            Change::Unchanged(o) => return Ok(Some(o.clone())),
+            Change::Put(o) => (
+                o,
+                TxnOp::Put {
+                    key: o.key(),
+                    value: encode_for_store(o),
+                    lease: None,
+                },
+            ),
+            Change::Remove(o) => (o, TxnOp::Delete(KeyRange::Key(o.key()))),
+        };
+        let txn = Txn {
+            compare: vec![Compare::mod_revision(object.key(), revision)],
+            success: vec![op],
+            failure: vec![],
+        };
+        let response = self.store.txn(txn).await.map_err(store_error)?;
+        if !response.succeeded {
+            return Ok(None);
+        }
+        let mut object = object.clone();
+        object.metadata_mut().resource_version = response.revision;
+        Ok(Some(object))
+    }
+
+    /// Read-modify-write with retries: `decide` sees the current object each time.
+    async fn modify(
+        &self,
+        key: &Key,
+        mut decide: impl FnMut(Object) -> Result<Change, Error>,
+    ) -> Result<(Object, bool, bool), Error> {
+        for _ in 0..MAX_RETRIES {
+            let (current, kv) = self.read(key).await?;
+            let change = decide(current)?;
+            let (written, removed) = match &change {
+                Change::Unchanged(_) => (false, false),
+                Change::Put(_) => (true, false),
+                Change::Remove(_) => (true, true),
+            };
+            if let Some(object) = self.swap(kv.mod_revision, &change).await? {
+                return Ok((object, written, removed));
+            }
+        }
+        Err(Error::Unavailable {
+            message: format!("{}: too many concurrent writers; retry", key.display()),
+        })
+    }
+}
+
+/// Merges labels or annotations for an apply by `manager`: keys it sends are set; keys it
+/// set last time and no longer sends are removed; everyone else's keys stay.
+fn merge_owned(
+    current: &HashMap<String, String>,
+    applied: &HashMap<String, String>,
+    previously_owned: &[String],
+) -> HashMap<String, String> {
+    let mut merged = current.clone();
+    for key in previously_owned {
+        if !applied.contains_key(key) {
+            merged.remove(key);
+        }
+    }
+    merged.extend(applied.iter().map(|(k, v)| (k.clone(), v.clone())));
+    merged
+}
+
+fn sorted_keys(map: &HashMap<String, String>) -> Vec<String> {
+    let mut keys: Vec<String> = map.keys().cloned().collect();
+    keys.sort();
+    keys
+}
+
+/// The result of applying `applied` (admitted and defaulted) over `current` by `manager`.
+fn apply_over(current: &Object, applied: &Object, manager: &str) -> Object {
+    let mut next = with_part(current, "spec", part(applied, "spec"));
+    let empty = v1::ObjectMeta::default();
+    let old_meta = current.metadata().unwrap_or(&empty);
+    let new_meta = applied.metadata().unwrap_or(&empty);
+    let owned = old_meta.managed_keys.iter().find(|m| m.manager == manager);
+    let (owned_labels, owned_annotations) = owned
+        .map(|m| (m.labels.as_slice(), m.annotations.as_slice()))
+        .unwrap_or_default();
+    let meta = next.metadata_mut();
+    meta.labels = merge_owned(&old_meta.labels, &new_meta.labels, owned_labels);
+    meta.annotations = merge_owned(
+        &old_meta.annotations,
+        &new_meta.annotations,
+        owned_annotations,
+    );
+    record_manager(meta, manager, &new_meta.labels, &new_meta.annotations);
+    if !spec_equal(current, &next) {
+        meta_generation_bump(&mut next);
+    }
+    next
+}
+
+fn meta_generation_bump(object: &mut Object) {
+    object.metadata_mut().generation += 1;
+}
+
+fn record_manager(
+    meta: &mut v1::ObjectMeta,
+    manager: &str,
+    labels: &HashMap<String, String>,
+    annotations: &HashMap<String, String>,
+) {
+    let entry = v1::ManagedKeys {
+        manager: manager.to_owned(),
+        labels: sorted_keys(labels),
+        annotations: sorted_keys(annotations),
+    };
+    match meta.managed_keys.iter_mut().find(|m| m.manager == manager) {
+        Some(existing) => *existing = entry,
+        None => {
+            meta.managed_keys.push(entry);
+            meta.managed_keys.sort_by(|a, b| a.manager.cmp(&b.manager));
+        }
+    }
+}
+
+/// Merges conditions by type; a condition whose status did not change keeps its
+/// transition time.
+fn merge_conditions(
+    existing: &mut Vec<v1::Condition>,
+    incoming: &[v1::Condition],
+    generation: i64,
+) {
+    for condition in incoming {
+        let mut condition = condition.clone();
+        if condition.observed_generation == 0 {
+            condition.observed_generation = generation;
+        }
+        match existing.iter_mut().find(|c| c.r#type == condition.r#type) {
+            Some(current) => {
+                condition.last_transition_time = if current.status == condition.status {
+                    current
+                        .last_transition_time
+                        .or(condition.last_transition_time)
+                        .or_else(|| Some(now()))
+                } else {
+                    condition.last_transition_time.or_else(|| Some(now()))
+                };
+                *current = condition;
+            }
+            None => {
+                condition.last_transition_time =
+                    condition.last_transition_time.or_else(|| Some(now()));
+                existing.push(condition);
+            }
+        }
+    }
+}
+
+fn conditions_of(status: &DynamicMessage) -> Result<Vec<v1::Condition>, Error> {
+    let Some(field) = status.descriptor().get_field_by_name("conditions") else {
+        return Ok(Vec::new());
+    };
+    let value = status.get_field(&field);
+    let Some(list) = value.as_list() else {
+        return Ok(Vec::new());
+    };
+    list.iter()
+        .filter_map(|v| v.as_message())
+        .map(|m| m.transcode_to::<v1::Condition>().map_err(Error::internal))
+        .collect()
+}
+
+fn set_conditions(status: &mut DynamicMessage, conditions: &[v1::Condition]) {
+    let desc = crate::descriptor_pool()
+        .get_message_by_name("ferro.v1.Condition")
+        .expect("Condition is in the schema");
+    let values = conditions
+        .iter()
+        .map(|c| {
+            let mut m = DynamicMessage::new(desc.clone());
+            m.transcode_from(c)
+                .expect("a Condition encodes as a Condition");
+            ProtoValue::Message(m)
+        })
+        .collect();
+    status.set_field_by_name("conditions", ProtoValue::List(values));
+}
+
+/// Applies a status patch to the current object.
+fn patch_status(
+    current: &Object,
+    incoming: &Object,
+    fields: &[String],
+    conditions: &[v1::Condition],
+) -> Result<Object, Error> {
+    let kind = current.kind();
+    let status_field = kind
+        .descriptor()
+        .get_field_by_name("status")
+        .expect("every kind has a status");
+    let prost_reflect::Kind::Message(status_desc) = status_field.kind() else {
+        unreachable!("status is a message")
+    };
+    let mut status =
+        part(current, "status").unwrap_or_else(|| DynamicMessage::new(status_desc.clone()));
+    let source =
+        part(incoming, "status").unwrap_or_else(|| DynamicMessage::new(status_desc.clone()));
+    for name in fields {
+        let field = status_desc.get_field_by_json_name(name).ok_or_else(|| {
+            Error::invalid(
+                current.display_name(),
+                format!("status.{name}"),
+                "no such status field",
+            )
+        })?;
+        if source.has_field(&field) {
+            status.set_field(&field, source.get_field(&field).into_owned());
+        } else {
+            status.clear_field(&field);
+        }
+    }
+    if !conditions.is_empty() {
+        let mut merged = conditions_of(&status)?;
+        let generation = current.metadata().map(|m| m.generation).unwrap_or_default();
+        merge_conditions(&mut merged, conditions, generation);
+        set_conditions(&mut status, &merged);
+    }
+    Ok(with_part(current, "status", Some(status)))
+}
+
+// ---------------------------------------------------------------------------------------
+// The service.
+
+type Reply<T> = Result<Response<T>, Status>;
+
+impl ApiServer {
+    async fn do_apply(
+        &self,
+        who: &Identity,
+        request: v1::ApplyRequest,
+    ) -> Result<v1::ApplyResponse, Error> {
+        use v1::apply_response::Outcome;
+        let object = Object::try_from(request.object.unwrap_or_default())?;
+        let manager = if request.manager.is_empty() {
+            "default".to_owned()
+        } else {
+            request.manager
+        };
+        let mut applied = admit(object);
+        validation::apply_defaults(&mut applied);
+        validation::validate_create(&applied)?;
+        let kind = applied.kind();
+        let key = Key {
+            kind,
+            project: applied.project().to_owned(),
+            name: applied.name().to_owned(),
+        };
+
+        for _ in 0..MAX_RETRIES {
+            match self.get_kv(&key.store_key()).await? {
+                None => {
+                    self.authorizer
+                        .authorize(who, &auth::Request::new(Verb::Create, kind, &key.name))?;
+                    let mut new = prepare_new(applied.clone())?;
+                    let (labels, annotations) = {
+                        let m = new.metadata_mut();
+                        (m.labels.clone(), m.annotations.clone())
+                    };
+                    record_manager(new.metadata_mut(), &manager, &labels, &annotations);
+                    if request.dry_run {
+                        return Ok(v1::ApplyResponse {
+                            object: Some(new.into()),
+                            outcome: Outcome::Created as i32,
+                        });
+                    }
+                    if let Some(created) = self.insert(new).await? {
+                        return Ok(v1::ApplyResponse {
+                            object: Some(created.into()),
+                            outcome: Outcome::Created as i32,
+                        });
+                    }
+                }
+                Some(kv) => {
+                    let current = decode_kv(kind, &kv)?;
+                    self.authorizer
+                        .authorize(who, &auth::Request::new(Verb::Update, kind, &key.name))?;
+                    let next = apply_over(&current, &applied, &manager);
+                    if next == current {
+                        return Ok(v1::ApplyResponse {
+                            object: Some(current.into()),
+                            outcome: Outcome::Unchanged as i32,
+                        });
+                    }
+                    if is_deleting(&current) {
+                        return Err(Error::FailedPrecondition {
+                            object: key.display(),
+                            message: "is being deleted; it cannot be changed".into(),
+                        });
+                    }
+                    validation::validate_update(&next, &current)?;
+                    if request.dry_run {
+                        return Ok(v1::ApplyResponse {
+                            object: Some(next.into()),
+                            outcome: Outcome::Configured as i32,
+                        });
+                    }
+                    if let Some(written) = self.swap(kv.mod_revision, &Change::Put(next)).await? {
+                        return Ok(v1::ApplyResponse {
+                            object: Some(written.into()),
+                            outcome: Outcome::Configured as i32,
+                        });
+                    }
+                }
+            }
+        }
+        Err(Error::Unavailable {
+            message: format!("{}: too many concurrent writers; retry", key.display()),
+        })
+    }
+
+    async fn do_create(&self, who: &Identity, request: v1::CreateRequest) -> Result<Object, Error> {
+        let object = Object::try_from(request.object.unwrap_or_default())?;
+        let mut object = admit(object);
+        validation::apply_defaults(&mut object);
+        self.authorizer.authorize(
+            who,
+            &auth::Request::new(Verb::Create, object.kind(), object.name()),
+        )?;
+        let new = prepare_new(object)?;
+        if request.dry_run {
+            return Ok(new);
+        }
+        let display = new.display_name();
+        self.insert(new)
+            .await?
+            .ok_or(Error::AlreadyExists { object: display })
+    }
+
+    async fn do_update(&self, who: &Identity, request: v1::UpdateRequest) -> Result<Object, Error> {
+        let object = Object::try_from(request.object.unwrap_or_default())?;
+        let expected = object
+            .metadata()
+            .map(|m| m.resource_version)
+            .unwrap_or_default();
+        let mut wanted = admit(object);
+        validation::apply_defaults(&mut wanted);
+        let kind = wanted.kind();
+        let key = Key {
+            kind,
+            project: wanted.project().to_owned(),
+            name: wanted.name().to_owned(),
+        };
+        self.authorizer
+            .authorize(who, &auth::Request::new(Verb::Update, kind, &key.name))?;
+        let dry_run = request.dry_run;
+        let display = key.display();
+        let mut final_object = None;
+        let (object, _, _) = self
+            .modify(&key, |current| {
+                let current_rv = current.metadata().map(|m| m.resource_version).unwrap_or_default();
+                if expected != 0 && expected != current_rv {
+                    return Err(Error::Conflict {
+                        object: display.clone(),
+                        message: format!(
+                            "resourceVersion {expected} is stale (now {current_rv}); read the object again and retry"
+                        ),
+                    });
+                }
+                let mut next = with_part(&current, "spec", part(&wanted, "spec"));
+                let w = wanted.metadata().cloned().unwrap_or_default();
+                let deleting = is_deleting(&current);
+                {
+                    let meta = next.metadata_mut();
+                    if deleting && w.finalizers.iter().any(|f| !meta.finalizers.contains(f)) {
+                        return Err(Error::FailedPrecondition {
+                            object: display.clone(),
+                            message: "is being deleted; no finalizer can be added".into(),
+                        });
+                    }
+                    meta.labels = w.labels;
+                    meta.annotations = w.annotations;
+                    meta.finalizers = w.finalizers;
+                    meta.owner_references = w.owner_references;
+                }
+                if !spec_equal(&current, &next) {
+                    if deleting {
+                        return Err(Error::FailedPrecondition {
+                            object: display.clone(),
+                            message: "is being deleted; its spec cannot change".into(),
+                        });
+                    }
+                    meta_generation_bump(&mut next);
+                }
+                if next == current {
+                    return Ok(Change::Unchanged(current));
+                }
+                validation::validate_update(&next, &current)?;
+                if dry_run {
+                    final_object = Some(next.clone());
+                    return Ok(Change::Unchanged(current));
+                }
+                if deleting && next.metadata().is_some_and(|m| m.finalizers.is_empty()) {
+                    return Ok(Change::Remove(next));
+                }
+                Ok(Change::Put(next))
+            })
+            .await?;
+        Ok(final_object.unwrap_or(object))
+    }
+
+    async fn do_update_status(
+        &self,
+        who: &Identity,
+        request: v1::UpdateStatusRequest,
+    ) -> Result<Object, Error> {
+        let key = Key::from_proto(request.key)?;
+        let incoming = match request.object {
+            Some(o) => Object::try_from(o)?,
+            None => Object::decode(key.kind, &[]).map_err(Error::internal)?,
+        };
+        if incoming.kind() != key.kind {
+            return Err(Error::invalid(
+                key.display(),
+                "object",
+                format!("is a {}, not a {}", incoming.kind(), key.kind),
+            ));
+        }
+        let condition_types: Vec<&str> = request
+            .conditions
+            .iter()
+            .map(|c| c.r#type.as_str())
+            .collect();
+        if let Some(bad) = request
+            .conditions
+            .iter()
+            .find(|c| c.r#type.is_empty() || c.status == 0)
+        {
+            return Err(Error::invalid(
+                key.display(),
+                "conditions",
+                format!("{bad:?}: type and status are required"),
+            ));
+        }
+        owners::check(
+            key.kind,
+            &key.display(),
+            &request.writer,
+            &request.fields,
+            &condition_types,
+        )?;
+        let display = key.display();
+        let (object, _, _) = self
+            .modify(&key, |current| {
+                let bound = node_of(&current);
+                let access = auth::Request {
+                    verb: Verb::UpdateStatus,
+                    kind: key.kind,
+                    name: &key.name,
+                    bound_node: bound.as_deref(),
+                    writer: Some(&request.writer),
+                    finalizers_only: None,
+                };
+                self.authorizer.authorize(who, &access)?;
+                let rv = current
+                    .metadata()
+                    .map(|m| m.resource_version)
+                    .unwrap_or_default();
+                if request.resource_version != 0 && request.resource_version != rv {
+                    return Err(Error::Conflict {
+                        object: display.clone(),
+                        message: format!(
+                            "resourceVersion {} is stale (now {rv})",
+                            request.resource_version
+                        ),
+                    });
+                }
+                let next = patch_status(&current, &incoming, &request.fields, &request.conditions)?;
+                Ok(if next == current {
+                    Change::Unchanged(current)
+                } else {
+                    Change::Put(next)
+                })
+            })
+            .await?;
+        Ok(object)
+    }
+
+    async fn do_patch_metadata(
+        &self,
+        who: &Identity,
+        request: v1::PatchMetadataRequest,
+    ) -> Result<Object, Error> {
+        let key = Key::from_proto(request.key.clone())?;
+        let display = key.display();
+        let finalizers_only = request.set_labels.is_empty()
+            && request.remove_labels.is_empty()
+            && request.set_annotations.is_empty()
+            && request.remove_annotations.is_empty()
+            && request.add_owner_references.is_empty()
+            && request.remove_owner_uids.is_empty();
+        let touched: Vec<String> = request
+            .add_finalizers
+            .iter()
+            .chain(&request.remove_finalizers)
+            .cloned()
+            .collect();
+        let (object, _, _) = self
+            .modify(&key, |current| {
+                let bound = node_of(&current);
+                let access = auth::Request {
+                    verb: Verb::PatchMetadata,
+                    kind: key.kind,
+                    name: &key.name,
+                    bound_node: bound.as_deref(),
+                    writer: None,
+                    finalizers_only: finalizers_only.then_some(touched.as_slice()),
+                };
+                self.authorizer.authorize(who, &access)?;
+                let rv = current
+                    .metadata()
+                    .map(|m| m.resource_version)
+                    .unwrap_or_default();
+                if request.resource_version != 0 && request.resource_version != rv {
+                    return Err(Error::Conflict {
+                        object: display.clone(),
+                        message: format!(
+                            "resourceVersion {} is stale (now {rv})",
+                            request.resource_version
+                        ),
+                    });
+                }
+                let deleting = is_deleting(&current);
+                let mut next = current.clone();
+                let meta = next.metadata_mut();
+                for f in &request.add_finalizers {
+                    if !meta.finalizers.contains(f) {
+                        if deleting {
+                            return Err(Error::FailedPrecondition {
+                                object: display.clone(),
+                                message: format!("is being deleted; finalizer {f} cannot be added"),
+                            });
+                        }
+                        meta.finalizers.push(f.clone());
+                    }
+                }
+                meta.finalizers
+                    .retain(|f| !request.remove_finalizers.contains(f));
+                meta.labels.extend(request.set_labels.clone());
+                meta.labels
+                    .retain(|k, _| !request.remove_labels.contains(k));
+                meta.annotations.extend(request.set_annotations.clone());
+                meta.annotations
+                    .retain(|k, _| !request.remove_annotations.contains(k));
+                for owner in &request.add_owner_references {
+                    if !meta.owner_references.iter().any(|o| o.uid == owner.uid) {
+                        meta.owner_references.push(owner.clone());
+                    }
+                }
+                meta.owner_references
+                    .retain(|o| !request.remove_owner_uids.contains(&o.uid));
+                if next == current {
+                    return Ok(Change::Unchanged(current));
+                }
+                validation::validate_update(&next, &current)?;
+                if deleting && next.metadata().is_some_and(|m| m.finalizers.is_empty()) {
+                    return Ok(Change::Remove(next));
+                }
+                Ok(Change::Put(next))
+            })
+            .await?;
+        Ok(object)
+    }
+
+    async fn do_bind(&self, who: &Identity, request: v1::BindRequest) -> Result<Object, Error> {
+        let key = Key {
+            kind: Kind::Server,
+            project: scoped_project(Kind::Server, &request.project),
+            name: request.name,
+        };
+        let display = key.display();
+        self.authorizer.authorize(
+            who,
+            &auth::Request::new(Verb::Bind, Kind::Server, &key.name),
+        )?;
+        if request.node.is_empty() {
+            return Err(Error::invalid(display, "node", "required"));
+        }
+        let flavor = request
+            .flavor
+            .ok_or_else(|| Error::invalid(display.clone(), "flavor", "required"))?;
+        if self
+            .get_kv(&Kind::Node.key("", &request.node))
+            .await?
+            .is_none()
+        {
+            return Err(Error::invalid(
+                display,
+                "node",
+                format!("nodes/{} not found", request.node),
+            ));
+        }
+        let (object, _, _) = self
+            .modify(&key, |current| {
+                let Object::Server(server) = &current else {
+                    unreachable!("the key is a server's")
+                };
+                let meta = server.metadata.clone().unwrap_or_default();
+                if !request.uid.is_empty() && request.uid != meta.uid {
+                    return Err(Error::Conflict {
+                        object: display.clone(),
+                        message: format!("uid is {}, not {}", meta.uid, request.uid),
+                    });
+                }
+                if meta.deletion_timestamp.is_some() {
+                    return Err(Error::FailedPrecondition {
+                        object: display.clone(),
+                        message: "is being deleted".into(),
+                    });
+                }
+                let status = server.status.clone().unwrap_or_default();
+                if !status.node.is_empty() {
+                    if status.node == request.node && status.flavor.as_ref() == Some(&flavor) {
+                        return Ok(Change::Unchanged(current));
+                    }
+                    return Err(Error::FailedPrecondition {
+                        object: display.clone(),
+                        message: format!("is already bound to node {}", status.node),
+                    });
+                }
+                let mut server = server.clone();
+                let status = server.status.get_or_insert_with(Default::default);
+                status.node = request.node.clone();
+                status.flavor = Some(flavor.clone());
+                let meta = server.metadata.get_or_insert_with(Default::default);
+                if !meta.finalizers.iter().any(|f| f == auth::AGENT_FINALIZER) {
+                    meta.finalizers.push(auth::AGENT_FINALIZER.to_owned());
+                }
+                Ok(Change::Put(Object::Server(server)))
+            })
+            .await?;
+        Ok(object)
+    }
+
+    async fn do_delete(
+        &self,
+        who: &Identity,
+        request: v1::DeleteRequest,
+    ) -> Result<v1::DeleteResponse, Error> {
+        use v1::delete_request::Propagation;
+        let key = Key::from_proto(request.key)?;
+        self.authorizer
+            .authorize(who, &auth::Request::new(Verb::Delete, key.kind, &key.name))?;
+        let display = key.display();
+        let propagation =
+            Propagation::try_from(request.propagation).unwrap_or(Propagation::Background);
+        let (object, _, removed) = self
+            .modify(&key, |current| {
+                let meta = current.metadata().cloned().unwrap_or_default();
+                if !request.precondition_uid.is_empty() && request.precondition_uid != meta.uid {
+                    return Err(Error::Conflict {
+                        object: display.clone(),
+                        message: format!("uid is {}, not {}", meta.uid, request.precondition_uid),
+                    });
+                }
+                if request.precondition_resource_version != 0
+                    && request.precondition_resource_version != meta.resource_version
+                {
+                    return Err(Error::Conflict {
+                        object: display.clone(),
+                        message: format!(
+                            "resourceVersion is {}, not {}",
+                            meta.resource_version, request.precondition_resource_version
+                        ),
+                    });
+                }
+                if meta.deletion_timestamp.is_some() {
+                    return Ok(Change::Unchanged(current));
+                }
+                let mut next = current.clone();
+                let next_meta = next.metadata_mut();
+                let extra = match propagation {
+                    Propagation::Foreground => Some(FOREGROUND_FINALIZER),
+                    Propagation::Orphan => Some(ORPHAN_FINALIZER),
+                    _ => None,
+                };
+                if let Some(f) = extra
+                    && !next_meta.finalizers.iter().any(|x| x == f)
+                {
+                    next_meta.finalizers.push(f.to_owned());
+                }
+                if next_meta.finalizers.is_empty() {
+                    return Ok(if request.dry_run {
+                        Change::Unchanged(next)
+                    } else {
+                        Change::Remove(next)
+                    });
+                }
+                next_meta.deletion_timestamp = Some(now());
+                Ok(if request.dry_run {
+                    Change::Unchanged(next)
+                } else {
+                    Change::Put(next)
+                })
+            })
+            .await?;
+        let gone = removed
+            || (request.dry_run && object.metadata().is_some_and(|m| m.finalizers.is_empty()));
+        Ok(v1::DeleteResponse {
+            object: Some(object.into()),
+            gone,
+        })
+    }
+
+    async fn do_get(&self, who: &Identity, request: v1::GetRequest) -> Result<Object, Error> {
+        let key = Key::from_proto(request.key)?;
+        self.authorizer
+            .authorize(who, &auth::Request::new(Verb::Read, key.kind, &key.name))?;
+        Ok(self.read(&key).await?.0)
+    }
+
+    async fn do_list(
+        &self,
+        who: &Identity,
+        request: v1::ListRequest,
+    ) -> Result<v1::ListResponse, Error> {
+        let kind = parse_kind(&request.kind)?;
+        self.authorizer
+            .authorize(who, &auth::Request::new(Verb::Read, kind, ""))?;
+        let labels = LabelSelector::parse(&request.label_selector)?;
+        let fields = FieldSelector::parse(&request.field_selector)?;
+        let prefix = if request.all_projects || kind.scope() == Scope::Cluster {
+            kind.prefix(None)
+        } else {
+            kind.prefix(Some(&scoped_project(kind, &request.project)))
+        };
+        let limit = match request.limit as usize {
+            0 => self.limits.default_page_size,
+            n => n.min(self.limits.max_page_size),
+        };
+        let (mut revision, mut start) = (None, prefix.clone());
+        if !request.continue_token.is_empty() {
+            let (rev, key) = request
+                .continue_token
+                .split_once('/')
+                .and_then(|(r, k)| Some((r.parse::<Revision>().ok()?, k)))
+                .filter(|(_, k)| k.starts_with(&prefix))
+                .ok_or_else(|| {
+                    Error::invalid("", "continueToken", "not a token this list returned")
+                })?;
+            revision = Some(rev);
+            start = key.to_owned();
+        }
+        if request.continue_token.is_empty()
+            && let Some(cache) = &self.cache
+        {
+            let query = Query {
+                project: (!request.all_projects && kind.scope() == Scope::Project)
+                    .then(|| scoped_project(kind, &request.project)),
+                labels: labels.clone(),
+                fields: fields.clone(),
+            };
+            if let Some(page) = cache
+                .list(kind, &query, limit, self.limits.max_page_bytes)
+                .await
+            {
+                return Ok(v1::ListResponse {
+                    items: page
+                        .items
+                        .iter()
+                        .map(|o| v1::AnyObject::from((**o).clone()))
+                        .collect(),
+                    continue_token: page
+                        .next_key
+                        .map(|k| format!("{}/{k}", page.revision))
+                        .unwrap_or_default(),
+                    resource_version: page.revision,
+                });
+            }
+        }
+        let end = prefix_end(&prefix);
+        let mut items = Vec::new();
+        let mut bytes = 0usize;
+        loop {
+            let range = RangeRequest {
+                range: KeyRange::Between {
+                    start: start.clone(),
+                    end: end.clone(),
+                },
+                revision,
+                limit: limit.max(64),
+                keys_only: false,
+            };
+            let page = self.store.range(range).await.map_err(store_error)?;
+            revision = Some(page.revision);
+            let mut stopped_at = None;
+            for kv in &page.kvs {
+                if items.len() >= limit || bytes >= self.limits.max_page_bytes {
+                    stopped_at = Some(kv.key.clone());
+                    break;
+                }
+                let object = decode_kv(kind, kv)?;
+                if labels.matches(
+                    &object
+                        .metadata()
+                        .map(|m| m.labels.clone())
+                        .unwrap_or_default(),
+                ) && fields.matches(&object)
+                {
+                    bytes += kv.value.len();
+                    items.push(v1::AnyObject::from(object));
+                }
+            }
+            let revision = revision.unwrap_or_default();
+            if let Some(next) = stopped_at {
+                return Ok(v1::ListResponse {
+                    items,
+                    continue_token: format!("{revision}/{next}"),
+                    resource_version: revision,
+                });
+            }
+            match page.kvs.last() {
+                Some(last) if page.more => start = format!("{}\0", last.key),
+                _ => {
+                    return Ok(v1::ListResponse {
+                        items,
+                        continue_token: String::new(),
+                        resource_version: revision,
+                    });
+                }
+            }
+        }
+    }
+
+    async fn do_watch(
+        &self,
+        who: &Identity,
+        request: v1::WatchRequest,
+    ) -> Result<WatchStream, Error> {
+        let kind = parse_kind(&request.kind)?;
+        self.authorizer
+            .authorize(who, &auth::Request::new(Verb::Read, kind, ""))?;
+        let labels = LabelSelector::parse(&request.label_selector)?;
+        let fields = FieldSelector::parse(&request.field_selector)?;
+        let prefix = if request.all_projects || kind.scope() == Scope::Cluster {
+            kind.prefix(None)
+        } else {
+            kind.prefix(Some(&scoped_project(kind, &request.project)))
+        };
+        if let Some(cache) = &self.cache {
+            let query = Query {
+                project: (!request.all_projects && kind.scope() == Scope::Project)
+                    .then(|| scoped_project(kind, &request.project)),
+                labels: labels.clone(),
+                fields: fields.clone(),
+            };
+            if let Some(watch) = cache.watch(kind, query, request.resource_version) {
+                return Ok(Box::pin(watch.into_stream()));
+            }
+        }
+        let from = if request.resource_version > 0 {
+            request.resource_version
+        } else {
+            self.store.current_revision().await.map_err(store_error)?
+        };
+        let mut events = self
+            .store
+            .watch(StoreWatch {
+                range: KeyRange::Prefix(prefix),
+                start_revision: Some(from + 1),
+            })
+            .await
+            .map_err(store_error)?;
+        let (tx, rx) = mpsc::channel::<Result<v1::WatchEvent, Status>>(256);
+        let interval = self.limits.bookmark_interval;
+        tokio::spawn(async move {
+            let mut last = from;
+            let mut ticker = tokio::time::interval(interval);
+            ticker.tick().await;
+            let matches = |o: &Object| {
+                labels.matches(&o.metadata().map(|m| m.labels.clone()).unwrap_or_default())
+                    && fields.matches(o)
+            };
+            loop {
+                let batch = tokio::select! {
+                    batch = events.next() => batch,
+                    _ = ticker.tick() => {
+                        let bookmark = v1::WatchEvent {
+                            r#type: v1::watch_event::Type::Bookmark as i32,
+                            object: None,
+                            resource_version: last,
+                        };
+                        if tx.send(Ok(bookmark)).await.is_err() { return; }
+                        continue;
+                    }
+                    _ = tx.closed() => return,
+                };
+                let batch = match batch {
+                    Some(Ok(batch)) => batch,
+                    Some(Err(e)) => {
+                        let _ = tx.send(Err(Status::from(store_error(e)))).await;
+                        return;
+                    }
+                    None => return,
+                };
+                for event in &batch.events {
+                    match translate(kind, event, &matches) {
+                        Ok(Some(out)) => {
+                            if tx.send(Ok(out)).await.is_err() {
+                                return;
+                            }
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            let _ = tx.send(Err(Status::from(e))).await;
+                            return;
+                        }
+                    }
+                    last = last.max(event.kv.mod_revision);
+                }
+                // On etcd a batch with events may be followed by events at revisions below
+                // its header revision; only an empty (progress) batch proves everything up to
+                // its revision was delivered.
+                if batch.events.is_empty() {
+                    last = last.max(batch.revision);
+                }
+            }
+        });
+        Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
+    }
+}
+
+/// Turns a store event into the event a watcher with these selectors sees: an object that
+/// starts matching is Added, one that stops matching is Deleted.
+fn translate(
+    kind: Kind,
+    event: &ferro_store::WatchEvent,
+    matches: &impl Fn(&Object) -> bool,
+) -> Result<Option<v1::WatchEvent>, Error> {
+    use v1::watch_event::Type;
+    let before = event
+        .prev
+        .as_ref()
+        .map(|kv| decode_kv(kind, kv))
+        .transpose()?;
+    let was = before.as_ref().is_some_and(matches);
+    let revision = event.kv.mod_revision;
+    let (kind_of_event, object) = match event.kind {
+        ferro_store::EventKind::Put => {
+            let after = decode_kv(kind, &event.kv)?;
+            match (was, matches(&after)) {
+                (true, true) => (Type::Modified, after),
+                (false, true) => (Type::Added, after),
+                (true, false) => (Type::Deleted, after),
+                (false, false) => return Ok(None),
+            }
+        }
+        ferro_store::EventKind::Delete => match before {
+            Some(mut before) if was => {
+                before.metadata_mut().resource_version = revision;
+                (Type::Deleted, before)
+            }
+            _ => return Ok(None),
+        },
+    };
+    Ok(Some(v1::WatchEvent {
+        r#type: kind_of_event as i32,
+        object: Some(object.into()),
+        resource_version: revision,
+    }))
+}
+
+/// The first key after every key with this prefix.
+pub(crate) fn prefix_end(prefix: &str) -> String {
+    // Keys are `/ferro/<plural>/...`; every prefix ends in '/', and '0' sorts right after it.
+    let mut end = prefix.to_owned();
+    if end.pop() == Some('/') {
+        end.push('0');
+    } else {
+        end.push('\u{10FFFF}');
+    }
+    end
+}
+
+/// The stream of events a Watch returns.
+pub type WatchStream = Pin<Box<dyn Stream<Item = Result<v1::WatchEvent, Status>> + Send>>;
+
+fn reply<T>(result: Result<T, Error>) -> Reply<T> {
+    result.map(Response::new).map_err(Status::from)
+}
+
+#[tonic::async_trait]
+impl Resources for ApiServer {
+    async fn apply(&self, request: Request<v1::ApplyRequest>) -> Reply<v1::ApplyResponse> {
+        let who = self.identity(&request).map_err(Status::from)?;
+        reply(self.do_apply(&who, request.into_inner()).await)
+    }
+
+    async fn create(&self, request: Request<v1::CreateRequest>) -> Reply<v1::ObjectResponse> {
+        let who = self.identity(&request).map_err(Status::from)?;
+        reply(
+            self.do_create(&who, request.into_inner())
+                .await
+                .map(object_response),
+        )
+    }
+
+    async fn get(&self, request: Request<v1::GetRequest>) -> Reply<v1::ObjectResponse> {
+        let who = self.identity(&request).map_err(Status::from)?;
+        reply(
+            self.do_get(&who, request.into_inner())
+                .await
+                .map(object_response),
+        )
+    }
+
+    async fn list(&self, request: Request<v1::ListRequest>) -> Reply<v1::ListResponse> {
+        let who = self.identity(&request).map_err(Status::from)?;
+        reply(self.do_list(&who, request.into_inner()).await)
+    }
+
+    type WatchStream = WatchStream;
+
+    async fn watch(&self, request: Request<v1::WatchRequest>) -> Reply<Self::WatchStream> {
+        let who = self.identity(&request).map_err(Status::from)?;
+        reply(self.do_watch(&who, request.into_inner()).await)
+    }
+
+    async fn update(&self, request: Request<v1::UpdateRequest>) -> Reply<v1::ObjectResponse> {
+        let who = self.identity(&request).map_err(Status::from)?;
+        reply(
+            self.do_update(&who, request.into_inner())
+                .await
+                .map(object_response),
+        )
+    }
+
+    async fn update_status(
+        &self,
+        request: Request<v1::UpdateStatusRequest>,
+    ) -> Reply<v1::ObjectResponse> {
+        let who = self.identity(&request).map_err(Status::from)?;
+        reply(
+            self.do_update_status(&who, request.into_inner())
+                .await
+                .map(object_response),
+        )
+    }
+
+    async fn patch_metadata(
+        &self,
+        request: Request<v1::PatchMetadataRequest>,
+    ) -> Reply<v1::ObjectResponse> {
+        let who = self.identity(&request).map_err(Status::from)?;
+        reply(
+            self.do_patch_metadata(&who, request.into_inner())
+                .await
+                .map(object_response),
+        )
+    }
+
+    async fn bind(&self, request: Request<v1::BindRequest>) -> Reply<v1::ObjectResponse> {
+        let who = self.identity(&request).map_err(Status::from)?;
+        reply(
+            self.do_bind(&who, request.into_inner())
+                .await
+                .map(object_response),
+        )
+    }
+
+    async fn delete(&self, request: Request<v1::DeleteRequest>) -> Reply<v1::DeleteResponse> {
+        let who = self.identity(&request).map_err(Status::from)?;
+        reply(self.do_delete(&who, request.into_inner()).await)
+    }
+}
+
+fn object_response(object: Object) -> v1::ObjectResponse {
+    v1::ObjectResponse {
+        object: Some(object.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merge_owned_removes_only_the_managers_keys() {
+        let current: HashMap<String, String> = [("a", "1"), ("b", "2"), ("other", "x")]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let applied: HashMap<String, String> = [("a", "9")]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let merged = merge_owned(&current, &applied, &["a".into(), "b".into()]);
+        assert_eq!(merged.get("a").map(String::as_str), Some("9"));
+        assert!(
+            !merged.contains_key("b"),
+            "b was the manager's and is no longer sent"
+        );
+        assert_eq!(
+            merged.get("other").map(String::as_str),
+            Some("x"),
+            "another manager's key stays"
+        );
+    }
+
+    #[test]
+    fn prefix_end_bounds_the_prefix() {
+        let end = prefix_end("/ferro/servers/p1/");
+        assert!("/ferro/servers/p1/zzz" < end.as_str());
+        assert!(
+            "/ferro/servers/p10/a" > end.as_str()
+                || !"/ferro/servers/p10/a".starts_with("/ferro/servers/p1/")
+        );
+        assert!("/ferro/servers/p2/a" > end.as_str());
+    }
+
+    #[test]
+    fn conditions_keep_their_transition_time_when_status_holds() {
+        let t0 = prost_types::Timestamp {
+            seconds: 100,
+            nanos: 0,
+        };
+        let mut existing = vec![v1::Condition {
+            r#type: "Ready".into(),
+            status: v1::condition::Status::True as i32,
+            last_transition_time: Some(t0),
+            ..Default::default()
+        }];
+        let same = v1::Condition {
+            r#type: "Ready".into(),
+            status: v1::condition::Status::True as i32,
+            reason: "Fine".into(),
+            ..Default::default()
+        };
+        merge_conditions(&mut existing, &[same], 3);
+        assert_eq!(existing[0].last_transition_time, Some(t0));
+        assert_eq!(existing[0].reason, "Fine");
+        assert_eq!(existing[0].observed_generation, 3);
+        let flipped = v1::Condition {
+            r#type: "Ready".into(),
+            status: v1::condition::Status::False as i32,
+            ..Default::default()
+        };
+        merge_conditions(&mut existing, &[flipped], 3);
+        assert_ne!(existing[0].last_transition_time, Some(t0));
+    }
+}
