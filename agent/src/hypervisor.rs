@@ -1,0 +1,434 @@
+//! The hypervisor seam of the node agent: what a VM should be ([`VmSpec`]), what one is
+//! ([`VmStatus`]), and the [`Hypervisor`] trait a driver implements.
+//!
+//! The trait is shaped for reconcilers that never trust their own memory: every call
+//! looks at the host first. [`Hypervisor::start`] adopts a VM that already runs instead of
+//! starting a second one; [`Hypervisor::status`] and [`Hypervisor::list`] rebuild the
+//! picture from what is on disk and in `/proc`, so a restarted agent sees every guest it
+//! (or a previous agent) started, and a guest that died is reported as such.
+//!
+//! Guests outlive the agent. Everything a driver creates for a VM is named from the VM's
+//! uid so orphans can be found. Calls for one uid are serialised by the driver; the agent's
+//! per-VM task is still the only caller expected to change a given VM.
+//!
+//! The real driver is [`qemu::QemuDriver`]; the driver-level types here deliberately do
+//! not depend on the API crate.
+
+pub mod qemu;
+pub mod qmp;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::configdrive::{ConfigDrive, ConfigDriveError};
+
+/// Everything needed to run one VM. The agent derives it from a Server, its Flavor, Image,
+/// Ports and KeyPairs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmSpec {
+    /// The server's uid: names the VM's directory and appears on QEMU's command line.
+    /// Letters, digits, `-` and `_`, at most 64 characters.
+    pub uid: String,
+    /// The server's name, for people.
+    pub name: String,
+    /// Virtual CPUs.
+    pub vcpus: u32,
+    /// Memory in MiB.
+    pub memory_mib: u64,
+    /// The boot disk: a copy-on-write overlay on a base image, made on first start.
+    pub boot_disk: Option<BootDisk>,
+    /// Direct kernel boot; without it the firmware boots the boot disk.
+    pub kernel: Option<DirectKernel>,
+    /// The config drive, regenerated on every (cold) start. Not written to the VM's
+    /// directory in any other form: user data may hold secrets.
+    #[serde(skip)]
+    pub config_drive: Option<ConfigDrive>,
+    /// NICs, in the order the guest enumerates them.
+    pub nics: Vec<Nic>,
+}
+
+/// A boot disk: a qcow2 overlay on `base`, so guest writes never touch the base.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootDisk {
+    /// The base image (e.g. from the node's image cache). Opened read-only.
+    pub base: PathBuf,
+    /// The base image's format.
+    pub base_format: DiskFormat,
+    /// The disk's virtual size in bytes; `None` keeps the base image's size. It may grow
+    /// the disk, never shrink it.
+    pub size_bytes: Option<u64>,
+}
+
+/// Disk image formats a base image may have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskFormat {
+    /// A raw image.
+    Raw,
+    /// A qcow2 image.
+    Qcow2,
+}
+
+impl DiskFormat {
+    /// The name QEMU uses for the format.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiskFormat::Raw => "raw",
+            DiskFormat::Qcow2 => "qcow2",
+        }
+    }
+}
+
+/// Boot a kernel directly, as Images with a kernel and ramdisk do.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirectKernel {
+    /// The kernel; an uncompressed ELF `vmlinux` boots fastest (PVH).
+    pub kernel: PathBuf,
+    /// The initial ramdisk.
+    pub initrd: Option<PathBuf>,
+    /// The kernel command line.
+    pub cmdline: String,
+}
+
+/// A NIC backed by a tap device in the host's namespace (which the agent plugs into the
+/// switch). QEMU opens the tap by name; a persistent tap made beforehand is reused, and
+/// otherwise QEMU creates one that disappears with it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Nic {
+    /// The tap's interface name (at most 15 bytes), e.g. `tap<port-uid-prefix>`.
+    pub tap: String,
+    /// The guest-visible MAC address, `aa:bb:cc:dd:ee:ff`.
+    pub mac: String,
+}
+
+/// How a VM's CPU is virtualised.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    /// Hardware virtualisation through `/dev/kvm`.
+    Kvm,
+    /// QEMU's binary translator: slower, but runs anywhere.
+    Tcg,
+}
+
+impl Accel {
+    /// The name QEMU uses for the accelerator.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        }
+    }
+}
+
+/// What a VM is doing, as observed on the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VmState {
+    /// The hypervisor runs and the guest's CPUs run.
+    Running,
+    /// The hypervisor runs but the guest is paused (or in another non-running state such
+    /// as `guest-panicked`; see [`VmStatus::detail`]).
+    Paused,
+    /// The hypervisor process is alive but does not answer its control socket.
+    Unresponsive,
+    /// The VM exists on this host but does not run, and it ended cleanly (powered off by
+    /// the guest, stopped by the agent, or asked to quit).
+    Stopped,
+    /// The hypervisor process is gone without a clean exit (killed, crashed).
+    Crashed,
+}
+
+/// One VM as found on the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmStatus {
+    /// The VM's uid.
+    pub uid: String,
+    /// What it is doing.
+    pub state: VmState,
+    /// The hypervisor's process id, while it runs.
+    pub pid: Option<u32>,
+    /// The accelerator it runs with, while it runs.
+    pub accel: Option<Accel>,
+    /// More words on the state: QEMU's run state, or the last thing QEMU said before it
+    /// ended.
+    pub detail: Option<String>,
+    /// Everything the guest wrote to its serial console, across restarts.
+    pub serial_log: PathBuf,
+    /// A unix socket speaking the serial console, for one interactive client at a time.
+    pub console_socket: PathBuf,
+}
+
+impl VmStatus {
+    /// Whether the hypervisor process is alive.
+    pub fn is_alive(&self) -> bool {
+        matches!(
+            self.state,
+            VmState::Running | VmState::Paused | VmState::Unresponsive
+        )
+    }
+}
+
+/// How [`Hypervisor::stop`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopOutcome {
+    /// Nothing was running.
+    AlreadyStopped,
+    /// The guest powered off after the ACPI power button, within the grace period.
+    Graceful,
+    /// The grace period ran out and the VM was ended by force.
+    Forced,
+}
+
+/// Why a hypervisor call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HypervisorError {
+    /// The spec cannot be run as it is.
+    #[error("invalid VM spec: {field}: {reason}")]
+    InvalidSpec {
+        /// The offending field.
+        field: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A file or directory operation failed.
+    #[error("{what}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A helper program failed.
+    #[error("{program} failed ({status}): {stderr}")]
+    Command {
+        /// The program, with its most telling arguments.
+        program: String,
+        /// Its exit status.
+        status: String,
+        /// What it printed on stderr.
+        stderr: String,
+    },
+    /// The hypervisor did not start.
+    #[error("VM {uid} did not start: {log}")]
+    StartFailed {
+        /// The VM's uid.
+        uid: String,
+        /// The end of the hypervisor's own log.
+        log: String,
+    },
+    /// The hypervisor's control socket failed.
+    #[error("VM {uid}: control socket")]
+    Control {
+        /// The VM's uid.
+        uid: String,
+        /// What went wrong.
+        #[source]
+        source: qmp::QmpError,
+    },
+    /// A VM would not die.
+    #[error("VM {uid} (pid {pid}) still runs after {waited:?}")]
+    WouldNotDie {
+        /// The VM's uid.
+        uid: String,
+        /// Its hypervisor process.
+        pid: u32,
+        /// How long we waited after the kill.
+        waited: Duration,
+    },
+    /// The VM does not exist on this host.
+    #[error("no VM {0} on this host")]
+    NotFound(String),
+    /// The VM exists but its hypervisor does not run.
+    #[error("VM {0} is not running")]
+    NotRunning(String),
+    /// The config drive could not be made.
+    #[error("config drive")]
+    ConfigDrive(#[from] ConfigDriveError),
+}
+
+/// A hypervisor driver: runs, observes, stops and removes VMs on this host.
+///
+/// Every method is idempotent and starts by looking at the host.
+#[async_trait::async_trait]
+pub trait Hypervisor: Send + Sync {
+    /// Makes the VM run. If it already runs (started by this or an earlier agent), adopts
+    /// it and starts nothing. Otherwise creates what is missing (the directory, the boot
+    /// disk overlay; an existing overlay is kept with the guest's writes), regenerates the
+    /// config drive and starts the hypervisor.
+    async fn start(&self, spec: &VmSpec) -> Result<VmStatus, HypervisorError>;
+
+    /// Stops the VM and keeps its files: presses the ACPI power button, waits up to
+    /// `grace` for the guest to power off, then ends it by force.
+    async fn stop(&self, uid: &str, grace: Duration) -> Result<StopOutcome, HypervisorError>;
+
+    /// Resets the VM as a hardware reset button would; the guest reboots.
+    async fn reset(&self, uid: &str) -> Result<(), HypervisorError>;
+
+    /// Ends the VM at once and removes every file it had. Nothing left is not an error.
+    async fn destroy(&self, uid: &str) -> Result<(), HypervisorError>;
+
+    /// The VM as found on the host, or `None` if there is no trace of it.
+    async fn status(&self, uid: &str) -> Result<Option<VmStatus>, HypervisorError>;
+
+    /// Every VM this driver finds on the host, running or not.
+    async fn list(&self) -> Result<Vec<VmStatus>, HypervisorError>;
+}
+
+/// Checks the parts of a spec that every driver needs to be true.
+pub fn validate_spec(spec: &VmSpec) -> Result<(), HypervisorError> {
+    let invalid = |field, reason: &str| {
+        Err(HypervisorError::InvalidSpec {
+            field,
+            reason: reason.to_owned(),
+        })
+    };
+    validate_uid(&spec.uid)?;
+    if spec.vcpus == 0 {
+        return invalid("vcpus", "must be at least 1");
+    }
+    if spec.memory_mib < 16 {
+        return invalid("memory_mib", "must be at least 16");
+    }
+    if spec.boot_disk.is_none() && spec.kernel.is_none() {
+        return invalid("boot_disk", "a VM needs a boot disk or a kernel");
+    }
+    if let Some(kernel) = &spec.kernel
+        && kernel.cmdline.contains('\n')
+    {
+        return invalid("kernel.cmdline", "must be one line");
+    }
+    for nic in &spec.nics {
+        if nic.tap.is_empty()
+            || nic.tap.len() > 15
+            || !nic
+                .tap
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return invalid("nics.tap", "1 to 15 letters, digits, '-' or '_'");
+        }
+        if !is_mac(&nic.mac) {
+            return invalid("nics.mac", "must look like 52:54:00:12:34:56");
+        }
+    }
+    Ok(())
+}
+
+/// Checks that a uid is safe to use in paths and command lines.
+pub fn validate_uid(uid: &str) -> Result<(), HypervisorError> {
+    if uid.is_empty()
+        || uid.len() > 64
+        || !uid
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(HypervisorError::InvalidSpec {
+            field: "uid",
+            reason: format!("{uid:?}: 1 to 64 letters, digits, '-' or '_'"),
+        });
+    }
+    Ok(())
+}
+
+fn is_mac(mac: &str) -> bool {
+    let parts: Vec<_> = mac.split(':').collect();
+    parts.len() == 6
+        && parts
+            .iter()
+            .all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> VmSpec {
+        VmSpec {
+            uid: "0b5c3a52-5a9e-4d35-8a1e-2f1c0f3b1a01".into(),
+            name: "web-1".into(),
+            vcpus: 1,
+            memory_mib: 128,
+            boot_disk: None,
+            kernel: Some(DirectKernel {
+                kernel: "/k".into(),
+                initrd: None,
+                cmdline: "console=ttyS0".into(),
+            }),
+            config_drive: None,
+            nics: vec![Nic {
+                tap: "tap0b5c3a52-5a".into(),
+                mac: "52:54:00:12:34:56".into(),
+            }],
+        }
+    }
+
+    fn rejected_field(spec: VmSpec) -> &'static str {
+        match validate_spec(&spec) {
+            Err(HypervisorError::InvalidSpec { field, .. }) => field,
+            other => panic!("expected an invalid spec, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn accepts_a_sound_spec() {
+        validate_spec(&spec()).unwrap();
+    }
+
+    #[test]
+    fn rejects_what_would_escape_or_break_the_host() {
+        assert_eq!(
+            rejected_field(VmSpec {
+                uid: "../etc".into(),
+                ..spec()
+            }),
+            "uid"
+        );
+        assert_eq!(
+            rejected_field(VmSpec {
+                uid: String::new(),
+                ..spec()
+            }),
+            "uid"
+        );
+        assert_eq!(
+            rejected_field(VmSpec {
+                uid: "a,b".into(),
+                ..spec()
+            }),
+            "uid"
+        );
+        assert_eq!(rejected_field(VmSpec { vcpus: 0, ..spec() }), "vcpus");
+        assert_eq!(
+            rejected_field(VmSpec {
+                kernel: None,
+                ..spec()
+            }),
+            "boot_disk"
+        );
+        let long_tap = vec![Nic {
+            tap: "tap-much-too-long".into(),
+            mac: "52:54:00:12:34:56".into(),
+        }];
+        assert_eq!(
+            rejected_field(VmSpec {
+                nics: long_tap,
+                ..spec()
+            }),
+            "nics.tap"
+        );
+        let bad_mac = vec![Nic {
+            tap: "tap0".into(),
+            mac: "52:54:00:12:34".into(),
+        }];
+        assert_eq!(
+            rejected_field(VmSpec {
+                nics: bad_mac,
+                ..spec()
+            }),
+            "nics.mac"
+        );
+    }
+}

@@ -1,0 +1,1155 @@
+//! The QEMU driver: one `qemu-system-x86_64` per VM, controlled over QMP.
+//!
+//! Each VM lives in a directory named by its uid under the driver's state directory:
+//!
+//! ```text
+//! <state_dir>/<uid>/
+//!   vm.json          the spec it was last started with (without the config drive)
+//!   disk.qcow2       the boot disk: a qcow2 overlay on the base image
+//!   config-2.iso     the config drive
+//!   qmp.sock         QMP control socket
+//!   console.sock     serial console socket (one interactive client at a time)
+//!   serial.log       everything the guest printed on its serial console, across starts
+//!   qemu.pid         QEMU's own pid, written by QEMU, removed by QEMU on a clean exit
+//!   qemu.log         what QEMU itself said (stderr), with a line per start
+//!   qemu-debug.log   QEMU's `-D` log (see below)
+//! ```
+//!
+//! QEMU is started with `-daemonize`: it forks, calls `setsid` and reparents to init, so
+//! guests live in their own session and process group and outlive every Ferro process,
+//! and the agent never has to reap them. The pid QEMU writes to `qemu.pid` is its own.
+//! `-daemonize` points stderr at `/dev/null` unless `-D` names a log file, hence
+//! `qemu-debug.log`, which is what keeps QEMU's later messages in `qemu.log`.
+//!
+//! State is read back from the host, never remembered: a live process whose command line
+//! carries `-name ferro-<uid>` is the VM (QMP `query-status` says whether it runs); a
+//! pidfile whose process is gone means QEMU died without its clean-exit path (killed,
+//! crashed); no pidfile means it ended cleanly. A second driver, or a restarted agent,
+//! therefore sees and adopts every guest.
+//!
+//! The machine is a q35 with a few spare `pcie-root-port`s for later hot-plug of disks
+//! and NICs. KVM is used when `/dev/kvm` is there and really boots a kernel (probed once
+//! per driver, with a timeout): on hosts whose KVM only runs PVM-aware kernels it does not,
+//! and TCG runs instead.
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use serde_json::{Value, json};
+use tokio::sync::OnceCell;
+
+use super::qmp::{Qmp, QmpError};
+use super::{
+    Accel, BootDisk, Hypervisor, HypervisorError, StopOutcome, VmSpec, VmState, VmStatus,
+    validate_spec, validate_uid,
+};
+
+/// How long `qemu -daemonize` may take to finish initialising.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long QEMU gets to exit after QMP `quit`, before SIGKILL.
+const QUIT_GRACE: Duration = Duration::from_secs(5);
+/// How long a SIGKILLed QEMU may take to disappear.
+const KILL_WAIT: Duration = Duration::from_secs(10);
+/// How often process liveness is polled while waiting for an exit.
+const POLL: Duration = Duration::from_millis(100);
+/// The line written to `qemu.log` before each start; what follows is the current run.
+const START_MARK: &str = "--- ferro: starting qemu";
+
+/// Which accelerator VMs get.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AccelPolicy {
+    /// Always KVM.
+    Kvm,
+    /// Always TCG.
+    Tcg,
+    /// KVM if `/dev/kvm` opens and really boots `probe_kernel` within `timeout`; TCG
+    /// otherwise. Without a probe kernel, the host's own `/boot/vmlinuz-$(uname -r)` is
+    /// tried; with none at all, TCG.
+    Auto {
+        /// A kernel to boot for the probe (no initrd needed: reaching the panic for a
+        /// missing root file system proves the CPU runs the guest).
+        probe_kernel: Option<PathBuf>,
+        /// How long the probe may take.
+        timeout: Duration,
+    },
+}
+
+impl Default for AccelPolicy {
+    fn default() -> Self {
+        AccelPolicy::Auto {
+            probe_kernel: None,
+            timeout: Duration::from_secs(15),
+        }
+    }
+}
+
+/// The QEMU driver's settings.
+#[derive(Debug, Clone)]
+pub struct QemuConfig {
+    /// Where VM directories live. Keep it short: unix socket paths inside it are limited
+    /// to 107 bytes.
+    pub state_dir: PathBuf,
+    /// The emulator.
+    pub qemu: PathBuf,
+    /// `qemu-img`, for overlays.
+    pub qemu_img: PathBuf,
+    /// `genisoimage`, for config drives.
+    pub genisoimage: PathBuf,
+    /// Which accelerator to use.
+    pub accel: AccelPolicy,
+    /// Spare `pcie-root-port`s for hot-plug.
+    pub hotplug_ports: u8,
+    /// How long a QMP exchange may take before the VM counts as unresponsive.
+    pub control_timeout: Duration,
+}
+
+impl QemuConfig {
+    /// Settings with the usual binaries from `PATH`, four hot-plug ports and automatic
+    /// accelerator choice.
+    pub fn new(state_dir: impl Into<PathBuf>) -> Self {
+        QemuConfig {
+            state_dir: state_dir.into(),
+            qemu: "qemu-system-x86_64".into(),
+            qemu_img: "qemu-img".into(),
+            genisoimage: "genisoimage".into(),
+            accel: AccelPolicy::default(),
+            hotplug_ports: 4,
+            control_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Where one VM's files are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmPaths {
+    /// The VM's directory, `<state_dir>/<uid>`.
+    pub dir: PathBuf,
+    /// The spec it was last started with.
+    pub spec: PathBuf,
+    /// The boot disk overlay.
+    pub disk: PathBuf,
+    /// The config drive.
+    pub config_drive: PathBuf,
+    /// The QMP socket.
+    pub qmp: PathBuf,
+    /// The serial console socket.
+    pub console: PathBuf,
+    /// The serial console log.
+    pub serial_log: PathBuf,
+    /// QEMU's pidfile.
+    pub pidfile: PathBuf,
+    /// QEMU's own messages.
+    pub qemu_log: PathBuf,
+    /// QEMU's `-D` log.
+    pub debug_log: PathBuf,
+}
+
+impl VmPaths {
+    fn new(state_dir: &Path, uid: &str) -> Self {
+        let dir = state_dir.join(uid);
+        VmPaths {
+            spec: dir.join("vm.json"),
+            disk: dir.join("disk.qcow2"),
+            config_drive: dir.join("config-2.iso"),
+            qmp: dir.join("qmp.sock"),
+            console: dir.join("console.sock"),
+            serial_log: dir.join("serial.log"),
+            pidfile: dir.join("qemu.pid"),
+            qemu_log: dir.join("qemu.log"),
+            debug_log: dir.join("qemu-debug.log"),
+            dir,
+        }
+    }
+}
+
+/// Runs VMs with QEMU. Cheap to create; any number of drivers may look at the same state
+/// directory, and each adopts what the others started.
+#[derive(Debug)]
+pub struct QemuDriver {
+    config: QemuConfig,
+    accel: OnceCell<Accel>,
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl QemuDriver {
+    /// A driver with these settings. The state directory is made absolute (QEMU runs with
+    /// `/` as its working directory) and is created on first start.
+    pub fn new(mut config: QemuConfig) -> Self {
+        if let Ok(dir) = std::path::absolute(&config.state_dir) {
+            config.state_dir = dir;
+        }
+        QemuDriver {
+            config,
+            accel: OnceCell::new(),
+            locks: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The driver's settings.
+    pub fn config(&self) -> &QemuConfig {
+        &self.config
+    }
+
+    /// Where the files of VM `uid` are.
+    pub fn paths(&self, uid: &str) -> VmPaths {
+        VmPaths::new(&self.config.state_dir, uid)
+    }
+
+    /// The accelerator new VMs get, decided once per driver (probing KVM if so configured).
+    pub async fn accel(&self) -> Accel {
+        *self
+            .accel
+            .get_or_init(|| async {
+                let accel = match &self.config.accel {
+                    AccelPolicy::Kvm => Accel::Kvm,
+                    AccelPolicy::Tcg => Accel::Tcg,
+                    AccelPolicy::Auto {
+                        probe_kernel,
+                        timeout,
+                    } => self.choose_accel(probe_kernel.clone(), *timeout).await,
+                };
+                tracing::info!(accel = accel.as_str(), "QEMU accelerator chosen");
+                accel
+            })
+            .await
+    }
+
+    async fn choose_accel(&self, probe_kernel: Option<PathBuf>, timeout: Duration) -> Accel {
+        if let Err(e) = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+        {
+            tracing::info!(error = %e, "/dev/kvm unusable, using TCG");
+            return Accel::Tcg;
+        }
+        let Some(kernel) = probe_kernel.or_else(host_kernel) else {
+            tracing::warn!("no kernel to probe KVM with, using TCG");
+            return Accel::Tcg;
+        };
+        match self.probe(Accel::Kvm, &kernel, timeout).await {
+            Ok(true) => Accel::Kvm,
+            Ok(false) => {
+                tracing::warn!(kernel = %kernel.display(), "KVM did not boot a kernel, using TCG");
+                Accel::Tcg
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "KVM probe failed, using TCG");
+                Accel::Tcg
+            }
+        }
+    }
+
+    /// Whether `accel` boots `kernel` within `timeout`: the kernel starts without a root
+    /// file system, so reaching its "not syncing" panic (and QEMU's exit, thanks to
+    /// `-no-reboot`) proves that guest code really runs. A kernel that hangs, or a QEMU
+    /// that fails, is a `false`.
+    pub async fn probe(
+        &self,
+        accel: Accel,
+        kernel: &Path,
+        timeout: Duration,
+    ) -> Result<bool, HypervisorError> {
+        let dir = tempfile::Builder::new()
+            .prefix("ferro-accel-probe-")
+            .tempdir()
+            .map_err(io("creating a directory for the accelerator probe".into()))?;
+        let log = dir.path().join("serial.log");
+        let stderr = std::fs::File::create(dir.path().join("stderr"))
+            .map_err(io("creating the probe's log".into()))?;
+        let mut command = tokio::process::Command::new(&self.config.qemu);
+        command
+            .args([
+                "-nodefaults",
+                "-no-user-config",
+                "-display",
+                "none",
+                "-no-reboot",
+            ])
+            .args([
+                "-machine",
+                "q35",
+                "-accel",
+                accel.as_str(),
+                "-cpu",
+                cpu_model(accel),
+            ])
+            .args(["-m", "128M", "-kernel"])
+            .arg(kernel)
+            .args([
+                "-append",
+                "console=ttyS0 panic=-1 rdinit=/ferro-accel-probe",
+            ])
+            .arg("-serial")
+            .arg(format!("file:{}", log.display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(stderr))
+            .kill_on_drop(true);
+        let mut child = command
+            .spawn()
+            .map_err(io(format!("running {}", self.config.qemu.display())))?;
+        let status = match tokio::time::timeout(timeout, child.wait()).await {
+            Ok(status) => status.map_err(io("waiting for the probe guest".into()))?,
+            Err(_) => {
+                tracing::info!(
+                    accel = accel.as_str(),
+                    ?timeout,
+                    "probe guest did not finish booting"
+                );
+                // Kill and reap it now rather than leave a zombie behind.
+                let _ = child.kill().await;
+                return Ok(false);
+            }
+        };
+        let console = std::fs::read_to_string(&log).unwrap_or_default();
+        let booted = status.success() && console.contains("not syncing");
+        if !booted {
+            let said = std::fs::read_to_string(dir.path().join("stderr")).unwrap_or_default();
+            tracing::info!(accel = accel.as_str(), %status, stderr = %said.trim(), "probe guest did not boot");
+        }
+        Ok(booted)
+    }
+
+    /// A QMP session with VM `uid`, for operations the trait does not cover (hot-plug).
+    /// QEMU serves one QMP client at a time: drop it promptly.
+    pub async fn qmp(&self, uid: &str) -> Result<Qmp, HypervisorError> {
+        validate_uid(uid)?;
+        Qmp::connect(&self.paths(uid).qmp, self.config.control_timeout)
+            .await
+            .map_err(|source| HypervisorError::Control {
+                uid: uid.to_owned(),
+                source,
+            })
+    }
+
+    async fn lock(&self, uid: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = {
+            let mut locks = self.locks.lock().expect("lock table poisoned");
+            locks.entry(uid.to_owned()).or_default().clone()
+        };
+        lock.lock_owned().await
+    }
+
+    /// QEMU's pid if the process recorded in the pidfile is alive and is this VM's.
+    fn live_pid(&self, paths: &VmPaths, uid: &str) -> Option<u32> {
+        let pid = read_pid(&paths.pidfile)?;
+        is_vm_process(pid, uid).then_some(pid)
+    }
+
+    async fn observe(&self, uid: &str) -> Result<Option<VmStatus>, HypervisorError> {
+        let paths = self.paths(uid);
+        if !paths.dir.is_dir() {
+            return Ok(None);
+        }
+        let mut status = VmStatus {
+            uid: uid.to_owned(),
+            state: VmState::Stopped,
+            pid: None,
+            accel: None,
+            detail: None,
+            serial_log: paths.serial_log.clone(),
+            console_socket: paths.console.clone(),
+        };
+        let Some(pid) = self.live_pid(&paths, uid) else {
+            // QEMU removes its pidfile on a clean exit; one left behind means it was killed.
+            // Look again after the liveness check, in case it exited cleanly in between.
+            status.state = if paths.pidfile.exists() {
+                VmState::Crashed
+            } else {
+                VmState::Stopped
+            };
+            status.detail = start_log(&paths).lines().last().map(str::to_owned);
+            return Ok(Some(status));
+        };
+        status.pid = Some(pid);
+        match self.query(&paths).await {
+            Ok((run_state, kvm)) => {
+                status.state = if run_state == "running" {
+                    VmState::Running
+                } else {
+                    VmState::Paused
+                };
+                status.accel = Some(if kvm { Accel::Kvm } else { Accel::Tcg });
+                status.detail = Some(run_state);
+            }
+            Err(e) => {
+                status.state = VmState::Unresponsive;
+                status.detail = Some(error_chain(&e));
+            }
+        }
+        Ok(Some(status))
+    }
+
+    /// QEMU's run state (`running`, `paused`, …) and whether KVM is on.
+    async fn query(&self, paths: &VmPaths) -> Result<(String, bool), QmpError> {
+        let timeout = self.config.control_timeout;
+        let mut qmp = Qmp::connect(&paths.qmp, timeout).await?;
+        tokio::time::timeout(timeout, async {
+            let status = qmp.execute("query-status", None).await?;
+            let kvm = qmp.execute("query-kvm", None).await?;
+            let run_state = status["status"].as_str().unwrap_or("unknown").to_owned();
+            Ok((run_state, kvm["enabled"].as_bool().unwrap_or(false)))
+        })
+        .await
+        .map_err(|_| QmpError::Timeout(timeout))?
+    }
+
+    async fn qmp_command(&self, paths: &VmPaths, command: &str) -> Result<Value, QmpError> {
+        let timeout = self.config.control_timeout;
+        let mut qmp = Qmp::connect(&paths.qmp, timeout).await?;
+        tokio::time::timeout(timeout, qmp.execute(command, None))
+            .await
+            .map_err(|_| QmpError::Timeout(timeout))?
+    }
+
+    /// Ends a running VM now: QMP `quit`, then SIGKILL if it lingers.
+    async fn end(&self, paths: &VmPaths, uid: &str, pid: u32) -> Result<(), HypervisorError> {
+        match self.qmp_command(paths, "quit").await {
+            // QEMU may close the socket before its answer to `quit` arrives.
+            Ok(_) | Err(QmpError::Closed) => {}
+            Err(e) => tracing::warn!(uid, error = %error_chain(&e), "QMP quit failed; killing"),
+        }
+        if wait_for_exit(pid, uid, QUIT_GRACE).await {
+            return Ok(());
+        }
+        tracing::warn!(uid, pid, "QEMU ignored quit; sending SIGKILL");
+        if let Some(raw) = i32::try_from(pid)
+            .ok()
+            .and_then(rustix::process::Pid::from_raw)
+        {
+            // The identity check in wait_for_exit just said this pid is still our QEMU.
+            let _ = rustix::process::kill_process(raw, rustix::process::Signal::KILL);
+        }
+        if wait_for_exit(pid, uid, KILL_WAIT).await {
+            Ok(())
+        } else {
+            Err(HypervisorError::WouldNotDie {
+                uid: uid.to_owned(),
+                pid,
+                waited: KILL_WAIT,
+            })
+        }
+    }
+
+    async fn prepare_disk(&self, disk: &BootDisk, paths: &VmPaths) -> Result<(), HypervisorError> {
+        let base = std::path::absolute(&disk.base)
+            .map_err(io(format!("resolving {}", disk.base.display())))?;
+        if !paths.disk.exists() {
+            let base_size = self
+                .virtual_size(&base, Some(disk.base_format.as_str()))
+                .await?;
+            let size = disk.size_bytes.unwrap_or(base_size);
+            if size < base_size {
+                return Err(HypervisorError::InvalidSpec {
+                    field: "boot_disk.size_bytes",
+                    reason: format!("{size} is smaller than the image's {base_size} bytes"),
+                });
+            }
+            let partial = paths.dir.join("disk.qcow2.partial");
+            let mut args: Vec<OsString> = vec!["create".into(), "-q".into(), "-f".into()];
+            args.extend([
+                "qcow2".into(),
+                "-F".into(),
+                disk.base_format.as_str().into(),
+            ]);
+            args.extend(["-b".into(), base.into_os_string(), partial.clone().into()]);
+            args.push(size.to_string().into());
+            self.qemu_img(&args).await?;
+            std::fs::rename(&partial, &paths.disk).map_err(io(format!(
+                "moving the overlay to {}",
+                paths.disk.display()
+            )))?;
+        } else if let Some(size) = disk.size_bytes {
+            let current = self.virtual_size(&paths.disk, Some("qcow2")).await?;
+            if size < current {
+                return Err(HypervisorError::InvalidSpec {
+                    field: "boot_disk.size_bytes",
+                    reason: format!("{size} would shrink the {current}-byte disk"),
+                });
+            }
+            if size > current {
+                let mut args: Vec<OsString> = vec!["resize".into(), "-q".into(), "-f".into()];
+                args.extend([
+                    "qcow2".into(),
+                    paths.disk.clone().into(),
+                    size.to_string().into(),
+                ]);
+                self.qemu_img(&args).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn virtual_size(
+        &self,
+        image: &Path,
+        format: Option<&str>,
+    ) -> Result<u64, HypervisorError> {
+        let mut args: Vec<OsString> = vec!["info".into(), "-U".into(), "--output=json".into()];
+        if let Some(format) = format {
+            args.extend(["-f".into(), format.into()]);
+        }
+        args.push(image.into());
+        let out = self.qemu_img(&args).await?;
+        serde_json::from_slice::<Value>(&out)
+            .ok()
+            .and_then(|info| info["virtual-size"].as_u64())
+            .ok_or_else(|| HypervisorError::Command {
+                program: format!("qemu-img info {}", image.display()),
+                status: "0".into(),
+                stderr: "no virtual-size in its output".into(),
+            })
+    }
+
+    async fn qemu_img(&self, args: &[OsString]) -> Result<Vec<u8>, HypervisorError> {
+        let program = &self.config.qemu_img;
+        let output = tokio::process::Command::new(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .map_err(io(format!("running {}", program.display())))?;
+        if !output.status.success() {
+            return Err(HypervisorError::Command {
+                program: format!("{} {}", program.display(), args[0].to_string_lossy()),
+                status: output.status.to_string(),
+                stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+            });
+        }
+        Ok(output.stdout)
+    }
+
+    async fn launch(
+        &self,
+        spec: &VmSpec,
+        paths: &VmPaths,
+        accel: Accel,
+    ) -> Result<(), HypervisorError> {
+        for stale in [&paths.qmp, &paths.console, &paths.pidfile] {
+            remove_file_if_exists(stale)?;
+        }
+        let mut log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&paths.qemu_log)
+            .map_err(io(format!("opening {}", paths.qemu_log.display())))?;
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        std::io::Write::write_all(
+            &mut log,
+            format!(
+                "{START_MARK} (accel {}, unix time {})\n",
+                accel.as_str(),
+                now.as_secs()
+            )
+            .as_bytes(),
+        )
+        .map_err(io(format!("writing {}", paths.qemu_log.display())))?;
+        let stdout = log
+            .try_clone()
+            .map_err(io("duplicating the log handle".into()))?;
+
+        let args = command_line(spec, paths, accel, self.config.hotplug_ports)?;
+        tracing::info!(uid = %spec.uid, accel = accel.as_str(), "starting QEMU");
+        let mut child = tokio::process::Command::new(&self.config.qemu)
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(io(format!(
+                "running {} (is qemu-system-x86 installed?)",
+                self.config.qemu.display()
+            )))?;
+        // With -daemonize the first process exits once the VM is fully set up (sockets
+        // listening, pidfile written) and its exit status says whether that worked.
+        let status = match tokio::time::timeout(START_TIMEOUT, child.wait()).await {
+            Ok(status) => status.map_err(io("waiting for QEMU to daemonize".into()))?,
+            Err(_) => {
+                if let Some(pid) = self.live_pid(paths, &spec.uid) {
+                    self.end(paths, &spec.uid, pid).await?;
+                }
+                return Err(HypervisorError::StartFailed {
+                    uid: spec.uid.clone(),
+                    log: format!("no answer within {START_TIMEOUT:?}; {}", start_log(paths)),
+                });
+            }
+        };
+        if !status.success() || self.live_pid(paths, &spec.uid).is_none() {
+            return Err(HypervisorError::StartFailed {
+                uid: spec.uid.clone(),
+                log: format!("{status}: {}", start_log(paths)),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl Hypervisor for QemuDriver {
+    async fn start(&self, spec: &VmSpec) -> Result<VmStatus, HypervisorError> {
+        validate_spec(spec)?;
+        let uid = spec.uid.as_str();
+        let _guard = self.lock(uid).await;
+        let paths = self.paths(uid);
+        if let Some(status) = self.observe(uid).await?
+            && status.is_alive()
+        {
+            tracing::debug!(uid, pid = status.pid, "VM already runs; adopting it");
+            return Ok(status);
+        }
+        check_socket_path(&paths.console)?;
+        std::fs::create_dir_all(&paths.dir)
+            .map_err(io(format!("creating {}", paths.dir.display())))?;
+        let accel = self.accel().await;
+        if let Some(disk) = &spec.boot_disk {
+            self.prepare_disk(disk, &paths).await?;
+        }
+        match &spec.config_drive {
+            Some(drive) => {
+                drive
+                    .write_iso(&paths.config_drive, &self.config.genisoimage)
+                    .await?
+            }
+            None => remove_file_if_exists(&paths.config_drive)?,
+        }
+        let recorded = serde_json::to_vec_pretty(spec).expect("specs serialise to JSON");
+        std::fs::write(&paths.spec, recorded)
+            .map_err(io(format!("writing {}", paths.spec.display())))?;
+        self.launch(spec, &paths, accel).await?;
+        self.observe(uid)
+            .await?
+            .ok_or_else(|| HypervisorError::NotFound(uid.to_owned()))
+    }
+
+    async fn stop(&self, uid: &str, grace: Duration) -> Result<StopOutcome, HypervisorError> {
+        validate_uid(uid)?;
+        let _guard = self.lock(uid).await;
+        let paths = self.paths(uid);
+        if !paths.dir.is_dir() {
+            return Err(HypervisorError::NotFound(uid.to_owned()));
+        }
+        let Some(pid) = self.live_pid(&paths, uid) else {
+            // A pidfile left by a killed QEMU: the VM is as stopped as it will get.
+            remove_file_if_exists(&paths.pidfile)?;
+            return Ok(StopOutcome::AlreadyStopped);
+        };
+        match self.qmp_command(&paths, "system_powerdown").await {
+            Ok(_) => {
+                if wait_for_exit(pid, uid, grace).await {
+                    return Ok(StopOutcome::Graceful);
+                }
+                tracing::info!(uid, ?grace, "guest did not power off in time; ending it");
+            }
+            Err(e) => tracing::warn!(uid, error = %error_chain(&e), "ACPI power-down failed"),
+        }
+        self.end(&paths, uid, pid).await?;
+        remove_file_if_exists(&paths.pidfile)?;
+        Ok(StopOutcome::Forced)
+    }
+
+    async fn reset(&self, uid: &str) -> Result<(), HypervisorError> {
+        validate_uid(uid)?;
+        let _guard = self.lock(uid).await;
+        let paths = self.paths(uid);
+        if !paths.dir.is_dir() {
+            return Err(HypervisorError::NotFound(uid.to_owned()));
+        }
+        if self.live_pid(&paths, uid).is_none() {
+            return Err(HypervisorError::NotRunning(uid.to_owned()));
+        }
+        self.qmp_command(&paths, "system_reset")
+            .await
+            .map(drop)
+            .map_err(|source| HypervisorError::Control {
+                uid: uid.to_owned(),
+                source,
+            })
+    }
+
+    async fn destroy(&self, uid: &str) -> Result<(), HypervisorError> {
+        validate_uid(uid)?;
+        let guard = self.lock(uid).await;
+        let paths = self.paths(uid);
+        if let Some(pid) = self.live_pid(&paths, uid) {
+            self.end(&paths, uid, pid).await?;
+        }
+        match std::fs::remove_dir_all(&paths.dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(format!("removing {}", paths.dir.display()))(e)),
+        }
+        drop(guard);
+        self.locks.lock().expect("lock table poisoned").remove(uid);
+        Ok(())
+    }
+
+    async fn status(&self, uid: &str) -> Result<Option<VmStatus>, HypervisorError> {
+        validate_uid(uid)?;
+        self.observe(uid).await
+    }
+
+    async fn list(&self) -> Result<Vec<VmStatus>, HypervisorError> {
+        let entries = match std::fs::read_dir(&self.config.state_dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => {
+                return Err(io(format!("listing {}", self.config.state_dir.display()))(
+                    e,
+                ));
+            }
+        };
+        let mut uids: Vec<String> = entries
+            .filter_map(Result::ok)
+            .filter(|entry| entry.path().is_dir())
+            .filter_map(|entry| entry.file_name().into_string().ok())
+            .filter(|name| validate_uid(name).is_ok())
+            .collect();
+        uids.sort();
+        let mut found = Vec::with_capacity(uids.len());
+        for uid in uids {
+            if let Some(status) = self.observe(&uid).await? {
+                found.push(status);
+            }
+        }
+        Ok(found)
+    }
+}
+
+/// The CPU model for an accelerator: the host's own under KVM; under TCG `qemu64`, which
+/// translates a little faster than `max`.
+fn cpu_model(accel: Accel) -> &'static str {
+    match accel {
+        Accel::Kvm => "host",
+        Accel::Tcg => "qemu64",
+    }
+}
+
+/// QEMU's command line for `spec`.
+fn command_line(
+    spec: &VmSpec,
+    paths: &VmPaths,
+    accel: Accel,
+    hotplug_ports: u8,
+) -> Result<Vec<OsString>, HypervisorError> {
+    let mut args: Vec<OsString> = Vec::new();
+    let mut push = |items: &[&str]| args.extend(items.iter().map(OsString::from));
+    let name = format!("ferro-{}", spec.uid);
+    push(&["-name", &name]);
+    if looks_like_uuid(&spec.uid) {
+        // The guest sees it as its SMBIOS system UUID.
+        push(&["-uuid", &spec.uid]);
+    }
+    push(&[
+        "-machine",
+        "q35",
+        "-accel",
+        accel.as_str(),
+        "-cpu",
+        cpu_model(accel),
+    ]);
+    push(&[
+        "-smp",
+        &spec.vcpus.to_string(),
+        "-m",
+        &format!("{}M", spec.memory_mib),
+    ]);
+    push(&[
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-rtc",
+        "base=utc",
+    ]);
+    push(&["-msg", "timestamp=on", "-daemonize"]);
+    push(&[
+        "-pidfile",
+        &path_str(&paths.pidfile)?,
+        "-D",
+        &path_str(&paths.debug_log)?,
+    ]);
+    let qmp = format!(
+        "socket,id=qmp,path={},server=on,wait=off",
+        opt_value(&paths.qmp)?
+    );
+    push(&["-chardev", &qmp, "-mon", "chardev=qmp,mode=control"]);
+    let console = format!(
+        "socket,id=console,path={},server=on,wait=off,logfile={},logappend=on",
+        opt_value(&paths.console)?,
+        opt_value(&paths.serial_log)?
+    );
+    push(&["-chardev", &console, "-serial", "chardev:console"]);
+    if let Some(kernel) = &spec.kernel {
+        push(&["-kernel", &absolute_str(&kernel.kernel)?]);
+        if let Some(initrd) = &kernel.initrd {
+            push(&["-initrd", &absolute_str(initrd)?]);
+        }
+        push(&["-append", &kernel.cmdline]);
+    }
+    // Disks first, so the guest names the boot disk vda and the config drive vdb.
+    if spec.boot_disk.is_some() {
+        let node = json!({
+            "driver": "qcow2",
+            "node-name": "disk-boot",
+            "file": { "driver": "file", "filename": path_str(&paths.disk)? },
+        });
+        push(&["-blockdev", &node.to_string()]);
+        // A direct kernel boot claims boot index 0 itself.
+        let bootindex = if spec.kernel.is_some() {
+            ""
+        } else {
+            ",bootindex=0"
+        };
+        let device = format!("virtio-blk-pci,id=vd-boot,drive=disk-boot{bootindex}");
+        push(&["-device", &device]);
+    }
+    if spec.config_drive.is_some() {
+        let node = json!({
+            "driver": "raw",
+            "node-name": "disk-config",
+            "read-only": true,
+            "file": { "driver": "file", "filename": path_str(&paths.config_drive)?, "read-only": true },
+        });
+        push(&["-blockdev", &node.to_string()]);
+        push(&["-device", "virtio-blk-pci,id=vd-config,drive=disk-config"]);
+    }
+    for (i, nic) in spec.nics.iter().enumerate() {
+        let netdev = format!("tap,id=net{i},ifname={},script=no,downscript=no", nic.tap);
+        let device = format!("virtio-net-pci,id=nic{i},netdev=net{i},mac={}", nic.mac);
+        push(&["-netdev", &netdev, "-device", &device]);
+    }
+    push(&["-object", "rng-random,id=rng0,filename=/dev/urandom"]);
+    push(&["-device", "virtio-rng-pci,id=rng,rng=rng0"]);
+    for i in 0..hotplug_ports {
+        // Every root port needs its own chassis number.
+        let port = format!("pcie-root-port,id=hotplug{i},chassis={}", u32::from(i) + 1);
+        push(&["-device", &port]);
+    }
+    Ok(args)
+}
+
+fn looks_like_uuid(s: &str) -> bool {
+    let groups: Vec<_> = s.split('-').map(str::len).collect();
+    groups == [8, 4, 4, 4, 12] && s.bytes().all(|b| b == b'-' || b.is_ascii_hexdigit())
+}
+
+/// A path as UTF-8, which QEMU's option syntax needs.
+fn path_str(path: &Path) -> Result<String, HypervisorError> {
+    path.to_str()
+        .map(str::to_owned)
+        .ok_or_else(|| HypervisorError::InvalidSpec {
+            field: "path",
+            reason: format!("{} is not UTF-8", path.display()),
+        })
+}
+
+fn absolute_str(path: &Path) -> Result<String, HypervisorError> {
+    let absolute =
+        std::path::absolute(path).map_err(io(format!("resolving {}", path.display())))?;
+    path_str(&absolute)
+}
+
+/// A path as the value of a `key=value,...` option: commas are doubled.
+fn opt_value(path: &Path) -> Result<String, HypervisorError> {
+    Ok(path_str(path)?.replace(',', ",,"))
+}
+
+/// Unix socket paths are limited to 107 bytes; say so instead of letting QEMU fail.
+fn check_socket_path(path: &Path) -> Result<(), HypervisorError> {
+    let len = path.as_os_str().len();
+    if len > 107 {
+        return Err(HypervisorError::InvalidSpec {
+            field: "uid",
+            reason: format!(
+                "socket path {} is {len} bytes, over the 107 allowed: shorten the state directory",
+                path.display()
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// The host's own kernel, to probe KVM with when no other kernel is configured.
+fn host_kernel() -> Option<PathBuf> {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").ok()?;
+    [
+        format!("/boot/vmlinuz-{}", release.trim()),
+        "/boot/vmlinuz".into(),
+        "/vmlinuz".into(),
+    ]
+    .into_iter()
+    .map(PathBuf::from)
+    .find(|path| path.is_file())
+}
+
+fn read_pid(pidfile: &Path) -> Option<u32> {
+    std::fs::read_to_string(pidfile).ok()?.trim().parse().ok()
+}
+
+/// Whether `pid` is alive (not a zombie) and is the QEMU of VM `uid`: its command line
+/// carries `-name ferro-<uid>`. This guards against a recycled pid.
+pub fn is_vm_process(pid: u32, uid: &str) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // The state follows the parenthesised command name, which may itself hold spaces.
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next());
+    if matches!(state, Some("Z" | "X") | None) {
+        return false;
+    }
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let name = format!("ferro-{uid}");
+    let mut args = cmdline.split(|b| *b == 0);
+    while let Some(arg) = args.next() {
+        if arg == b"-name" {
+            return args.next() == Some(name.as_bytes());
+        }
+    }
+    false
+}
+
+/// Waits until `pid` is no longer VM `uid`'s QEMU; false if it still is after `timeout`.
+async fn wait_for_exit(pid: u32, uid: &str, timeout: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if !is_vm_process(pid, uid) {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// What QEMU said during its last run: the lines of `qemu.log` after the last start mark,
+/// at most the last twenty.
+fn last_run_log(qemu_log: &Path) -> String {
+    let text = std::fs::read_to_string(qemu_log).unwrap_or_default();
+    let run = text
+        .rsplit_once(START_MARK)
+        .map_or(text.as_str(), |(_, run)| run);
+    let lines: Vec<_> = run
+        .lines()
+        .skip(1)
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}
+
+/// What QEMU said while starting: its stderr since the last start and its `-D` log.
+fn start_log(paths: &VmPaths) -> String {
+    let debug = std::fs::read_to_string(&paths.debug_log).unwrap_or_default();
+    let said = [last_run_log(&paths.qemu_log), debug.trim().to_owned()];
+    said.into_iter()
+        .filter(|s| !s.is_empty())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn remove_file_if_exists(path: &Path) -> Result<(), HypervisorError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io(format!("removing {}", path.display()))(e)),
+    }
+}
+
+fn io(what: String) -> impl FnOnce(std::io::Error) -> HypervisorError {
+    move |source| HypervisorError::Io { what, source }
+}
+
+/// An error and its sources on one line, for logs and details.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::configdrive::ConfigDrive;
+    use crate::hypervisor::{DirectKernel, DiskFormat, Nic};
+
+    fn spec() -> VmSpec {
+        VmSpec {
+            uid: "0b5c3a52-5a9e-4d35-8a1e-2f1c0f3b1a01".into(),
+            name: "web-1".into(),
+            vcpus: 2,
+            memory_mib: 256,
+            boot_disk: Some(BootDisk {
+                base: "/images/base.raw".into(),
+                base_format: DiskFormat::Raw,
+                size_bytes: None,
+            }),
+            kernel: Some(DirectKernel {
+                kernel: "/images/vmlinux".into(),
+                initrd: Some("/images/initrd".into()),
+                cmdline: "console=ttyS0 quiet".into(),
+            }),
+            config_drive: Some(ConfigDrive::default()),
+            nics: vec![Nic {
+                tap: "tap0b5c3a52-5a".into(),
+                mac: "52:54:00:12:34:56".into(),
+            }],
+        }
+    }
+
+    fn args_of(spec: &VmSpec, accel: Accel) -> Vec<String> {
+        let paths = VmPaths::new(Path::new("/var/lib/ferro/vms"), &spec.uid);
+        command_line(spec, &paths, accel, 3)
+            .unwrap()
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect()
+    }
+
+    fn value_of<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
+        args.windows(2)
+            .filter(|w| w[0] == flag)
+            .map(|w| w[1].as_str())
+            .collect()
+    }
+
+    #[test]
+    fn command_line_names_the_vm_and_daemonizes_with_a_pidfile() {
+        let args = args_of(&spec(), Accel::Tcg);
+        let dir = "/var/lib/ferro/vms/0b5c3a52-5a9e-4d35-8a1e-2f1c0f3b1a01";
+        assert_eq!(
+            value_of(&args, "-name"),
+            ["ferro-0b5c3a52-5a9e-4d35-8a1e-2f1c0f3b1a01"]
+        );
+        assert_eq!(
+            value_of(&args, "-uuid"),
+            ["0b5c3a52-5a9e-4d35-8a1e-2f1c0f3b1a01"]
+        );
+        assert!(args.contains(&"-daemonize".to_owned()));
+        assert_eq!(value_of(&args, "-pidfile"), [format!("{dir}/qemu.pid")]);
+        assert_eq!(value_of(&args, "-machine"), ["q35"]);
+        assert_eq!(value_of(&args, "-accel"), ["tcg"]);
+        assert_eq!(value_of(&args, "-cpu"), ["qemu64"]);
+        assert_eq!(value_of(&args, "-smp"), ["2"]);
+        assert_eq!(value_of(&args, "-m"), ["256M"]);
+        assert!(
+            value_of(&args, "-chardev")
+                .iter()
+                .any(|c| c.starts_with("socket,id=console,")
+                    && c.contains(&format!("logfile={dir}/serial.log")))
+        );
+        assert_eq!(value_of(&args, "-serial"), ["chardev:console"]);
+    }
+
+    #[test]
+    fn command_line_boots_the_kernel_from_the_overlay_with_the_config_drive() {
+        let args = args_of(&spec(), Accel::Kvm);
+        assert_eq!(value_of(&args, "-cpu"), ["host"]);
+        assert_eq!(value_of(&args, "-kernel"), ["/images/vmlinux"]);
+        assert_eq!(value_of(&args, "-initrd"), ["/images/initrd"]);
+        assert_eq!(value_of(&args, "-append"), ["console=ttyS0 quiet"]);
+        let blockdevs: Vec<Value> = value_of(&args, "-blockdev")
+            .iter()
+            .map(|b| serde_json::from_str(b).unwrap())
+            .collect();
+        assert_eq!(blockdevs[0]["driver"], "qcow2");
+        assert!(
+            blockdevs[0]["file"]["filename"]
+                .as_str()
+                .unwrap()
+                .ends_with("/disk.qcow2")
+        );
+        assert_eq!(blockdevs[1]["read-only"], true);
+        assert!(
+            blockdevs[1]["file"]["filename"]
+                .as_str()
+                .unwrap()
+                .ends_with("/config-2.iso")
+        );
+        let devices = value_of(&args, "-device");
+        let boot = devices
+            .iter()
+            .position(|d| d.contains("drive=disk-boot"))
+            .unwrap();
+        let config = devices
+            .iter()
+            .position(|d| d.contains("drive=disk-config"))
+            .unwrap();
+        assert!(boot < config, "the boot disk must come first: {devices:?}");
+        assert!(devices.contains(&"virtio-net-pci,id=nic0,netdev=net0,mac=52:54:00:12:34:56"));
+        assert_eq!(
+            value_of(&args, "-netdev"),
+            ["tap,id=net0,ifname=tap0b5c3a52-5a,script=no,downscript=no"]
+        );
+        let ports: Vec<_> = devices
+            .iter()
+            .filter(|d| d.starts_with("pcie-root-port"))
+            .collect();
+        assert_eq!(
+            ports,
+            [
+                &"pcie-root-port,id=hotplug0,chassis=1",
+                &"pcie-root-port,id=hotplug1,chassis=2",
+                &"pcie-root-port,id=hotplug2,chassis=3",
+            ]
+        );
+    }
+
+    #[test]
+    fn command_line_leaves_out_what_the_spec_does_not_ask_for() {
+        let bare = VmSpec {
+            uid: "vm1".into(),
+            boot_disk: None,
+            config_drive: None,
+            nics: vec![],
+            ..spec()
+        };
+        let args = args_of(&bare, Accel::Tcg);
+        assert!(value_of(&args, "-uuid").is_empty());
+        assert!(value_of(&args, "-blockdev").is_empty());
+        assert!(value_of(&args, "-netdev").is_empty());
+    }
+
+    #[test]
+    fn commas_in_paths_are_escaped_in_options() {
+        assert_eq!(
+            opt_value(Path::new("/a,b/qmp.sock")).unwrap(),
+            "/a,,b/qmp.sock"
+        );
+    }
+
+    #[test]
+    fn the_log_of_the_last_run_is_what_follows_the_last_start_mark() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("qemu.log");
+        std::fs::write(
+            &log,
+            format!("{START_MARK} (accel tcg)\nold news\n{START_MARK} (accel tcg)\nqemu: terminating on signal 15\n"),
+        )
+        .unwrap();
+        assert_eq!(last_run_log(&log), "qemu: terminating on signal 15");
+        assert_eq!(last_run_log(&dir.path().join("missing")), "");
+    }
+
+    #[test]
+    fn a_process_is_ours_only_with_our_name() {
+        assert!(!is_vm_process(std::process::id(), "vm1"));
+        assert!(!is_vm_process(u32::MAX, "vm1"));
+    }
+}
