@@ -33,7 +33,13 @@ impl Interceptor for BearerToken {
 #[derive(Clone)]
 pub struct Client {
     inner: ResourcesClient<InterceptedService<Channel, BearerToken>>,
+    channel: Channel,
+    token: BearerToken,
 }
+
+/// The Consoles service over a [`Client`]'s connection.
+pub type ConsolesClient =
+    v1::consoles_client::ConsolesClient<InterceptedService<Channel, BearerToken>>;
 
 /// What a successful apply did.
 pub type ApplyOutcome = v1::apply_response::Outcome;
@@ -125,10 +131,23 @@ impl Client {
             Error::invalid("", "token", "contains characters a header cannot carry")
         })?;
         let channel = endpoint.connect_lazy();
-        let inner = ResourcesClient::with_interceptor(channel, BearerToken(header))
+        let token = BearerToken(header);
+        let inner = ResourcesClient::with_interceptor(channel.clone(), token.clone())
             .max_decoding_message_size(64 << 20)
             .max_encoding_message_size(8 << 20);
-        Ok(Client { inner })
+        Ok(Client {
+            inner,
+            channel,
+            token,
+        })
+    }
+
+    /// The Consoles service (logs, attach, and the agents' tunnel) on the same connection.
+    pub fn consoles(&self) -> ConsolesClient {
+        v1::consoles_client::ConsolesClient::with_interceptor(
+            self.channel.clone(),
+            self.token.clone(),
+        )
     }
 
     /// Creates or updates an object from its desired state.

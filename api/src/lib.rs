@@ -12,6 +12,7 @@ pub mod auth;
 pub mod cache;
 pub mod client;
 pub mod codec;
+pub mod console;
 pub mod error;
 pub mod kinds;
 pub mod owners;

@@ -25,6 +25,7 @@ use crate::{
     Error, Kind, Object, auth,
     auth::{Authorizer, Identity, Tokens, Verb},
     cache::{CacheOptions, Query, WatchCache},
+    console::ConsoleRelay,
     kinds::Scope,
     owners,
     selector::{FieldSelector, LabelSelector, node_of},
@@ -81,6 +82,7 @@ const MAX_RETRIES: usize = 64;
 pub struct ApiServer {
     store: Arc<dyn Store>,
     cache: Option<Arc<WatchCache>>,
+    relay: Arc<ConsoleRelay>,
     tokens: Arc<Tokens>,
     authorizer: Authorizer,
     limits: Limits,
@@ -93,6 +95,7 @@ impl ApiServer {
         ApiServer {
             store,
             cache,
+            relay: Arc::default(),
             tokens: Arc::new(tokens),
             authorizer: Authorizer,
             limits: Limits::default(),
@@ -125,8 +128,16 @@ impl ApiServer {
             .max_encoding_message_size(limits.max_response_bytes)
     }
 
-    /// Serves the Resources service, gRPC reflection and the standard health service on a
-    /// listener until `shutdown` completes.
+    /// The Consoles gRPC service (logs, attach, agents' tunnels), sharing this server's
+    /// state.
+    pub fn consoles_service(&self) -> v1::consoles_server::ConsolesServer<ApiServer> {
+        v1::consoles_server::ConsolesServer::new(self.clone())
+            .max_decoding_message_size(self.limits.max_request_bytes)
+            .max_encoding_message_size(self.limits.max_response_bytes)
+    }
+
+    /// Serves the Resources and Consoles services, gRPC reflection and the standard health
+    /// service on a listener until `shutdown` completes.
     pub async fn serve(
         self,
         listener: tokio::net::TcpListener,
@@ -145,6 +156,7 @@ impl ApiServer {
         tonic::transport::Server::builder()
             .add_service(health)
             .add_service(reflection)
+            .add_service(self.consoles_service())
             .add_service(self.into_service())
             .serve_with_incoming_shutdown(
                 tokio_stream::wrappers::TcpListenerStream::new(listener),
@@ -152,6 +164,36 @@ impl ApiServer {
             )
             .await?;
         Ok(())
+    }
+
+    pub(crate) fn authenticate<T>(&self, request: &Request<T>) -> Result<Identity, Status> {
+        self.identity(request).map_err(Status::from)
+    }
+
+    pub(crate) fn authorize(
+        &self,
+        who: &Identity,
+        request: &auth::Request<'_>,
+    ) -> Result<(), Error> {
+        self.authorizer.authorize(who, request)
+    }
+
+    pub(crate) fn relay(&self) -> Arc<ConsoleRelay> {
+        self.relay.clone()
+    }
+
+    pub(crate) async fn get_object(
+        &self,
+        kind: Kind,
+        project: &str,
+        name: &str,
+    ) -> Result<Object, Error> {
+        let key = Key {
+            kind,
+            project: scoped_project(kind, project),
+            name: name.to_owned(),
+        };
+        Ok(self.read(&key).await?.0)
     }
 
     fn identity<T>(&self, request: &Request<T>) -> Result<Identity, Error> {
