@@ -1,0 +1,1 @@
+//! `ferro bench ipam`.

@@ -1,0 +1,129 @@
+//! The network controller against an in-process apiserver: segments, readiness, deletion
+//! while Ports use the Network.
+
+mod common;
+
+use std::collections::HashSet;
+
+use common::{Cloud, decided, eventually, owner_uid, uid};
+use ferro_api::{Kind, v1};
+
+fn condition<'a>(network: &'a v1::Network, kind: &str) -> Option<&'a v1::Condition> {
+    network
+        .status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.r#type == kind)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn networks_get_distinct_segments_and_turn_ready() {
+    let cloud = Cloud::start().await;
+    let controllers = cloud.controllers();
+    for i in 0..5 {
+        cloud
+            .network(&format!("n{i}"), &format!("10.{i}.0.0/24"))
+            .await;
+    }
+    let networks = eventually("five ready networks", || async {
+        let networks = cloud.list::<v1::Network>().await;
+        let ready = networks
+            .iter()
+            .filter(|n| {
+                condition(n, "Ready")
+                    .is_some_and(|c| c.status == v1::condition::Status::True as i32)
+            })
+            .count();
+        (ready == 5).then_some(networks)
+    })
+    .await;
+    let segments: HashSet<u32> = networks
+        .iter()
+        .map(|n| n.status.as_ref().unwrap().segment_id)
+        .collect();
+    assert_eq!(segments.len(), 5, "distinct segments: {segments:?}");
+    assert!(!segments.contains(&0));
+    let claims = cloud.list::<v1::SegmentId>().await;
+    assert_eq!(claims.len(), 5);
+    for network in &networks {
+        let id = network.status.as_ref().unwrap().segment_id;
+        let claim = claims
+            .iter()
+            .find(|c| c.spec.as_ref().unwrap().id == id)
+            .expect("a claim per segment");
+        assert_eq!(claim.metadata.as_ref().unwrap().name, format!("vni-{id}"));
+        assert_eq!(owner_uid(claim), uid(network));
+        assert!(
+            network
+                .metadata
+                .as_ref()
+                .unwrap()
+                .finalizers
+                .iter()
+                .any(|f| f == ferro_controllers::network::NETWORK_FINALIZER)
+        );
+    }
+    controllers.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_network_in_use_waits_for_its_ports() {
+    let cloud = Cloud::start().await;
+    let controllers = cloud.controllers();
+    let network = cloud.network("net", "10.20.0.0/24").await;
+    cloud.port("web", "net").await;
+    cloud.port("db", "net").await;
+    eventually("ports addressed", || async {
+        cloud
+            .list::<v1::Port>()
+            .await
+            .iter()
+            .all(decided)
+            .then_some(())
+    })
+    .await;
+    cloud.delete(Kind::Network, "default", "net").await;
+    let waiting = eventually("InUse naming the ports", || async {
+        let network = cloud
+            .admin
+            .get_typed::<v1::Network>("default", "net")
+            .await
+            .ok()?;
+        condition(&network, "InUse").filter(|c| c.status == v1::condition::Status::True as i32)?;
+        Some(network)
+    })
+    .await;
+    let message = &condition(&waiting, "InUse").unwrap().message;
+    assert!(
+        message.contains("default/db") && message.contains("default/web"),
+        "{message}"
+    );
+    assert!(
+        waiting
+            .metadata
+            .as_ref()
+            .unwrap()
+            .deletion_timestamp
+            .is_some()
+    );
+    cloud.delete(Kind::Port, "default", "web").await;
+    cloud.delete(Kind::Port, "default", "db").await;
+    eventually("the network and every claim gone", || async {
+        let gone = cloud
+            .admin
+            .get_typed::<v1::Network>("default", "net")
+            .await
+            .is_err();
+        let segments = cloud
+            .list::<v1::SegmentId>()
+            .await
+            .iter()
+            .filter(|c| owner_uid(*c) == uid(&network))
+            .count();
+        let ips = cloud.list::<v1::IpAddress>().await.len();
+        (gone && segments == 0 && ips == 0).then_some(())
+    })
+    .await;
+    controllers.abort();
+}
