@@ -1,14 +1,91 @@
 //! `ferro`: the one binary of Ferro. It plays every role — the all-in-one supervisor
 //! (`ferro up`), the apiserver, the controllers, the node agent — and is the user's CLI.
+//!
+//! Each role is a subcommand; the CLI verbs (`apply`, `get`, `delete`) live under
+//! [`cli`], the server roles beside it. Every failure ends up as one `error: …` line on
+//! stderr and a non-zero exit status.
 
-use clap::Parser;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod apiserver;
+mod cli;
+mod process;
+mod up;
 
 /// Ferro: a declarative infrastructure-as-a-service cloud.
 #[derive(Parser, Debug)]
-#[command(name = "ferro", version, about)]
-struct Cli {}
+#[command(name = "ferro", version, about, propagate_version = true)]
+struct Cli {
+    #[command(flatten)]
+    connection: cli::ConnectionArgs,
+    #[command(subcommand)]
+    command: Command,
+}
 
-fn main() -> anyhow::Result<()> {
-    let _cli = Cli::parse();
-    Ok(())
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the all-in-one cloud: etcd, the apiserver and (later) controllers and agent.
+    Up(up::UpArgs),
+    /// Stop a running `ferro up`; with --purge also remove its data directory.
+    Down(up::DownArgs),
+    /// Serve the Ferro API over gRPC.
+    Apiserver(apiserver::ApiserverArgs),
+    /// Run one etcd member until SIGTERM (how `ferro up` supervises etcd).
+    #[command(hide = true)]
+    Etcd(up::etcd::EtcdArgs),
+    /// Create or update objects from YAML / JSON manifests.
+    Apply(cli::apply::ApplyArgs),
+    /// Show objects of one kind.
+    Get(cli::get::GetArgs),
+    /// Delete objects by name or by manifest.
+    Delete(cli::delete::DeleteArgs),
+}
+
+impl Command {
+    /// The log level when RUST_LOG does not say: server roles report what they do, CLI
+    /// verbs stay quiet unless something is wrong.
+    fn default_log_level(&self) -> &'static str {
+        match self {
+            Command::Up(_) | Command::Apiserver(_) | Command::Etcd(_) => "info",
+            Command::Down(_) => "info",
+            Command::Apply(_) | Command::Get(_) | Command::Delete(_) => "warn",
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.command.default_log_level());
+    let result = match cli.command {
+        Command::Up(args) => up::run(args),
+        Command::Down(args) => up::down(args),
+        Command::Apiserver(args) => apiserver::run(args),
+        Command::Etcd(args) => up::etcd::run(args),
+        Command::Apply(args) => cli::apply::run(&cli.connection, args),
+        Command::Get(args) => cli::get::run(&cli.connection, args),
+        Command::Delete(args) => cli::delete::run(&cli.connection, args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            // Verbs that report several failures print them as they go and return
+            // `Reported`, so nothing is printed twice.
+            if error.downcast_ref::<cli::Reported>().is_none() {
+                eprintln!("error: {error:#}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(default_level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
 }

@@ -1,0 +1,334 @@
+//! `ferro up` and `ferro down`: the all-in-one cloud on one machine.
+//!
+//! `ferro up` claims its data directory, stops whatever a previous, killed `ferro up`
+//! left running there, mints tokens on first start, then supervises its children (see
+//! [`children`]): etcd, the apiserver, and later the controllers and the node agent. Once
+//! the apiserver serves it seeds the default objects, writes the CLI's config and says
+//! how to use the cloud. SIGTERM or Ctrl-C stops the children in reverse order and exits
+//! 0; objects persist in etcd's data for the next start.
+//!
+//! `ferro down` asks a running `ferro up` to stop and, with `--purge`, removes its data
+//! directory.
+
+use std::ffi::OsString;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow};
+use ferro_api::client::Client;
+use rustix::process::Signal;
+
+pub mod datadir;
+pub mod etcd;
+pub mod seed;
+pub mod supervisor;
+
+use datadir::{DataDir, Ownership};
+use supervisor::{ChildSpec, Readiness, Supervisor};
+
+use crate::cli::config;
+use crate::process;
+
+/// Where `ferro up` keeps its state unless told otherwise.
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/ferro";
+
+/// How long `ferro down` waits for `ferro up` to stop before killing it.
+const DOWN_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Which store the all-in-one apiserver uses.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreKind {
+    /// A single etcd member with its data in the data directory.
+    Etcd,
+    /// In memory: nothing survives a restart.
+    Memory,
+}
+
+/// Arguments of `ferro up`.
+#[derive(clap::Args, Debug)]
+pub struct UpArgs {
+    /// Where state lives: etcd's data, tokens, pidfiles, logs.
+    #[arg(long, default_value = DEFAULT_DATA_DIR, value_name = "DIR")]
+    pub data_dir: PathBuf,
+    /// Where the apiserver listens.
+    #[arg(long, default_value = "127.0.0.1:7443", value_name = "HOST:PORT")]
+    pub api_addr: String,
+    /// The apiserver's store.
+    #[arg(long, value_enum, default_value_t = StoreKind::Etcd)]
+    pub store: StoreKind,
+}
+
+/// Arguments of `ferro down`.
+#[derive(clap::Args, Debug)]
+pub struct DownArgs {
+    /// The data directory of the `ferro up` to stop.
+    #[arg(long, default_value = DEFAULT_DATA_DIR, value_name = "DIR")]
+    pub data_dir: PathBuf,
+    /// Also remove all state: the data directory (objects, tokens, logs).
+    #[arg(long)]
+    pub purge: bool,
+}
+
+/// The children of `ferro up`, in start order. Adding a role is one line here.
+pub fn children(
+    dir: &DataDir,
+    args: &UpArgs,
+    etcd: Option<&EtcdPorts>,
+    admin_token: &str,
+) -> Vec<ChildSpec> {
+    let path = |p: PathBuf| OsString::from(p);
+    let mut children = Vec::new();
+    let store = match etcd {
+        Some(ports) => {
+            children.push(ChildSpec {
+                name: "etcd",
+                args: vec![
+                    "etcd".into(),
+                    "--data-dir".into(),
+                    path(dir.etcd_data()),
+                    "--client-port".into(),
+                    ports.client.to_string().into(),
+                    "--peer-port".into(),
+                    ports.peer.to_string().into(),
+                    "--pid-file".into(),
+                    path(dir.etcd_pidfile()),
+                ],
+                ready: Readiness::Etcd(ports.client_url()),
+            });
+            format!("etcd://127.0.0.1:{}", ports.client)
+        }
+        None => "memory".to_owned(),
+    };
+    children.push(ChildSpec {
+        name: "apiserver",
+        args: vec![
+            "apiserver".into(),
+            "--listen".into(),
+            args.api_addr.clone().into(),
+            "--store".into(),
+            store.into(),
+            "--token-file".into(),
+            path(dir.tokens()),
+        ],
+        ready: Readiness::Api {
+            address: args.api_addr.clone(),
+            token: admin_token.to_owned(),
+        },
+    });
+    // Next, once those roles exist, one entry each: `ferro controllers --server ADDR …`
+    // and `ferro agent --node <hostname> …` (with a readiness that waits for nothing).
+    children
+}
+
+/// The loopback ports of the all-in-one etcd member, kept in `etcd.urls` so that every
+/// start of the same data directory uses the same ones.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EtcdPorts {
+    /// The client port.
+    pub client: u16,
+    /// The peer port.
+    pub peer: u16,
+}
+
+impl EtcdPorts {
+    /// `http://127.0.0.1:PORT`.
+    pub fn client_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client)
+    }
+
+    /// The ports recorded in the data directory, or two free ones, recorded there.
+    pub fn load_or_pick(dir: &DataDir) -> anyhow::Result<Self> {
+        let path = dir.etcd_urls();
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            let ports: Vec<u16> = text
+                .lines()
+                .filter_map(|l| l.trim().rsplit_once(':')?.1.parse().ok())
+                .collect();
+            if let [client, peer] = ports[..] {
+                return Ok(EtcdPorts { client, peer });
+            }
+            tracing::warn!("{} is not two URLs; picking new ports", path.display());
+        }
+        // Hold both listeners until both are picked, so the two differ.
+        let a = TcpListener::bind("127.0.0.1:0").context("cannot pick a free port")?;
+        let b = TcpListener::bind("127.0.0.1:0").context("cannot pick a free port")?;
+        let ports = EtcdPorts {
+            client: a.local_addr()?.port(),
+            peer: b.local_addr()?.port(),
+        };
+        std::fs::write(
+            &path,
+            format!("{}\nhttp://127.0.0.1:{}\n", ports.client_url(), ports.peer),
+        )
+        .with_context(|| format!("cannot write {}", path.display()))?;
+        Ok(ports)
+    }
+}
+
+/// Runs `ferro up`.
+pub fn run(args: UpArgs) -> anyhow::Result<()> {
+    // One thread: children get PR_SET_PDEATHSIG, which fires when the thread that spawned
+    // them exits, so they must all be spawned from a thread that lives as long as we do.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(up(args))
+}
+
+async fn up(args: UpArgs) -> anyhow::Result<()> {
+    let dir = DataDir::create(&args.data_dir)?;
+    let _ownership = Ownership::claim(&dir)?;
+    dir.stop_leftovers();
+
+    let node = datadir::hostname();
+    let identities = [
+        ferro_api::auth::ADMIN.to_owned(),
+        ferro_api::auth::CONTROLLERS.to_owned(),
+        format!("{}{node}", ferro_api::auth::NODE_PREFIX),
+    ];
+    let tokens = datadir::ensure_tokens(&dir.tokens(), &identities)?;
+    let etcd = match args.store {
+        StoreKind::Etcd => Some(EtcdPorts::load_or_pick(&dir)?),
+        StoreKind::Memory => None,
+    };
+
+    // Ask for a stop from here on; the supervisor stops what it started either way.
+    let (stop_tx, mut stop) = tokio::sync::watch::channel(false);
+    let signal = crate::apiserver::stop_signal()?;
+    tokio::spawn(async move {
+        let name = signal.await;
+        tracing::info!("{name}: stopping");
+        let _ = stop_tx.send(true);
+    });
+
+    let mut supervisor = Supervisor::new(dir.clone())?;
+    let specs = children(&dir, &args, etcd.as_ref(), &tokens.admin);
+    if !supervisor.start(specs, &mut stop).await? {
+        supervisor.stop_all();
+        return Ok(());
+    }
+
+    let client = Client::connect_lazy(&args.api_addr, &tokens.admin).map_err(|e| anyhow!("{e}"))?;
+    tokio::select! {
+        seeded = seed::apply(&client) => seeded?,
+        _ = stop.wait_for(|s| *s) => {
+            supervisor.stop_all();
+            return Ok(());
+        }
+    }
+    // An open connection would hold the apiserver's graceful shutdown.
+    drop(client);
+    let config_path = write_cli_config(&args.api_addr, &tokens.admin)?;
+    print_welcome(&dir, &args, etcd.as_ref(), config_path.as_deref());
+
+    supervisor.supervise(&mut stop).await;
+    supervisor.stop_all();
+    tracing::info!("ferro up stopped");
+    Ok(())
+}
+
+/// Writes the CLI's config for the admin; returns where, or `None` when there is no
+/// place for it (no `$HOME`).
+fn write_cli_config(api_addr: &str, admin_token: &str) -> anyhow::Result<Option<PathBuf>> {
+    let Some(path) = config::path() else {
+        tracing::warn!("no $FERRO_CONFIG, $XDG_CONFIG_HOME or $HOME: not writing a CLI config");
+        return Ok(None);
+    };
+    let project = config::load(&path)
+        .ok()
+        .flatten()
+        .and_then(|c| c.project)
+        .unwrap_or_else(|| ferro_api::server::DEFAULT_PROJECT.to_owned());
+    let config = config::Config {
+        server: Some(api_addr.to_owned()),
+        token: Some(admin_token.to_owned()),
+        project: Some(project),
+    };
+    config::write(&path, &config)?;
+    Ok(Some(path))
+}
+
+fn print_welcome(dir: &DataDir, args: &UpArgs, etcd: Option<&EtcdPorts>, config: Option<&Path>) {
+    let root = dir.root().display();
+    println!("Ferro is up.");
+    println!("  API (gRPC):  {}", args.api_addr);
+    match etcd {
+        Some(ports) => println!(
+            "  store:       etcd at {} (data in {root}/etcd)",
+            ports.client_url()
+        ),
+        None => println!("  store:       memory (nothing survives a restart)"),
+    }
+    println!("  tokens:      {root}/tokens");
+    println!("  logs:        {root}/log/");
+    match config {
+        Some(path) => println!("  CLI config:  {} (admin token)", path.display()),
+        None => println!("  CLI config:  none; use --server and --token"),
+    }
+    println!();
+    println!("Try: ferro get flavors; ferro apply -f manifests/; ferro get servers");
+    println!("Stop with Ctrl-C or `ferro down --data-dir {root}`.");
+}
+
+/// Runs `ferro down`.
+pub fn down(args: DownArgs) -> anyhow::Result<()> {
+    let Some(dir) = DataDir::existing(&args.data_dir) else {
+        println!(
+            "nothing to stop: {} does not exist",
+            args.data_dir.display()
+        );
+        return Ok(());
+    };
+    match datadir::owner(&dir)? {
+        Some(pid) if pid > 0 => {
+            println!("stopping ferro up (pid {pid})");
+            process::signal(pid, Signal::TERM);
+            if !wait_released(&dir, DOWN_TIMEOUT)? {
+                tracing::warn!(
+                    "ferro up (pid {pid}) still running after {DOWN_TIMEOUT:?}; killing it"
+                );
+                process::signal(pid, Signal::KILL);
+                wait_released(&dir, Duration::from_secs(10))?;
+            }
+        }
+        Some(_) => {
+            return Err(anyhow!(
+                "{} is locked but names no pid; try again",
+                dir.pidfile().display()
+            ));
+        }
+        None => println!("no ferro up is running on {}", dir.root().display()),
+    }
+    // Whatever a killed `ferro up` left behind.
+    dir.stop_leftovers();
+    stop_guests(&dir);
+    if args.purge {
+        if !dir.looks_like_ours() {
+            return Err(anyhow!(
+                "{} does not look like a ferro data directory (no ferro-up.pid or tokens); not removing it",
+                dir.root().display()
+            ));
+        }
+        std::fs::remove_dir_all(dir.root())
+            .with_context(|| format!("cannot remove {}", dir.root().display()))?;
+        println!("removed {}", dir.root().display());
+    }
+    Ok(())
+}
+
+/// Stops the guests (VMs) of this data directory. Guests outlive `ferro up` by design;
+/// `ferro down` is where they stop. There are none yet: the node agent will record them
+/// under the data directory, and this is where they will be found and stopped.
+fn stop_guests(_dir: &DataDir) {}
+
+fn wait_released(dir: &DataDir, timeout: Duration) -> anyhow::Result<bool> {
+    let deadline = Instant::now() + timeout;
+    while datadir::owner(dir)?.is_some() {
+        if Instant::now() >= deadline {
+            return Ok(false);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(true)
+}

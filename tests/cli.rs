@@ -1,0 +1,702 @@
+//! The CLI as a user meets it: `ferro up --store memory` in the background, and `apply`,
+//! `get`, `delete` against it — the happy paths, and every way input can be wrong, each
+//! with one readable message, a non-zero exit and nothing written.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use assert_cmd::assert::Assert;
+use rustix::process::{Pid, Signal};
+
+/// How long `ferro up` may take to serve; generous for loaded machines.
+const READY_TIMEOUT: Duration = Duration::from_secs(120);
+
+const STACK: &str = r#"apiVersion: ferro/v1
+kind: Network
+metadata:
+  name: app-net
+spec:
+  subnets:
+  - name: main
+    cidr: 10.0.1.0/24
+---
+apiVersion: ferro/v1
+kind: SecurityGroup
+metadata:
+  name: web
+spec:
+  rules:
+  - direction: Ingress
+    protocol: TCP
+    portRangeMin: 80
+    portRangeMax: 80
+    remoteCidr: 0.0.0.0/0
+---
+apiVersion: ferro/v1
+kind: Server
+metadata:
+  name: web-1
+  labels:
+    app: web
+spec:
+  flavor: m1.small
+  image: debian-12
+  networks:
+  - network: app-net
+  securityGroups: [web]
+"#;
+
+fn ferro_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_ferro")
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// A `ferro up --store memory` of this test's own, stopped on drop.
+struct Cloud {
+    dir: tempfile::TempDir,
+    api_addr: String,
+    up: Option<Child>,
+}
+
+impl Cloud {
+    fn start() -> Cloud {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let api_addr = format!("127.0.0.1:{}", free_port());
+        let log = std::fs::File::create(dir.path().join("up.log")).unwrap();
+        let up = Command::new(ferro_bin())
+            .args([
+                "up",
+                "--store",
+                "memory",
+                "--api-addr",
+                &api_addr,
+                "--data-dir",
+            ])
+            .arg(dir.path().join("data"))
+            .env("FERRO_CONFIG", dir.path().join("config.yaml"))
+            .env_remove("FERRO_SERVER")
+            .env_remove("FERRO_TOKEN")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("ferro up starts");
+        let mut cloud = Cloud {
+            dir,
+            api_addr,
+            up: Some(up),
+        };
+        cloud.wait_ready();
+        cloud
+    }
+
+    fn wait_ready(&mut self) {
+        let begin = Instant::now();
+        loop {
+            if let Some(status) = self.up.as_mut().unwrap().try_wait().unwrap() {
+                self.up = None;
+                panic!("ferro up exited ({status}):\n{}", self.log());
+            }
+            // The config is written once the seeds are in.
+            if self.config().exists()
+                && self
+                    .ferro()
+                    .args(["get", "flavor", "m1.tiny"])
+                    .output()
+                    .unwrap()
+                    .status
+                    .success()
+            {
+                return;
+            }
+            assert!(
+                begin.elapsed() < READY_TIMEOUT,
+                "ferro up not ready:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn config(&self) -> PathBuf {
+        self.dir.path().join("config.yaml")
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("up.log")).unwrap_or_default()
+    }
+
+    /// The CLI, configured by the config `ferro up` wrote.
+    fn ferro(&self) -> assert_cmd::Command {
+        let mut command = assert_cmd::Command::new(ferro_bin());
+        command
+            .env("FERRO_CONFIG", self.config())
+            .env_remove("FERRO_SERVER")
+            .env_remove("FERRO_TOKEN")
+            .timeout(Duration::from_secs(60));
+        command
+    }
+
+    fn run(&self, args: &[&str]) -> Assert {
+        self.ferro().args(args).assert()
+    }
+
+    fn write(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.dir.path().join(name);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).unwrap();
+        }
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+}
+
+impl Drop for Cloud {
+    fn drop(&mut self) {
+        let Some(mut up) = self.up.take() else { return };
+        if let Some(pid) = i32::try_from(up.id()).ok().and_then(Pid::from_raw) {
+            let _ = rustix::process::kill_process(pid, Signal::TERM);
+        }
+        let begin = Instant::now();
+        while matches!(up.try_wait(), Ok(None)) && begin.elapsed() < Duration::from_secs(30) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = up.kill();
+        let _ = up.wait();
+    }
+}
+
+fn stdout(assert: &Assert) -> String {
+    String::from_utf8_lossy(&assert.get_output().stdout).into_owned()
+}
+
+fn stderr(assert: &Assert) -> String {
+    String::from_utf8_lossy(&assert.get_output().stderr).into_owned()
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn apply_get_delete() {
+    let cloud = Cloud::start();
+    let stack = cloud.write("stack.yaml", STACK);
+
+    let out = cloud.run(&["apply", "-f", path(&stack)]).success();
+    assert_eq!(
+        stdout(&out),
+        "network/app-net created\nsecuritygroup/web created\nserver/web-1 created\n"
+    );
+    // Applying again writes nothing.
+    let out = cloud.run(&["apply", "-f", path(&stack)]).success();
+    assert_eq!(
+        stdout(&out),
+        "network/app-net unchanged\nsecuritygroup/web unchanged\nserver/web-1 unchanged\n"
+    );
+    // A change is `configured`.
+    let changed = cloud.write("changed.yaml", &STACK.replace("m1.small", "m1.medium"));
+    let out = cloud.run(&["apply", "-f", path(&changed)]).success();
+    assert!(
+        stdout(&out).contains("server/web-1 configured"),
+        "{}",
+        stdout(&out)
+    );
+
+    // Every spelling of a kind works; the table has the kind's columns.
+    for kind in ["server", "servers", "srv", "Server"] {
+        let out = cloud.run(&["get", kind]).success();
+        let text = stdout(&out);
+        let mut lines = text.lines();
+        let header: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+        assert_eq!(
+            header,
+            ["NAME", "PHASE", "NODE", "FLAVOR", "IMAGE", "AGE"],
+            "{text}"
+        );
+        let row: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+        assert_eq!(&row[..1], ["web-1"], "{text}");
+        assert!(
+            row.contains(&"m1.medium") && row.contains(&"debian-12"),
+            "{text}"
+        );
+    }
+    let out = cloud.run(&["get", "net"]).success();
+    assert!(
+        stdout(&out)
+            .starts_with("NAME      SUBNETS       SEGMENT   READY    AGE\napp-net   10.0.1.0/24"),
+        "{}",
+        stdout(&out)
+    );
+    let out = cloud.run(&["get", "sg", "web"]).success();
+    assert!(stdout(&out).contains("web "), "{}", stdout(&out));
+    let out = cloud.run(&["get", "srv", "-o", "wide"]).success();
+    assert!(
+        stdout(&out).lines().next().unwrap().contains("ADDRESSES"),
+        "{}",
+        stdout(&out)
+    );
+    let out = cloud.run(&["get", "srv", "-A"]).success();
+    assert!(
+        stdout(&out).starts_with("PROJECT   NAME"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(stdout(&out).contains("default   web-1"), "{}", stdout(&out));
+
+    // The seeds: the default project and the m1 flavors.
+    let out = cloud.run(&["get", "flavors"]).success();
+    let text = stdout(&out);
+    let rows: Vec<Vec<&str>> = text
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    for row in [
+        ["m1.tiny", "1", "512Mi", "1Gi"],
+        ["m1.small", "1", "2Gi", "20Gi"],
+        ["m1.medium", "2", "4Gi", "40Gi"],
+        ["m1.large", "4", "8Gi", "80Gi"],
+    ] {
+        assert!(rows.iter().any(|r| r[..4] == row), "{row:?} not in\n{text}");
+    }
+    cloud.run(&["get", "project", "default"]).success();
+
+    // Selectors.
+    let out = cloud.run(&["get", "srv", "-l", "app=web"]).success();
+    assert!(stdout(&out).contains("web-1"));
+    let out = cloud.run(&["get", "srv", "-l", "app=db"]).success();
+    assert_eq!(stdout(&out), "");
+    assert!(
+        stderr(&out).contains("No servers found in project default"),
+        "{}",
+        stderr(&out)
+    );
+    let out = cloud
+        .run(&["get", "srv", "--field-selector", "metadata.name=web-1"])
+        .success();
+    assert!(stdout(&out).contains("web-1"));
+
+    // JSON and YAML carry the object.
+    let out = cloud.run(&["get", "srv", "web-1", "-o", "json"]).success();
+    assert!(
+        stdout(&out).contains("\"name\": \"web-1\""),
+        "{}",
+        stdout(&out)
+    );
+    let out = cloud.run(&["get", "srv", "web-1", "-o", "yaml"]).success();
+    assert!(
+        stdout(&out).contains("flavor: m1.medium"),
+        "{}",
+        stdout(&out)
+    );
+
+    // Delete by name, then by manifest; a missing object is an error naming it.
+    let out = cloud.run(&["delete", "server", "web-1"]).success();
+    assert_eq!(stdout(&out), "server/web-1 deleted\n");
+    let out = cloud.run(&["get", "srv", "web-1"]).failure();
+    assert_eq!(stderr(&out), "error: servers/web-1 not found\n");
+    let out = cloud.run(&["delete", "srv", "web-1"]).failure();
+    assert_eq!(stderr(&out), "error: servers/web-1 not found\n");
+    cloud
+        .run(&["delete", "srv", "web-1", "--ignore-not-found"])
+        .success();
+    let out = cloud
+        .run(&["delete", "-f", path(&stack), "--ignore-not-found"])
+        .success();
+    assert_eq!(
+        stdout(&out),
+        "network/app-net deleted\nsecuritygroup/web deleted\n"
+    );
+    let out = cloud.run(&["get", "networks"]).success();
+    assert_eq!(stdout(&out), "");
+}
+
+#[test]
+fn get_output_applies_back_unchanged() {
+    let cloud = Cloud::start();
+    let stack = cloud.write("stack.yaml", STACK);
+    cloud.run(&["apply", "-f", path(&stack)]).success();
+
+    for (kind, name, label) in [
+        ("srv", "web-1", "server/web-1"),
+        ("net", "app-net", "network/app-net"),
+        ("sg", "web", "securitygroup/web"),
+    ] {
+        let yaml = stdout(&cloud.run(&["get", kind, name, "-o", "yaml"]).success());
+        let out = cloud
+            .ferro()
+            .args(["apply", "-f", "-"])
+            .write_stdin(yaml)
+            .assert()
+            .success();
+        assert_eq!(stdout(&out), format!("{label} unchanged\n"));
+    }
+    // A list in YAML (documents separated by `---`) and in JSON (`kind: List`). The
+    // flavors were seeded by another manager (`ferro-up`); the first apply as `ferro-cli`
+    // may record that manager, after which nothing changes.
+    let yaml = stdout(&cloud.run(&["get", "flavors", "-o", "yaml"]).success());
+    assert_eq!(yaml.matches("\n---\n").count(), 3, "{yaml}");
+    cloud
+        .ferro()
+        .args(["apply", "-f", "-"])
+        .write_stdin(yaml.clone())
+        .assert()
+        .success();
+    let out = cloud
+        .ferro()
+        .args(["apply", "-f", "-"])
+        .write_stdin(yaml)
+        .assert()
+        .success();
+    assert_eq!(
+        stdout(&out).matches(" unchanged\n").count(),
+        4,
+        "{}",
+        stdout(&out)
+    );
+    let json = stdout(&cloud.run(&["get", "flavors", "-o", "json"]).success());
+    let out = cloud
+        .ferro()
+        .args(["apply", "-f", "-"])
+        .write_stdin(json)
+        .assert()
+        .success();
+    assert_eq!(
+        stdout(&out).matches(" unchanged\n").count(),
+        4,
+        "{}",
+        stdout(&out)
+    );
+    let json = stdout(&cloud.run(&["get", "srv", "-o", "json"]).success());
+    let out = cloud
+        .ferro()
+        .args(["apply", "-f", "-"])
+        .write_stdin(json)
+        .assert()
+        .success();
+    assert_eq!(stdout(&out), "server/web-1 unchanged\n");
+}
+
+#[test]
+fn dry_run_and_directories() {
+    let cloud = Cloud::start();
+    cloud.write("dir/b/server.yml", STACK.split("---\n").nth(2).unwrap());
+    cloud.write("dir/a-network.yaml", STACK.split("---\n").next().unwrap());
+    cloud.write("dir/notes.txt", "not a manifest");
+    let dir = cloud.dir.path().join("dir");
+
+    let out = cloud
+        .run(&["apply", "-f", path(&dir), "--dry-run"])
+        .success();
+    assert_eq!(
+        stdout(&out),
+        "network/app-net created (dry run)\nserver/web-1 created (dry run)\n"
+    );
+    let out = cloud.run(&["get", "srv"]).success();
+    assert_eq!(stdout(&out), "", "a dry run wrote");
+
+    // Directories are read recursively, in sorted order.
+    let out = cloud.run(&["apply", "-f", path(&dir)]).success();
+    assert_eq!(
+        stdout(&out),
+        "network/app-net created\nserver/web-1 created\n"
+    );
+}
+
+/// Applies `text` and expects a failure whose stderr contains each of `expected`, and
+/// that nothing was written.
+fn refused(cloud: &Cloud, name: &str, text: &str, expected: &[&str]) -> String {
+    let file = cloud.write(name, text);
+    let out = cloud.run(&["apply", "-f", path(&file)]).failure();
+    let err = stderr(&out);
+    for e in expected {
+        assert!(err.contains(e), "`{e}` not in:\n{err}");
+    }
+    assert_eq!(stdout(&out), "", "something was applied");
+    for line in err.lines() {
+        assert!(
+            line.starts_with("error: "),
+            "not one error per line:\n{err}"
+        );
+    }
+    err
+}
+
+#[test]
+fn bad_manifests_are_refused_with_their_place_and_nothing_is_written() {
+    let cloud = Cloud::start();
+    let server = |spec: &str| {
+        format!("apiVersion: ferro/v1\nkind: Server\nmetadata:\n  name: web-2\nspec:\n{spec}")
+    };
+
+    // Unknown field, with a suggestion.
+    let err = refused(
+        &cloud,
+        "unknown.yaml",
+        &server("  flavour: m1.small\n"),
+        &["unknown.yaml:6:12: servers/web-2: spec.flavour: unknown field; did you mean `flavor`?"],
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+    // Mistyped field.
+    refused(
+        &cloud,
+        "mistyped.yaml",
+        "apiVersion: ferro/v1\nkind: Flavor\nmetadata:\n  name: f1\nspec:\n  vcpus: two\n",
+        &["mistyped.yaml:6:10: flavors/f1: spec.vcpus: expected an integer, found a string"],
+    );
+    // Bad enum value, with the right spelling.
+    refused(
+        &cloud,
+        "enum.yaml",
+        "apiVersion: ferro/v1\nkind: SecurityGroup\nmetadata:\n  name: sg\nspec:\n  rules:\n  - direction: Ingress\n    protocol: tcp\n",
+        &[
+            "enum.yaml:8:15: securitygroups/sg: spec.rules[0].protocol: `tcp` is not one of",
+            "(spelled `TCP`)",
+        ],
+    );
+    // YAML syntax error, with line and column.
+    refused(
+        &cloud,
+        "syntax.yaml",
+        "apiVersion: ferro/v1\nkind: Server\nmetadata:\n  name: [x\n",
+        &["syntax.yaml:4:"],
+    );
+    // A value validation refuses, pointing at the field.
+    refused(
+        &cloud,
+        "cidr.yaml",
+        "apiVersion: ferro/v1\nkind: Network\nmetadata:\n  name: n\nspec:\n  subnets:\n  - name: a\n    cidr: 10.0.0.0/33\n",
+        &["cidr.yaml:8:11: networks/n: spec.subnets[0].cidr:"],
+    );
+    // Unknown kind.
+    refused(
+        &cloud,
+        "kind.yaml",
+        "apiVersion: ferro/v1\nkind: Sever\nmetadata:\n  name: x\n",
+        &["kind.yaml:2:7: kind: unknown kind `Sever`"],
+    );
+
+    // One bad document among good ones: every problem is reported, nothing is written.
+    let mixed = format!("{STACK}---\n{}", server("  flavour: m1.small\n"));
+    refused(
+        &cloud,
+        "mixed.yaml",
+        &mixed,
+        &["mixed.yaml:40:12: servers/web-2: spec.flavour"],
+    );
+    for (kind, name) in [("net", "app-net"), ("sg", "web"), ("srv", "web-1")] {
+        let out = cloud.run(&["get", kind, name]).failure();
+        assert!(stderr(&out).contains("not found"), "{}", stderr(&out));
+    }
+    // The same across files: a bad file keeps the good one from being applied.
+    let good = cloud.write("two/a.yaml", STACK);
+    cloud.write("two/b.yaml", &server("  image: [\n"));
+    let out = cloud
+        .run(&["apply", "-f", path(good.parent().unwrap())])
+        .failure();
+    assert!(stderr(&out).contains("two/b.yaml:"), "{}", stderr(&out));
+    cloud.run(&["get", "srv", "web-1"]).failure();
+
+    // Unknown kinds on the command line, and missing files.
+    let out = cloud.run(&["get", "sever"]).failure();
+    assert_eq!(stderr(&out).lines().count(), 1);
+    assert!(
+        stderr(&out).starts_with("error: unknown kind `sever`; known kinds: servers,"),
+        "{}",
+        stderr(&out)
+    );
+    let out = cloud.run(&["apply", "-f", "/nonexistent.yaml"]).failure();
+    assert!(
+        stderr(&out).starts_with("error: /nonexistent.yaml: "),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn credentials_and_reachability_errors_are_one_clear_line() {
+    let cloud = Cloud::start();
+
+    // Wrong token.
+    let out = cloud
+        .run(&["get", "flavors", "--token", "not-a-token"])
+        .failure();
+    let err = stderr(&out);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("refused the token") && err.contains("invalid token"),
+        "{err}"
+    );
+    // FERRO_TOKEN too.
+    let out = cloud
+        .ferro()
+        .env("FERRO_TOKEN", "nope")
+        .args(["get", "flavors"])
+        .assert()
+        .failure();
+    assert!(stderr(&out).contains("invalid token"), "{}", stderr(&out));
+
+    // No token anywhere.
+    let out = assert_cmd::Command::new(ferro_bin())
+        .env("FERRO_CONFIG", cloud.dir.path().join("missing.yaml"))
+        .env_remove("FERRO_TOKEN")
+        .env_remove("FERRO_SERVER")
+        .args(["--server", &cloud.api_addr, "get", "flavors"])
+        .assert()
+        .failure();
+    let err = stderr(&out);
+    assert!(
+        err.starts_with("error: no token: pass --token or set FERRO_TOKEN"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+
+    // Nothing listening.
+    let port = free_port();
+    let out = cloud
+        .run(&["get", "flavors", "--server", &format!("127.0.0.1:{port}")])
+        .failure();
+    assert_eq!(
+        stderr(&out),
+        format!(
+            "error: cannot reach the apiserver at 127.0.0.1:{port}: connection refused (is `ferro up` running?)\n"
+        )
+    );
+    let stack = cloud.write("stack.yaml", STACK);
+    let out = cloud
+        .ferro()
+        .env("FERRO_SERVER", format!("127.0.0.1:{port}"))
+        .args(["apply", "-f", path(&stack)])
+        .assert()
+        .failure();
+    assert_eq!(
+        stderr(&out).lines().count(),
+        1,
+        "stops at the first unreachable call: {}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn up_owns_its_data_directory_and_down_stops_it() {
+    let mut cloud = Cloud::start();
+    let data = cloud.data_dir();
+
+    // A second `ferro up` on the same directory is refused, naming the owner.
+    let pid = cloud.up.as_ref().unwrap().id();
+    let out = assert_cmd::Command::new(ferro_bin())
+        .env("FERRO_CONFIG", cloud.dir.path().join("other.yaml"))
+        .args(["up", "--store", "memory", "--api-addr"])
+        .arg(format!("127.0.0.1:{}", free_port()))
+        .arg("--data-dir")
+        .arg(&data)
+        .timeout(Duration::from_secs(60))
+        .assert()
+        .failure();
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!("another `ferro up` (pid {pid}) owns")),
+        "{err}"
+    );
+
+    // Tokens were minted for every identity, readable only by their owner.
+    let tokens = std::fs::read_to_string(data.join("tokens")).unwrap();
+    for identity in [" admin\n", " system:controllers\n", " system:node:"] {
+        assert!(tokens.contains(identity), "{identity} missing:\n{tokens}");
+    }
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(data.join("tokens"))
+            .unwrap()
+            .permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
+
+    // `ferro down` stops it; it exits 0 and its apiserver is gone.
+    let out = cloud.run(&["down", "--data-dir", path(&data)]).success();
+    assert!(
+        stdout(&out).contains(&format!("stopping ferro up (pid {pid})")),
+        "{}",
+        stdout(&out)
+    );
+    let mut up = cloud.up.take().unwrap();
+    let status = up.wait().unwrap();
+    assert!(
+        status.success(),
+        "ferro up exited with {status}:\n{}",
+        cloud.log()
+    );
+    let out = cloud.run(&["get", "flavors"]).failure();
+    assert!(
+        stderr(&out).contains("cannot reach the apiserver"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn the_example_manifests_apply_get_and_delete() {
+    let manifests = Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests");
+    let has_any = std::fs::read_dir(&manifests)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| {
+            matches!(
+                e.path().extension().and_then(|x| x.to_str()),
+                Some("yaml" | "yml" | "json")
+            )
+        });
+    if !has_any {
+        eprintln!("no manifests in {}; nothing to check", manifests.display());
+        return;
+    }
+    let cloud = Cloud::start();
+    let out = cloud.run(&["apply", "-f", path(&manifests)]).success();
+    let created = stdout(&out);
+    let labels: Vec<&str> = created
+        .lines()
+        .map(|l| l.split(' ').next().unwrap())
+        .collect();
+    assert!(!labels.is_empty());
+    for line in created.lines() {
+        assert!(line.ends_with(" created"), "{created}");
+    }
+    // Re-applying the example changes nothing.
+    let out = cloud.run(&["apply", "-f", path(&manifests)]).success();
+    let again: Vec<String> = labels.iter().map(|l| format!("{l} unchanged")).collect();
+    assert_eq!(stdout(&out), format!("{}\n", again.join("\n")));
+    // Every object is listed under its kind, by singular name.
+    for label in &labels {
+        let (kind, name) = label.split_once('/').unwrap();
+        let out = cloud.run(&["get", kind]).success();
+        assert!(
+            stdout(&out)
+                .lines()
+                .skip(1)
+                .any(|l| l.starts_with(&format!("{name} "))),
+            "{label} not listed:\n{}",
+            stdout(&out)
+        );
+    }
+    // And all go away again.
+    let out = cloud.run(&["delete", "-f", path(&manifests)]).success();
+    for label in &labels {
+        assert!(
+            stdout(&out).contains(&format!("{label} deleted")),
+            "{}",
+            stdout(&out)
+        );
+    }
+}
