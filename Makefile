@@ -1,13 +1,17 @@
 # Ferro's two entry points on a fresh Debian 12 machine:
 #   make up    — install missing host packages, build, run the all-in-one cloud
 #   make test  — install missing host packages, then lint and run every test tier
+#
+# `ferro up` keeps its state in /var/lib/ferro, which needs root; elsewhere pass another
+# data directory: make up UP_FLAGS="--data-dir .ferro"
 .PHONY: up test deps build lint unit
 
 SHELL := /bin/bash
 CARGO ?= cargo
+UP_FLAGS ?=
 
 up: deps build
-	./target/debug/ferro up
+	./target/debug/ferro up $(UP_FLAGS)
 
 test: deps lint unit
 
