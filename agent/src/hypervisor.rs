@@ -17,8 +17,9 @@
 pub mod qemu;
 pub mod qmp;
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
@@ -47,6 +48,11 @@ pub struct VmSpec {
     pub config_drive: Option<ConfigDrive>,
     /// NICs, in the order the guest enumerates them.
     pub nics: Vec<Nic>,
+    /// Free-form facts the driver records with the VM and reports back in
+    /// [`VmStatus::labels`]: the agent keeps the owning Server's project and name here, so
+    /// that a VM whose Server is gone can be recognised as an orphan.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
 }
 
 /// A boot disk: a qcow2 overlay on `base`, so guest writes never touch the base.
@@ -133,9 +139,12 @@ pub enum VmState {
     Paused,
     /// The hypervisor process is alive but does not answer its control socket.
     Unresponsive,
-    /// The VM exists on this host but does not run, and it ended cleanly (powered off by
-    /// the guest, stopped by the agent, or asked to quit).
+    /// The VM exists on this host but does not run because it was stopped through
+    /// [`Hypervisor::stop`], or because it has not been started yet.
     Stopped,
+    /// The VM was meant to run and ended cleanly on its own: the guest powered itself off
+    /// (or someone else told the hypervisor to quit). Nobody stopped it through the driver.
+    PoweredOff,
     /// The hypervisor process is gone without a clean exit (killed, crashed).
     Crashed,
 }
@@ -158,6 +167,10 @@ pub struct VmStatus {
     pub serial_log: PathBuf,
     /// A unix socket speaking the serial console, for one interactive client at a time.
     pub console_socket: PathBuf,
+    /// When the hypervisor process started, while it runs (whole seconds).
+    pub started_at: Option<SystemTime>,
+    /// The labels of the spec the VM was last started with ([`VmSpec::labels`]).
+    pub labels: BTreeMap<String, String>,
 }
 
 impl VmStatus {
@@ -261,7 +274,9 @@ pub trait Hypervisor: Send + Sync {
     async fn start(&self, spec: &VmSpec) -> Result<VmStatus, HypervisorError>;
 
     /// Stops the VM and keeps its files: presses the ACPI power button, waits up to
-    /// `grace` for the guest to power off, then ends it by force.
+    /// `grace` for the guest to power off, then ends it by force. From then on the VM is
+    /// [`VmState::Stopped`] (not [`VmState::PoweredOff`]) until it is started again; this
+    /// holds for a VM that had already ended, too.
     async fn stop(&self, uid: &str, grace: Duration) -> Result<StopOutcome, HypervisorError>;
 
     /// Resets the VM as a hardware reset button would; the guest reboots.
@@ -362,6 +377,7 @@ mod tests {
                 tap: "tap0b5c3a52-5a".into(),
                 mac: "52:54:00:12:34:56".into(),
             }],
+            labels: BTreeMap::new(),
         }
     }
 

@@ -10,10 +10,12 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
+use common::{kill, qemu_processes, tiny_guest};
+mod common;
+
 use ferro_agent::configdrive::ConfigDrive;
 use ferro_agent::hypervisor::qemu::{AccelPolicy, QemuConfig, QemuDriver, is_vm_process};
 use ferro_agent::hypervisor::{
@@ -23,62 +25,6 @@ use ferro_agent::hypervisor::{
 const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
 const KEY: &str =
     "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFerroTinyGuestTestKeyOnlyNotARealKey0 alice@ferro";
-
-/// The tiny guest's artefacts, as printed by its build script.
-struct TinyGuest {
-    kernel: PathBuf,
-    initrd: PathBuf,
-    disk: PathBuf,
-    cmdline: String,
-}
-
-/// Builds the tiny guest (or finds it in the cache) once per test binary.
-fn tiny_guest() -> &'static TinyGuest {
-    static GUEST: OnceLock<TinyGuest> = OnceLock::new();
-    GUEST.get_or_init(|| {
-        let qemu = Command::new("qemu-system-x86_64").arg("--version").output();
-        assert!(
-            qemu.is_ok_and(|o| o.status.success()),
-            "qemu-system-x86_64 is missing: install qemu-system-x86 (scripts/install-host-deps.sh)"
-        );
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../e2e/images/build-tiny.sh");
-        let cache = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/ferro-images");
-        let started = Instant::now();
-        let output = Command::new("bash")
-            .arg(&script)
-            .env(
-                "FERRO_IMAGE_CACHE",
-                std::env::var_os("FERRO_IMAGE_CACHE").unwrap_or(cache.into()),
-            )
-            .output()
-            .unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
-        assert!(
-            output.status.success(),
-            "{} failed ({}):\n{}",
-            script.display(),
-            output.status,
-            String::from_utf8_lossy(&output.stderr)
-        );
-        let stdout = String::from_utf8(output.stdout).expect("the build script prints UTF-8");
-        let vars: BTreeMap<&str, &str> = stdout.lines().filter_map(|l| l.split_once('=')).collect();
-        let var = |name: &str| {
-            vars.get(name)
-                .unwrap_or_else(|| panic!("build-tiny.sh printed no {name}:\n{stdout}"))
-                .to_string()
-        };
-        println!(
-            "tiny guest ready in {:.1} s: {}",
-            started.elapsed().as_secs_f64(),
-            var("FERRO_TINY_KERNEL")
-        );
-        TinyGuest {
-            kernel: var("FERRO_TINY_KERNEL").into(),
-            initrd: var("FERRO_TINY_INITRD").into(),
-            disk: var("FERRO_TINY_DISK").into(),
-            cmdline: var("FERRO_TINY_CMDLINE"),
-        }
-    })
-}
 
 /// A private state directory and a driver on it; kills any QEMU left in it when dropped.
 struct Host {
@@ -116,33 +62,8 @@ impl Host {
 
 impl Drop for Host {
     fn drop(&mut self) {
-        let Ok(entries) = std::fs::read_dir(self.dir.path()) else {
-            return;
-        };
-        for entry in entries.flatten() {
-            let uid = entry.file_name().to_string_lossy().into_owned();
-            let Some(pid) = std::fs::read_to_string(entry.path().join("qemu.pid"))
-                .ok()
-                .and_then(|p| p.trim().parse::<u32>().ok())
-            else {
-                continue;
-            };
-            if !is_vm_process(pid, &uid) {
-                continue;
-            }
-            eprintln!("cleaning up: killing QEMU {pid} of VM {uid}");
-            kill(pid);
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while is_vm_process(pid, &uid) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
+        common::kill_vms_under(self.dir.path());
     }
-}
-
-fn kill(pid: u32) {
-    let pid = rustix::process::Pid::from_raw(pid as i32).expect("pids are positive");
-    let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
 }
 
 /// A process's session id and process group id, from `/proc/<pid>/stat`.
@@ -189,6 +110,7 @@ fn tiny_spec(uid: &str, hostname: &str, user_data: Option<&str>) -> VmSpec {
             ..ConfigDrive::default()
         }),
         nics: vec![],
+        labels: BTreeMap::from([("server".to_owned(), hostname.to_owned())]),
     }
 }
 
@@ -246,16 +168,6 @@ async fn console_command(socket: &Path, command: &str, expect: &str) -> Result<S
     )
 }
 
-/// The pids of every process that is VM `uid`'s QEMU.
-fn qemu_processes(uid: &str) -> Vec<u32> {
-    std::fs::read_dir("/proc")
-        .expect("/proc")
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| is_vm_process(*pid, uid))
-        .collect()
-}
-
 async fn wait_until_gone(pid: u32, uid: &str) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(20);
     while is_vm_process(pid, uid) {
@@ -301,6 +213,7 @@ async fn boots_the_tiny_guest_with_its_config_drive() -> Result<()> {
     let spawned = started.elapsed();
     ensure!(status.state == VmState::Running, "{status:?}");
     ensure!(status.accel == Some(Accel::Tcg), "{status:?}");
+    ensure!(status.started_at.is_some(), "{status:?}");
     let pid = status.pid.context("a running VM has a pid")?;
     let (console, ready) = wait_for_console(&status.serial_log, 0, "FERRO-READY").await?;
     println!(
@@ -500,6 +413,31 @@ async fn a_guest_killed_by_hand_is_reported_dead() -> Result<()> {
     );
     let (_, ready) = wait_for_console(&status.serial_log, from, "FERRO-READY").await?;
     ensure!(ready.contains("boot-count=2"), "{ready}");
+    destroy_and_check(&host.driver, &uid).await
+}
+
+#[tokio::test]
+async fn a_guest_that_powers_itself_off_is_told_from_a_stopped_one() -> Result<()> {
+    let host = Host::new();
+    let uid = new_uid();
+    let spec = tiny_spec(&uid, "web-9", Some("#!/bin/sh\nsync\npoweroff -f\n"));
+    let status = host.driver.start(&spec).await?;
+    let pid = status.pid.context("pid")?;
+    wait_until_gone(pid, &uid).await?;
+    let off = host.driver.status(&uid).await?.context("still known")?;
+    ensure!(
+        off.state == VmState::PoweredOff && off.pid.is_none(),
+        "{off:?}"
+    );
+    // What the VM was started with is still known, and says whose it is.
+    ensure!(
+        off.labels.get("server").map(String::as_str) == Some("web-9"),
+        "{off:?}"
+    );
+    // A stop of an ended VM records that it is down as asked.
+    ensure!(host.driver.stop(&uid, Duration::from_secs(1)).await? == StopOutcome::AlreadyStopped);
+    let stopped = host.driver.status(&uid).await?.context("still known")?;
+    ensure!(stopped.state == VmState::Stopped, "{stopped:?}");
     destroy_and_check(&host.driver, &uid).await
 }
 

@@ -4,7 +4,8 @@
 //!
 //! ```text
 //! <state_dir>/<uid>/
-//!   vm.json          the spec it was last started with (without the config drive)
+//!   vm.json          the spec it was last started with (without the config drive),
+//!                    written before anything else, so its labels name the VM's owner
 //!   disk.qcow2       the boot disk: a qcow2 overlay on the base image
 //!   config-2.iso     the config drive
 //!   qmp.sock         QMP control socket
@@ -13,6 +14,7 @@
 //!   qemu.pid         QEMU's own pid, written by QEMU, removed by QEMU on a clean exit
 //!   qemu.log         what QEMU itself said (stderr), with a line per start
 //!   qemu-debug.log   QEMU's `-D` log (see below)
+//!   should-run       present from a successful start until `stop`
 //! ```
 //!
 //! QEMU is started with `-daemonize`: it forks, calls `setsid` and reparents to init, so
@@ -24,8 +26,10 @@
 //! State is read back from the host, never remembered: a live process whose command line
 //! carries `-name ferro-<uid>` is the VM (QMP `query-status` says whether it runs); a
 //! pidfile whose process is gone means QEMU died without its clean-exit path (killed,
-//! crashed); no pidfile means it ended cleanly. A second driver, or a restarted agent,
-//! therefore sees and adopts every guest.
+//! crashed); no pidfile means it ended cleanly, and then `should-run` tells a guest that
+//! powered itself off (still there: nobody asked) from one stopped through
+//! [`Hypervisor::stop`] or never started (absent). A second driver, or a restarted agent,
+//! therefore sees and adopts every guest, and can tell why one is down.
 //!
 //! The machine is a q35 with a few spare `pcie-root-port`s for later hot-plug of disks
 //! and NICs. KVM is used when `/dev/kvm` is there and really boots a kernel (probed once
@@ -146,6 +150,8 @@ pub struct VmPaths {
     pub qemu_log: PathBuf,
     /// QEMU's `-D` log.
     pub debug_log: PathBuf,
+    /// Present while the VM is meant to run: from a successful start until a stop.
+    pub should_run: PathBuf,
 }
 
 impl VmPaths {
@@ -161,6 +167,7 @@ impl VmPaths {
             pidfile: dir.join("qemu.pid"),
             qemu_log: dir.join("qemu.log"),
             debug_log: dir.join("qemu-debug.log"),
+            should_run: dir.join("should-run"),
             dir,
         }
     }
@@ -354,12 +361,16 @@ impl QemuDriver {
             detail: None,
             serial_log: paths.serial_log.clone(),
             console_socket: paths.console.clone(),
+            started_at: None,
+            labels: recorded_labels(&paths.spec),
         };
         let Some(pid) = self.live_pid(&paths, uid) else {
             // QEMU removes its pidfile on a clean exit; one left behind means it was killed.
             // Look again after the liveness check, in case it exited cleanly in between.
             status.state = if paths.pidfile.exists() {
                 VmState::Crashed
+            } else if paths.should_run.exists() {
+                VmState::PoweredOff
             } else {
                 VmState::Stopped
             };
@@ -367,6 +378,7 @@ impl QemuDriver {
             return Ok(Some(status));
         };
         status.pid = Some(pid);
+        status.started_at = started_at(&paths.pidfile);
         match self.query(&paths).await {
             Ok((run_state, kvm)) => {
                 status.state = if run_state == "running" {
@@ -608,6 +620,9 @@ impl Hypervisor for QemuDriver {
         check_socket_path(&paths.console)?;
         std::fs::create_dir_all(&paths.dir)
             .map_err(io(format!("creating {}", paths.dir.display())))?;
+        // First, so that whatever else is left here by a failed start says whose it is.
+        let recorded = serde_json::to_vec_pretty(spec).expect("specs serialise to JSON");
+        write_atomically(&paths.spec, &recorded)?;
         let accel = self.accel().await;
         if let Some(disk) = &spec.boot_disk {
             self.prepare_disk(disk, &paths).await?;
@@ -620,10 +635,9 @@ impl Hypervisor for QemuDriver {
             }
             None => remove_file_if_exists(&paths.config_drive)?,
         }
-        let recorded = serde_json::to_vec_pretty(spec).expect("specs serialise to JSON");
-        std::fs::write(&paths.spec, recorded)
-            .map_err(io(format!("writing {}", paths.spec.display())))?;
         self.launch(spec, &paths, accel).await?;
+        std::fs::write(&paths.should_run, b"")
+            .map_err(io(format!("writing {}", paths.should_run.display())))?;
         self.observe(uid)
             .await?
             .ok_or_else(|| HypervisorError::NotFound(uid.to_owned()))
@@ -636,6 +650,8 @@ impl Hypervisor for QemuDriver {
         if !paths.dir.is_dir() {
             return Err(HypervisorError::NotFound(uid.to_owned()));
         }
+        // Asked to stop: however it ends from here, it did not end on its own.
+        remove_file_if_exists(&paths.should_run)?;
         let Some(pid) = self.live_pid(&paths, uid) else {
             // A pidfile left by a killed QEMU: the VM is as stopped as it will get.
             remove_file_if_exists(&paths.pidfile)?;
@@ -890,6 +906,33 @@ fn host_kernel() -> Option<PathBuf> {
     .find(|path| path.is_file())
 }
 
+/// The labels recorded in `vm.json`, or none when it is missing or unreadable.
+fn recorded_labels(spec: &Path) -> std::collections::BTreeMap<String, String> {
+    std::fs::read(spec)
+        .ok()
+        .and_then(|bytes| serde_json::from_slice::<VmSpec>(&bytes).ok())
+        .map(|spec| spec.labels)
+        .unwrap_or_default()
+}
+
+/// When QEMU started: it writes its pidfile once, at start-up. Whole seconds, so the
+/// value is the same on every look.
+fn started_at(pidfile: &Path) -> Option<SystemTime> {
+    let modified = std::fs::metadata(pidfile).ok()?.modified().ok()?;
+    let secs = modified
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .ok()?
+        .as_secs();
+    Some(SystemTime::UNIX_EPOCH + Duration::from_secs(secs))
+}
+
+/// Writes a file through a temporary name and a rename, so it is never seen half written.
+fn write_atomically(path: &Path, contents: &[u8]) -> Result<(), HypervisorError> {
+    let partial = path.with_extension("partial");
+    std::fs::write(&partial, contents).map_err(io(format!("writing {}", partial.display())))?;
+    std::fs::rename(&partial, path).map_err(io(format!("writing {}", path.display())))
+}
+
 fn read_pid(pidfile: &Path) -> Option<u32> {
     std::fs::read_to_string(pidfile).ok()?.trim().parse().ok()
 }
@@ -1010,6 +1053,7 @@ mod tests {
                 tap: "tap0b5c3a52-5a".into(),
                 mac: "52:54:00:12:34:56".into(),
             }],
+            labels: Default::default(),
         }
     }
 

@@ -1,0 +1,841 @@
+//! The Server reconciler: makes the guest of each Server bound to this node what the
+//! Server asks for, and reports what the host shows.
+//!
+//! A reconcile takes a Server uid and nothing else. It observes the VM through the
+//! driver (never from memory), plans with [`plan::plan`], applies the plan, observes
+//! again and writes `status.host` and the `GuestRunning` condition — as writer `agent`,
+//! the only part of a Server the agent owns — when they differ from what the Server says.
+//! Running it twice is harmless: the second run finds the host as the first left it.
+//!
+//! - **Starting** resolves what the guest is built from: the Image (in the Server's
+//!   project, then among public Images; the server controller's resolved uid is checked
+//!   when it recorded one), the Image's kernel and ramdisk Images (in the Image's project,
+//!   then public), and the KeyPair. Their bytes come from the node's image cache. Sizes
+//!   come from the Flavor copy in `status.flavor`; a `diskGib` of 0 keeps the image's
+//!   size. The config drive carries hostname, key and user data.
+//! - **Deleting** (a `deletionTimestamp`) destroys the VM at once — no ACPI — and its
+//!   files, checks that the driver no longer finds it, then removes the finalizer
+//!   `ferro.io/agent` so the Server can go.
+//! - **Orphans**: a VM on the host whose uid is not a Server bound here is destroyed only
+//!   after a direct read of the Server its labels name (project and name, recorded when
+//!   it was started) finds none, or one with another uid. A VM without such labels, or
+//!   whose Server is bound elsewhere, is left alone and logged. Nothing is ever destroyed
+//!   because a status field is empty.
+//! - **Failures** (a missing Image or KeyPair, a bad checksum, a start QEMU refuses)
+//!   become `GuestRunning=False` with a reason (`ImageNotFound`, `ImageChecksumMismatch`,
+//!   `KeyPairNotFound`, `StartFailed`, …) while no guest runs, and the key is retried
+//!   with backoff by the queue.
+
+pub mod plan;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferro_api::client::{Client, Selection};
+use ferro_api::v1::image_spec::{DiskFormat as ImageFormat, Visibility};
+use ferro_api::{Error, Kind, Resource, auth, owners, v1};
+
+use crate::configdrive::ConfigDrive;
+use crate::hypervisor::{
+    BootDisk, DirectKernel, DiskFormat, Hypervisor, HypervisorError, VmSpec, VmStatus,
+};
+use crate::images::{CachedFile, ImageCache, ImageError, ImageRef, error_chain};
+use crate::reflector::{ServerCache, uid_of};
+use plan::{Action, Applied, Desired, Failure, host_status, needs_write};
+
+/// The VM label naming the owning Server's project.
+pub const LABEL_PROJECT: &str = "ferro.io/project";
+/// The VM label naming the owning Server.
+pub const LABEL_SERVER: &str = "ferro.io/server";
+/// The VM label naming the node that started it.
+pub const LABEL_NODE: &str = "ferro.io/node";
+
+/// Why a reconcile did not converge.
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    /// The Server has no Flavor copy: it was not placed through Bind.
+    #[error("status.flavor is empty: the server was not placed through Bind")]
+    NotPlaced,
+    /// The Server boots from a Volume.
+    #[error("booting from a volume is not supported by this node yet")]
+    BootVolumeUnsupported,
+    /// An Image could not be found.
+    #[error("image {name} not found in project {project} or among public images")]
+    ImageNotFound {
+        /// The name asked for.
+        name: String,
+        /// The project looked in first.
+        project: String,
+    },
+    /// The image the server controller resolved is gone (a new Image took its name).
+    #[error("image {name} was replaced: uid {expected} is gone")]
+    ImageReplaced {
+        /// The name.
+        name: String,
+        /// The uid recorded in `status.resolved`.
+        expected: String,
+    },
+    /// Several public Images have the name.
+    #[error("image {name} is ambiguous: public images of that name exist in projects {projects}")]
+    ImageAmbiguous {
+        /// The name.
+        name: String,
+        /// Where.
+        projects: String,
+    },
+    /// The Image is not something a guest boots from.
+    #[error("image {name} cannot be booted: {reason}")]
+    ImageNotBootable {
+        /// The Image.
+        name: String,
+        /// Why not.
+        reason: String,
+    },
+    /// The KeyPair is missing.
+    #[error("key pair {name} not found in project {project}")]
+    KeyPairNotFound {
+        /// The name.
+        name: String,
+        /// The Server's project.
+        project: String,
+    },
+    /// An Image could not be cached.
+    #[error("image {name}")]
+    Image {
+        /// The Image.
+        name: String,
+        /// What went wrong.
+        #[source]
+        source: ImageError,
+    },
+    /// The Flavor's disk is smaller than the image.
+    #[error(
+        "the flavor's {flavor_gib} GiB disk is smaller than image {image} ({image_bytes} bytes)"
+    )]
+    FlavorDiskTooSmall {
+        /// `status.flavor.diskGib`.
+        flavor_gib: u64,
+        /// The Image.
+        image: String,
+        /// Its virtual size.
+        image_bytes: u64,
+    },
+    /// The driver could not say what the VM is doing.
+    #[error("observing the guest")]
+    Observe(#[source] HypervisorError),
+    /// The VM did not start.
+    #[error("starting the guest")]
+    Start(#[source] HypervisorError),
+    /// The VM did not stop.
+    #[error("stopping the guest")]
+    Stop(#[source] HypervisorError),
+    /// The reset failed.
+    #[error("resetting the guest")]
+    Reset(#[source] HypervisorError),
+    /// The VM could not be destroyed.
+    #[error("destroying the guest")]
+    Destroy(#[source] HypervisorError),
+    /// Destroy returned, yet the driver still finds the VM.
+    #[error("VM {0} is still on the host after destroy")]
+    StillPresent(String),
+    /// An API call failed.
+    #[error("API")]
+    Api(#[from] Error),
+}
+
+impl ReconcileError {
+    /// The `GuestRunning` reason for this error.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ReconcileError::NotPlaced => "NotPlaced",
+            ReconcileError::BootVolumeUnsupported => "BootVolumeUnsupported",
+            ReconcileError::ImageNotFound { .. } | ReconcileError::ImageReplaced { .. } => {
+                "ImageNotFound"
+            }
+            ReconcileError::ImageAmbiguous { .. } => "ImageAmbiguous",
+            ReconcileError::ImageNotBootable { .. } => "ImageNotBootable",
+            ReconcileError::KeyPairNotFound { .. } => "KeyPairNotFound",
+            ReconcileError::Image { source, .. } => source.reason(),
+            ReconcileError::FlavorDiskTooSmall { .. } => "FlavorDiskTooSmall",
+            ReconcileError::Observe(_) => "HypervisorError",
+            ReconcileError::Start(_) => "StartFailed",
+            ReconcileError::Stop(_) => "StopFailed",
+            ReconcileError::Reset(_) => "ResetFailed",
+            ReconcileError::Destroy(_) | ReconcileError::StillPresent(_) => "DestroyFailed",
+            ReconcileError::Api(_) => "ApiError",
+        }
+    }
+
+    /// The error as a condition's reason and message.
+    pub fn failure(&self) -> Failure {
+        Failure {
+            reason: self.reason().to_owned(),
+            message: error_chain(self),
+        }
+    }
+}
+
+/// Drives the guests of the Servers bound to one node.
+pub struct ServerReconciler {
+    /// The API, with the node's token.
+    pub client: Client,
+    /// The hypervisor driver.
+    pub driver: Arc<dyn Hypervisor>,
+    /// The node's image cache.
+    pub images: Arc<dyn ImageCache>,
+    /// The Servers bound to this node.
+    pub cache: Arc<ServerCache>,
+    /// This node's name.
+    pub node: String,
+    /// This node's availability zone, for config drives.
+    pub zone: String,
+    /// How long a guest gets to power off after the ACPI button before it is forced.
+    pub stop_grace: Duration,
+}
+
+impl ServerReconciler {
+    /// Reconciles the Server (or stray VM) with this uid.
+    pub async fn reconcile(&self, uid: &str) -> Result<(), ReconcileError> {
+        if crate::hypervisor::validate_uid(uid).is_err() {
+            tracing::warn!(uid, "ignoring a server uid that cannot name a VM");
+            return Ok(());
+        }
+        let observed = self
+            .driver
+            .status(uid)
+            .await
+            .map_err(ReconcileError::Observe)?;
+        match self.cache.get(uid) {
+            Some(server) => self.reconcile_server(server, observed).await,
+            None => self.reconcile_stray(uid, observed).await,
+        }
+    }
+
+    async fn reconcile_server(
+        &self,
+        server: v1::Server,
+        observed: Option<VmStatus>,
+    ) -> Result<(), ReconcileError> {
+        let uid = uid_of(&server).to_owned();
+        let desired = Desired::of(&server);
+        let plan = plan::plan(&desired, observed.as_ref());
+        let mut applied = Applied::default();
+        let result = self.apply(&server, &plan, &mut applied).await;
+        if desired.deleting {
+            return result;
+        }
+        let observed = match self.driver.status(&uid).await {
+            Ok(observed) => observed,
+            Err(e) => return result.and(Err(ReconcileError::Observe(e))),
+        };
+        let failure = result.as_ref().err().map(ReconcileError::failure);
+        let (host, guest) = host_status(
+            &server,
+            &desired,
+            &plan,
+            observed.as_ref(),
+            &applied,
+            failure.as_ref(),
+        );
+        if needs_write(&server, &host, &guest)
+            && let Err(e) = self.write_status(&server, host, guest).await
+        {
+            return result.and(Err(e));
+        }
+        result
+    }
+
+    async fn apply(
+        &self,
+        server: &v1::Server,
+        plan: &plan::Plan,
+        applied: &mut Applied,
+    ) -> Result<(), ReconcileError> {
+        let uid = uid_of(server);
+        let name = display(server);
+        for action in &plan.actions {
+            match action {
+                Action::Start => {
+                    let spec = self.prepare(server).await?;
+                    let started = self
+                        .driver
+                        .start(&spec)
+                        .await
+                        .map_err(ReconcileError::Start)?;
+                    applied.restarted = plan.restart;
+                    if plan.restart {
+                        let why = plan
+                            .exit
+                            .as_ref()
+                            .map(plan::Exit::describe)
+                            .unwrap_or_default();
+                        tracing::info!(server = %name, pid = started.pid, %why, "restarted the guest");
+                    } else {
+                        tracing::info!(server = %name, pid = started.pid, "started the guest");
+                    }
+                }
+                Action::Stop => {
+                    let outcome = self
+                        .driver
+                        .stop(uid, self.stop_grace)
+                        .await
+                        .map_err(ReconcileError::Stop)?;
+                    tracing::info!(server = %name, ?outcome, "stopped the guest");
+                }
+                Action::Reset(request) => {
+                    self.driver
+                        .reset(uid)
+                        .await
+                        .map_err(ReconcileError::Reset)?;
+                    applied.reboot = Some(request.clone());
+                    tracing::info!(server = %name, %request, "reset the guest");
+                }
+                Action::Destroy => {
+                    self.destroy(uid).await?;
+                    tracing::info!(server = %name, "destroyed the guest and its files");
+                }
+                Action::RemoveFinalizer => {
+                    self.remove_finalizer(server).await?;
+                    tracing::info!(server = %name, "released the server");
+                }
+            }
+        }
+        if let Some(request) = &plan.reboot_without_reset {
+            applied.reboot = Some(request.clone());
+        }
+        Ok(())
+    }
+
+    async fn destroy(&self, uid: &str) -> Result<(), ReconcileError> {
+        self.driver
+            .destroy(uid)
+            .await
+            .map_err(ReconcileError::Destroy)?;
+        match self.driver.status(uid).await {
+            Ok(None) => Ok(()),
+            Ok(Some(_)) => Err(ReconcileError::StillPresent(uid.to_owned())),
+            Err(e) => Err(ReconcileError::Observe(e)),
+        }
+    }
+
+    /// Removes the agent's finalizer from the Server, if it is still this Server (same
+    /// uid) and still has it.
+    async fn remove_finalizer(&self, server: &v1::Server) -> Result<(), ReconcileError> {
+        let meta = server.metadata.clone().unwrap_or_default();
+        let mut last = None;
+        for _ in 0..5 {
+            let current = match self
+                .client
+                .get_typed::<v1::Server>(&meta.project, &meta.name)
+                .await
+            {
+                Ok(current) => current,
+                Err(Error::NotFound { .. }) => return Ok(()),
+                Err(e) => return Err(e.into()),
+            };
+            let current = current.metadata.unwrap_or_default();
+            if current.uid != meta.uid
+                || !current
+                    .finalizers
+                    .iter()
+                    .any(|f| f == auth::AGENT_FINALIZER)
+            {
+                return Ok(());
+            }
+            let request = v1::PatchMetadataRequest {
+                key: Some(v1::ObjectKey {
+                    kind: Kind::Server.name().to_owned(),
+                    project: meta.project.clone(),
+                    name: meta.name.clone(),
+                }),
+                remove_finalizers: vec![auth::AGENT_FINALIZER.to_owned()],
+                resource_version: current.resource_version,
+                ..Default::default()
+            };
+            match self.client.patch_metadata(request).await {
+                Ok(_) | Err(Error::NotFound { .. }) => return Ok(()),
+                Err(e @ Error::Conflict { .. }) => last = Some(e),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(last.map_or(
+            ReconcileError::Api(Error::internal("finalizer removal gave up")),
+            ReconcileError::Api,
+        ))
+    }
+
+    async fn write_status(
+        &self,
+        server: &v1::Server,
+        host: v1::ServerHostStatus,
+        guest: v1::Condition,
+    ) -> Result<(), ReconcileError> {
+        let meta = server.metadata.clone().unwrap_or_default();
+        let patch = v1::Server {
+            metadata: Some(v1::ObjectMeta {
+                name: meta.name,
+                project: meta.project,
+                ..Default::default()
+            }),
+            spec: None,
+            status: Some(v1::ServerStatus {
+                host: Some(host),
+                ..Default::default()
+            }),
+        };
+        match self
+            .client
+            .update_status(patch.into_object(), owners::AGENT, &["host"], vec![guest])
+            .await
+        {
+            Ok(written) => {
+                if let Some(written) = v1::Server::from_object(written)
+                    && uid_of(&written) == meta.uid
+                {
+                    // The next reconcile must see what was just written (restart counts
+                    // add up from it), even before the watch delivers it.
+                    self.cache.upsert(written);
+                }
+                Ok(())
+            }
+            // Gone meanwhile (or no longer ours): nothing to report on.
+            Err(Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// A VM whose uid is no Server in the cache: a Server the cache has not caught up
+    /// with, or an orphan.
+    async fn reconcile_stray(
+        &self,
+        uid: &str,
+        observed: Option<VmStatus>,
+    ) -> Result<(), ReconcileError> {
+        let Some(vm) = observed else {
+            return Ok(());
+        };
+        let (Some(project), Some(name)) =
+            (vm.labels.get(LABEL_PROJECT), vm.labels.get(LABEL_SERVER))
+        else {
+            tracing::warn!(uid, "a VM on this host names no owner; leaving it alone");
+            return Ok(());
+        };
+        match self.client.get_typed::<v1::Server>(project, name).await {
+            Ok(server) if uid_of(&server) == uid => {
+                let node = server
+                    .status
+                    .as_ref()
+                    .map(|s| s.node.as_str())
+                    .unwrap_or_default();
+                if node == self.node {
+                    return self.reconcile_server(server, Some(vm)).await;
+                }
+                tracing::warn!(uid, server = %format!("{project}/{name}"), node, "a VM on this host belongs to a server bound to another node; leaving it alone");
+                Ok(())
+            }
+            Ok(_) | Err(Error::NotFound { .. }) => {
+                tracing::info!(uid, server = %format!("{project}/{name}"), state = ?vm.state, "destroying an orphaned VM: its server is gone");
+                self.destroy(uid).await
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Everything the VM needs: images in the cache, the key, the config drive.
+    async fn prepare(&self, server: &v1::Server) -> Result<VmSpec, ReconcileError> {
+        let meta = server.metadata.clone().unwrap_or_default();
+        let spec = server.spec.clone().unwrap_or_default();
+        let status = server.status.clone().unwrap_or_default();
+        if status.flavor.is_none() {
+            return Err(ReconcileError::NotPlaced);
+        }
+        if spec.image.is_empty() {
+            return Err(ReconcileError::BootVolumeUnsupported);
+        }
+        let resolved = status
+            .resolved
+            .iter()
+            .find(|r| r.kind == Kind::Image.name() && r.name == spec.image);
+        let image = match resolved {
+            Some(r) if !r.project.is_empty() => {
+                let image = self.get_image(&r.project, &spec.image).await?;
+                if !r.uid.is_empty() && image.metadata.as_ref().is_some_and(|m| m.uid != r.uid) {
+                    return Err(ReconcileError::ImageReplaced {
+                        name: spec.image.clone(),
+                        expected: r.uid.clone(),
+                    });
+                }
+                image
+            }
+            _ => self.resolve_image(&meta.project, &spec.image).await?,
+        };
+        let image_spec = image.spec.clone().unwrap_or_default();
+        let image_project = image
+            .metadata
+            .as_ref()
+            .map(|m| m.project.clone())
+            .unwrap_or_default();
+        let kernel = match image_spec.kernel.as_str() {
+            "" => None,
+            name => Some(self.resolve_image(&image_project, name).await?),
+        };
+        let ramdisk = match image_spec.ramdisk.as_str() {
+            "" => None,
+            name => Some(self.resolve_image(&image_project, name).await?),
+        };
+        let key = match spec.key_pair.as_str() {
+            "" => None,
+            name => match self
+                .client
+                .get_typed::<v1::KeyPair>(&meta.project, name)
+                .await
+            {
+                Ok(key) => Some((name.to_owned(), key.spec.unwrap_or_default().public_key)),
+                Err(Error::NotFound { .. }) => {
+                    return Err(ReconcileError::KeyPairNotFound {
+                        name: name.to_owned(),
+                        project: meta.project.clone(),
+                    });
+                }
+                Err(e) => return Err(e.into()),
+            },
+        };
+        check_bootable(&image)?;
+        let disk = self.cached(&image).await?;
+        let kernel = match &kernel {
+            Some(k) => Some(self.cached(k).await?),
+            None => None,
+        };
+        let initrd = match &ramdisk {
+            Some(r) => Some(self.cached(r).await?),
+            None => None,
+        };
+        let boot = BootFiles {
+            image: spec.image.clone(),
+            disk,
+            kernel,
+            initrd,
+            cmdline: image_spec.kernel_command_line,
+        };
+        vm_spec(server, &boot, key, &self.node, &self.zone)
+    }
+
+    async fn cached(&self, image: &v1::Image) -> Result<CachedFile, ReconcileError> {
+        let image = ImageRef::of(image);
+        self.images
+            .ensure(&image)
+            .await
+            .map_err(|source| ReconcileError::Image {
+                name: image.name.clone(),
+                source,
+            })
+    }
+
+    async fn get_image(&self, project: &str, name: &str) -> Result<v1::Image, ReconcileError> {
+        match self.client.get_typed::<v1::Image>(project, name).await {
+            Ok(image) => Ok(image),
+            Err(Error::NotFound { .. }) => Err(ReconcileError::ImageNotFound {
+                name: name.to_owned(),
+                project: project.to_owned(),
+            }),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// An Image by name: in `project`, else the one public Image of that name.
+    async fn resolve_image(&self, project: &str, name: &str) -> Result<v1::Image, ReconcileError> {
+        match self.client.get_typed::<v1::Image>(project, name).await {
+            Ok(image) => return Ok(image),
+            Err(Error::NotFound { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let selection = Selection::all().fields(format!("metadata.name={name}"));
+        let (objects, _) = self.client.list(Kind::Image, &selection).await?;
+        let mut public: Vec<v1::Image> = objects
+            .into_iter()
+            .filter_map(v1::Image::from_object)
+            .filter(|i| {
+                i.spec.as_ref().and_then(|s| s.visibility) == Some(Visibility::Public as i32)
+            })
+            .collect();
+        match public.len() {
+            0 => Err(ReconcileError::ImageNotFound {
+                name: name.to_owned(),
+                project: project.to_owned(),
+            }),
+            1 => Ok(public.remove(0)),
+            _ => Err(ReconcileError::ImageAmbiguous {
+                name: name.to_owned(),
+                projects: public
+                    .iter()
+                    .filter_map(|i| i.metadata.as_ref().map(|m| m.project.clone()))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            }),
+        }
+    }
+}
+
+fn display(server: &v1::Server) -> String {
+    let meta = server.metadata.clone().unwrap_or_default();
+    format!("{}/{}", meta.project, meta.name)
+}
+
+/// Refuses Images a guest cannot boot from (kernels, ramdisks, formats QEMU is not
+/// given here).
+fn check_bootable(image: &v1::Image) -> Result<(), ReconcileError> {
+    let name = image
+        .metadata
+        .as_ref()
+        .map(|m| m.name.clone())
+        .unwrap_or_default();
+    let format = image
+        .spec
+        .as_ref()
+        .and_then(|s| s.disk_format)
+        .and_then(|f| ImageFormat::try_from(f).ok());
+    match format {
+        None | Some(ImageFormat::Unspecified | ImageFormat::Raw | ImageFormat::Qcow2) => Ok(()),
+        Some(other) => Err(ReconcileError::ImageNotBootable {
+            name,
+            reason: format!(
+                "its diskFormat is {}; servers boot raw or qcow2 disk images",
+                other.as_str_name()
+            ),
+        }),
+    }
+}
+
+/// The cached files a guest boots from.
+#[derive(Debug, Clone)]
+pub struct BootFiles {
+    /// The Image's name, for messages.
+    pub image: String,
+    /// The disk image.
+    pub disk: CachedFile,
+    /// The kernel, for direct boot.
+    pub kernel: Option<CachedFile>,
+    /// The ramdisk.
+    pub initrd: Option<CachedFile>,
+    /// The kernel command line (the Image's).
+    pub cmdline: String,
+}
+
+/// The VM a Server describes, given its boot files and key. Pure.
+pub fn vm_spec(
+    server: &v1::Server,
+    boot: &BootFiles,
+    key: Option<(String, String)>,
+    node: &str,
+    zone: &str,
+) -> Result<VmSpec, ReconcileError> {
+    let meta = server.metadata.clone().unwrap_or_default();
+    let spec = server.spec.clone().unwrap_or_default();
+    let flavor = server
+        .status
+        .as_ref()
+        .and_then(|s| s.flavor.clone())
+        .ok_or(ReconcileError::NotPlaced)?;
+    let base_format = match boot.disk.format.as_str() {
+        "raw" => DiskFormat::Raw,
+        "qcow2" => DiskFormat::Qcow2,
+        other => {
+            return Err(ReconcileError::ImageNotBootable {
+                name: boot.image.clone(),
+                reason: format!("qemu-img found format {other}; servers boot raw or qcow2"),
+            });
+        }
+    };
+    let size_bytes = match flavor.disk_gib {
+        0 => None,
+        gib => {
+            let bytes = gib.saturating_mul(1 << 30);
+            if bytes < boot.disk.virtual_size_bytes {
+                return Err(ReconcileError::FlavorDiskTooSmall {
+                    flavor_gib: gib,
+                    image: boot.image.clone(),
+                    image_bytes: boot.disk.virtual_size_bytes,
+                });
+            }
+            Some(bytes)
+        }
+    };
+    let kernel = boot.kernel.as_ref().map(|kernel| DirectKernel {
+        kernel: kernel.path.clone(),
+        initrd: boot.initrd.as_ref().map(|i| i.path.clone()),
+        cmdline: if boot.cmdline.is_empty() {
+            "console=ttyS0".to_owned()
+        } else {
+            boot.cmdline.clone()
+        },
+    });
+    let hostname = spec
+        .hostname
+        .clone()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| meta.name.clone());
+    Ok(VmSpec {
+        uid: meta.uid.clone(),
+        name: meta.name.clone(),
+        vcpus: flavor.vcpus.max(1),
+        memory_mib: flavor.ram_mib,
+        boot_disk: Some(BootDisk {
+            base: boot.disk.path.clone(),
+            base_format,
+            size_bytes,
+        }),
+        kernel,
+        config_drive: Some(ConfigDrive {
+            uuid: meta.uid.clone(),
+            name: meta.name.clone(),
+            hostname,
+            availability_zone: zone.to_owned(),
+            public_keys: key.into_iter().collect(),
+            user_data: (!spec.user_data.is_empty()).then(|| spec.user_data.clone().into_bytes()),
+            ..ConfigDrive::default()
+        }),
+        nics: Vec::new(),
+        labels: BTreeMap::from([
+            (LABEL_PROJECT.to_owned(), meta.project.clone()),
+            (LABEL_SERVER.to_owned(), meta.name.clone()),
+            (LABEL_NODE.to_owned(), node.to_owned()),
+        ]),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(name: &str, format: &str, virtual_size: u64) -> CachedFile {
+        CachedFile {
+            path: format!("/cache/sha256/{name}").into(),
+            checksum: format!("sha256:{name}"),
+            format: format.into(),
+            size_bytes: virtual_size,
+            virtual_size_bytes: virtual_size,
+        }
+    }
+
+    fn server(disk_gib: u64) -> v1::Server {
+        v1::Server {
+            metadata: Some(v1::ObjectMeta {
+                name: "web-1".into(),
+                project: "p".into(),
+                uid: "0b5c3a52-5a9e-4d35-8a1e-2f1c0f3b1a01".into(),
+                ..Default::default()
+            }),
+            spec: Some(v1::ServerSpec {
+                image: "tiny".into(),
+                key_pair: "alice".into(),
+                user_data: "#!/bin/sh\necho hi\n".into(),
+                hostname: Some("web".into()),
+                ..Default::default()
+            }),
+            status: Some(v1::ServerStatus {
+                node: "n1".into(),
+                flavor: Some(v1::FlavorSnapshot {
+                    vcpus: 2,
+                    ram_mib: 256,
+                    disk_gib,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+        }
+    }
+
+    fn boot(disk_format: &str) -> BootFiles {
+        BootFiles {
+            image: "tiny".into(),
+            disk: file("d", disk_format, 64 << 20),
+            kernel: Some(file("k", "raw", 10)),
+            initrd: Some(file("i", "raw", 10)),
+            cmdline: "console=ttyS0 quiet".into(),
+        }
+    }
+
+    #[test]
+    fn the_vm_is_sized_from_the_flavor_copy_and_carries_its_owner() {
+        let key = Some(("alice".to_owned(), "ssh-ed25519 AAAA alice".to_owned()));
+        let vm = vm_spec(&server(1), &boot("raw"), key, "n1", "zone-a").unwrap();
+        assert_eq!((vm.vcpus, vm.memory_mib), (2, 256));
+        let disk = vm.boot_disk.unwrap();
+        assert_eq!(disk.base, std::path::PathBuf::from("/cache/sha256/d"));
+        assert_eq!(disk.base_format, DiskFormat::Raw);
+        assert_eq!(disk.size_bytes, Some(1 << 30));
+        let kernel = vm.kernel.unwrap();
+        assert_eq!(kernel.initrd, Some("/cache/sha256/i".into()));
+        assert_eq!(kernel.cmdline, "console=ttyS0 quiet");
+        let drive = vm.config_drive.unwrap();
+        assert_eq!(drive.hostname, "web");
+        assert_eq!(drive.availability_zone, "zone-a");
+        assert_eq!(drive.public_keys["alice"], "ssh-ed25519 AAAA alice");
+        assert_eq!(
+            drive.user_data.as_deref(),
+            Some(&b"#!/bin/sh\necho hi\n"[..])
+        );
+        assert_eq!(vm.labels[LABEL_PROJECT], "p");
+        assert_eq!(vm.labels[LABEL_SERVER], "web-1");
+        crate::hypervisor::validate_spec(&VmSpec {
+            config_drive: None,
+            ..vm_spec(&server(0), &boot("qcow2"), None, "n1", "z").unwrap()
+        })
+        .unwrap();
+    }
+
+    #[test]
+    fn a_zero_disk_keeps_the_image_size_and_a_small_one_is_refused() {
+        let vm = vm_spec(&server(0), &boot("qcow2"), None, "n1", "z").unwrap();
+        let disk = vm.boot_disk.unwrap();
+        assert_eq!(
+            (disk.size_bytes, disk.base_format),
+            (None, DiskFormat::Qcow2)
+        );
+        let mut big = boot("raw");
+        big.disk.virtual_size_bytes = 3 << 30;
+        let err = vm_spec(&server(2), &big, None, "n1", "z").unwrap_err();
+        assert_eq!(err.reason(), "FlavorDiskTooSmall");
+    }
+
+    #[test]
+    fn only_raw_and_qcow2_disks_boot() {
+        let err = vm_spec(&server(1), &boot("vmdk"), None, "n1", "z").unwrap_err();
+        assert_eq!(err.reason(), "ImageNotBootable");
+        let unplaced = v1::Server {
+            status: None,
+            ..server(1)
+        };
+        let err = vm_spec(&unplaced, &boot("raw"), None, "n1", "z").unwrap_err();
+        assert_eq!(err.reason(), "NotPlaced");
+        let kernel = v1::Image {
+            spec: Some(v1::ImageSpec {
+                disk_format: Some(ImageFormat::Kernel as i32),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert_eq!(
+            check_bootable(&kernel).unwrap_err().reason(),
+            "ImageNotBootable"
+        );
+    }
+
+    #[test]
+    fn failures_carry_their_whole_chain() {
+        let err = ReconcileError::Image {
+            name: "tiny".into(),
+            source: ImageError::ChecksumMismatch {
+                expected: "sha256:aa".into(),
+                actual: "sha256:bb".into(),
+            },
+        };
+        let failure = err.failure();
+        assert_eq!(failure.reason, "ImageChecksumMismatch");
+        assert_eq!(
+            failure.message,
+            "image tiny: checksum mismatch: spec.checksum is sha256:aa, the bytes are sha256:bb"
+        );
+    }
+}
