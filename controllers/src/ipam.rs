@@ -735,57 +735,66 @@ fn blocked(reason: &str, message: String, waits_on: Option<&str>) -> Executed {
     }
 }
 
-async fn allocate<B: IpamBackend>(
+/// Claims the Port's MAC; `Err(blocked)` when the requested one is held by another Port.
+async fn claim_mac<B: IpamBackend>(
     backend: &B,
     hints: &Hints,
-    facts: &PortFacts<'_>,
-    allocation: &Allocation,
-) -> Result<Executed, ReconcileError> {
-    let port = facts.port;
-    let uid = port_uid(port).to_owned();
-    let network_uid = allocation.network_uid.as_str();
+    port: &v1::Port,
+    uid: &str,
+    want: &MacWant,
+) -> Result<Result<String, Executed>, ReconcileError> {
+    let mut inflight = InFlight {
+        hints,
+        network_uid: String::new(),
+        ips: Vec::new(),
+        macs: Vec::new(),
+    };
+    match want {
+        MacWant::Held(mac) => Ok(Ok(mac.clone())),
+        MacWant::Requested(mac) => match claim(backend, mac_claim(port, mac), uid).await? {
+            Claimed::Ours => Ok(Ok(mac.clone())),
+            Claimed::Theirs => Ok(Err(blocked(
+                reason::MAC_IN_USE,
+                format!("MAC {mac} is held by another port"),
+                None,
+            ))),
+        },
+        MacWant::Any => {
+            for _ in 0..MAX_REFUSED_CANDIDATES {
+                let Some(candidate) = hints.next_mac(uid) else {
+                    break;
+                };
+                inflight.macs.push(candidate);
+                let text = format_mac(&candidate);
+                if let Claimed::Ours = claim(backend, mac_claim(port, &text), uid).await? {
+                    return Ok(Ok(text));
+                }
+            }
+            Err(ReconcileError::Retry(
+                "no free MAC found among the candidates; the MAC cache is behind".into(),
+            ))
+        }
+    }
+}
+
+/// Claims the Port's addresses, one per need; `Err(blocked)` when a subnet is full or a
+/// requested address is held by another Port.
+async fn claim_addresses<B: IpamBackend>(
+    backend: &B,
+    hints: &Hints,
+    port: &v1::Port,
+    uid: &str,
+    network_uid: &str,
+    needs: &[IpNeed],
+) -> Result<Result<Vec<v1::PortAddress>, Executed>, ReconcileError> {
     let mut inflight = InFlight {
         hints,
         network_uid: network_uid.to_owned(),
         ips: Vec::new(),
         macs: Vec::new(),
     };
-
-    let mac = match &allocation.mac {
-        MacWant::Held(mac) => mac.clone(),
-        MacWant::Requested(mac) => match claim(backend, mac_claim(port, mac), &uid).await? {
-            Claimed::Ours => mac.clone(),
-            Claimed::Theirs => {
-                return Ok(blocked(
-                    reason::MAC_IN_USE,
-                    format!("MAC {mac} is held by another port"),
-                    None,
-                ));
-            }
-        },
-        MacWant::Any => {
-            let mut found = None;
-            for _ in 0..MAX_REFUSED_CANDIDATES {
-                let Some(candidate) = hints.next_mac(&uid) else {
-                    break;
-                };
-                inflight.macs.push(candidate);
-                let text = format_mac(&candidate);
-                if let Claimed::Ours = claim(backend, mac_claim(port, &text), &uid).await? {
-                    found = Some(text);
-                    break;
-                }
-            }
-            found.ok_or_else(|| {
-                ReconcileError::Retry(
-                    "no free MAC found among the candidates; the MAC cache is behind".into(),
-                )
-            })?
-        }
-    };
-
     let mut addresses = Vec::new();
-    for need in &allocation.ips {
+    for need in needs {
         let subnet = need.range.name.as_str();
         let ip = match need.want {
             IpWant::Held(ip) => ip,
@@ -794,14 +803,14 @@ async fn allocate<B: IpamBackend>(
                 if hints.reserve_ip(network_uid, ip) {
                     inflight.ips.push(ip);
                 }
-                match claim(backend, ip_claim(port, network_uid, subnet, ip), &uid).await? {
+                match claim(backend, ip_claim(port, network_uid, subnet, ip), uid).await? {
                     Claimed::Ours => ip,
                     Claimed::Theirs => {
-                        return Ok(blocked(
+                        return Ok(Err(blocked(
                             reason::IP_IN_USE,
                             format!("{ip} is held by another port"),
                             Some(network_uid),
-                        ));
+                        )));
                     }
                 }
             }
@@ -809,19 +818,13 @@ async fn allocate<B: IpamBackend>(
                 let mut found = None;
                 for _ in 0..MAX_REFUSED_CANDIDATES {
                     let Some(candidate) = hints.next_ip(network_uid, &need.range) else {
-                        return Ok(blocked(
-                            reason::EXHAUSTED,
-                            format!("subnet {subnet} ({}) has no free address", need.range.net),
-                            Some(network_uid),
-                        ));
+                        let message =
+                            format!("subnet {subnet} ({}) has no free address", need.range.net);
+                        return Ok(Err(blocked(reason::EXHAUSTED, message, Some(network_uid))));
                     };
                     inflight.ips.push(candidate);
-                    if let Claimed::Ours = claim(
-                        backend,
-                        ip_claim(port, network_uid, subnet, candidate),
-                        &uid,
-                    )
-                    .await?
+                    if let Claimed::Ours =
+                        claim(backend, ip_claim(port, network_uid, subnet, candidate), uid).await?
                     {
                         found = Some(candidate);
                         break;
@@ -839,6 +842,41 @@ async fn allocate<B: IpamBackend>(
             ip: ip.to_string(),
         });
     }
+    Ok(Ok(addresses))
+}
+
+async fn allocate<B: IpamBackend>(
+    backend: &B,
+    hints: &Hints,
+    facts: &PortFacts<'_>,
+    allocation: &Allocation,
+) -> Result<Executed, ReconcileError> {
+    let port = facts.port;
+    let uid = port_uid(port).to_owned();
+    let network_uid = allocation.network_uid.as_str();
+    // The MAC and the addresses are independent claims: made concurrently, a Port costs
+    // two round trips (claims, then status) instead of three. A requested MAC may turn out
+    // held by another Port, and a Port blocked on it must not sit on an address it cannot
+    // record, so that MAC is claimed first. Whatever one side claims before the other
+    // fails stays owned by the Port and is reused next time.
+    let mac_claim = claim_mac(backend, hints, port, &uid, &allocation.mac);
+    let address_claims = claim_addresses(backend, hints, port, &uid, network_uid, &allocation.ips);
+    let (mac, addresses) = if matches!(allocation.mac, MacWant::Requested(_)) {
+        match mac_claim.await? {
+            Ok(mac) => (Ok(Ok(mac)), address_claims.await),
+            Err(blocked) => return Ok(blocked),
+        }
+    } else {
+        futures::join!(mac_claim, address_claims)
+    };
+    let mac = match mac? {
+        Ok(mac) => mac,
+        Err(blocked) => return Ok(blocked),
+    };
+    let addresses = match addresses? {
+        Ok(addresses) => addresses,
+        Err(blocked) => return Ok(blocked),
+    };
 
     let status = v1::PortStatus {
         addresses,

@@ -106,16 +106,30 @@ impl ControllersConfig {
         }
     }
 
-    /// Reads the token from a file (its first non-empty line, trimmed).
+    /// Reads the token from a file: either the token alone, or a token table of
+    /// `TOKEN IDENTITY` lines (as `ferro up` writes), from which the `system:controllers`
+    /// line is taken.
     pub fn token_from_file(path: &std::path::Path) -> std::io::Result<String> {
         let text = std::fs::read_to_string(path)?;
-        Ok(text
-            .lines()
-            .map(str::trim)
-            .find(|l| !l.is_empty())
-            .unwrap_or_default()
-            .to_owned())
+        Ok(token_from_text(&text))
     }
+}
+
+fn token_from_text(text: &str) -> String {
+    let lines: Vec<Vec<&str>> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    let controllers = lines
+        .iter()
+        .find(|words| words.get(1) == Some(&ferro_api::auth::CONTROLLERS));
+    controllers
+        .or(lines.first())
+        .and_then(|words| words.first())
+        .map(|t| (*t).to_owned())
+        .unwrap_or_default()
 }
 
 /// `<hostname>-<8 random hex digits>`: readable in the Lease, unique per process.
@@ -247,5 +261,21 @@ pub async fn run_controllers(api: Api, metrics: Metrics, options: Options) {
     // Every task runs forever; one ending means a bug, and the term ends with it.
     if let Some(Err(e)) = tasks.join_next().await {
         tracing::error!(error = %e, "a controller task failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_files_may_be_bare_or_a_table() {
+        assert_eq!(token_from_text("abc\n"), "abc");
+        assert_eq!(
+            token_from_text("# tokens\nadm admin\nctl system:controllers\nn1 system:node:n1\n"),
+            "ctl"
+        );
+        assert_eq!(token_from_text("only admin\n"), "only");
+        assert_eq!(token_from_text(""), "");
     }
 }
