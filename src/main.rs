@@ -9,8 +9,11 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod agent;
 mod apiserver;
+mod bench;
 mod cli;
+mod controllers;
 mod process;
 mod up;
 
@@ -26,12 +29,19 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Run the all-in-one cloud: etcd, the apiserver and (later) controllers and agent.
+    /// Run the all-in-one cloud: etcd, the apiserver, the controllers and this host's agent.
     Up(up::UpArgs),
     /// Stop a running `ferro up`; with --purge also remove its data directory.
     Down(up::DownArgs),
     /// Serve the Ferro API over gRPC.
     Apiserver(apiserver::ApiserverArgs),
+    /// Run the node agent: register this host and run the servers placed on it.
+    Agent(agent::AgentArgs),
+    /// Run the controllers (leader-elected; several may run).
+    Controllers(controllers::ControllersArgs),
+    /// Measure Ferro on this machine and print the figures.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
     /// Run one etcd member until SIGTERM (how `ferro up` supervises etcd).
     #[command(hide = true)]
     Etcd(up::etcd::EtcdArgs),
@@ -48,7 +58,12 @@ impl Command {
     /// verbs stay quiet unless something is wrong.
     fn default_log_level(&self) -> &'static str {
         match self {
-            Command::Up(_) | Command::Apiserver(_) | Command::Etcd(_) => "info",
+            Command::Up(_)
+            | Command::Apiserver(_)
+            | Command::Etcd(_)
+            | Command::Controllers(_)
+            | Command::Agent(_) => "info",
+            Command::Bench(_) => "warn",
             Command::Down(_) => "info",
             Command::Apply(_) | Command::Get(_) | Command::Delete(_) => "warn",
         }
@@ -62,6 +77,9 @@ fn main() -> ExitCode {
         Command::Up(args) => up::run(args),
         Command::Down(args) => up::down(args),
         Command::Apiserver(args) => apiserver::run(args),
+        Command::Controllers(args) => controllers::run(args),
+        Command::Agent(args) => agent::run(args),
+        Command::Bench(command) => bench::run(command),
         Command::Etcd(args) => up::etcd::run(args),
         Command::Apply(args) => cli::apply::run(&cli.connection, args),
         Command::Get(args) => cli::get::run(&cli.connection, args),

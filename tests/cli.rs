@@ -149,6 +149,22 @@ impl Cloud {
         command
     }
 
+    /// Waits until `get KIND NAME` says the object is not found.
+    fn wait_until_gone(&self, kind: &str, name: &str) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let out = self.run(&["get", kind, name]).get_output().clone();
+            if !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("not found") {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{kind}/{name} is still there"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    }
+
     fn run(&self, args: &[&str]) -> Assert {
         self.ferro().args(args).assert()
     }
@@ -234,12 +250,24 @@ fn apply_get_delete() {
         );
     }
     let out = cloud.run(&["get", "net"]).success();
-    assert!(
-        stdout(&out)
-            .starts_with("NAME      SUBNETS       SEGMENT   READY    AGE\napp-net   10.0.1.0/24"),
-        "{}",
-        stdout(&out)
+    let text = stdout(&out);
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        header,
+        ["NAME", "SUBNETS", "SEGMENT", "READY", "AGE"],
+        "{text}"
     );
+    let row: Vec<&str> = lines
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(&row[..2], ["app-net", "10.0.1.0/24"], "{text}");
     let out = cloud.run(&["get", "sg", "web"]).success();
     assert!(stdout(&out).contains("web "), "{}", stdout(&out));
     let out = cloud.run(&["get", "srv", "-o", "wide"]).success();
@@ -315,10 +343,16 @@ fn apply_get_delete() {
     let out = cloud
         .run(&["delete", "-f", path(&stack), "--ignore-not-found"])
         .success();
-    assert_eq!(
-        stdout(&out),
-        "network/app-net deleted\nsecuritygroup/web deleted\n"
+    // The network controller's finalizer may hold the Network for a moment.
+    let text = stdout(&out);
+    assert!(
+        text == "network/app-net deleted\nsecuritygroup/web deleted\n"
+            || text
+                == "network/app-net deletion requested (waiting for finalizers: ferro.io/network-in-use)\n\
+                    securitygroup/web deleted\n",
+        "{text}"
     );
+    cloud.wait_until_gone("network", "app-net");
     let out = cloud.run(&["get", "networks"]).success();
     assert_eq!(stdout(&out), "");
 }
@@ -693,10 +727,17 @@ fn the_example_manifests_apply_get_and_delete() {
     // And all go away again.
     let out = cloud.run(&["delete", "-f", path(&manifests)]).success();
     for label in &labels {
+        // Deleted at once, or once the controllers' finalizers are done (a Network waits
+        // until no Port uses it).
         assert!(
-            stdout(&out).contains(&format!("{label} deleted")),
+            stdout(&out).contains(&format!("{label} deleted"))
+                || stdout(&out).contains(&format!("{label} deletion requested")),
             "{}",
             stdout(&out)
         );
+    }
+    for label in &labels {
+        let (kind, name) = label.split_once('/').unwrap();
+        cloud.wait_until_gone(kind, name);
     }
 }

@@ -173,25 +173,8 @@ fn vm_dir(state_dir: &Path) -> PathBuf {
 /// `ferro up` token file (`TOKEN IDENTITY` per line) and the line of
 /// `system:node:<node>` is used.
 pub fn read_token(path: &Path, node: &str) -> anyhow::Result<String> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read the token file {}", path.display()))?;
     let identity = format!("{}{node}", ferro_api::auth::NODE_PREFIX);
-    let lines: Vec<&str> = text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .collect();
-    if let [only] = lines[..]
-        && !only.contains(char::is_whitespace)
-    {
-        return Ok(only.to_owned());
-    }
-    lines
-        .iter()
-        .filter_map(|l| l.split_once(char::is_whitespace))
-        .find(|(_, who)| who.trim() == identity)
-        .map(|(token, _)| token.to_owned())
-        .with_context(|| format!("{} holds no token for {identity}", path.display()))
+    ferro_api::auth::read_token_file(path, &identity).map_err(anyhow::Error::msg)
 }
 
 /// Stops (ACPI, then force after `grace`) every guest under a state directory, as

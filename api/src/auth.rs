@@ -73,6 +73,35 @@ impl Tokens {
     }
 }
 
+/// The token a role presents, from a token file: either the file holds just the token, or
+/// it is a token table (`TOKEN IDENTITY` per line, as `ferro up` writes) and the line of
+/// `identity` is used. Errors say which file and which identity.
+pub fn read_token_file(path: &Path, identity: &str) -> Result<String, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read the token file {}: {e}", path.display()))?;
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect();
+    if let [only] = lines[..]
+        && !only.contains(char::is_whitespace)
+    {
+        return Ok(only.to_owned());
+    }
+    lines
+        .iter()
+        .filter_map(|l| l.split_once(char::is_whitespace))
+        .find(|(_, who)| who.trim() == identity)
+        .map(|(token, _)| token.to_owned())
+        .ok_or_else(|| {
+            format!(
+                "the token file {} holds no token for {identity}",
+                path.display()
+            )
+        })
+}
+
 /// An authenticated caller.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Identity {

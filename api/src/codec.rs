@@ -306,10 +306,21 @@ fn syntax_error(e: &serde_saphyr::Error) -> CodecError {
     // keep the first line, without it, since we print the position ourselves.
     let text = e.to_string();
     let first = text.lines().next().unwrap_or_default();
-    let message = match first.find(" at line ") {
-        Some(i) => first[..i].to_owned(),
-        None => first.to_owned(),
+    let mut message = match first.find(" at line ") {
+        Some(i) => &first[..i],
+        None => first,
     };
+    // Some messages lead with "error: line L column C: " instead.
+    message = message.strip_prefix("error: ").unwrap_or(message);
+    if let Some(rest) = message.strip_prefix("line ")
+        && let Some((position, text)) = rest.split_once(": ")
+        && position
+            .split(" column ")
+            .all(|n| n.parse::<usize>().is_ok())
+    {
+        message = text;
+    }
+    let message = message.to_owned();
     CodecError::Syntax { position, message }
 }
 

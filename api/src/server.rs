@@ -159,7 +159,13 @@ impl ApiServer {
             .add_service(self.consoles_service())
             .add_service(self.into_service())
             .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                // Small gRPC frames (watch events, replies) must not wait for Nagle's
+                // algorithm and the peer's delayed ACK: that alone costs ~40 ms each.
+                tokio_stream::wrappers::TcpListenerStream::new(listener).map(|socket| {
+                    socket.inspect(|s| {
+                        let _ = s.set_nodelay(true);
+                    })
+                }),
                 shutdown,
             )
             .await?;
@@ -522,8 +528,15 @@ fn record_manager(
         labels: sorted_keys(labels),
         annotations: sorted_keys(annotations),
     };
-    match meta.managed_keys.iter_mut().find(|m| m.manager == manager) {
-        Some(existing) => *existing = entry,
+    // A manager that sets no keys owns none: recording it would make the first apply by
+    // a new manager (say, `get -o yaml | apply` of a seeded object) write for nothing.
+    let owns_nothing = entry.labels.is_empty() && entry.annotations.is_empty();
+    match meta.managed_keys.iter().position(|m| m.manager == manager) {
+        Some(i) if owns_nothing => {
+            meta.managed_keys.remove(i);
+        }
+        Some(i) => meta.managed_keys[i] = entry,
+        None if owns_nothing => {}
         None => {
             meta.managed_keys.push(entry);
             meta.managed_keys.sort_by(|a, b| a.manager.cmp(&b.manager));

@@ -254,6 +254,24 @@ async fn unchanged_apply_writes_nothing(h: Harness) {
 }
 
 async fn applying_get_output_is_a_no_op(h: Harness) {
+    // An object another manager applied without labels (as `ferro up` seeds flavors).
+    let flavor = yaml(
+        "apiVersion: ferro/v1\nkind: Flavor\nmetadata: {name: m1.tiny}\nspec: {vcpus: 1, ramMib: 512}\n",
+    );
+    h.admin.apply(flavor, "ferro-up", false).await.unwrap();
+    let stored = h.admin.get(Kind::Flavor, "", "m1.tiny").await.unwrap();
+    let text = codec::to_yaml(std::slice::from_ref(&stored));
+    let (_, outcome) = h
+        .admin
+        .apply(yaml(&text), "ferro-cli", false)
+        .await
+        .unwrap();
+    assert_eq!(
+        outcome,
+        ApplyOutcome::Unchanged,
+        "a manager that sets no keys writes nothing"
+    );
+
     h.admin
         .apply(network("net-d", "app: web"), "ferro-cli", false)
         .await

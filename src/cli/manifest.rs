@@ -181,11 +181,7 @@ fn unwrap_list(node: Node) -> Vec<Node> {
 fn describe_codec_error(source: &str, document: Option<Position>, error: &CodecError) -> String {
     match error {
         CodecError::Syntax { position, message } => {
-            format!(
-                "{}: {}",
-                at(source, Some(*position)),
-                bare_syntax_message(message)
-            )
+            format!("{}: {message}", at(source, Some(*position)))
         }
         CodecError::Field { object, field } => {
             let object = object
@@ -204,21 +200,6 @@ fn describe_codec_error(source: &str, document: Option<Position>, error: &CodecE
             )
         }
     }
-}
-
-/// The parser's message without the `error: line L column C: ` it may start with: the
-/// position is printed in front already.
-fn bare_syntax_message(message: &str) -> &str {
-    let message = message.strip_prefix("error: ").unwrap_or(message);
-    if let Some(rest) = message.strip_prefix("line ")
-        && let Some((position, text)) = rest.split_once(": ")
-        && position
-            .split(" column ")
-            .all(|n| n.parse::<usize>().is_ok())
-    {
-        return text;
-    }
-    message
 }
 
 fn at(source: &str, position: Option<Position>) -> String {
@@ -365,15 +346,6 @@ mod tests {
                 && problems[0].contains("servers/web-1: spec.flavour"),
             "{problems:?}"
         );
-    }
-
-    #[test]
-    fn syntax_messages_lose_their_repeated_position() {
-        assert_eq!(
-            bare_syntax_message("error: line 4 column 9: unclosed bracket '['"),
-            "unclosed bracket '['"
-        );
-        assert_eq!(bare_syntax_message("unexpected end"), "unexpected end");
     }
 
     #[test]

@@ -74,6 +74,11 @@ impl DataDir {
         self.root.join("tokens")
     }
 
+    /// The node agent's state: guests and the image cache.
+    pub fn agent(&self) -> PathBuf {
+        self.root.join("agent")
+    }
+
     /// etcd's data directory.
     pub fn etcd_data(&self) -> PathBuf {
         self.root.join("etcd")

@@ -70,7 +70,8 @@ pub struct DownArgs {
     pub purge: bool,
 }
 
-/// The children of `ferro up`, in start order. Adding a role is one line here.
+/// The children of `ferro up`, in start order. Adding a role is one entry here. Roles
+/// read their own token from the token file by identity.
 pub fn children(
     dir: &DataDir,
     args: &UpArgs,
@@ -116,8 +117,32 @@ pub fn children(
             token: admin_token.to_owned(),
         },
     });
-    // Next, once those roles exist, one entry each: `ferro controllers --server ADDR …`
-    // and `ferro agent --node <hostname> …` (with a readiness that waits for nothing).
+    children.push(ChildSpec {
+        name: "controllers",
+        args: vec![
+            "controllers".into(),
+            "--server".into(),
+            args.api_addr.clone().into(),
+            "--token-file".into(),
+            path(dir.tokens()),
+        ],
+        ready: Readiness::Started,
+    });
+    children.push(ChildSpec {
+        name: "agent",
+        args: vec![
+            "agent".into(),
+            "--node".into(),
+            datadir::hostname().into(),
+            "--server".into(),
+            args.api_addr.clone().into(),
+            "--token-file".into(),
+            path(dir.tokens()),
+            "--state-dir".into(),
+            path(dir.agent()),
+        ],
+        ready: Readiness::Started,
+    });
     children
 }
 
@@ -317,10 +342,29 @@ pub fn down(args: DownArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Stops the guests (VMs) of this data directory. Guests outlive `ferro up` by design;
-/// `ferro down` is where they stop. There are none yet: the node agent will record them
-/// under the data directory, and this is where they will be found and stopped.
-fn stop_guests(_dir: &DataDir) {}
+/// Stops the guests (VMs) of this data directory's agent. Guests outlive `ferro up` by
+/// design; `ferro down` is where they stop (ACPI, then forced after a grace period).
+fn stop_guests(dir: &DataDir) {
+    if !dir.agent().exists() {
+        return;
+    }
+    let stopped = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| rt.block_on(ferro_agent::stop_guests(&dir.agent(), GUEST_STOP_GRACE)));
+    match stopped {
+        Ok(0) => {}
+        Ok(n) => println!("stopped {n} guest{}", if n == 1 { "" } else { "s" }),
+        Err(e) => tracing::warn!(
+            "cannot stop the guests under {}: {e:#}",
+            dir.agent().display()
+        ),
+    }
+}
+
+/// How long a guest gets to power off on `ferro down` before it is ended.
+const GUEST_STOP_GRACE: Duration = Duration::from_secs(30);
 
 fn wait_released(dir: &DataDir, timeout: Duration) -> anyhow::Result<bool> {
     let deadline = Instant::now() + timeout;

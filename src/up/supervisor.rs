@@ -41,6 +41,9 @@ const LOG_TAIL_LINES: usize = 15;
 /// How to tell that a child serves.
 #[derive(Clone, Debug)]
 pub enum Readiness {
+    /// Nothing to wait for: the process started (roles that only call out, such as the
+    /// controllers and the agent).
+    Started,
     /// An etcd member answers a linearizable read at this client URL.
     Etcd(String),
     /// The apiserver at this address answers an authenticated call.
@@ -295,6 +298,7 @@ fn describe_status(status: ExitStatus) -> String {
 
 async fn probe(ready: &Readiness) -> Result<(), String> {
     match ready {
+        Readiness::Started => Ok(()),
         Readiness::Etcd(url) => {
             let store = EtcdStore::connect(std::slice::from_ref(url))
                 .await

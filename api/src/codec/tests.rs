@@ -223,3 +223,14 @@ fn numbers_for_strings_suggest_quoting() {
         "spec.description: expected a string, found a number (quote it to make it a string)"
     ));
 }
+
+#[test]
+fn syntax_error_messages_do_not_repeat_the_position() {
+    let err = decode_yaml("apiVersion: ferro/v1\nkind: [unclosed\n").unwrap_err();
+    let text = err.to_string();
+    assert!(!text.contains("line "), "{text}");
+    assert!(
+        text.starts_with(&format!("{}:", err.position().unwrap())),
+        "{text}"
+    );
+}

@@ -1,0 +1,55 @@
+//! `ferro agent`: the node agent — registers this host as a Node, renews its heartbeat,
+//! and runs the servers placed on it.
+
+use std::path::PathBuf;
+
+use ferro_agent::AgentConfig;
+
+/// Arguments of `ferro agent`.
+#[derive(clap::Args, Debug)]
+pub struct AgentArgs {
+    /// The node's name; defaults to the host name.
+    #[arg(long)]
+    pub node: Option<String>,
+    /// The apiserver.
+    #[arg(long, default_value = "127.0.0.1:7443", value_name = "HOST:PORT")]
+    pub server: String,
+    /// A file holding this node's token, or a token table (`TOKEN IDENTITY` per line)
+    /// with a `system:node:<node>` line.
+    #[arg(long, value_name = "FILE")]
+    pub token_file: PathBuf,
+    /// Where guests and the image cache live (short: it holds unix sockets).
+    #[arg(long, default_value = ferro_agent::DEFAULT_STATE_DIR, value_name = "DIR")]
+    pub state_dir: PathBuf,
+    /// The node's availability zone.
+    #[arg(long, default_value = "default")]
+    pub zone: String,
+    /// The roles the node plays: compute, network, storage (comma-separated).
+    #[arg(long, default_value = "compute")]
+    pub roles: String,
+    /// The address other nodes reach this one at; found from the routing table when unset.
+    #[arg(long)]
+    pub address: Option<String>,
+}
+
+/// Runs `ferro agent` until SIGTERM or SIGINT; guests keep running after it exits.
+pub fn run(args: AgentArgs) -> anyhow::Result<()> {
+    let node = args.node.unwrap_or_else(crate::up::datadir::hostname);
+    let token = ferro_agent::read_token(&args.token_file, &node)?;
+    let mut config = AgentConfig::new(node, args.server, token);
+    config.state_dir = args.state_dir;
+    config.zone = args.zone;
+    config.address = args.address;
+    config.roles = ferro_agent::node::parse_roles(&args.roles).map_err(anyhow::Error::msg)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let signal = crate::apiserver::stop_signal()?;
+        let config = config.with_shutdown(async move {
+            let name = signal.await;
+            tracing::info!("{name}: stopping; guests keep running");
+        });
+        ferro_agent::run(config).await
+    })
+}

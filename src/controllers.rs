@@ -1,0 +1,36 @@
+//! `ferro controllers`: runs every controller against an apiserver, leader-elected
+//! through the `controllers` Lease so that several instances can run for availability.
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use ferro_controllers::ControllersConfig;
+
+/// The identity the controllers act as.
+pub const IDENTITY: &str = ferro_api::auth::CONTROLLERS;
+
+/// Arguments of `ferro controllers`.
+#[derive(clap::Args, Debug)]
+pub struct ControllersArgs {
+    /// The apiserver.
+    #[arg(long, default_value = "127.0.0.1:7443", value_name = "HOST:PORT")]
+    pub server: String,
+    /// A token file (`TOKEN IDENTITY` per line) holding a `system:controllers` token.
+    #[arg(long, value_name = "FILE")]
+    pub token_file: PathBuf,
+    /// Serve Prometheus metrics and /healthz here.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics_addr: Option<SocketAddr>,
+}
+
+/// Runs `ferro controllers` until SIGTERM or SIGINT.
+pub fn run(args: ControllersArgs) -> anyhow::Result<()> {
+    let token =
+        ferro_api::auth::read_token_file(&args.token_file, IDENTITY).map_err(anyhow::Error::msg)?;
+    let mut config = ControllersConfig::new(args.server, token);
+    config.metrics_addr = args.metrics_addr;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(ferro_controllers::run(config))?;
+    Ok(())
+}
