@@ -6,6 +6,8 @@
 //! - [`ipam`]: gives Ports their MAC and addresses through claims.
 //! - [`network`]: gives Networks their segment ID; keeps a Network while Ports use it.
 //! - [`gc`]: deletes what lost its owners; foreground and orphan propagation.
+//! - [`scheduler`]: places Servers on Nodes with `Bind`.
+//! - [`nodelifecycle`]: Node readiness from heartbeats; unreachable Servers turn Unknown.
 //! - [`bench`]: `ferro bench ipam`.
 //!
 //! [`run`] is `ferro controllers`: it connects to the apiserver, serves metrics, contends
@@ -17,7 +19,9 @@ pub mod bench;
 pub mod gc;
 pub mod ipam;
 pub mod network;
+pub mod nodelifecycle;
 pub mod runtime;
+pub mod scheduler;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -45,6 +49,8 @@ pub struct Options {
     pub reconcile_timeout: Duration,
     /// How long an Event lives after it last happened.
     pub event_ttl: Duration,
+    /// The scheduler's overcommit ratios and weighing.
+    pub scheduling: scheduler::plan::Settings,
 }
 
 impl Default for Options {
@@ -54,6 +60,7 @@ impl Default for Options {
             resync: Duration::from_secs(600),
             reconcile_timeout: Duration::from_secs(60),
             event_ttl: Duration::from_secs(3600),
+            scheduling: scheduler::plan::Settings::default(),
         }
     }
 }
@@ -248,11 +255,17 @@ pub async fn run_controllers(api: Api, metrics: Metrics, options: Options) {
     let (network, network_reconciler) =
         network::NetworkController::build(&api, &caches, &metrics, settings);
     let (gc, gc_reconciler) = gc::GarbageCollector::build(&api, &caches, &metrics, settings);
+    let (scheduler, scheduler_reconciler) =
+        scheduler::Scheduler::build(&api, &caches, &metrics, settings, options.scheduling);
+    let (lifecycle, lifecycle_reconciler) =
+        nodelifecycle::NodeLifecycle::build(&api, &caches, &metrics, settings);
     let mut tasks = JoinSet::new();
     caches.start(&mut tasks);
     tasks.spawn(ipam.run(ipam_reconciler));
     tasks.spawn(network.run(network_reconciler));
     tasks.spawn(gc.run(gc_reconciler));
+    tasks.spawn(scheduler.run(scheduler_reconciler));
+    tasks.spawn(lifecycle.run(lifecycle_reconciler));
     tasks.spawn(runtime::events::expire(
         api.client().clone(),
         options.event_ttl,
