@@ -9,6 +9,7 @@ packages=(
   genisoimage                # config drives
   busybox-static cpio xz-utils # the test guest's initramfs
   kmod e2fsprogs             # the test guest: depmod for its modules, mkfs.ext4 -d for its disk
+  syslinux syslinux-common mtools dosfstools fdisk # the test guest's BIOS-bootable disk
   cloud-init                 # tests read our config drives with cloud-init's own reader
   openvswitch-switch dnsmasq-base nftables iproute2 ethtool
 )

@@ -1,30 +1,45 @@
 //! The node's image cache: the bytes of the Images its guests boot from, kept by checksum.
 //!
 //! ```text
-//! <cache>/sha256/<hex>        the bytes, named by their sha256, read-only
+//! <cache>/sha256/<hex>        raw and qcow2 bytes, named by their sha256, read-only
+//! <cache>/sha256/<hex>.qcow2  a vmdk, vdi or vhdx whose bytes have that sha256, converted
 //! <cache>/images/<uid>.json   what this node found for one Image (phase, checksum, format,
 //!                             sizes, message): the source of Node.status.images
-//! <cache>/tmp/                fetches in progress, `<image-uid>.<random>.partial`
+//! <cache>/tmp/                fetches in progress: `<image-uid>.<random>.partial` (file
+//!                             copies), `<image-uid>.<url-hash>.download` (HTTP, kept
+//!                             across restarts so they resume)
 //! ```
 //!
-//! A fetch copies the source into `tmp/` while hashing it, checks the sha256 against the
-//! Image's `spec.checksum` when there is one, and only then renames the file to its final
-//! name: a crash never leaves a partial file under a name that looks complete, and
-//! leftovers in `tmp/` are removed when the cache is opened. Two Images with the same bytes
-//! share one file. The file is then inspected with `qemu-img info` (format, virtual size),
-//! which also refuses a qcow2 with a backing file — an image must never reach files on
-//! the host through its header.
+//! A fetch stages the source in `tmp/`, hashes it, checks the sha256 against the Image's
+//! `spec.checksum` when there is one, and only then gives the file its final name: a crash
+//! never leaves a partial file under a name that looks complete. `file://` sources are
+//! copied; `http://` sources are downloaded with [`http`], and an interrupted download
+//! resumes with a `Range` request (guarded by `If-Range` with the first response's ETag
+//! or Last-Modified), both within one fetch and after an agent restart, since the staged
+//! file's name depends only on the Image's uid and URL. Two Images with the same bytes
+//! share one file.
+//!
+//! The staged file is inspected with `qemu-img info` (format, virtual size) — with the
+//! declared `diskFormat` when there is one, probing otherwise. raw and qcow2 are used as
+//! they are; vmdk, vdi and vhdx are converted to qcow2 (`qemu-img convert`); anything else
+//! is refused as `UnknownImageFormat`. An image must never reach files on the host through
+//! its header: a qcow2 backing file or external data file, or a vmdk extent other than
+//! the file itself, is refused.
 //!
 //! What was found for each Image is recorded on disk next to the bytes, so the node's
 //! report is rebuilt from the disk after a restart, never from memory; only fetches in
-//! progress (phase `Downloading`) live in memory. Images are fetched when a guest needs
-//! them to start. Sources: `file://` only for now; `http(s)://` is the next
-//! [`Source`] to add (it needs only a reader for the bytes).
+//! progress (phase `Downloading`, with progress in the message) live in memory. Images
+//! are fetched when a guest needs them to start. Failures carry a reason word at the
+//! start of the record's message (`DownloadFailed: …`, `ImageChecksumMismatch: …`,
+//! `UnknownImageFormat: …`; see [`ImageError::reason`]).
+
+pub mod http;
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use ferro_api::v1;
 use ferro_api::v1::cached_image::Phase;
@@ -76,10 +91,12 @@ pub struct CachedFile {
     pub path: PathBuf,
     /// Its sha256, `sha256:<hex>`.
     pub checksum: String,
-    /// The format it is used with: the declared one when the Image declares raw or
-    /// qcow2, what `qemu-img info` found otherwise.
+    /// The format it is used with: `raw` or `qcow2` (what `qemu-img info` found, or the
+    /// result of converting it).
     pub format: String,
-    /// The file's size in bytes.
+    /// The format of the fetched bytes, as declared or found: `raw`, `qcow2`, `vmdk`, ….
+    pub source_format: String,
+    /// The size of the fetched bytes (those the checksum covers).
     pub size_bytes: u64,
     /// The disk size a guest sees, in bytes.
     pub virtual_size_bytes: u64,
@@ -96,8 +113,8 @@ pub enum ImageError {
         /// Why not.
         reason: String,
     },
-    /// Reading the source failed.
-    #[error("reading {url}")]
+    /// Reading or downloading the source failed.
+    #[error("downloading {url}")]
     Fetch {
         /// The URL.
         url: String,
@@ -113,9 +130,21 @@ pub enum ImageError {
         /// What the bytes hash to.
         actual: String,
     },
-    /// `qemu-img info` refused the image, or found something unsafe in it.
+    /// `qemu-img` cannot read the bytes, or found a format Ferro does not boot or
+    /// convert, or not the declared one.
+    #[error("{0}")]
+    UnknownFormat(String),
+    /// `qemu-img info` found something unsafe in the image.
     #[error("{0}")]
     Invalid(String),
+    /// Converting the image to qcow2 failed.
+    #[error("converting the {format} image to qcow2: {stderr}")]
+    Convert {
+        /// The format converted from.
+        format: String,
+        /// What `qemu-img convert` said.
+        stderr: String,
+    },
     /// The cache's own files could not be written.
     #[error("{what}")]
     Cache {
@@ -132,9 +161,11 @@ impl ImageError {
     pub fn reason(&self) -> &'static str {
         match self {
             ImageError::UnsupportedSource { .. } => "ImageSourceUnsupported",
-            ImageError::Fetch { .. } => "ImageFetchFailed",
+            ImageError::Fetch { .. } => "DownloadFailed",
             ImageError::ChecksumMismatch { .. } => "ImageChecksumMismatch",
+            ImageError::UnknownFormat(_) => "UnknownImageFormat",
             ImageError::Invalid(_) => "ImageInvalid",
+            ImageError::Convert { .. } => "ImageConversionFailed",
             ImageError::Cache { .. } => "ImageCacheFailed",
         }
     }
@@ -158,6 +189,8 @@ pub trait ImageCache: Send + Sync {
 pub enum Source {
     /// A file on this node (`file:///absolute/path`).
     File(PathBuf),
+    /// An `http://` URL.
+    Http(http::HttpUrl),
 }
 
 impl Source {
@@ -178,19 +211,19 @@ impl Source {
             let path = percent_decode(path).ok_or_else(|| unsupported("bad %-escape"))?;
             return Ok(Source::File(PathBuf::from(path)));
         }
-        if url.starts_with("http://") || url.starts_with("https://") {
+        if url.starts_with("http://") {
+            return http::HttpUrl::parse(url)
+                .map(Source::Http)
+                .ok_or_else(|| unsupported("not a valid http:// URL"));
+        }
+        if url.starts_with("https://") {
             return Err(unsupported(
-                "http(s) sources are not fetched yet; use file://",
+                "https:// sources are not supported yet; use http:// or file://",
             ));
         }
-        Err(unsupported("only file:// sources are supported"))
-    }
-
-    /// Opens the bytes for reading.
-    fn open(&self) -> std::io::Result<Box<dyn Read + Send>> {
-        match self {
-            Source::File(path) => Ok(Box::new(std::fs::File::open(path)?)),
-        }
+        Err(unsupported(
+            "only file:// and http:// sources are supported",
+        ))
     }
 }
 
@@ -218,14 +251,27 @@ struct Record {
     image_uid: String,
     image: String,
     ready: bool,
+    /// The sha256 of the fetched bytes.
     #[serde(default)]
     checksum: String,
+    /// The format of the fetched bytes.
     #[serde(default)]
     format: String,
+    /// The size of the fetched bytes.
     #[serde(default)]
     size_bytes: u64,
     #[serde(default)]
     virtual_size_bytes: u64,
+    /// The cached file under `sha256/`, when it is not the fetched bytes themselves
+    /// (a conversion); empty means `<hex>`.
+    #[serde(default)]
+    file: String,
+    /// The format the cached file is used with; empty means `format`.
+    #[serde(default)]
+    file_format: String,
+    /// The cached file's size; 0 means `size_bytes`.
+    #[serde(default)]
+    file_bytes: u64,
     #[serde(default)]
     message: String,
 }
@@ -251,7 +297,41 @@ impl Record {
             message,
         }
     }
+
+    fn file_name(&self) -> Option<String> {
+        let hex = self.checksum.strip_prefix("sha256:")?;
+        Some(if self.file.is_empty() {
+            hex.to_owned()
+        } else {
+            self.file.clone()
+        })
+    }
+
+    fn file_format(&self) -> &str {
+        if self.file_format.is_empty() {
+            &self.format
+        } else {
+            &self.file_format
+        }
+    }
+
+    fn file_bytes(&self) -> u64 {
+        if self.file_bytes == 0 {
+            self.size_bytes
+        } else {
+            self.file_bytes
+        }
+    }
 }
+
+/// How often a download's progress is reported.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+/// How many times one fetch reconnects after a download was cut.
+const DOWNLOAD_ATTEMPTS: u32 = 5;
+/// How many redirects a download follows.
+const MAX_REDIRECTS: u32 = 5;
+/// Staged HTTP downloads untouched for this long are removed when the cache opens.
+const STALE_DOWNLOAD: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// The real image cache, in a directory of the node.
 #[derive(Debug)]
@@ -264,7 +344,8 @@ pub struct FileImageCache {
 }
 
 impl FileImageCache {
-    /// Opens (creating) the cache in `dir` and removes fetches a crash left unfinished.
+    /// Opens (creating) the cache in `dir` and removes what a crash left unfinished,
+    /// except HTTP downloads, which the next fetch of their Image resumes.
     /// One agent uses a cache directory at a time.
     pub fn open(dir: impl Into<PathBuf>, qemu_img: impl Into<PathBuf>) -> Result<Self, ImageError> {
         let dir = std::path::absolute(dir.into())
@@ -277,6 +358,17 @@ impl FileImageCache {
         let tmp = dir.join("tmp");
         if let Ok(entries) = std::fs::read_dir(&tmp) {
             for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let resumable = name.ends_with(".download") || name.ends_with(".validator");
+                let stale = entry
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age > STALE_DOWNLOAD);
+                if resumable && !stale {
+                    continue;
+                }
                 tracing::info!(file = %entry.path().display(), "removing an unfinished image fetch");
                 let _ = std::fs::remove_file(entry.path());
             }
@@ -293,6 +385,15 @@ impl FileImageCache {
     /// Where the bytes with this sha256 (hex) live.
     pub fn path_of(&self, sha256_hex: &str) -> PathBuf {
         self.dir.join("sha256").join(sha256_hex)
+    }
+
+    /// Where an HTTP download of `url` for the Image with this uid is staged: the same
+    /// name every time, so that a fetch after a restart resumes it.
+    pub fn download_path(&self, uid: &str, url: &str) -> PathBuf {
+        let digest = hex(&Sha256::digest(url.as_bytes()));
+        self.dir
+            .join("tmp")
+            .join(format!("{uid}.{}.download", &digest[..16]))
     }
 
     fn record_path(&self, uid: &str) -> PathBuf {
@@ -320,10 +421,9 @@ impl FileImageCache {
     }
 
     fn file_of(&self, record: &Record) -> Option<PathBuf> {
-        let hex = record.checksum.strip_prefix("sha256:")?;
-        let path = self.path_of(hex);
+        let path = self.dir.join("sha256").join(record.file_name()?);
         let len = std::fs::metadata(&path).ok()?.len();
-        (len == record.size_bytes).then_some(path)
+        (len == record.file_bytes()).then_some(path)
     }
 
     fn lock_for(&self, uid: &str) -> Arc<tokio::sync::Mutex<()>> {
@@ -335,22 +435,25 @@ impl FileImageCache {
             .clone()
     }
 
-    fn set_downloading(&self, image: &ImageRef, downloading: bool) {
+    fn set_downloading(&self, image: &ImageRef, message: Option<String>) {
         {
             let mut map = self.downloading.lock().expect("downloads poisoned");
-            if downloading {
-                map.insert(
-                    image.uid.clone(),
-                    v1::CachedImage {
-                        image_uid: image.uid.clone(),
-                        image: image.display(),
-                        phase: Phase::Downloading as i32,
-                        message: format!("fetching {}", image.url),
-                        ..Default::default()
-                    },
-                );
-            } else {
-                map.remove(&image.uid);
+            match message {
+                Some(message) => {
+                    map.insert(
+                        image.uid.clone(),
+                        v1::CachedImage {
+                            image_uid: image.uid.clone(),
+                            image: image.display(),
+                            phase: Phase::Downloading as i32,
+                            message,
+                            ..Default::default()
+                        },
+                    );
+                }
+                None => {
+                    map.remove(&image.uid);
+                }
             }
         }
         self.changed.send_modify(|n| *n += 1);
@@ -358,13 +461,53 @@ impl FileImageCache {
 
     async fn fetch(&self, image: &ImageRef) -> Result<CachedFile, ImageError> {
         let source = Source::parse(&image.url)?;
-        let tmp = self.dir.join("tmp");
-        let uid = image.uid.clone();
-        let url = image.url.clone();
-        let (partial, hex, size) =
-            tokio::task::spawn_blocking(move || copy_hashing(&source, &tmp, &uid, &url))
+        let staged = match &source {
+            Source::File(_) => {
+                let tmp = self.dir.join("tmp");
+                let uid = image.uid.clone();
+                let url = image.url.clone();
+                let source = source.clone();
+                let partial =
+                    tokio::task::spawn_blocking(move || copy_to_tmp(&source, &tmp, &uid, &url))
+                        .await
+                        .map_err(|e| ImageError::Invalid(format!("fetch task failed: {e}")))??;
+                Staged::Temp(partial)
+            }
+            Source::Http(url) => {
+                let path = self.download_path(&image.uid, &image.url);
+                self.download(image, url.clone(), &path).await?;
+                Staged::Download(path)
+            }
+        };
+        let result = self.verify_and_store(image, staged.path()).await;
+        match (&result, &staged) {
+            // A complete download with the wrong bytes is of no use to a retry; a failed
+            // conversion or inspection would fail the same way again.
+            (Err(ImageError::Cache { .. }), _) => {}
+            (_, Staged::Download(path)) => {
+                let _ = std::fs::remove_file(path);
+                let _ = std::fs::remove_file(validator_path(path));
+            }
+            (_, Staged::Temp(_)) => {}
+        }
+        drop(staged);
+        result
+    }
+
+    /// Hashes, checks, inspects and (converting if needed) moves the staged file into
+    /// `sha256/`.
+    async fn verify_and_store(
+        &self,
+        image: &ImageRef,
+        staged: &Path,
+    ) -> Result<CachedFile, ImageError> {
+        let (hex, size) = {
+            let path = staged.to_owned();
+            tokio::task::spawn_blocking(move || hash_file(&path))
                 .await
-                .map_err(|e| ImageError::Invalid(format!("fetch task failed: {e}")))??;
+                .map_err(|e| ImageError::Invalid(format!("hash task failed: {e}")))?
+                .map_err(cache_error("hashing a fetched image"))?
+        };
         let checksum = format!("sha256:{hex}");
         if !image.checksum.is_empty() && image.checksum != checksum {
             return Err(ImageError::ChecksumMismatch {
@@ -372,49 +515,267 @@ impl FileImageCache {
                 actual: checksum,
             });
         }
-        let path = self.path_of(&hex);
-        if path.exists() {
-            // The same bytes are cached already (another Image, or an earlier fetch).
-            drop(partial);
-        } else {
-            let mut perms = partial
-                .as_file()
-                .metadata()
-                .map_err(cache_error("reading a fetched file"))?
-                .permissions();
-            perms.set_readonly(true);
-            partial
-                .as_file()
-                .set_permissions(perms)
-                .map_err(cache_error("protecting a fetched file"))?;
-            partial
-                .persist(&path)
-                .map_err(|e| e.error)
-                .map_err(cache_error(&format!(
-                    "moving a fetched file to {}",
-                    path.display()
-                )))?;
-        }
-        let (format, virtual_size) = self.inspect(&path, image.disk_format, size).await?;
+        let info = self.inspect(staged, image.disk_format, size).await?;
+        let (path, format) = match info.format.as_str() {
+            "raw" | "qcow2" => {
+                let path = self.path_of(&hex);
+                if !path.exists() {
+                    store_readonly(staged, &path)?;
+                }
+                (path, info.format.clone())
+            }
+            "vmdk" | "vdi" | "vhdx" => {
+                let path = self.dir.join("sha256").join(format!("{hex}.qcow2"));
+                if !path.exists() {
+                    self.convert(staged, &info.format, &path).await?;
+                }
+                (path, "qcow2".to_owned())
+            }
+            other => {
+                return Err(ImageError::UnknownFormat(format!(
+                    "qemu-img found format {other}; Ferro boots raw and qcow2 images and \
+                     converts vmdk, vdi and vhdx"
+                )));
+            }
+        };
         Ok(CachedFile {
             path,
             checksum,
             format,
+            source_format: info.format,
             size_bytes: size,
-            virtual_size_bytes: virtual_size,
+            virtual_size_bytes: info.virtual_size,
         })
     }
 
-    /// The format to use and the virtual size, from `qemu-img info`.
+    /// Converts `from` (in `format`) to a qcow2 at `to`, through a temporary name.
+    async fn convert(&self, from: &Path, format: &str, to: &Path) -> Result<(), ImageError> {
+        let partial = tempfile::Builder::new()
+            .prefix(".convert-")
+            .suffix(".partial")
+            .tempfile_in(self.dir.join("tmp"))
+            .map_err(cache_error("creating a temporary file"))?
+            .into_temp_path();
+        let output = tokio::process::Command::new(&self.qemu_img)
+            .args(["convert", "-q", "-f", format, "-O", "qcow2"])
+            .arg(from)
+            .arg(&*partial)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .await
+            .map_err(cache_error(&format!("running {}", self.qemu_img.display())))?;
+        if !output.status.success() {
+            return Err(ImageError::Convert {
+                format: format.to_owned(),
+                stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+            });
+        }
+        store_readonly(&partial, to)?;
+        // The file moved away; nothing is left for the guard to remove.
+        let _ = partial.keep();
+        Ok(())
+    }
+
+    /// Downloads `url` into `path`, resuming what is there already.
+    async fn download(
+        &self,
+        image: &ImageRef,
+        url: http::HttpUrl,
+        path: &Path,
+    ) -> Result<(), ImageError> {
+        let fail = |reason: String| ImageError::Fetch {
+            url: image.url.clone(),
+            source: std::io::Error::other(reason),
+        };
+        let validator = validator_path(path);
+        let mut url = url;
+        let mut redirects = 0;
+        let mut attempt = 0;
+        loop {
+            let have = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+            let known = std::fs::read_to_string(&validator).ok();
+            let range = (have > 0).then_some(have);
+            let response = match http::get(&url, range, known.as_deref()).await {
+                Ok(response) => response,
+                Err(e) => {
+                    attempt += 1;
+                    if attempt >= DOWNLOAD_ATTEMPTS {
+                        return Err(ImageError::Fetch {
+                            url: image.url.clone(),
+                            source: e,
+                        });
+                    }
+                    tracing::info!(image = %image.display(), error = %e, attempt, "download failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+                    continue;
+                }
+            };
+            let (offset, total) = match response.status {
+                200 => {
+                    let total = response.content_length();
+                    let tag = response
+                        .header("etag")
+                        .filter(|t| !t.starts_with("W/"))
+                        .or_else(|| response.header("last-modified"));
+                    match tag {
+                        Some(tag) => std::fs::write(&validator, tag),
+                        None => remove_if_exists(&validator),
+                    }
+                    .map_err(cache_error("recording a download's validator"))?;
+                    (0, total)
+                }
+                206 => {
+                    let range = response
+                        .header("content-range")
+                        .and_then(http::content_range);
+                    match range {
+                        Some((Some(first), total)) if first == have => (have, total),
+                        _ => {
+                            // Not the part asked for: start over.
+                            remove_if_exists(path).map_err(cache_error("restarting a download"))?;
+                            attempt += 1;
+                            if attempt >= DOWNLOAD_ATTEMPTS {
+                                return Err(fail("the server sends wrong ranges".into()));
+                            }
+                            continue;
+                        }
+                    }
+                }
+                416 if have > 0 => {
+                    let total = response
+                        .header("content-range")
+                        .and_then(http::content_range)
+                        .and_then(|(_, total)| total);
+                    if total == Some(have) {
+                        return Ok(());
+                    }
+                    remove_if_exists(path).map_err(cache_error("restarting a download"))?;
+                    attempt += 1;
+                    if attempt >= DOWNLOAD_ATTEMPTS {
+                        return Err(fail("the server refuses every range".into()));
+                    }
+                    continue;
+                }
+                301 | 302 | 303 | 307 | 308 => {
+                    redirects += 1;
+                    let next = response.header("location").and_then(|l| url.join(l));
+                    let next = match next {
+                        Some(next) if redirects <= MAX_REDIRECTS => next,
+                        _ => {
+                            return Err(fail(format!(
+                                "too many redirects, or a bad one, at {}",
+                                response.status
+                            )));
+                        }
+                    };
+                    url = match Source::parse(&next) {
+                        Ok(Source::Http(next)) => next,
+                        Ok(_) | Err(_) => {
+                            return Err(fail(format!(
+                                "redirected to {next}, which this node cannot fetch"
+                            )));
+                        }
+                    };
+                    continue;
+                }
+                status => {
+                    let said = format!("HTTP {status} {}", response.reason);
+                    if status >= 500 {
+                        attempt += 1;
+                        if attempt < DOWNLOAD_ATTEMPTS {
+                            tracing::info!(image = %image.display(), %said, attempt, "download failed; retrying");
+                            tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+                            continue;
+                        }
+                    }
+                    return Err(fail(said));
+                }
+            };
+            match self.receive(image, response, path, offset, total).await {
+                Ok(()) => return Ok(()),
+                Err(Received::Cache(e)) => return Err(e),
+                Err(Received::Cut(e)) => {
+                    attempt += 1;
+                    if attempt >= DOWNLOAD_ATTEMPTS {
+                        return Err(ImageError::Fetch {
+                            url: image.url.clone(),
+                            source: e,
+                        });
+                    }
+                    tracing::info!(image = %image.display(), error = %e, attempt, "download cut; resuming");
+                    tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+                }
+            }
+        }
+    }
+
+    /// Writes a response's body to `path` from `offset` on, reporting progress.
+    async fn receive(
+        &self,
+        image: &ImageRef,
+        mut response: http::Response,
+        path: &Path,
+        offset: u64,
+        total: Option<u64>,
+    ) -> Result<(), Received> {
+        use tokio::io::AsyncWriteExt;
+        let mut file = tokio::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(offset == 0)
+            .open(path)
+            .await
+            .map_err(|e| Received::Cache(cache_error("opening a download")(e)))?;
+        if offset > 0 {
+            file.set_len(offset)
+                .await
+                .map_err(|e| Received::Cache(cache_error("resuming a download")(e)))?;
+            use tokio::io::AsyncSeekExt;
+            file.seek(std::io::SeekFrom::Start(offset))
+                .await
+                .map_err(|e| Received::Cache(cache_error("resuming a download")(e)))?;
+        }
+        let total = total.map(|t| t + offset);
+        let mut have = offset;
+        let mut buf = vec![0u8; 1 << 16];
+        let mut reported = Instant::now();
+        let result = loop {
+            let n = match response.read(&mut buf).await {
+                Ok(0) => break Ok(()),
+                Ok(n) => n,
+                Err(e) => break Err(Received::Cut(e)),
+            };
+            if let Err(e) = file.write_all(&buf[..n]).await {
+                break Err(Received::Cache(cache_error("writing a download")(e)));
+            }
+            have += n as u64;
+            if reported.elapsed() >= PROGRESS_EVERY {
+                reported = Instant::now();
+                self.set_downloading(image, Some(progress(&image.url, have, total)));
+            }
+        };
+        let flushed = async {
+            file.flush().await?;
+            file.sync_all().await
+        }
+        .await;
+        result?;
+        flushed.map_err(|e| Received::Cache(cache_error("syncing a download")(e)))
+    }
+
+    /// The format and virtual size, from `qemu-img info`.
     async fn inspect(
         &self,
         path: &Path,
         declared: Option<DiskFormat>,
         size: u64,
-    ) -> Result<(String, u64), ImageError> {
+    ) -> Result<Inspected, ImageError> {
         let declared = match declared {
             Some(DiskFormat::Raw) => Some("raw"),
             Some(DiskFormat::Qcow2) => Some("qcow2"),
+            Some(DiskFormat::Vmdk) => Some("vmdk"),
+            Some(DiskFormat::Vdi) => Some("vdi"),
+            Some(DiskFormat::Vhdx) => Some("vhdx"),
             _ => None,
         };
         let mut command = tokio::process::Command::new(&self.qemu_img);
@@ -427,38 +788,159 @@ impl FileImageCache {
             .stdin(std::process::Stdio::null())
             .output()
             .await
-            .map_err(|e| {
-                ImageError::Invalid(format!("running {}: {e}", self.qemu_img.display()))
-            })?;
+            .map_err(cache_error(&format!("running {}", self.qemu_img.display())))?;
         if !output.status.success() {
             let said = String::from_utf8_lossy(&output.stderr).trim().to_owned();
-            return Err(ImageError::Invalid(match declared {
+            return Err(ImageError::UnknownFormat(match declared {
                 Some(format) => format!("not a valid {format} image: {said}"),
-                None => format!("qemu-img info failed: {said}"),
+                None => format!("qemu-img cannot read the image: {said}"),
             }));
         }
-        let info: serde_json::Value = serde_json::from_slice(&output.stdout)
-            .map_err(|e| ImageError::Invalid(format!("qemu-img info printed no JSON: {e}")))?;
-        if let Some(backing) = info.get("backing-filename").and_then(|b| b.as_str()) {
-            return Err(ImageError::Invalid(format!(
-                "the image names a backing file ({backing}); images must be self-contained"
-            )));
-        }
-        let format = info["format"].as_str().unwrap_or("raw").to_owned();
-        let virtual_size = info["virtual-size"].as_u64().unwrap_or(size);
-        Ok((format, virtual_size))
+        let info: serde_json::Value = serde_json::from_slice(&output.stdout).map_err(|e| {
+            ImageError::UnknownFormat(format!("qemu-img info printed no JSON: {e}"))
+        })?;
+        check_self_contained(&info, path)?;
+        Ok(Inspected {
+            format: info["format"].as_str().unwrap_or("raw").to_owned(),
+            virtual_size: info["virtual-size"].as_u64().unwrap_or(size),
+        })
     }
 }
 
-/// Copies the source into a new temporary file in `tmp`, hashing it; returns the file (not
-/// yet under its final name), the sha256 in hex and the size.
-fn copy_hashing(
+/// What `qemu-img info` said of an image.
+struct Inspected {
+    format: String,
+    virtual_size: u64,
+}
+
+/// Refuses images whose header names other files: a backing file, a qcow2 external data
+/// file, a vmdk extent that is not the image itself.
+fn check_self_contained(info: &serde_json::Value, path: &Path) -> Result<(), ImageError> {
+    if let Some(backing) = info.get("backing-filename").and_then(|b| b.as_str()) {
+        return Err(ImageError::Invalid(format!(
+            "the image names a backing file ({backing}); images must be self-contained"
+        )));
+    }
+    let data = &info["format-specific"]["data"];
+    if let Some(file) = data.get("data-file").and_then(|f| f.as_str()) {
+        return Err(ImageError::Invalid(format!(
+            "the image names an external data file ({file}); images must be self-contained"
+        )));
+    }
+    if let Some(extents) = data.get("extents").and_then(|e| e.as_array()) {
+        let own = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
+        for extent in extents {
+            let file = extent["filename"].as_str().unwrap_or_default();
+            let same =
+                std::fs::canonicalize(file).is_ok_and(|f| f == own) || Path::new(file) == path;
+            if !same {
+                return Err(ImageError::Invalid(format!(
+                    "the image names an extent in another file ({file}); images must be \
+                     self-contained"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// How a download's body ended, when it did not end well.
+enum Received {
+    /// The connection was cut (or stalled): worth resuming.
+    Cut(std::io::Error),
+    /// The cache could not be written: not worth retrying now.
+    Cache(ImageError),
+}
+
+fn progress(url: &str, have: u64, total: Option<u64>) -> String {
+    const MIB: f64 = (1 << 20) as f64;
+    match total {
+        Some(total) if total > 0 => format!(
+            "downloading {url}: {:.1} of {:.1} MiB ({}%)",
+            have as f64 / MIB,
+            total as f64 / MIB,
+            have * 100 / total
+        ),
+        _ => format!("downloading {url}: {:.1} MiB", have as f64 / MIB),
+    }
+}
+
+/// A staged fetch: a temporary copy, removed when dropped, or an HTTP download, which
+/// stays for a later resume unless the fetch removes it.
+enum Staged {
+    Temp(tempfile::TempPath),
+    Download(PathBuf),
+}
+
+impl Staged {
+    fn path(&self) -> &Path {
+        match self {
+            Staged::Temp(path) => path,
+            Staged::Download(path) => path,
+        }
+    }
+}
+
+fn validator_path(download: &Path) -> PathBuf {
+    let mut name = download.as_os_str().to_owned();
+    name.push(".validator");
+    PathBuf::from(name)
+}
+
+fn remove_if_exists(path: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// Makes `from` read-only and moves it to `to` (same filesystem).
+fn store_readonly(from: &Path, to: &Path) -> Result<(), ImageError> {
+    let mut perms = std::fs::metadata(from)
+        .map_err(cache_error("reading a fetched file"))?
+        .permissions();
+    perms.set_readonly(true);
+    std::fs::set_permissions(from, perms).map_err(cache_error("protecting a fetched file"))?;
+    std::fs::rename(from, to).map_err(cache_error(&format!(
+        "moving a fetched file to {}",
+        to.display()
+    )))
+}
+
+/// The sha256 (hex) and size of a file.
+fn hash_file(path: &Path) -> std::io::Result<(String, u64)> {
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        let n = match file.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        hasher.update(&buf[..n]);
+        size += n as u64;
+    }
+    Ok((hex(&hasher.finalize()), size))
+}
+
+/// Copies a file source into a new temporary file in `tmp` (not yet under its final
+/// name, and removed when dropped).
+fn copy_to_tmp(
     source: &Source,
     tmp: &Path,
     uid: &str,
     url: &str,
-) -> Result<(tempfile::NamedTempFile, String, u64), ImageError> {
-    let mut reader = source.open().map_err(|e| ImageError::Fetch {
+) -> Result<tempfile::TempPath, ImageError> {
+    let Source::File(path) = source else {
+        return Err(ImageError::UnsupportedSource {
+            url: url.to_owned(),
+            reason: "not a file".into(),
+        });
+    };
+    let mut reader = std::fs::File::open(path).map_err(|e| ImageError::Fetch {
         url: url.to_owned(),
         source: e,
     })?;
@@ -467,9 +949,7 @@ fn copy_hashing(
         .suffix(".partial")
         .tempfile_in(tmp)
         .map_err(cache_error("creating a temporary file"))?;
-    let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
-    let mut size = 0u64;
     loop {
         let n = match reader.read(&mut buf) {
             Ok(0) => break,
@@ -482,17 +962,15 @@ fn copy_hashing(
                 });
             }
         };
-        hasher.update(&buf[..n]);
         partial
             .write_all(&buf[..n])
             .map_err(cache_error("writing a fetched image"))?;
-        size += n as u64;
     }
     partial
         .as_file()
         .sync_all()
         .map_err(cache_error("syncing a fetched image"))?;
-    Ok((partial, hex(&hasher.finalize()), size))
+    Ok(partial.into_temp_path())
 }
 
 /// Lower-case hex of some bytes.
@@ -516,26 +994,44 @@ impl ImageCache for FileImageCache {
         {
             return Ok(CachedFile {
                 path,
-                checksum: record.checksum,
-                format: record.format,
+                checksum: record.checksum.clone(),
+                format: record.file_format().to_owned(),
+                source_format: record.format.clone(),
                 size_bytes: record.size_bytes,
                 virtual_size_bytes: record.virtual_size_bytes,
             });
         }
         tracing::info!(image = %image.display(), url = %image.url, "fetching image");
-        self.set_downloading(image, true);
+        self.set_downloading(image, Some(format!("fetching {}", image.url)));
         let fetched = self.fetch(image).await;
         let record = match &fetched {
-            Ok(file) => Record {
-                image_uid: image.uid.clone(),
-                image: image.display(),
-                ready: true,
-                checksum: file.checksum.clone(),
-                format: file.format.clone(),
-                size_bytes: file.size_bytes,
-                virtual_size_bytes: file.virtual_size_bytes,
-                message: String::new(),
-            },
+            Ok(file) => {
+                let converted = file.format != file.source_format;
+                Record {
+                    image_uid: image.uid.clone(),
+                    image: image.display(),
+                    ready: true,
+                    checksum: file.checksum.clone(),
+                    format: file.source_format.clone(),
+                    size_bytes: file.size_bytes,
+                    virtual_size_bytes: file.virtual_size_bytes,
+                    file: if converted {
+                        file.path
+                            .file_name()
+                            .map(|n| n.to_string_lossy().into_owned())
+                            .unwrap_or_default()
+                    } else {
+                        String::new()
+                    },
+                    file_format: file.format.clone(),
+                    file_bytes: std::fs::metadata(&file.path).map(|m| m.len()).unwrap_or(0),
+                    message: if converted {
+                        format!("converted from {} to {}", file.source_format, file.format)
+                    } else {
+                        String::new()
+                    },
+                }
+            }
             Err(e) => {
                 tracing::warn!(image = %image.display(), error = %error_chain(e), "image fetch failed");
                 Record {
@@ -546,15 +1042,18 @@ impl ImageCache for FileImageCache {
                     format: String::new(),
                     size_bytes: 0,
                     virtual_size_bytes: 0,
+                    file: String::new(),
+                    file_format: String::new(),
+                    file_bytes: 0,
                     message: format!("{}: {}", e.reason(), error_chain(e)),
                 }
             }
         };
         let written = self.write_record(&record);
-        self.set_downloading(image, false);
+        self.set_downloading(image, None);
         let file = fetched?;
         written?;
-        tracing::info!(image = %image.display(), checksum = %file.checksum, format = %file.format, "image cached");
+        tracing::info!(image = %image.display(), checksum = %file.checksum, format = %file.source_format, "image cached");
         Ok(file)
     }
 
@@ -648,7 +1147,7 @@ mod tests {
     }
 
     #[test]
-    fn sources_are_file_urls_for_now() {
+    fn sources_are_file_and_http_urls() {
         assert_eq!(
             Source::parse("file:///var/lib/a%20b.raw").unwrap(),
             Source::File("/var/lib/a b.raw".into())
@@ -657,10 +1156,25 @@ mod tests {
             Source::parse("file://localhost/x").unwrap(),
             Source::File("/x".into())
         );
-        for url in ["file://relative/x", "https://mirror/x.qcow2", "ftp://x/y"] {
+        assert!(matches!(
+            Source::parse("http://mirror:8080/x.qcow2").unwrap(),
+            Source::Http(url) if url.port == 8080 && url.path == "/x.qcow2"
+        ));
+        for url in [
+            "file://relative/x",
+            "https://mirror/x.qcow2",
+            "http://",
+            "ftp://x/y",
+        ] {
             let err = Source::parse(url).unwrap_err();
             assert_eq!(err.reason(), "ImageSourceUnsupported", "{url}: {err}");
         }
+        let err = Source::parse("https://mirror/x.qcow2").unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("https:// sources are not supported yet"),
+            "{err}"
+        );
     }
 
     #[tokio::test]
@@ -742,7 +1256,7 @@ mod tests {
             .ensure(&image("u1", url, String::new(), None))
             .await
             .unwrap_err();
-        assert_eq!(err.reason(), "ImageFetchFailed");
+        assert_eq!(err.reason(), "DownloadFailed");
     }
 
     #[tokio::test]
@@ -758,20 +1272,15 @@ mod tests {
         let bytes = b"0123456789".repeat(1000);
         std::fs::write(f.dir.path().join("src"), &bytes).unwrap();
         let source = Source::File(f.dir.path().join("src"));
-        let (partial, hex_digest, size) = copy_hashing(
+        let partial = copy_to_tmp(
             &source,
             &f.dir.path().join("cache/tmp"),
             "u9",
             "file:///src",
         )
         .unwrap();
-        let name = partial
-            .path()
-            .file_name()
-            .unwrap()
-            .to_str()
-            .unwrap()
-            .to_owned();
+        let (hex_digest, size) = hash_file(&partial).unwrap();
+        let name = partial.file_name().unwrap().to_str().unwrap().to_owned();
         assert!(
             name.starts_with("u9.") && name.ends_with(".partial"),
             "{name}"
@@ -814,7 +1323,343 @@ mod tests {
             .ensure(&image("u1", url, String::new(), Some(DiskFormat::Qcow2)))
             .await
             .unwrap_err();
-        assert_eq!(err.reason(), "ImageInvalid");
+        assert_eq!(err.reason(), "UnknownImageFormat");
         assert!(err.to_string().contains("not a valid qcow2 image"), "{err}");
+    }
+
+    // -----------------------------------------------------------------------------------
+    // HTTP sources, against a small server on loopback.
+
+    /// An HTTP server on 127.0.0.1 serving one body at every path but `/missing`,
+    /// honouring `Range: bytes=N-`, and able to cut its first full response short.
+    struct TestHttp {
+        base: String,
+        /// The `Range` start of each request, in order (`None`: no Range).
+        ranges: Arc<Mutex<Vec<Option<u64>>>>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl Drop for TestHttp {
+        fn drop(&mut self) {
+            self.task.abort();
+        }
+    }
+
+    async fn serve(body: Vec<u8>, cut_once_after: Option<usize>) -> TestHttp {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let ranges = Arc::new(Mutex::new(Vec::new()));
+        let body = Arc::new(body);
+        let cut = Arc::new(std::sync::atomic::AtomicBool::new(cut_once_after.is_some()));
+        let task = {
+            let ranges = ranges.clone();
+            tokio::spawn(async move {
+                loop {
+                    let Ok((mut conn, _)) = listener.accept().await else {
+                        return;
+                    };
+                    let (body, ranges, cut) = (body.clone(), ranges.clone(), cut.clone());
+                    tokio::spawn(async move {
+                        let mut head = Vec::new();
+                        let mut byte = [0u8; 1];
+                        while !head.ends_with(b"\r\n\r\n") {
+                            if conn.read(&mut byte).await.unwrap_or(0) == 0 {
+                                return;
+                            }
+                            head.push(byte[0]);
+                        }
+                        let head = String::from_utf8_lossy(&head).into_owned();
+                        let path = head.split(' ').nth(1).unwrap_or("/").to_owned();
+                        let range = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("Range: bytes="))
+                            .and_then(|r| r.trim_end_matches('-').parse::<u64>().ok());
+                        ranges.lock().unwrap().push(range);
+                        if path == "/missing" {
+                            let _ = conn
+                                .write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+                                .await;
+                            return;
+                        }
+                        let len = body.len() as u64;
+                        let (head, from) = match range {
+                            Some(from) if from >= len => {
+                                let head = format!(
+                                    "HTTP/1.1 416 Range Not Satisfiable\r\nContent-Range: bytes */{len}\r\nContent-Length: 0\r\n\r\n"
+                                );
+                                let _ = conn.write_all(head.as_bytes()).await;
+                                return;
+                            }
+                            Some(from) => (
+                                format!(
+                                    "HTTP/1.1 206 Partial Content\r\nContent-Range: bytes {from}-{}/{len}\r\nContent-Length: {}\r\nETag: \"v1\"\r\n\r\n",
+                                    len - 1,
+                                    len - from
+                                ),
+                                from as usize,
+                            ),
+                            None => (
+                                format!(
+                                    "HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nETag: \"v1\"\r\n\r\n"
+                                ),
+                                0,
+                            ),
+                        };
+                        let _ = conn.write_all(head.as_bytes()).await;
+                        let mut end = body.len();
+                        if let Some(after) = cut_once_after
+                            && cut.swap(false, std::sync::atomic::Ordering::SeqCst)
+                        {
+                            end = (from + after).min(end);
+                        }
+                        let _ = conn.write_all(&body[from..end]).await;
+                        let _ = conn.shutdown().await;
+                    });
+                }
+            })
+        };
+        TestHttp { base, ranges, task }
+    }
+
+    fn qemu_img(args: &[&str]) {
+        let output = std::process::Command::new("qemu-img")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "qemu-img {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    /// A raw disk with recognisable, non-zero content.
+    fn raw_disk(f: &Fixture, name: &str, mib: usize) -> PathBuf {
+        let path = f.dir.path().join(name);
+        let bytes: Vec<u8> = (0..mib << 20)
+            .map(|i| (i % 251) as u8 ^ (i >> 12) as u8)
+            .collect();
+        std::fs::write(&path, bytes).unwrap();
+        path
+    }
+
+    /// `qemu-img compare`: whether two images show a guest the same disk.
+    fn same_disk(a: &Path, a_format: &str, b: &Path, b_format: &str) -> bool {
+        std::process::Command::new("qemu-img")
+            .args(["compare", "-q", "-f", a_format, "-F", b_format])
+            .arg(a)
+            .arg(b)
+            .status()
+            .unwrap()
+            .success()
+    }
+
+    #[tokio::test]
+    async fn an_http_download_cut_midway_resumes_then_a_vmdk_is_converted() {
+        let f = fixture();
+        let raw = raw_disk(&f, "disk.raw", 4);
+        let vmdk = f.dir.path().join("disk.vmdk");
+        qemu_img(&[
+            "convert",
+            "-q",
+            "-f",
+            "raw",
+            "-O",
+            "vmdk",
+            raw.to_str().unwrap(),
+            vmdk.to_str().unwrap(),
+        ]);
+        let bytes = std::fs::read(&vmdk).unwrap();
+        let cut = bytes.len() / 3;
+        let server = serve(bytes.clone(), Some(cut)).await;
+        let url = format!("{}/images/disk.vmdk", server.base);
+        let img = image("u1", url.clone(), sha256_of(&bytes), None);
+
+        let file = f.cache.ensure(&img).await.unwrap();
+        // The first response was cut; the second asked for the rest only.
+        assert_eq!(*server.ranges.lock().unwrap(), [None, Some(cut as u64)]);
+        assert_eq!(file.checksum, sha256_of(&bytes));
+        assert_eq!(file.size_bytes, bytes.len() as u64);
+        assert_eq!(
+            (file.source_format.as_str(), file.format.as_str()),
+            ("vmdk", "qcow2")
+        );
+        assert_eq!(file.virtual_size_bytes, 4 << 20);
+        assert!(
+            file.path.to_str().unwrap().ends_with(".qcow2"),
+            "{}",
+            file.path.display()
+        );
+        assert!(
+            same_disk(&raw, "raw", &file.path, "qcow2"),
+            "the converted disk differs"
+        );
+        assert!(f.tmp_entries().is_empty(), "{:?}", f.tmp_entries());
+
+        let report = f.cache.report();
+        assert_eq!(report[0].phase, Phase::Ready as i32);
+        assert_eq!(report[0].format, "vmdk");
+        assert_eq!(report[0].checksum, sha256_of(&bytes));
+        assert_eq!(report[0].message, "converted from vmdk to qcow2");
+        // Answered from the record from now on, with the converted file.
+        drop(server);
+        assert_eq!(f.cache.ensure(&img).await.unwrap(), file);
+    }
+
+    #[tokio::test]
+    async fn a_download_left_by_a_restart_is_resumed_not_restarted() {
+        let f = fixture();
+        let bytes: Vec<u8> = (0..(2usize << 20)).map(|i| (i % 253) as u8).collect();
+        let server = serve(bytes.clone(), None).await;
+        let url = format!("{}/disk.raw", server.base);
+        let half = bytes.len() / 2;
+        let staged = f.cache.download_path("u1", &url);
+        std::fs::write(&staged, &bytes[..half]).unwrap();
+        std::fs::write(validator_path(&staged), "\"v1\"").unwrap();
+        // Reopening the cache (an agent restart) keeps the staged download.
+        let cache = FileImageCache::open(f.dir.path().join("cache"), "qemu-img").unwrap();
+        assert!(staged.exists());
+
+        let file = cache
+            .ensure(&image("u1", url, sha256_of(&bytes), Some(DiskFormat::Raw)))
+            .await
+            .unwrap();
+        assert_eq!(*server.ranges.lock().unwrap(), [Some(half as u64)]);
+        assert_eq!(std::fs::read(&file.path).unwrap(), bytes);
+        assert_eq!(file.format, "raw");
+        assert!(!staged.exists() && !validator_path(&staged).exists());
+    }
+
+    #[tokio::test]
+    async fn vdi_and_vhdx_are_converted_and_unknown_formats_refused() {
+        let f = fixture();
+        let raw = raw_disk(&f, "disk.raw", 2);
+        for (i, format) in ["vdi", "vhdx"].into_iter().enumerate() {
+            let path = f.dir.path().join(format!("disk.{format}"));
+            qemu_img(&[
+                "convert",
+                "-q",
+                "-f",
+                "raw",
+                "-O",
+                format,
+                raw.to_str().unwrap(),
+                path.to_str().unwrap(),
+            ]);
+            let url = format!("file://{}", path.display());
+            let file = f
+                .cache
+                .ensure(&image(&format!("u{i}"), url, String::new(), None))
+                .await
+                .unwrap();
+            assert_eq!(
+                (file.source_format.as_str(), file.format.as_str()),
+                (format, "qcow2")
+            );
+            assert!(
+                same_disk(&raw, "raw", &file.path, "qcow2"),
+                "{format} differs"
+            );
+        }
+        // A format qemu-img knows but Ferro does not convert.
+        let qed = f.dir.path().join("disk.qed");
+        qemu_img(&["create", "-q", "-f", "qed", qed.to_str().unwrap(), "1M"]);
+        let err = f
+            .cache
+            .ensure(&image(
+                "u7",
+                format!("file://{}", qed.display()),
+                String::new(),
+                None,
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(err.reason(), "UnknownImageFormat", "{err}");
+        assert!(err.to_string().contains("format qed"), "{err}");
+        // Bytes that are not the declared format.
+        let url = format!("file://{}", raw.display());
+        let err = f
+            .cache
+            .ensure(&image("u8", url, String::new(), Some(DiskFormat::Vmdk)))
+            .await
+            .unwrap_err();
+        assert_eq!(err.reason(), "UnknownImageFormat", "{err}");
+        let failed = f
+            .cache
+            .report()
+            .into_iter()
+            .find(|r| r.image_uid == "u8")
+            .unwrap();
+        assert!(
+            failed.message.starts_with("UnknownImageFormat: "),
+            "{}",
+            failed.message
+        );
+        assert!(f.tmp_entries().is_empty(), "{:?}", f.tmp_entries());
+    }
+
+    #[tokio::test]
+    async fn a_vmdk_naming_another_file_is_refused() {
+        let f = fixture();
+        let secret = raw_disk(&f, "host-secret.raw", 1);
+        let descriptor = format!(
+            "# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\n\
+             createType=\"monolithicFlat\"\nRW 2048 FLAT \"{}\" 0\n",
+            secret.display()
+        );
+        let url = f.source("evil.vmdk", descriptor.as_bytes());
+        let err = f
+            .cache
+            .ensure(&image("u1", url, String::new(), None))
+            .await
+            .unwrap_err();
+        assert_eq!(err.reason(), "ImageInvalid", "{err}");
+        assert!(err.to_string().contains("another file"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_wrong_checksum_or_a_missing_file_over_http_fails_with_its_reason() {
+        let f = fixture();
+        let bytes = vec![1u8; 100_000];
+        let server = serve(bytes.clone(), None).await;
+        let url = format!("{}/disk.raw", server.base);
+        let wrong = sha256_of(b"other bytes");
+        let err = f
+            .cache
+            .ensure(&image("u1", url.clone(), wrong, None))
+            .await
+            .unwrap_err();
+        assert_eq!(err.reason(), "ImageChecksumMismatch");
+        assert!(err.to_string().contains(&sha256_of(&bytes)), "{err}");
+        // Nothing is kept: a retry downloads afresh.
+        assert!(!f.cache.download_path("u1", &url).exists());
+        assert!(f.tmp_entries().is_empty(), "{:?}", f.tmp_entries());
+
+        let err = f
+            .cache
+            .ensure(&image(
+                "u2",
+                format!("{}/missing", server.base),
+                String::new(),
+                None,
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(err.reason(), "DownloadFailed");
+        assert!(
+            error_chain(&err).contains("HTTP 404 Not Found"),
+            "{}",
+            error_chain(&err)
+        );
+        let report = f.cache.report();
+        assert!(
+            report[1].message.starts_with("DownloadFailed: "),
+            "{report:?}"
+        );
+        assert!(
+            report[0].message.starts_with("ImageChecksumMismatch: "),
+            "{report:?}"
+        );
     }
 }

@@ -23,8 +23,11 @@
 //!   because a status field is empty.
 //! - **Failures** (a missing Image or KeyPair, a bad checksum, a start QEMU refuses)
 //!   become `GuestRunning=False` with a reason (`ImageNotFound`, `ImageChecksumMismatch`,
-//!   `KeyPairNotFound`, `StartFailed`, …) while no guest runs, and the key is retried
-//!   with backoff by the queue.
+//!   `UnknownImageFormat`, `DownloadFailed`, `KeyPairNotFound`, `StartFailed`, …) while
+//!   no guest runs, and the key is retried with backoff by the queue.
+//! - **Boot**: an Image with a `kernel` boots it directly (with its ramdisk and command
+//!   line); an Image without one is a bootable disk (what cloud images are), which the
+//!   firmware (SeaBIOS) boots.
 
 pub mod plan;
 
@@ -582,8 +585,8 @@ fn display(server: &v1::Server) -> String {
     format!("{}/{}", meta.project, meta.name)
 }
 
-/// Refuses Images a guest cannot boot from (kernels, ramdisks, formats QEMU is not
-/// given here).
+/// Refuses Images a guest cannot boot from (kernels, ramdisks, ISOs). vmdk, vdi and vhdx
+/// reach the guest converted to qcow2 by the image cache.
 fn check_bootable(image: &v1::Image) -> Result<(), ReconcileError> {
     let name = image
         .metadata
@@ -596,11 +599,19 @@ fn check_bootable(image: &v1::Image) -> Result<(), ReconcileError> {
         .and_then(|s| s.disk_format)
         .and_then(|f| ImageFormat::try_from(f).ok());
     match format {
-        None | Some(ImageFormat::Unspecified | ImageFormat::Raw | ImageFormat::Qcow2) => Ok(()),
+        None
+        | Some(
+            ImageFormat::Unspecified
+            | ImageFormat::Raw
+            | ImageFormat::Qcow2
+            | ImageFormat::Vmdk
+            | ImageFormat::Vdi
+            | ImageFormat::Vhdx,
+        ) => Ok(()),
         Some(other) => Err(ReconcileError::ImageNotBootable {
             name,
             reason: format!(
-                "its diskFormat is {}; servers boot raw or qcow2 disk images",
+                "its diskFormat is {}; servers boot raw, qcow2, vmdk, vdi and vhdx disk images",
                 other.as_str_name()
             ),
         }),
@@ -713,6 +724,7 @@ mod tests {
             path: format!("/cache/sha256/{name}").into(),
             checksum: format!("sha256:{name}"),
             format: format.into(),
+            source_format: format.into(),
             size_bytes: virtual_size,
             virtual_size_bytes: virtual_size,
         }

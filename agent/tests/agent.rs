@@ -920,3 +920,210 @@ spec:
     );
     Ok(())
 }
+
+/// An image mirror: serves one file over HTTP/1.1 on 127.0.0.1, whole, at any path.
+struct Mirror {
+    base: String,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Mirror {
+    async fn serve(file: PathBuf) -> Result<Mirror> {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let base = format!("http://{}", listener.local_addr()?);
+        let task = tokio::spawn(async move {
+            while let Ok((conn, _)) = listener.accept().await {
+                let file = file.clone();
+                tokio::spawn(async move {
+                    let mut conn = BufReader::new(conn);
+                    let mut line = String::new();
+                    loop {
+                        line.clear();
+                        match conn.read_line(&mut line).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(_) if line == "\r\n" => break,
+                            Ok(_) => {}
+                        }
+                    }
+                    let Ok(mut body) = tokio::fs::File::open(&file).await else {
+                        return;
+                    };
+                    let len = body.metadata().await.map(|m| m.len()).unwrap_or(0);
+                    let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {len}\r\n\r\n");
+                    let conn = conn.get_mut();
+                    if conn.write_all(head.as_bytes()).await.is_ok() {
+                        let _ = tokio::io::copy(&mut body, conn).await;
+                    }
+                    let _ = conn.shutdown().await;
+                });
+            }
+        });
+        Ok(Mirror { base, task })
+    }
+}
+
+impl Drop for Mirror {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bootable_disk_over_http_is_converted_boots_through_bios_and_keeps_its_files()
+-> Result<()> {
+    let started = Instant::now();
+    let cloud = Cloud::start().await?;
+    let guest = tiny_guest();
+
+    // A cloud-style image: a bootable disk (no kernel Image), shipped as a vmdk on an
+    // HTTP mirror. A second Image names the same URL with the wrong checksum.
+    let vmdk = cloud.images.path().join("bios.vmdk");
+    let converted = std::process::Command::new("qemu-img")
+        .args(["convert", "-q", "-f", "raw", "-O", "vmdk"])
+        .arg(&guest.bios_disk)
+        .arg(&vmdk)
+        .status()?;
+    ensure!(converted.success(), "qemu-img convert failed");
+    let mirror = Mirror::serve(vmdk.clone()).await?;
+    let checksum = sha256_of(&vmdk)?;
+    let wrong = format!("sha256:{}", "1".repeat(64));
+    cloud
+        .apply(&format!(
+            r#"
+apiVersion: ferro/v1
+kind: Image
+metadata: {{name: cloudy}}
+spec: {{source: {{url: "{base}/images/bios.vmdk"}}, checksum: "{checksum}"}}
+---
+apiVersion: ferro/v1
+kind: Image
+metadata: {{name: tampered}}
+spec: {{source: {{url: "{base}/images/bios.vmdk"}}, checksum: "{wrong}"}}
+---
+apiVersion: ferro/v1
+kind: Server
+metadata: {{name: bios}}
+spec: {{flavor: m1.tiny, image: cloudy, hostname: bios-host}}
+---
+apiVersion: ferro/v1
+kind: Server
+metadata: {{name: bad}}
+spec: {{flavor: m1.tiny, image: tampered}}
+"#,
+            base = mirror.base,
+        ))
+        .await?;
+    let _agent = cloud.agent();
+    cloud.bind("bios").await?;
+    cloud.bind("bad").await?;
+
+    // The wrong checksum: the Server says why it does not run, the node says what it got.
+    let bad = cloud
+        .wait_server("bad", "refusing its image", SOON, |s| {
+            has_reason(s, "ImageChecksumMismatch")
+        })
+        .await?;
+    let message = guest_running(&bad).unwrap().message;
+    ensure!(message.contains(&checksum), "{message}");
+
+    // The good one: downloaded, verified, converted, booted by SeaBIOS from the disk.
+    let server = cloud
+        .wait_server("bios", "running", BOOT, is_running)
+        .await?;
+    let uid = uid(&server);
+    cloud
+        .wait_console("bios", "FERRO-READY hostname=bios-host boot-count=1")
+        .await?;
+    let node = cloud
+        .wait_node("reporting both images", |n| {
+            n.status.as_ref().is_some_and(|s| s.images.len() == 2)
+        })
+        .await?;
+    let images = node.status.unwrap().images;
+    let cloudy = images.iter().find(|i| i.image == "default/cloudy").unwrap();
+    ensure!(
+        cloudy.phase == v1::cached_image::Phase::Ready as i32
+            && cloudy.format == "vmdk"
+            && cloudy.checksum == checksum
+            && cloudy.message == "converted from vmdk to qcow2",
+        "{cloudy:?}"
+    );
+    let tampered = images
+        .iter()
+        .find(|i| i.image == "default/tampered")
+        .unwrap();
+    ensure!(
+        tampered.phase == v1::cached_image::Phase::Failed as i32
+            && tampered.message.starts_with("ImageChecksumMismatch: "),
+        "{tampered:?}"
+    );
+    drop(mirror);
+
+    // A file written before a stop is there after the start, on the same disk.
+    let mut console = cloud.attach("bios").await?;
+    console
+        .type_keys("\necho kept-$((6 * 7)) >/mnt/disk/kept; sync; echo $((6 * 7))-written\n")
+        .await?;
+    console.read_until("42-written", SOON).await?;
+    drop(console);
+    cloud
+        .edit_server("bios", |s| {
+            s.spec.as_mut().unwrap().power_state =
+                Some(v1::server_spec::PowerState::Stopped as i32);
+        })
+        .await?;
+    cloud
+        .wait_server("bios", "stopped", BOOT, |s| {
+            host(s).power_state == HostPower::Shutdown as i32 && has_reason(s, "Stopped")
+        })
+        .await?;
+    ensure!(qemu_processes(&uid).is_empty(), "QEMU still runs");
+    cloud
+        .edit_server("bios", |s| {
+            s.spec.as_mut().unwrap().power_state =
+                Some(v1::server_spec::PowerState::Running as i32);
+        })
+        .await?;
+    cloud
+        .wait_server("bios", "running again", BOOT, is_running)
+        .await?;
+    cloud.wait_console("bios", "boot-count=2").await?;
+    let mut console = cloud.attach("bios").await?;
+    console.type_keys("\ncat /mnt/disk/kept\n").await?;
+    console.read_until("kept-42", SOON).await?;
+    drop(console);
+
+    // A reboot request: exactly one more boot.
+    cloud
+        .edit_server("bios", |s| {
+            s.metadata.as_mut().unwrap().annotations.insert(
+                "ferro.io/reboot-requested-at".into(),
+                "2026-11-22T21:00:00Z".into(),
+            );
+        })
+        .await?;
+    cloud
+        .wait_server("bios", "rebooted", SOON, |s| {
+            host(s).last_reboot == "2026-11-22T21:00:00Z"
+        })
+        .await?;
+    cloud.wait_console("bios", "boot-count=3").await?;
+    tokio::time::sleep(RESYNC * 2).await;
+    let log = cloud.serial_log("bios").await?;
+    ensure!(
+        !log.contains("boot-count=4"),
+        "the reboot happened more than once"
+    );
+
+    for name in ["bios", "bad"] {
+        cloud.delete_server(name).await?;
+        cloud.wait_gone(name, SOON).await?;
+    }
+    ensure!(qemu_processes(&uid).is_empty(), "QEMU survived the delete");
+    println!(
+        "BIOS boot over HTTP done in {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}

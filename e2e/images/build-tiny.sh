@@ -8,6 +8,11 @@
 #   FERRO_TINY_INITRD   initramfs: busybox-static, the guest's init, virtio/ext4/isofs modules
 #   FERRO_TINY_DISK     64 MiB raw ext4 disk (label ferro-tiny) holding the marker file
 #                       /ferro-tiny-disk; the guest mounts it and counts its boots there
+#   FERRO_TINY_BIOS_DISK  a bootable raw disk, as cloud images are: an MBR (syslinux's
+#                       mbr.bin) and two partitions, an active FAT one with syslinux, the
+#                       compressed kernel (bzImage), the same initramfs and FERRO_TINY_CMDLINE,
+#                       and an ext4 one like FERRO_TINY_DISK; SeaBIOS boots it to the same
+#                       ready marker, counting boots on its second partition
 #   FERRO_TINY_CMDLINE  the kernel command line the guest is meant to boot with
 #   FERRO_TINY_KVER     the kernel version
 #
@@ -30,7 +35,8 @@ init_script=$here/tiny-init.sh
 log() { echo "build-tiny: $*" >&2; }
 die() { log "error: $*"; exit 1; }
 
-for tool in apt-get apt-cache dpkg-deb depmod cpio gzip xz mkfs.ext4 flock sha256sum; do
+for tool in apt-get apt-cache dpkg-deb depmod cpio gzip xz mkfs.ext4 flock sha256sum \
+  sfdisk mkfs.vfat mcopy syslinux; do
   command -v "$tool" >/dev/null || die "$tool not found (run scripts/install-host-deps.sh)"
 done
 busybox=$(command -v busybox || true)
@@ -63,6 +69,7 @@ print_result() {
   echo "FERRO_TINY_KERNEL=$out/vmlinux"
   echo "FERRO_TINY_INITRD=$out/initramfs.cpio.gz"
   echo "FERRO_TINY_DISK=$out/disk.raw"
+  echo "FERRO_TINY_BIOS_DISK=$out/bios-disk.raw"
   echo "FERRO_TINY_CMDLINE=$(cat "$out/cmdline")"
   echo "FERRO_TINY_KVER=$kver"
 }
@@ -173,6 +180,36 @@ echo "ferro tiny disk, kernel $kver" >"$work/disk/ferro-tiny-disk"
 mkfs.ext4 -q -F -L ferro-tiny -d "$work/disk" "$work/out/disk.raw" 64M >&2
 
 echo "console=ttyS0 quiet panic=-1 mitigations=off cryptomgr.notests audit=0 nokaslr" >"$work/out/cmdline"
+
+# 6. The BIOS-bootable disk, assembled from filesystem images made as files (mkfs.vfat,
+#    mcopy and syslinux's mtools installer; mkfs.ext4 -d): no loop device, no mount.
+mbr=/usr/lib/syslinux/mbr/mbr.bin
+[ -f "$mbr" ] || die "$mbr not found (install syslinux-common)"
+boot_mib=48 data_mib=64
+mkfs.vfat -C -n FERRO-BOOT "$work/boot.img" $((boot_mib * 1024)) >&2
+cat >"$work/syslinux.cfg" <<CFG
+DEFAULT ferro
+PROMPT 0
+TIMEOUT 0
+LABEL ferro
+  LINUX /vmlinuz
+  INITRD /initrd.gz
+  APPEND $(cat "$work/out/cmdline")
+CFG
+mcopy -i "$work/boot.img" "$vmlinuz" ::/vmlinuz
+mcopy -i "$work/boot.img" "$work/out/initramfs.cpio.gz" ::/initrd.gz
+mcopy -i "$work/boot.img" "$work/syslinux.cfg" ::/syslinux.cfg
+syslinux --install "$work/boot.img"
+bios=$work/out/bios-disk.raw
+truncate -s $((1 + boot_mib + data_mib))M "$bios"
+sfdisk -q "$bios" >&2 <<PARTS
+label: dos
+start=1MiB, size=${boot_mib}MiB, type=c, bootable
+start=$((1 + boot_mib))MiB, size=${data_mib}MiB, type=83
+PARTS
+dd if="$mbr" of="$bios" bs=440 count=1 conv=notrunc status=none
+dd if="$work/boot.img" of="$bios" bs=1M seek=1 conv=notrunc,sparse status=none
+dd if="$work/out/disk.raw" of="$bios" bs=1M seek=$((1 + boot_mib)) conv=notrunc,sparse status=none
 touch "$work/out/complete"
 rm -rf "$out"
 mv "$work/out" "$out"

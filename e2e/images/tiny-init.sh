@@ -104,9 +104,10 @@ fi
 hostname "$host"
 say "hostname $host"
 
-# The disk: the first virtio disk that is not the config drive and mounts as ext4.
+# The disk: the first virtio disk (or partition, on a BIOS-booted disk) that is not the
+# config drive and mounts as ext4.
 boots=0
-for dev in /dev/vd[a-z]; do
+for dev in /dev/vd[a-z] /dev/vd[a-z][0-9]; do
   [ -b "$dev" ] && [ "$dev" != "$cfgdev" ] || continue
   if mount -t ext4 "$dev" /mnt/disk 2>/dev/null; then
     boots=$(cat /mnt/disk/boot-count 2>/dev/null || echo 0)

@@ -18,6 +18,8 @@ pub struct TinyGuest {
     pub initrd: PathBuf,
     /// The raw ext4 disk.
     pub disk: PathBuf,
+    /// The BIOS-bootable raw disk (MBR, syslinux, kernel, initramfs, ext4 partition).
+    pub bios_disk: PathBuf,
     /// The kernel command line.
     pub cmdline: String,
 }
@@ -65,6 +67,7 @@ pub fn tiny_guest() -> &'static TinyGuest {
             kernel: std::path::absolute(var("FERRO_TINY_KERNEL")).expect("absolute"),
             initrd: std::path::absolute(var("FERRO_TINY_INITRD")).expect("absolute"),
             disk: std::path::absolute(var("FERRO_TINY_DISK")).expect("absolute"),
+            bios_disk: std::path::absolute(var("FERRO_TINY_BIOS_DISK")).expect("absolute"),
             cmdline: var("FERRO_TINY_CMDLINE"),
         }
     })
