@@ -8,6 +8,7 @@
 //! - [`gc`]: deletes what lost its owners; foreground and orphan propagation.
 //! - [`scheduler`]: places Servers on Nodes with `Bind`.
 //! - [`nodelifecycle`]: Node readiness from heartbeats; unreachable Servers turn Unknown.
+//! - [`server`]: a Server's Ports, resolved references, phase and readiness.
 //! - [`bench`]: `ferro bench ipam`.
 //!
 //! [`run`] is `ferro controllers`: it connects to the apiserver, serves metrics, contends
@@ -22,6 +23,7 @@ pub mod network;
 pub mod nodelifecycle;
 pub mod runtime;
 pub mod scheduler;
+pub mod server;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -259,6 +261,8 @@ pub async fn run_controllers(api: Api, metrics: Metrics, options: Options) {
         scheduler::Scheduler::build(&api, &caches, &metrics, settings, options.scheduling);
     let (lifecycle, lifecycle_reconciler) =
         nodelifecycle::NodeLifecycle::build(&api, &caches, &metrics, settings);
+    let (server, server_reconciler) =
+        server::ServerController::build(&api, &caches, &metrics, settings);
     let mut tasks = JoinSet::new();
     caches.start(&mut tasks);
     tasks.spawn(ipam.run(ipam_reconciler));
@@ -266,6 +270,7 @@ pub async fn run_controllers(api: Api, metrics: Metrics, options: Options) {
     tasks.spawn(gc.run(gc_reconciler));
     tasks.spawn(scheduler.run(scheduler_reconciler));
     tasks.spawn(lifecycle.run(lifecycle_reconciler));
+    tasks.spawn(server.run(server_reconciler));
     tasks.spawn(runtime::events::expire(
         api.client().clone(),
         options.event_ttl,
