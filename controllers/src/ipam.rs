@@ -1130,7 +1130,7 @@ impl IpamController {
                 if let Ok(ip) = spec.address.parse() {
                     // The old value goes before the new one arrives; claims never change
                     // value, so this only ever adds or removes.
-                    h.observe_ip(&spec.network_uid, ip, present && c.new.is_some());
+                    h.observe_ip(&spec.network_uid, ip, present);
                 }
             }
         });
@@ -1141,7 +1141,7 @@ impl IpamController {
                     .and_then(|o| o.spec.as_ref())
                     .and_then(|s| parse_mac(&s.address))
                 {
-                    h.observe_mac(mac, present && c.new.is_some());
+                    h.observe_mac(mac, present);
                 }
             }
         });

@@ -237,7 +237,7 @@ impl Controller {
 mod tests {
     use super::*;
     use crate::runtime::ReconcileError;
-    use ferro_api::{Kind, v1};
+    use ferro_api::v1;
     use std::sync::Mutex;
 
     /// Records which keys ran and how many ran at once.
@@ -332,6 +332,5 @@ mod tests {
         assert_eq!(seen.len(), 11);
         assert_eq!(seen[10], "p0");
         run.abort();
-        let _ = Kind::Port;
     }
 }
