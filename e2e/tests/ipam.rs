@@ -1,0 +1,158 @@
+//! IPAM end to end: `ferro up` with a real etcd runs the controllers; a network from
+//! `manifests/` and ports applied through the CLI get their addresses (visible in
+//! `ferro get ports -o wide`), each held by a claim; deleting the ports removes the claims.
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::Ipv4Addr,
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use ferro_e2e::Cloud;
+
+/// Three ports on the example stack's private network (manifests/network.yaml).
+const PORTS: &str = r#"
+apiVersion: ferro/v1
+kind: Port
+metadata:
+  name: e2e-port-1
+spec:
+  network: private
+---
+apiVersion: ferro/v1
+kind: Port
+metadata:
+  name: e2e-port-2
+spec:
+  network: private
+---
+apiVersion: ferro/v1
+kind: Port
+metadata:
+  name: e2e-port-3
+spec:
+  network: private
+  fixedIps:
+  - subnet: private-v4
+    ipAddress: 10.0.1.123
+"#;
+
+/// The rows of a `ferro get` table, each as column → cell. Cells are cut at the header's
+/// column starts, which is how the table aligns them.
+fn table(text: &str) -> Vec<HashMap<String, String>> {
+    let mut lines = text.lines().filter(|l| !l.trim().is_empty());
+    let Some(header) = lines.next() else {
+        return Vec::new();
+    };
+    let mut starts: Vec<(usize, String)> = Vec::new();
+    let mut previous = ' ';
+    for (i, c) in header.char_indices() {
+        if c != ' ' && previous == ' ' {
+            let name: String = header[i..].chars().take_while(|c| *c != ' ').collect();
+            starts.push((i, name));
+        }
+        previous = c;
+    }
+    lines
+        .map(|line| {
+            starts
+                .iter()
+                .enumerate()
+                .map(|(n, (start, name))| {
+                    let end = starts
+                        .get(n + 1)
+                        .map(|(s, _)| *s)
+                        .unwrap_or(line.len())
+                        .min(line.len());
+                    let cell = line
+                        .get((*start).min(line.len())..end)
+                        .unwrap_or("")
+                        .trim()
+                        .to_owned();
+                    (name.clone(), cell)
+                })
+                .collect()
+        })
+        .collect()
+}
+
+fn wait_for<T>(
+    what: &str,
+    mut check: impl FnMut() -> anyhow::Result<Option<T>>,
+) -> anyhow::Result<T> {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        if let Some(value) = check()? {
+            return Ok(value);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+#[test]
+fn ports_get_addresses_and_their_claims_go_with_them() -> anyhow::Result<()> {
+    let cloud = Cloud::start()?;
+    let network = Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/network.yaml");
+    let applied = cloud.run(["apply", "-f", network.to_str().context("path")?])?;
+    assert!(applied.contains("network/private"), "{applied}");
+    let ports = cloud.data_dir().join("../e2e-ports.yaml");
+    std::fs::write(&ports, PORTS)?;
+    cloud.run(["apply", "-f", ports.to_str().context("path")?])?;
+
+    let rows = wait_for("three addressed ports in `ferro get ports -o wide`", || {
+        let rows = table(&cloud.run(["get", "ports", "-o", "wide"])?);
+        let addressed = rows
+            .iter()
+            .filter(|r| !r["ADDRESSES"].is_empty() && !r["MAC"].is_empty())
+            .count();
+        Ok((rows.len() == 3 && addressed == 3).then_some(rows))
+    })?;
+    let mut addresses = HashSet::new();
+    let mut macs = HashSet::new();
+    for row in &rows {
+        let ip: Ipv4Addr = row["ADDRESSES"]
+            .parse()
+            .with_context(|| format!("one IPv4 address: {row:?}"))?;
+        let host = ip.octets()[3];
+        assert!(
+            ip.octets()[..3] == [10, 0, 1] && (10..=200).contains(&host),
+            "{ip} is outside the allocation pool"
+        );
+        assert!(addresses.insert(ip), "{ip} handed out twice");
+        assert!(
+            macs.insert(row["MAC"].clone()),
+            "MAC {} handed out twice",
+            row["MAC"]
+        );
+        if row["NAME"] == "e2e-port-3" {
+            assert_eq!(ip, Ipv4Addr::new(10, 0, 1, 123), "the fixed IP is honoured");
+        }
+    }
+    // One claim per value, visible like any other object.
+    assert_eq!(table(&cloud.run(["get", "ipaddresses"])?).len(), 3);
+    assert_eq!(table(&cloud.run(["get", "macaddresses"])?).len(), 3);
+
+    cloud.run(["delete", "-f", ports.to_str().context("path")?])?;
+    wait_for("the claims gone with their ports", || {
+        let ips = table(&cloud.run(["get", "ipaddresses"])?).len();
+        let macs = table(&cloud.run(["get", "macaddresses"])?).len();
+        Ok((ips == 0 && macs == 0).then_some(()))
+    })?;
+    Ok(())
+}
+
+#[test]
+fn tables_are_cut_at_their_columns() {
+    let text = "NAME         NETWORK   MAC                 ADDRESSES\nweb-1        private   fa:16:3e:00:00:01   10.0.1.10\nweb-2        private                       \n";
+    let rows = table(text);
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0]["ADDRESSES"], "10.0.1.10");
+    assert_eq!(rows[0]["MAC"], "fa:16:3e:00:00:01");
+    assert_eq!(rows[1]["MAC"], "");
+    assert!(table("").is_empty());
+}
