@@ -9,6 +9,7 @@
 //! - [`scheduler`]: places Servers on Nodes with `Bind`.
 //! - [`nodelifecycle`]: Node readiness from heartbeats; unreachable Servers turn Unknown.
 //! - [`server`]: a Server's Ports, resolved references, phase and readiness.
+//! - [`image`]: Image status from what the nodes' caches found.
 //! - [`bench`]: `ferro bench ipam`.
 //!
 //! [`run`] is `ferro controllers`: it connects to the apiserver, serves metrics, contends
@@ -18,6 +19,7 @@
 pub mod api;
 pub mod bench;
 pub mod gc;
+pub mod image;
 pub mod ipam;
 pub mod network;
 pub mod nodelifecycle;
@@ -263,6 +265,8 @@ pub async fn run_controllers(api: Api, metrics: Metrics, options: Options) {
         nodelifecycle::NodeLifecycle::build(&api, &caches, &metrics, settings);
     let (server, server_reconciler) =
         server::ServerController::build(&api, &caches, &metrics, settings);
+    let (image, image_reconciler) =
+        image::ImageController::build(&api, &caches, &metrics, settings);
     let mut tasks = JoinSet::new();
     caches.start(&mut tasks);
     tasks.spawn(ipam.run(ipam_reconciler));
@@ -271,6 +275,7 @@ pub async fn run_controllers(api: Api, metrics: Metrics, options: Options) {
     tasks.spawn(scheduler.run(scheduler_reconciler));
     tasks.spawn(lifecycle.run(lifecycle_reconciler));
     tasks.spawn(server.run(server_reconciler));
+    tasks.spawn(image.run(image_reconciler));
     tasks.spawn(runtime::events::expire(
         api.client().clone(),
         options.event_ttl,

@@ -1,0 +1,360 @@
+//! The image controller: an Image's status from what the nodes' caches found.
+//!
+//! Each node's agent reports the images it holds in its own `Node.status.images` (one
+//! `CachedImage` per image uid: `Downloading`, `Ready` or `Failed`, with checksum, format,
+//! sizes and a message), so that no two nodes write the same object. This controller
+//! gathers every node's entry for an Image and derives the Image's status — observations,
+//! recomputed on every change:
+//! - `Active` when any node has it `Ready` (checksum, format and sizes from the first such
+//!   node by name), `Ready=True`;
+//! - else `Downloading` while any node is fetching it;
+//! - else `Error` when every node that tried failed, with `Ready=False` and the reason the
+//!   agent put at the head of its message (`ImageChecksumMismatch: …`,
+//!   `UnknownImageFormat: …`), or `DownloadFailed`;
+//! - else `Pending`: no node has tried yet.
+
+use std::sync::Arc;
+
+use ferro_api::{Error, Kind, Object, owners, v1};
+
+use crate::{
+    api::Api,
+    runtime::{
+        Action, Caches, Controller, ObjectRef, Reconcile, ReconcileError, Store, condition,
+        condition_holds, controller::Settings, meta, metrics::Metrics, reflector::UID,
+    },
+};
+
+use v1::{cached_image::Phase as Cached, image_status::Phase};
+
+/// The status fields this controller writes.
+const FIELDS: &[&str] = &[
+    "phase",
+    "checksum",
+    "sizeBytes",
+    "virtualSizeBytes",
+    "format",
+    "observedGeneration",
+];
+
+/// The reason of a failed cache entry: the word before `: ` in its message when it looks
+/// like one (`ImageChecksumMismatch: …`), else `DownloadFailed`.
+pub fn failure_reason(message: &str) -> &str {
+    match message.split_once(": ") {
+        Some((head, _))
+            if !head.is_empty()
+                && head.chars().next().is_some_and(|c| c.is_ascii_uppercase())
+                && head.chars().all(|c| c.is_ascii_alphanumeric()) =>
+        {
+            head
+        }
+        _ => "DownloadFailed",
+    }
+}
+
+/// The plan for one Image.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ImagePlan {
+    /// The status fields this controller owns.
+    pub status: v1::ImageStatus,
+    /// `Ready`.
+    pub ready: v1::Condition,
+    /// Whether status must be written.
+    pub write: bool,
+}
+
+/// Plans one Image from every node's entry for it, as `(node, entry)`. Pure.
+pub fn plan(image: &v1::Image, entries: &[(String, v1::CachedImage)]) -> ImagePlan {
+    let mut entries: Vec<&(String, v1::CachedImage)> = entries.iter().collect();
+    entries.sort_by(|a, b| a.0.cmp(&b.0));
+    let in_phase = |p: Cached| {
+        entries
+            .iter()
+            .filter(move |(_, e)| e.phase == p as i32)
+            .collect::<Vec<_>>()
+    };
+    let (ready_nodes, downloading, failed) = (
+        in_phase(Cached::Ready),
+        in_phase(Cached::Downloading),
+        in_phase(Cached::Failed),
+    );
+    let mut status = v1::ImageStatus {
+        observed_generation: meta(image).generation,
+        ..Default::default()
+    };
+    let ready = if let Some((_, first)) = ready_nodes.first() {
+        status.phase = Phase::Active as i32;
+        status.checksum = first.checksum.clone();
+        status.format = first.format.clone();
+        status.size_bytes = first.size_bytes;
+        status.virtual_size_bytes = first.virtual_size_bytes;
+        condition(
+            "Ready",
+            true,
+            "Cached",
+            format!(
+                "cached on {} of {} nodes that fetched it",
+                ready_nodes.len(),
+                entries.len()
+            ),
+        )
+    } else if let Some((node, entry)) = downloading.first() {
+        status.phase = Phase::Downloading as i32;
+        let detail = if entry.message.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", entry.message)
+        };
+        condition(
+            "Ready",
+            false,
+            "Downloading",
+            format!("node {node} is fetching it{detail}"),
+        )
+    } else if let Some((node, entry)) = failed.first() {
+        status.phase = Phase::Error as i32;
+        condition(
+            "Ready",
+            false,
+            failure_reason(&entry.message),
+            format!(
+                "every node that fetched it failed ({}); node {node}: {}",
+                failed.len(),
+                entry.message
+            ),
+        )
+    } else {
+        status.phase = Phase::Pending as i32;
+        condition("Ready", false, "Pending", "no node has fetched it yet")
+    };
+    let current = image.status.clone().unwrap_or_default();
+    let same = current.phase == status.phase
+        && current.checksum == status.checksum
+        && current.format == status.format
+        && current.size_bytes == status.size_bytes
+        && current.virtual_size_bytes == status.virtual_size_bytes
+        && current.observed_generation == status.observed_generation;
+    let write = !(same && condition_holds(&current.conditions, &ready, meta(image).generation));
+    ImagePlan {
+        status,
+        ready,
+        write,
+    }
+}
+
+/// The image controller: reconciles Images.
+pub struct ImageController {
+    api: Api,
+    images: Store<v1::Image>,
+    nodes: Store<v1::Node>,
+}
+
+impl ImageController {
+    /// Builds the controller over the shared caches.
+    pub fn build(
+        api: &Api,
+        caches: &Caches,
+        metrics: &Metrics,
+        settings: Settings,
+    ) -> (Controller, Arc<ImageController>) {
+        let images = caches.store::<v1::Image>();
+        let nodes = caches.store::<v1::Node>();
+        let by_uid = images.clone();
+        let controller = Controller::new("image", settings, metrics.clone())
+            .reconciles(&images)
+            .watches(&nodes, move |c| {
+                let mut keys: Vec<ObjectRef> = Vec::new();
+                for node in c.old.iter().chain(c.new.iter()) {
+                    for entry in node.status.iter().flat_map(|s| s.images.iter()) {
+                        for image in by_uid.by_index(UID, &entry.image_uid) {
+                            let key = ObjectRef::of(image.as_ref());
+                            if !keys.contains(&key) {
+                                keys.push(key);
+                            }
+                        }
+                    }
+                }
+                keys
+            });
+        let reconciler = Arc::new(ImageController {
+            api: api.clone(),
+            images,
+            nodes,
+        });
+        (controller, reconciler)
+    }
+}
+
+impl Reconcile for ImageController {
+    async fn reconcile(&self, key: ObjectRef) -> Result<Action, ReconcileError> {
+        let Some(image) = self.images.get(&key) else {
+            return Ok(Action::AwaitChange);
+        };
+        if key.kind != Kind::Image {
+            return Ok(Action::AwaitChange);
+        }
+        let uid = &meta(image.as_ref()).uid;
+        let entries: Vec<(String, v1::CachedImage)> = self
+            .nodes
+            .list()
+            .iter()
+            .flat_map(|node| {
+                let name = meta(node.as_ref()).name.clone();
+                node.status
+                    .iter()
+                    .flat_map(|s| s.images.iter())
+                    .filter(|e| &e.image_uid == uid)
+                    .map(|e| (name.clone(), e.clone()))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let plan = plan(&image, &entries);
+        if plan.write {
+            let object = Object::Image(v1::Image {
+                metadata: image.metadata.clone(),
+                spec: None,
+                status: Some(plan.status),
+            });
+            match self
+                .api
+                .update_status(object, owners::IMAGE_CONTROLLER, FIELDS, vec![plan.ready])
+                .await
+            {
+                Ok(_) | Err(Error::NotFound { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(Action::AwaitChange)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn image() -> v1::Image {
+        v1::Image {
+            metadata: Some(v1::ObjectMeta {
+                name: "tiny".into(),
+                project: "p".into(),
+                uid: "iu".into(),
+                generation: 1,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn entry(node: &str, phase: Cached, message: &str) -> (String, v1::CachedImage) {
+        (
+            node.into(),
+            v1::CachedImage {
+                image_uid: "iu".into(),
+                phase: phase as i32,
+                checksum: format!("sha256:{node}"),
+                format: "raw".into(),
+                size_bytes: 1 << 20,
+                virtual_size_bytes: 1 << 21,
+                message: message.into(),
+                ..Default::default()
+            },
+        )
+    }
+
+    #[test]
+    fn the_image_phase_summarises_every_node() {
+        let mismatch = "ImageChecksumMismatch: expected sha256:aa, got sha256:bb";
+        let cases: Vec<(&str, Vec<(String, v1::CachedImage)>, Phase, &str)> = vec![
+            ("no node tried", vec![], Phase::Pending, "Pending"),
+            (
+                "one downloading",
+                vec![entry("n1", Cached::Downloading, "fetching file:///x")],
+                Phase::Downloading,
+                "Downloading",
+            ),
+            (
+                "one ready among failures",
+                vec![
+                    entry("n1", Cached::Failed, mismatch),
+                    entry("n2", Cached::Ready, ""),
+                    entry("n3", Cached::Downloading, ""),
+                ],
+                Phase::Active,
+                "Cached",
+            ),
+            (
+                "downloading beats failed",
+                vec![
+                    entry("n1", Cached::Failed, mismatch),
+                    entry("n2", Cached::Downloading, ""),
+                ],
+                Phase::Downloading,
+                "Downloading",
+            ),
+            (
+                "all failed: the agent's reason",
+                vec![
+                    entry("n1", Cached::Failed, mismatch),
+                    entry("n2", Cached::Failed, "UnknownImageFormat: not an image"),
+                ],
+                Phase::Error,
+                "ImageChecksumMismatch",
+            ),
+            (
+                "all failed without a reason",
+                vec![entry("n2", Cached::Failed, "connection refused")],
+                Phase::Error,
+                "DownloadFailed",
+            ),
+        ];
+        for (name, entries, phase, reason) in cases {
+            let plan = plan(&image(), &entries);
+            assert_eq!(plan.status.phase, phase as i32, "{name}");
+            assert_eq!(plan.ready.reason, reason, "{name}");
+            assert!(plan.write, "{name}");
+        }
+        let active = plan(
+            &image(),
+            &[
+                entry("n2", Cached::Ready, ""),
+                entry("n1", Cached::Ready, ""),
+            ],
+        );
+        assert_eq!(
+            active.status.checksum, "sha256:n1",
+            "the first node by name"
+        );
+        assert_eq!(active.status.size_bytes, 1 << 20);
+        assert_eq!(active.status.virtual_size_bytes, 1 << 21);
+        assert_eq!(active.status.format, "raw");
+        assert_eq!(
+            active.ready.message,
+            "cached on 2 of 2 nodes that fetched it"
+        );
+    }
+
+    #[test]
+    fn an_image_already_described_is_not_written() {
+        let entries = [entry("n1", Cached::Ready, "")];
+        let first = plan(&image(), &entries);
+        let mut described = image();
+        let mut status = first.status.clone();
+        status.conditions = vec![v1::Condition {
+            observed_generation: 1,
+            ..first.ready.clone()
+        }];
+        described.status = Some(status);
+        assert!(!plan(&described, &entries).write);
+    }
+
+    #[test]
+    fn failure_reasons_come_from_the_message_head() {
+        assert_eq!(
+            failure_reason("UnknownImageFormat: xyz"),
+            "UnknownImageFormat"
+        );
+        assert_eq!(failure_reason("fetching: refused"), "DownloadFailed");
+        assert_eq!(failure_reason("Not A Reason: x"), "DownloadFailed");
+        assert_eq!(failure_reason(""), "DownloadFailed");
+    }
+}
