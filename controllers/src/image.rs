@@ -261,10 +261,17 @@ mod tests {
         )
     }
 
+    type Case = (
+        &'static str,
+        Vec<(String, v1::CachedImage)>,
+        Phase,
+        &'static str,
+    );
+
     #[test]
     fn the_image_phase_summarises_every_node() {
         let mismatch = "ImageChecksumMismatch: expected sha256:aa, got sha256:bb";
-        let cases: Vec<(&str, Vec<(String, v1::CachedImage)>, Phase, &str)> = vec![
+        let cases: Vec<Case> = vec![
             ("no node tried", vec![], Phase::Pending, "Pending"),
             (
                 "one downloading",
