@@ -51,6 +51,12 @@ enum Command {
     Get(cli::get::GetArgs),
     /// Delete objects by name or by manifest.
     Delete(cli::delete::DeleteArgs),
+    /// Stop placing new servers on a node.
+    Cordon(cli::node::NodeArgs),
+    /// Place servers on a cordoned node again.
+    Uncordon(cli::node::NodeArgs),
+    /// Cordon a node and list the servers still running there.
+    Drain(cli::node::NodeArgs),
 }
 
 impl Command {
@@ -66,6 +72,7 @@ impl Command {
             Command::Bench(_) => "warn",
             Command::Down(_) => "info",
             Command::Apply(_) | Command::Get(_) | Command::Delete(_) => "warn",
+            Command::Cordon(_) | Command::Uncordon(_) | Command::Drain(_) => "warn",
         }
     }
 }
@@ -84,6 +91,9 @@ fn main() -> ExitCode {
         Command::Apply(args) => cli::apply::run(&cli.connection, args),
         Command::Get(args) => cli::get::run(&cli.connection, args),
         Command::Delete(args) => cli::delete::run(&cli.connection, args),
+        Command::Cordon(args) => cli::node::cordon(&cli.connection, args),
+        Command::Uncordon(args) => cli::node::uncordon(&cli.connection, args),
+        Command::Drain(args) => cli::node::drain(&cli.connection, args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -14,6 +14,7 @@ pub mod config;
 pub mod delete;
 pub mod get;
 pub mod manifest;
+pub mod node;
 mod table;
 
 /// The apiserver address used when neither flag, environment nor config names one.
