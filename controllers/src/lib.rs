@@ -11,6 +11,7 @@
 //! - [`server`]: a Server's Ports, resolved references, phase and readiness.
 //! - [`image`]: Image status from what the nodes' caches found.
 //! - [`bench`]: `ferro bench ipam`.
+//! - [`bench_schedule`]: `ferro bench schedule`.
 //!
 //! [`run`] is `ferro controllers`: it connects to the apiserver, serves metrics, contends
 //! for the `controllers` Lease and, while it leads, runs every controller over one set of
@@ -18,6 +19,7 @@
 
 pub mod api;
 pub mod bench;
+pub mod bench_schedule;
 pub mod gc;
 pub mod image;
 pub mod ipam;

@@ -10,6 +10,22 @@ pub enum BenchCommand {
     Api(api::ApiBenchArgs),
     /// Port addressing throughput of IPAM against etcd.
     Ipam(IpamArgs),
+    /// Scheduling and addressing throughput against etcd, with simulated node agents.
+    Schedule(ScheduleArgs),
+}
+
+/// Arguments of `ferro bench schedule`.
+#[derive(clap::Args, Debug)]
+pub struct ScheduleArgs {
+    /// Nodes whose agents the bench plays.
+    #[arg(long, default_value_t = 100)]
+    pub nodes: usize,
+    /// Servers created at once, one network each.
+    #[arg(long, default_value_t = 1_000)]
+    pub servers: usize,
+    /// Concurrent clients creating them (and raw etcd writers).
+    #[arg(long, default_value_t = 16)]
+    pub clients: usize,
 }
 
 /// Arguments of `ferro bench ipam`.
@@ -32,6 +48,7 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
         match command {
             BenchCommand::Api(args) => api::run(args).await,
             BenchCommand::Ipam(args) => ipam(args).await,
+            BenchCommand::Schedule(args) => schedule(args).await,
         }
     })
 }
@@ -45,6 +62,20 @@ async fn ipam(args: IpamArgs) -> anyhow::Result<()> {
         ..Default::default()
     };
     let report = ferro_controllers::bench::bench_ipam(options).await?;
+    println!("{report}");
+    Ok(())
+}
+
+async fn schedule(args: ScheduleArgs) -> anyhow::Result<()> {
+    let options = ferro_controllers::bench_schedule::ScheduleOptions {
+        nodes: args.nodes,
+        servers: args.servers,
+        concurrency: args.clients,
+        // The controllers run as their own process, so their peak memory is theirs alone.
+        controllers_command: Some(vec![std::env::current_exe()?.into(), "controllers".into()]),
+        ..Default::default()
+    };
+    let report = ferro_controllers::bench_schedule::bench_schedule(options).await?;
     println!("{report}");
     Ok(())
 }
