@@ -613,6 +613,9 @@ impl Reconcile for ServerController {
             ports,
         };
         let plan = plan(&facts);
+        // Ports created now come back through the cache and queue this Server again; the
+        // status written then says more, so one write is saved per Server.
+        let creating = !plan.create.is_empty();
         for port in plan.create {
             match self.api.create(Object::Port(port)).await {
                 // Already there: the cache shows it soon, and that queues this Server.
@@ -620,7 +623,7 @@ impl Reconcile for ServerController {
                 Err(e) => return Err(e.into()),
             }
         }
-        if plan.write {
+        if plan.write && !creating {
             let object = Object::Server(v1::Server {
                 metadata: server.metadata.clone(),
                 spec: None,
