@@ -1,0 +1,129 @@
+//! Placement end to end: `ferro up` with a real etcd runs the apiserver, the controllers
+//! and this host's agent. The agent registers the Node and node lifecycle turns it Ready;
+//! the example stack from `manifests/` is applied at once; the scheduler binds `web-1` to
+//! the node and the server controller shows its address in `ferro get servers -o wide`.
+//! `cordon` / `drain` / `uncordon` work on that node.
+//!
+//! The example image points at files that may not exist on this host, so the guest may
+//! never run: this test checks placement and addresses, not the boot.
+
+use std::{
+    collections::HashMap,
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use ferro_e2e::Cloud;
+
+/// The rows of a `ferro get` table, each as column → cell, cut at the header's column
+/// starts.
+fn table(text: &str) -> Vec<HashMap<String, String>> {
+    let mut lines = text.lines().filter(|l| !l.trim().is_empty());
+    let Some(header) = lines.next() else {
+        return Vec::new();
+    };
+    let mut starts: Vec<(usize, String)> = Vec::new();
+    let mut previous = ' ';
+    for (i, c) in header.char_indices() {
+        if c != ' ' && previous == ' ' {
+            let name: String = header[i..].chars().take_while(|c| *c != ' ').collect();
+            starts.push((i, name));
+        }
+        previous = c;
+    }
+    lines
+        .map(|line| {
+            starts
+                .iter()
+                .enumerate()
+                .map(|(n, (start, name))| {
+                    let end = starts
+                        .get(n + 1)
+                        .map(|(s, _)| *s)
+                        .unwrap_or(line.len())
+                        .min(line.len());
+                    let cell = line
+                        .get((*start).min(line.len())..end)
+                        .unwrap_or("")
+                        .trim()
+                        .to_owned();
+                    (name.clone(), cell)
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// Whether a table cell holds something (`ferro get` prints `<none>` for nothing).
+fn filled(cell: &str) -> bool {
+    !cell.is_empty() && cell != "<none>"
+}
+
+fn wait_for<T>(
+    what: &str,
+    mut check: impl FnMut() -> anyhow::Result<Option<T>>,
+) -> anyhow::Result<T> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Some(value) = check()? {
+            return Ok(value);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+#[test]
+fn the_local_node_registers_and_web_1_is_placed_and_addressed() -> anyhow::Result<()> {
+    let cloud = Cloud::start()?;
+    let node = wait_for("the local node Ready in `ferro get nodes`", || {
+        let rows = table(&cloud.run(["get", "nodes"])?);
+        Ok(rows
+            .iter()
+            .find(|r| r["READY"] == "True")
+            .map(|r| r["NAME"].clone()))
+    })?;
+
+    let manifests = Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests");
+    let applied = cloud.run(["apply", "-f", manifests.to_str().context("path")?])?;
+    assert!(applied.contains("server/web-1"), "{applied}");
+
+    let row = wait_for(
+        "web-1 bound and addressed in `ferro get servers -o wide`",
+        || {
+            let rows = table(&cloud.run(["get", "servers", "-o", "wide"])?);
+            Ok(rows
+                .into_iter()
+                .find(|r| r["NAME"] == "web-1" && filled(&r["NODE"]) && filled(&r["ADDRESSES"])))
+        },
+    )?;
+    assert_eq!(row["NODE"], node);
+    assert!(
+        row["ADDRESSES"].starts_with("10.0.1."),
+        "an address on the private network: {row:?}"
+    );
+    let yaml = cloud.run(["get", "server", "web-1", "-o", "yaml"])?;
+    assert!(yaml.contains("type: Scheduled"), "{yaml}");
+    assert!(
+        yaml.contains(&format!("placed on node {node}")),
+        "the Scheduled condition names the node: {yaml}"
+    );
+    assert!(
+        yaml.contains("kind: Flavor"),
+        "resolved references are recorded: {yaml}"
+    );
+
+    let cordoned = cloud.run(["cordon", &node])?;
+    assert!(cordoned.contains("cordoned"), "{cordoned}");
+    let drained = cloud.run(["drain", &node])?;
+    assert!(
+        drained.contains("default/web-1"),
+        "drain lists what runs there: {drained}"
+    );
+    let uncordoned = cloud.run(["uncordon", &node])?;
+    assert!(uncordoned.contains("uncordoned"), "{uncordoned}");
+    Ok(())
+}
