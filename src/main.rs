@@ -57,6 +57,18 @@ enum Command {
     Uncordon(cli::node::NodeArgs),
     /// Cordon a node and list the servers still running there.
     Drain(cli::node::NodeArgs),
+    /// Show one object in detail: conditions, owners, events, what blocks its deletion.
+    Describe(cli::describe::DescribeArgs),
+    /// Show what `apply` would change (exit 0: nothing, 1: something, 2: error).
+    Diff(cli::diff::DiffArgs),
+    /// Wait for objects to meet a condition or to be deleted.
+    Wait(cli::wait::WaitArgs),
+    /// Describe a kind or a field of the schema: `ferro explain server.spec.networks`.
+    Explain(cli::explain::ExplainArgs),
+    /// Print a server's serial console log.
+    Logs(cli::logs::LogsArgs),
+    /// Print a shell completion script: `ferro completion bash`.
+    Completion(cli::completion::CompletionArgs),
 }
 
 impl Command {
@@ -73,6 +85,12 @@ impl Command {
             Command::Down(_) => "info",
             Command::Apply(_) | Command::Get(_) | Command::Delete(_) => "warn",
             Command::Cordon(_) | Command::Uncordon(_) | Command::Drain(_) => "warn",
+            Command::Describe(_)
+            | Command::Diff(_)
+            | Command::Wait(_)
+            | Command::Explain(_)
+            | Command::Logs(_)
+            | Command::Completion(_) => "warn",
         }
     }
 }
@@ -94,6 +112,15 @@ fn main() -> ExitCode {
         Command::Cordon(args) => cli::node::cordon(&cli.connection, args),
         Command::Uncordon(args) => cli::node::uncordon(&cli.connection, args),
         Command::Drain(args) => cli::node::drain(&cli.connection, args),
+        Command::Describe(args) => cli::describe::run(&cli.connection, args),
+        // diff has its own exit statuses: 1 means "differences", errors are 2.
+        Command::Diff(args) => return cli::diff::main(&cli.connection, args),
+        Command::Wait(args) => cli::wait::run(&cli.connection, args),
+        Command::Explain(args) => cli::explain::run(args),
+        Command::Logs(args) => cli::logs::run(&cli.connection, args),
+        Command::Completion(args) => {
+            cli::completion::run(<Cli as clap::CommandFactory>::command(), args)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -332,7 +332,17 @@ fn apply_get_delete() {
 
     // Delete by name, then by manifest; a missing object is an error naming it.
     let out = cloud.run(&["delete", "server", "web-1"]).success();
-    assert_eq!(stdout(&out), "server/web-1 deleted\n");
+    // Gone at once, or once the node's agent it was placed on has cleaned up.
+    assert!(
+        [
+            "server/web-1 deleted\n",
+            "server/web-1 deletion requested (waiting for finalizers: ferro.io/agent)\n"
+        ]
+        .contains(&stdout(&out).as_str()),
+        "{}",
+        stdout(&out)
+    );
+    cloud.wait_until_gone("server", "web-1");
     let out = cloud.run(&["get", "srv", "web-1"]).failure();
     assert_eq!(stderr(&out), "error: servers/web-1 not found\n");
     let out = cloud.run(&["delete", "srv", "web-1"]).failure();
@@ -739,5 +749,704 @@ fn the_example_manifests_apply_get_and_delete() {
     for label in &labels {
         let (kind, name) = label.split_once('/').unwrap();
         cloud.wait_until_gone(kind, name);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// describe, diff, wait, explain, logs, events, prune, delete's flags, get -w, completion.
+
+/// An API client with the admin token `ferro up` wrote, for what the CLI cannot do (a
+/// controller's part: adding and removing finalizers).
+fn api_client(cloud: &Cloud) -> (tokio::runtime::Runtime, ferro_api::client::Client) {
+    let config = std::fs::read_to_string(cloud.config()).unwrap();
+    let value = |key: &str| {
+        config
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{key}: ")))
+            .map(|v| v.trim_matches('"').to_owned())
+            .unwrap()
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let client = {
+        let _entered = runtime.enter();
+        ferro_api::client::Client::connect_lazy(&value("server"), &value("token")).unwrap()
+    };
+    (runtime, client)
+}
+
+fn finalizers(cloud: &Cloud, kind: &str, name: &str, add: &[&str], remove: &[&str]) {
+    let (runtime, client) = api_client(cloud);
+    let kind = ferro_api::Kind::lookup(kind).unwrap();
+    let project = match kind.scope() {
+        ferro_api::kinds::Scope::Project => "default",
+        ferro_api::kinds::Scope::Cluster => "",
+    };
+    let request = ferro_api::v1::PatchMetadataRequest {
+        key: Some(ferro_api::v1::ObjectKey {
+            kind: kind.name().to_owned(),
+            project: project.to_owned(),
+            name: name.to_owned(),
+        }),
+        add_finalizers: add.iter().map(|f| f.to_string()).collect(),
+        remove_finalizers: remove.iter().map(|f| f.to_string()).collect(),
+        ..Default::default()
+    };
+    runtime.block_on(client.patch_metadata(request)).unwrap();
+}
+
+/// The object's `metadata.uid`.
+fn uid_of(cloud: &Cloud, kind: &str, name: &str) -> String {
+    let json = stdout(&cloud.run(&["get", kind, name, "-o", "json"]).success());
+    let value: serde_json::Value = serde_json::from_str(&json).unwrap();
+    value["metadata"]["uid"].as_str().unwrap().to_owned()
+}
+
+/// Waits until `describe KIND NAME` contains `text`.
+fn wait_for_describe(cloud: &Cloud, kind: &str, name: &str, text: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = stdout(&cloud.run(&["describe", kind, name]).success());
+        if out.contains(text) {
+            return out;
+        }
+        assert!(Instant::now() < deadline, "`{text}` never shown:\n{out}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+const NETWORK: &str = "apiVersion: ferro/v1
+kind: Network
+metadata:
+  name: app-net
+spec:
+  subnets:
+  - name: main
+    cidr: 10.0.1.0/24
+";
+
+#[test]
+fn describe_shows_conditions_owners_events_and_what_blocks_deletion() {
+    let cloud = Cloud::start();
+    let net = cloud.write("net.yaml", NETWORK);
+    cloud.run(&["apply", "-f", path(&net)]).success();
+
+    // The network controller reports Ready and claims a segment the Network owns.
+    let text = wait_for_describe(&cloud, "network", "app-net", "SegmentAllocated");
+    assert!(text.starts_with("Name:        app-net\n"), "{text}");
+    assert!(text.contains("\nProject:     default\n"), "{text}");
+    let row = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("Ready "))
+        .unwrap();
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(&cells[..3], ["Ready", "True", "SegmentAllocated"], "{text}");
+    assert!(text.contains("\nSpec:\n  "), "{text}");
+    assert!(text.contains("cidr: 10.0.1.0/24"), "{text}");
+    let uid = uid_of(&cloud, "network", "app-net");
+
+    let segments = stdout(&cloud.run(&["get", "segmentids"]).success());
+    let segment = segments
+        .lines()
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned();
+    let owned = stdout(&cloud.run(&["describe", "segmentid", &segment]).success());
+    assert!(
+        owned.contains(&format!(
+            "Owners:\n  network/app-net (uid {uid}, controller"
+        )),
+        "{owned}"
+    );
+
+    // Events about it, newest last, with their count; `get events --for` filters them.
+    let events = cloud.write(
+        "events.yaml",
+        &format!(
+            "apiVersion: ferro/v1
+kind: Event
+metadata:
+  name: app-net-late
+spec:
+  involvedObject: {{kind: Network, name: app-net, uid: {uid}}}
+  type: Warning
+  reason: LateThing
+  message: the later one
+  count: 3
+  lastTimestamp: \"2026-01-02T00:00:00Z\"
+  reportingComponent: network-controller
+---
+apiVersion: ferro/v1
+kind: Event
+metadata:
+  name: app-net-early
+spec:
+  involvedObject: {{kind: Network, name: app-net, uid: {uid}}}
+  type: Normal
+  reason: EarlyThing
+  message: the first one
+  lastTimestamp: \"2026-01-01T00:00:00Z\"
+---
+apiVersion: ferro/v1
+kind: Event
+metadata:
+  name: elsewhere
+spec:
+  involvedObject: {{kind: Network, name: other, uid: not-this-one}}
+  type: Normal
+  reason: Unrelated
+  message: about another object
+  lastTimestamp: \"2026-01-01T12:00:00Z\"
+"
+        ),
+    );
+    cloud.run(&["apply", "-f", path(&events)]).success();
+    let text = stdout(&cloud.run(&["describe", "network/app-net"]).success());
+    let events = text.split("Events:\n").nth(1).unwrap();
+    let lines: Vec<Vec<&str>> = events
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(
+        lines[0],
+        ["LAST", "SEEN", "TYPE", "REASON", "COUNT", "FROM", "MESSAGE"]
+    );
+    // Controllers may record events of their own; ours come in time order.
+    let ours: Vec<&Vec<&str>> = lines
+        .iter()
+        .filter(|l| l.contains(&"EarlyThing") || l.contains(&"LateThing"))
+        .collect();
+    assert_eq!(ours.len(), 2, "{text}");
+    assert_eq!(ours[0][1..4], ["Normal", "EarlyThing", "1"], "{text}");
+    assert_eq!(
+        ours[1][1..5],
+        ["Warning", "LateThing", "3", "network-controller"],
+        "{text}"
+    );
+    assert!(!events.contains("Unrelated"), "{text}");
+
+    let all = stdout(&cloud.run(&["get", "events"]).success());
+    let reasons: Vec<&str> = all
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().nth(2).unwrap())
+        .filter(|r| ["EarlyThing", "Unrelated", "LateThing"].contains(r))
+        .collect();
+    assert_eq!(reasons, ["EarlyThing", "Unrelated", "LateThing"], "{all}");
+    assert!(all.starts_with("LAST SEEN   TYPE      REASON"), "{all}");
+    let only = stdout(
+        &cloud
+            .run(&["get", "events", "--for", "network/app-net"])
+            .success(),
+    );
+    assert!(
+        !only.contains("Unrelated") && only.contains("LateThing"),
+        "{only}"
+    );
+    assert!(
+        only.contains("network/app-net   the later one (x3)"),
+        "{only}"
+    );
+
+    // Being deleted: it says since when and what it waits for.
+    finalizers(&cloud, "network", "app-net", &["example.com/hold"], &[]);
+    let out = cloud.run(&["delete", "network", "app-net"]).success();
+    assert!(
+        stdout(&out).contains("deletion requested"),
+        "{}",
+        stdout(&out)
+    );
+    let text = stdout(&cloud.run(&["describe", "network", "app-net"]).success());
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("Deleting since "))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(
+        line.contains("waiting for: finalizers ") && line.contains("example.com/hold"),
+        "{text}"
+    );
+    assert!(
+        line.contains(&format!(
+            "dependents: segmentid/{segment} (blocks owner deletion)"
+        )),
+        "{text}"
+    );
+    finalizers(&cloud, "network", "app-net", &[], &["example.com/hold"]);
+    cloud.wait_until_gone("network", "app-net");
+}
+
+#[test]
+fn describe_a_server_says_where_it_is_and_why_it_is_not_ready() {
+    let cloud = Cloud::start();
+    let stack = cloud.write("stack.yaml", STACK);
+    cloud.run(&["apply", "-f", path(&stack)]).success();
+    let text = stdout(&cloud.run(&["describe", "server", "web-1"]).success());
+    for section in [
+        "\nSpec:\n",
+        "\nPlacement:\n",
+        "\nReferences:\n",
+        "\nNot ready:   ",
+        "\nConditions:\n",
+        "\nOwners:\n",
+        "\nEvents:\n",
+    ] {
+        assert!(text.contains(section), "{section:?} missing:\n{text}");
+    }
+    assert!(text.contains("  flavor: m1.small\n"), "{text}");
+    let out = cloud.run(&["describe", "server", "nope"]).failure();
+    assert_eq!(stderr(&out), "error: servers/nope not found\n");
+}
+
+#[test]
+fn diff_exit_status_and_text() {
+    let cloud = Cloud::start();
+    let stack = cloud.write("stack.yaml", STACK);
+
+    // Nothing exists yet: everything is new.
+    let out = cloud.run(&["diff", "-f", path(&stack)]).code(1);
+    let text = stdout(&out);
+    assert!(
+        text.contains("--- /dev/null\n+++ server/web-1 (applied)\n"),
+        "{text}"
+    );
+    assert!(text.contains("+  flavor: m1.small\n"), "{text}");
+
+    cloud.run(&["apply", "-f", path(&stack)]).success();
+    let out = cloud.run(&["diff", "-f", path(&stack)]).code(0);
+    assert_eq!(stdout(&out), "");
+
+    let changed = cloud.write("changed.yaml", &STACK.replace("m1.small", "m1.medium"));
+    let out = cloud.run(&["diff", "-f", path(&changed)]).code(1);
+    let text = stdout(&out);
+    assert!(
+        text.starts_with("--- server/web-1 (live)\n+++ server/web-1 (applied)\n@@ "),
+        "{text}"
+    );
+    assert!(
+        text.contains("\n-  flavor: m1.small\n+  flavor: m1.medium\n"),
+        "{text}"
+    );
+    // The generation change stays visible; the resourceVersion is noise and is left out.
+    assert!(
+        text.contains("\n-  generation: 1\n+  generation: 2\n"),
+        "{text}"
+    );
+    assert!(!text.contains("resourceVersion"), "{text}");
+    assert!(!text.contains("network/app-net"), "{text}");
+    // Nothing was written.
+    let out = cloud.run(&["get", "srv", "web-1", "-o", "yaml"]).success();
+    assert!(
+        stdout(&out).contains("flavor: m1.small"),
+        "{}",
+        stdout(&out)
+    );
+
+    // Errors are 2, not 1.
+    let out = cloud.run(&["diff", "-f", "/nonexistent.yaml"]).code(2);
+    assert!(
+        stderr(&out).starts_with("error: /nonexistent.yaml: "),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn wait_for_conditions_and_deletion() {
+    let cloud = Cloud::start();
+    let net = cloud.write("net.yaml", NETWORK);
+    cloud.run(&["apply", "-f", path(&net)]).success();
+
+    let out = cloud
+        .run(&[
+            "wait",
+            "network/app-net",
+            "--for",
+            "condition=Ready",
+            "--timeout",
+            "60s",
+        ])
+        .success();
+    assert_eq!(stdout(&out), "network/app-net condition met\n");
+
+    // A condition that never comes: one line naming the object, the condition and why.
+    let out = cloud
+        .run(&[
+            "wait",
+            "network/app-net",
+            "--for",
+            "condition=NeverHappens",
+            "--timeout",
+            "2s",
+        ])
+        .failure();
+    assert_eq!(
+        stderr(&out),
+        "error: timed out after 2s waiting for networks/app-net condition NeverHappens: \
+         no NeverHappens condition reported yet\n"
+    );
+    // A condition present with another status: its reason and message.
+    let out = cloud
+        .run(&[
+            "wait",
+            "net/app-net",
+            "--for",
+            "condition=Ready=False",
+            "--timeout",
+            "1s",
+        ])
+        .failure();
+    let err = stderr(&out);
+    assert!(
+        err.starts_with("error: timed out after 1s waiting for networks/app-net condition Ready=False: SegmentAllocated: "),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+
+    // Deletion held by a finalizer: the timeout names it.
+    finalizers(&cloud, "network", "app-net", &["example.com/hold"], &[]);
+    cloud.run(&["delete", "network", "app-net"]).success();
+    let out = cloud
+        .run(&[
+            "wait",
+            "network/app-net",
+            "--for",
+            "delete",
+            "--timeout",
+            "1s",
+        ])
+        .failure();
+    let err = stderr(&out);
+    assert!(
+        err.starts_with(
+            "error: timed out after 1s waiting for networks/app-net deletion: finalizers "
+        ) && err.contains("example.com/hold"),
+        "{err}"
+    );
+    finalizers(&cloud, "network", "app-net", &[], &["example.com/hold"]);
+    let out = cloud
+        .run(&[
+            "wait",
+            "network/app-net",
+            "--for",
+            "delete",
+            "--timeout",
+            "60s",
+        ])
+        .success();
+    assert_eq!(stdout(&out), "network/app-net deleted\n");
+
+    let out = cloud
+        .run(&["wait", "network/app-net", "--for", "ready"])
+        .failure();
+    assert!(
+        stderr(&out).starts_with("error: --for ready: expected condition="),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn delete_waits_cascades_forces_and_dry_runs() {
+    let cloud = Cloud::start();
+    let stack = cloud.write("stack.yaml", STACK);
+    cloud.run(&["apply", "-f", path(&stack)]).success();
+
+    // A dry run deletes nothing.
+    let out = cloud.run(&["delete", "sg", "web", "--dry-run"]).success();
+    assert_eq!(stdout(&out), "securitygroup/web deleted (dry run)\n");
+    cloud.run(&["get", "sg", "web"]).success();
+
+    // --wait follows an object held by a finalizer until another process removes it.
+    finalizers(&cloud, "sg", "web", &["example.com/hold"], &[]);
+    let waiting = Command::new(ferro_bin())
+        .args(["delete", "sg", "web", "--wait"])
+        .env("FERRO_CONFIG", cloud.config())
+        .env_remove("FERRO_SERVER")
+        .env_remove("FERRO_TOKEN")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_describe(&cloud, "sg", "web", "Deleting since ");
+    finalizers(&cloud, "sg", "web", &[], &["example.com/hold"]);
+    let output = waiting.wait_with_output().unwrap();
+    let out = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        out,
+        "securitygroup/web deletion requested (waiting for finalizers: example.com/hold)\n\
+         securitygroup/web deleted\n"
+    );
+    assert!(
+        String::from_utf8_lossy(&output.stderr)
+            .contains("waiting for securitygroups/web deletion: finalizers example.com/hold"),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    cloud.run(&["get", "sg", "web"]).failure();
+
+    // --cascade maps to the propagation policy: foreground adds its finalizer.
+    finalizers(&cloud, "server", "web-1", &["example.com/hold"], &[]);
+    let out = cloud
+        .run(&["delete", "server", "web-1", "--cascade", "foreground"])
+        .success();
+    // (The node's agent may hold it too, once the scheduler placed it.)
+    let text = stdout(&out);
+    assert!(
+        text.starts_with("server/web-1 deletion requested (waiting for finalizers: ")
+            && text.contains("example.com/hold")
+            && text.ends_with(", ferro.io/foreground-deletion)\n"),
+        "{text}"
+    );
+    // --force removes what is left, with a warning.
+    let out = cloud
+        .run(&["delete", "server", "web-1", "--force"])
+        .success();
+    assert!(
+        stdout(&out).ends_with("server/web-1 deleted (forced)\n"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(
+        stderr(&out).starts_with("warning: server/web-1: removed finalizers ")
+            && stderr(&out).contains("example.com/hold")
+            && stderr(&out).contains("host resources may be left behind"),
+        "{}",
+        stderr(&out)
+    );
+    cloud.wait_until_gone("server", "web-1");
+}
+
+#[test]
+fn prune_removes_only_what_this_manager_applied_and_the_files_dropped() {
+    let cloud = Cloud::start();
+    let server = |name: &str, label: bool| {
+        let labels = if label {
+            "\n  labels:\n    stack: demo"
+        } else {
+            ""
+        };
+        format!(
+            "apiVersion: ferro/v1\nkind: Server\nmetadata:\n  name: {name}{labels}\nspec:\n  flavor: m1.tiny\n  image: tiny\n"
+        )
+    };
+    let both = cloud.write(
+        "both.yaml",
+        &format!("{}---\n{}", server("a", true), server("b", true)),
+    );
+    let only_a = cloud.write("a.yaml", &server("a", true));
+    cloud.run(&["apply", "-f", path(&both)]).success();
+    // Another manager's labelled server, and one of ours without the label.
+    let theirs = cloud.write("theirs.yaml", &server("theirs", true));
+    cloud
+        .run(&["apply", "-f", path(&theirs), "--manager", "gitops"])
+        .success();
+    let plain = cloud.write("plain.yaml", &server("plain", false));
+    cloud.run(&["apply", "-f", path(&plain)]).success();
+
+    let out = cloud
+        .run(&[
+            "apply",
+            "-f",
+            path(&only_a),
+            "--prune",
+            "-l",
+            "stack=demo",
+            "--dry-run",
+        ])
+        .success();
+    assert_eq!(
+        stdout(&out),
+        "server/a unchanged (dry run)\nserver/b pruned (dry run)\n"
+    );
+    cloud.run(&["get", "server", "b"]).success();
+
+    let out = cloud
+        .run(&["apply", "-f", path(&only_a), "--prune", "-l", "stack=demo"])
+        .success();
+    assert_eq!(stdout(&out), "server/a unchanged\nserver/b pruned\n");
+    cloud.wait_until_gone("server", "b");
+    let names: Vec<String> = stdout(&cloud.run(&["get", "servers"]).success())
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().next().unwrap().to_owned())
+        .collect();
+    assert_eq!(names, ["a", "plain", "theirs"]);
+
+    let out = cloud
+        .run(&["apply", "-f", path(&only_a), "--prune"])
+        .failure();
+    assert!(stderr(&out).contains("--selector"), "{}", stderr(&out));
+}
+
+#[test]
+fn get_watch_prints_each_change() {
+    let cloud = Cloud::start();
+    let net = cloud.write("net.yaml", NETWORK);
+    cloud.run(&["apply", "-f", path(&net)]).success();
+    let mut watch = Command::new(ferro_bin())
+        .args(["get", "networks", "-w"])
+        .env("FERRO_CONFIG", cloud.config())
+        .env_remove("FERRO_SERVER")
+        .env_remove("FERRO_TOKEN")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout_pipe = watch.stdout.take().unwrap();
+    let (lines_tx, lines_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout_pipe).lines() {
+            if lines_tx.send(line.unwrap()).is_err() {
+                break;
+            }
+        }
+    });
+    // Controllers write status too: skip lines until the one that shows `what`.
+    let until = |what: &dyn Fn(&str) -> bool| loop {
+        let line = lines_rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("a line from get -w");
+        if what(&line) {
+            return line;
+        }
+    };
+    assert!(until(&|l| l.starts_with("NAME ")).contains("SUBNETS"));
+    until(&|l| l.starts_with("app-net ") && l.contains("10.0.1.0/24"));
+    let changed = cloud.write(
+        "changed.yaml",
+        &NETWORK.replace(
+            "10.0.1.0/24",
+            "10.0.1.0/24\n  - name: more\n    cidr: 10.0.2.0/24",
+        ),
+    );
+    cloud.run(&["apply", "-f", path(&changed)]).success();
+    until(&|l| l.starts_with("app-net ") && l.contains("10.0.1.0/24,10.0.2.0/24"));
+    cloud.run(&["delete", "network", "app-net"]).success();
+    until(&|l| l.starts_with("app-net ") && l.ends_with("(deleted)"));
+    if let Some(pid) = i32::try_from(watch.id()).ok().and_then(Pid::from_raw) {
+        let _ = rustix::process::kill_process(pid, Signal::INT);
+    }
+    let status = watch.wait().unwrap();
+    assert!(status.success(), "Ctrl-C ends get -w cleanly: {status}");
+}
+
+#[test]
+fn logs_of_an_unplaced_server_is_one_clear_error() {
+    let cloud = Cloud::start();
+    // A flavor no node can hold keeps the server unplaced.
+    let huge = "apiVersion: ferro/v1\nkind: Flavor\nmetadata:\n  name: huge\nspec:\n  vcpus: 4096\n  ramMib: 1073741824\n  diskGib: 1\n---\n";
+    let stack = cloud.write(
+        "stack.yaml",
+        &format!("{huge}{}", STACK.replace("m1.small", "huge")),
+    );
+    cloud.run(&["apply", "-f", path(&stack)]).success();
+    for target in ["server/web-1", "web-1"] {
+        let out = cloud.run(&["logs", target]).failure();
+        assert_eq!(
+            stderr(&out),
+            "error: servers/web-1: is not placed on a node yet; it has no console\n"
+        );
+    }
+    let out = cloud.run(&["logs", "server/nope", "-f"]).failure();
+    assert_eq!(stderr(&out), "error: servers/nope not found\n");
+    let out = cloud.run(&["logs", "network/app-net"]).failure();
+    assert_eq!(
+        stderr(&out),
+        "error: only servers have logs; `network/app-net` is a Network\n"
+    );
+}
+
+#[test]
+fn explain_and_completion_need_no_cloud() {
+    let ferro = || {
+        let mut command = assert_cmd::Command::new(ferro_bin());
+        command.timeout(Duration::from_secs(60));
+        command
+    };
+    let out = ferro()
+        .args(["explain", "server.spec.networks"])
+        .assert()
+        .success();
+    let text = stdout(&out);
+    assert!(text.starts_with("KIND:        Server\nFIELD:       spec.networks\nTYPE:        list of object (ServerNetwork)\n"), "{text}");
+    assert!(
+        text.contains("The networks the server is attached to"),
+        "{text}"
+    );
+    assert!(text.contains("\nFIELDS:\n    network   string"), "{text}");
+
+    let out = ferro()
+        .args(["explain", "server.spec.powerState"])
+        .assert()
+        .success();
+    let text = stdout(&out);
+    assert!(
+        text.contains("TYPE:        enum (Running | Stopped)\n"),
+        "{text}"
+    );
+    assert!(text.contains("\nVALUES:\n    Running   "), "{text}");
+    assert!(text.contains("\n    Stopped   "), "{text}");
+
+    let out = ferro()
+        .args(["explain", "securitygroup.spec.rules.protocol"])
+        .assert()
+        .success();
+    assert!(
+        stdout(&out).contains("TYPE:        enum ("),
+        "{}",
+        stdout(&out)
+    );
+    let out = ferro()
+        .args(["explain", "network.spec.mtu"])
+        .assert()
+        .success();
+    assert!(
+        stdout(&out).contains("TYPE:        integer\n"),
+        "{}",
+        stdout(&out)
+    );
+    let out = ferro()
+        .args(["explain", "server.metadata.labels"])
+        .assert()
+        .success();
+    assert!(
+        stdout(&out).contains("TYPE:        map of string to string\n"),
+        "{}",
+        stdout(&out)
+    );
+
+    let out = ferro()
+        .args(["explain", "server.spec.flavour"])
+        .assert()
+        .failure();
+    assert!(
+        stderr(&out).starts_with("error: spec has no field `flavour`; its fields: flavor, image, "),
+        "{}",
+        stderr(&out)
+    );
+
+    for (shell, marker) in [
+        ("bash", "_ferro()"),
+        ("zsh", "#compdef ferro"),
+        ("fish", "complete -c ferro"),
+    ] {
+        let out = ferro().args(["completion", shell]).assert().success();
+        let text = stdout(&out);
+        assert!(text.contains(marker), "{shell}: {text}");
+        assert!(
+            text.contains("describe") && text.contains("explain"),
+            "{shell}"
+        );
     }
 }

@@ -1,4 +1,6 @@
-//! The user's CLI: `apply`, `get` and `delete`, one module per verb, over the API client.
+//! The user's CLI, one module per verb or group of verbs (`apply`, `get`, `describe`,
+//! `delete`, `diff`, `wait`, `explain`, `logs`, `completion`, `node`, …), over the API
+//! client.
 //!
 //! Every verb finds the apiserver and its token the same way ([`Connection::resolve`]):
 //! flags, then `FERRO_SERVER` / `FERRO_TOKEN`, then the [`config`] file `ferro up` writes.
@@ -10,12 +12,18 @@ use anyhow::anyhow;
 use ferro_api::{Error as ApiError, Kind, client::Client};
 
 pub mod apply;
+pub mod completion;
 pub mod config;
 pub mod delete;
+pub mod describe;
+pub mod diff;
+pub mod explain;
 pub mod get;
+pub mod logs;
 pub mod manifest;
 pub mod node;
 mod table;
+pub mod wait;
 
 /// The apiserver address used when neither flag, environment nor config names one.
 pub const DEFAULT_SERVER: &str = "127.0.0.1:7443";
@@ -178,4 +186,41 @@ pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?)
+}
+
+/// `server/web-1` (or `servers/web-1`, `Server/web-1`) as a kind and a name.
+pub fn parse_reference(word: &str) -> anyhow::Result<(Kind, String)> {
+    let Some((kind, name)) = word.split_once('/') else {
+        return Err(anyhow!(
+            "`{word}` names no object: write KIND/NAME, e.g. server/web-1"
+        ));
+    };
+    if name.is_empty() {
+        return Err(anyhow!(
+            "`{word}` names no object: write KIND/NAME, e.g. server/web-1"
+        ));
+    }
+    Ok((parse_kind(kind)?, name.to_owned()))
+}
+
+/// Seconds since the Unix epoch, now.
+pub fn now_seconds() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or_default()
+}
+
+/// How long ago a timestamp was, as `5s`, `3m`, `2h`, `4d`; empty when unset.
+pub fn ago(timestamp: Option<&prost_types::Timestamp>) -> String {
+    timestamp
+        .map(|t| table::duration(now_seconds() - t.seconds))
+        .unwrap_or_default()
+}
+
+/// Waits for Ctrl-C; never returns when signals cannot be watched.
+pub async fn interrupted() {
+    if tokio::signal::ctrl_c().await.is_err() {
+        std::future::pending::<()>().await;
+    }
 }

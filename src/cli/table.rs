@@ -40,7 +40,8 @@ pub fn render(objects: &[Object], wide: bool, show_project: bool) -> String {
     align(&header, &rows)
 }
 
-fn align(header: &[&str], rows: &[Vec<String>]) -> String {
+/// Aligns a header and rows in columns separated by three spaces.
+pub fn align(header: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
     for row in rows {
         for (i, cell) in row.iter().enumerate() {
@@ -72,8 +73,12 @@ fn age(object: &Object, now: i64) -> String {
     else {
         return String::new();
     };
-    let seconds = (now - created.seconds).max(0);
-    match seconds {
+    duration(now - created.seconds)
+}
+
+/// A span of seconds as kubectl shows ages: `5s`, `3m`, `2h`, `4d`.
+pub fn duration(seconds: i64) -> String {
+    match seconds.max(0) {
         s if s < 120 => format!("{s}s"),
         s if s < 120 * 60 => format!("{}m", s / 60),
         s if s < 48 * 3600 => format!("{}h", s / 3600),

@@ -1,0 +1,340 @@
+//! `ferro describe KIND NAME`: one object for people — identity, spec, status, a table
+//! of conditions, owners, the recent Events about it and, while it is being deleted, what
+//! still holds it (finalizers, and dependents that block owner deletion). For a Server
+//! also its placement, the references it resolved and why it is not ready.
+
+use std::fmt::Write as _;
+
+use anyhow::anyhow;
+use ferro_api::client::{Client, Selection};
+use ferro_api::kinds::Scope;
+use ferro_api::{Error as ApiError, Kind, Object, codec, v1};
+use serde_json::Value as Json;
+
+use super::wait::{conditions, reason_and_message, status_name};
+use super::{Connection, ConnectionArgs, ago, now_seconds, parse_kind, table};
+
+/// The kinds that other objects can own, searched for dependents of an object being
+/// deleted.
+const OWNABLE: &[Kind] = &[
+    Kind::Port,
+    Kind::IPAddress,
+    Kind::MACAddress,
+    Kind::SegmentID,
+    Kind::Server,
+    Kind::Volume,
+    Kind::VolumeSnapshot,
+    Kind::FloatingIP,
+    Kind::Router,
+    Kind::Network,
+];
+
+/// Arguments of `ferro describe`.
+#[derive(clap::Args, Debug)]
+pub struct DescribeArgs {
+    /// The kind: singular, plural or short name (`server`, `servers`, `srv`), or
+    /// `KIND/NAME`.
+    pub kind: String,
+    /// The object's name.
+    pub name: Option<String>,
+    /// The project [default: the config's project, else `default`].
+    #[arg(short = 'p', long, value_name = "PROJECT")]
+    pub project: Option<String>,
+}
+
+/// Runs `ferro describe`.
+pub fn run(connection: &ConnectionArgs, args: DescribeArgs) -> anyhow::Result<()> {
+    let runtime = super::runtime()?;
+    let _entered = runtime.enter();
+    let (kind, name) = match (&args.name, args.kind.split_once('/')) {
+        (Some(name), _) => (parse_kind(&args.kind)?, name.clone()),
+        (None, Some(_)) => super::parse_reference(&args.kind)?,
+        (None, None) => return Err(anyhow!("name the {} to describe", args.kind)),
+    };
+    let connection = Connection::resolve(connection, args.project.as_deref())?;
+    let client = connection.client()?;
+    let text = runtime
+        .block_on(describe(client, kind, &connection.project, &name))
+        .map_err(|e| anyhow!("{}", connection.explain(&e)))?;
+    print!("{text}");
+    Ok(())
+}
+
+/// The text `ferro describe` prints for one object.
+async fn describe(
+    client: &Client,
+    kind: Kind,
+    project: &str,
+    name: &str,
+) -> Result<String, ApiError> {
+    let object = client.get(kind, project, name).await?;
+    let meta = object.metadata().cloned().unwrap_or_default();
+    let mut out = String::new();
+    let field = |out: &mut String, label: &str, value: &str| {
+        let value = if value.is_empty() { "<none>" } else { value };
+        let _ = writeln!(out, "{:<13}{value}", format!("{label}:"));
+    };
+    field(&mut out, "Name", &meta.name);
+    field(&mut out, "Kind", kind.name());
+    if kind.scope() == Scope::Project {
+        field(&mut out, "Project", &meta.project);
+    }
+    field(&mut out, "Labels", &pairs(&meta.labels));
+    field(&mut out, "Annotations", &pairs(&meta.annotations));
+    field(
+        &mut out,
+        "Created",
+        &meta
+            .creation_timestamp
+            .as_ref()
+            .map(|t| format!("{} ({} ago)", timestamp(t), ago(Some(t))))
+            .unwrap_or_default(),
+    );
+    field(&mut out, "UID", &meta.uid);
+    field(&mut out, "Generation", &meta.generation.to_string());
+    field(&mut out, "Finalizers", &meta.finalizers.join(", "));
+
+    if let Some(deleted) = &meta.deletion_timestamp {
+        let mut blockers = Vec::new();
+        if !meta.finalizers.is_empty() {
+            blockers.push(format!("finalizers {}", meta.finalizers.join(", ")));
+        }
+        let dependents = dependents(client, &meta.uid).await?;
+        if !dependents.is_empty() {
+            blockers.push(format!("dependents: {}", dependents.join(", ")));
+        }
+        let waiting = if blockers.is_empty() {
+            "nothing (it should go any moment)".to_owned()
+        } else {
+            blockers.join("; ")
+        };
+        let _ = writeln!(
+            out,
+            "Deleting since {} ({} ago), waiting for: {waiting}",
+            timestamp(deleted),
+            ago(Some(deleted))
+        );
+    }
+
+    let json = codec::encode_object(&object);
+    let _ = writeln!(out, "Spec:");
+    out.push_str(&yaml_block(json.get("spec")));
+    let mut status = json.get("status").cloned().unwrap_or(Json::Null);
+    if let Json::Object(map) = &mut status {
+        map.remove("conditions");
+    }
+    let _ = writeln!(out, "Status:");
+    out.push_str(&yaml_block(Some(&status)));
+
+    if let Object::Server(server) = &object {
+        server_sections(&mut out, server);
+    }
+
+    let now = now_seconds();
+    let conditions = conditions(&object);
+    let _ = writeln!(out, "Conditions:");
+    if conditions.is_empty() {
+        let _ = writeln!(out, "  <none>");
+    } else {
+        let rows: Vec<Vec<String>> = conditions
+            .iter()
+            .map(|c| {
+                vec![
+                    c.r#type.clone(),
+                    status_name(c).to_owned(),
+                    c.reason.clone(),
+                    c.last_transition_time
+                        .map(|t| table::duration(now - t.seconds))
+                        .unwrap_or_default(),
+                    c.message.clone(),
+                ]
+            })
+            .collect();
+        out.push_str(&indented(&table::align(
+            &["TYPE", "STATUS", "REASON", "AGE", "MESSAGE"],
+            &rows,
+        )));
+    }
+
+    let _ = writeln!(out, "Owners:");
+    if meta.owner_references.is_empty() {
+        let _ = writeln!(out, "  <none>");
+    }
+    for owner in &meta.owner_references {
+        let mut notes = vec![format!("uid {}", owner.uid)];
+        if owner.controller {
+            notes.push("controller".to_owned());
+        }
+        if owner.block_owner_deletion {
+            notes.push("blocks owner deletion".to_owned());
+        }
+        let _ = writeln!(
+            out,
+            "  {}/{} ({})",
+            owner.kind.to_ascii_lowercase(),
+            owner.name,
+            notes.join(", ")
+        );
+    }
+
+    let _ = writeln!(out, "Events:");
+    let events = events(client, &object).await?;
+    if events.is_empty() {
+        let _ = writeln!(out, "  <none>");
+    } else {
+        let rows: Vec<Vec<String>> = events
+            .iter()
+            .map(|e| {
+                let last = e.last_timestamp.or(e.first_timestamp);
+                vec![
+                    last.map(|t| table::duration(now - t.seconds))
+                        .unwrap_or_default(),
+                    match e.r#type() {
+                        v1::event_spec::Type::Warning => "Warning".to_owned(),
+                        v1::event_spec::Type::Normal => "Normal".to_owned(),
+                        v1::event_spec::Type::Unspecified => String::new(),
+                    },
+                    e.reason.clone(),
+                    e.count.max(1).to_string(),
+                    e.reporting_component.clone(),
+                    e.message.clone(),
+                ]
+            })
+            .collect();
+        out.push_str(&indented(&table::align(
+            &["LAST SEEN", "TYPE", "REASON", "COUNT", "FROM", "MESSAGE"],
+            &rows,
+        )));
+    }
+    Ok(out)
+}
+
+/// Placement, resolved references and readiness of a Server.
+fn server_sections(out: &mut String, server: &v1::Server) {
+    let status = server.status.clone().unwrap_or_default();
+    let _ = writeln!(out, "Placement:");
+    if status.node.is_empty() {
+        let _ = writeln!(out, "  not placed yet");
+    } else {
+        let _ = writeln!(out, "  Node:      {}", status.node);
+        if let Some(flavor) = &status.flavor {
+            let _ = writeln!(
+                out,
+                "  Flavor:    {} ({} vCPU, {} MiB RAM, {} GiB disk, as at placement)",
+                flavor.name, flavor.vcpus, flavor.ram_mib, flavor.disk_gib
+            );
+        }
+    }
+    let _ = writeln!(out, "References:");
+    if status.resolved.is_empty() {
+        let _ = writeln!(out, "  none resolved yet");
+    }
+    for reference in &status.resolved {
+        let place = if reference.project.is_empty() {
+            String::new()
+        } else {
+            format!(" in {}", reference.project)
+        };
+        let _ = writeln!(
+            out,
+            "  {}/{}{place} -> uid {}",
+            reference.kind.to_ascii_lowercase(),
+            reference.name,
+            reference.uid
+        );
+    }
+    let conditions = &status.conditions;
+    let ready = conditions.iter().find(|c| c.r#type == "Ready");
+    let why = match ready {
+        Some(c) if status_name(c) == "True" => None,
+        Some(c) => Some(reason_and_message(c)),
+        None => match conditions.iter().find(|c| status_name(c) == "False") {
+            Some(c) => Some(format!("{}: {}", c.r#type, reason_and_message(c))),
+            None => Some("no Ready condition reported yet".to_owned()),
+        },
+    };
+    if let Some(why) = why {
+        let _ = writeln!(out, "Not ready:   {why}");
+    }
+}
+
+/// The objects that name `uid` as an owner, as `port/p1 (blocks owner deletion)`.
+async fn dependents(client: &Client, uid: &str) -> Result<Vec<String>, ApiError> {
+    let mut found = Vec::new();
+    for &kind in OWNABLE {
+        let (objects, _) = client.list(kind, &Selection::all()).await?;
+        for object in objects {
+            let Some(reference) = object
+                .metadata()
+                .and_then(|m| m.owner_references.iter().find(|r| r.uid == uid))
+            else {
+                continue;
+            };
+            let blocks = if reference.block_owner_deletion {
+                " (blocks owner deletion)"
+            } else {
+                ""
+            };
+            found.push(format!(
+                "{}/{}{blocks}",
+                kind.name().to_ascii_lowercase(),
+                object.name()
+            ));
+        }
+    }
+    Ok(found)
+}
+
+/// The Events about `object`, oldest first.
+async fn events(client: &Client, object: &Object) -> Result<Vec<v1::EventSpec>, ApiError> {
+    let uid = object
+        .metadata()
+        .map(|m| m.uid.as_str())
+        .unwrap_or_default();
+    let project = match object.kind().scope() {
+        Scope::Project => object.project().to_owned(),
+        Scope::Cluster => ferro_api::server::DEFAULT_PROJECT.to_owned(),
+    };
+    let (items, _) = client
+        .list(Kind::Event, &Selection::project(project))
+        .await?;
+    let mut events: Vec<v1::EventSpec> = items
+        .into_iter()
+        .filter_map(|o| match o {
+            Object::Event(e) => e.spec,
+            _ => None,
+        })
+        .filter(|s| s.involved_object.as_ref().is_some_and(|r| r.uid == uid))
+        .collect();
+    events.sort_by_key(|e| {
+        e.last_timestamp
+            .or(e.first_timestamp)
+            .map_or(0, |t| t.seconds)
+    });
+    Ok(events)
+}
+
+fn pairs(map: &std::collections::HashMap<String, String>) -> String {
+    let mut pairs: Vec<String> = map.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    pairs.sort();
+    pairs.join(", ")
+}
+
+fn timestamp(t: &prost_types::Timestamp) -> String {
+    jiff::Timestamp::new(t.seconds, 0)
+        .map(|t| t.to_string())
+        .unwrap_or_default()
+}
+
+/// A JSON value as YAML, indented under its section; `<none>` when empty.
+fn yaml_block(value: Option<&Json>) -> String {
+    match value {
+        None | Some(Json::Null) => "  <none>\n".to_owned(),
+        Some(Json::Object(map)) if map.is_empty() => "  <none>\n".to_owned(),
+        Some(value) => indented(&codec::json_to_yaml(value)),
+    }
+}
+
+fn indented(text: &str) -> String {
+    text.lines().map(|l| format!("  {l}\n")).collect()
+}
