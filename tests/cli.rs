@@ -808,7 +808,8 @@ fn uid_of(cloud: &Cloud, kind: &str, name: &str) -> String {
 fn wait_for_describe(cloud: &Cloud, kind: &str, name: &str, text: &str) -> String {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let out = stdout(&cloud.run(&["describe", kind, name]).success());
+        // It may not exist yet (made by a controller).
+        let out = stdout(&cloud.run(&["describe", kind, name]));
         if out.contains(text) {
             return out;
         }
@@ -998,6 +999,48 @@ fn describe_a_server_says_where_it_is_and_why_it_is_not_ready() {
         assert!(text.contains(section), "{section:?} missing:\n{text}");
     }
     assert!(text.contains("  flavor: m1.small\n"), "{text}");
+
+    // Once the controllers have looked at it: where it is, what its references resolved
+    // to, and why it is not ready (there is no image `debian-12`).
+    let text = wait_for_describe(&cloud, "server", "web-1", "\nPlacement:\n  Node:      ");
+    assert!(
+        text.contains("\n  Flavor:    m1.small (1 vCPU, 2048 MiB RAM, 20 GiB disk"),
+        "{text}"
+    );
+    let text = wait_for_describe(&cloud, "server", "web-1", "\nNot ready:   ImageNotFound: ");
+    assert!(text.contains("\n  flavor/m1.small -> uid "), "{text}");
+    let ready = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("Ready "))
+        .unwrap_or_else(|| panic!("{text}"));
+    let cells: Vec<&str> = ready.split_whitespace().collect();
+    assert_eq!(&cells[..3], ["Ready", "False", "ImageNotFound"], "{text}");
+    // wait's timeout names the same reason.
+    let out = cloud
+        .run(&[
+            "wait",
+            "server/web-1",
+            "--for",
+            "condition=Ready",
+            "--timeout",
+            "2s",
+        ])
+        .failure();
+    assert!(
+        stderr(&out).starts_with(
+            "error: timed out after 2s waiting for servers/web-1 condition Ready: ImageNotFound: "
+        ),
+        "{}",
+        stderr(&out)
+    );
+    // Its Port names it as owner.
+    let uid = uid_of(&cloud, "server", "web-1");
+    let port = wait_for_describe(&cloud, "port", "web-1-0", "\nOwners:\n  server/web-1 ");
+    assert!(
+        port.contains(&format!("\nOwners:\n  server/web-1 (uid {uid}, controller")),
+        "{port}"
+    );
+
     let out = cloud.run(&["describe", "server", "nope"]).failure();
     assert_eq!(stderr(&out), "error: servers/nope not found\n");
 }
