@@ -69,6 +69,10 @@ enum Command {
     Logs(cli::logs::LogsArgs),
     /// Print a shell completion script: `ferro completion bash`.
     Completion(cli::completion::CompletionArgs),
+    /// Attach to a server's serial console (Ctrl-] leaves).
+    Console(cli::console::ConsoleArgs),
+    /// Power verbs: `ferro server stop|start|reboot NAME`.
+    Server(cli::server::ServerArgs),
 }
 
 impl Command {
@@ -91,6 +95,7 @@ impl Command {
             | Command::Explain(_)
             | Command::Logs(_)
             | Command::Completion(_) => "warn",
+            Command::Console(_) | Command::Server(_) => "warn",
         }
     }
 }
@@ -121,6 +126,8 @@ fn main() -> ExitCode {
         Command::Completion(args) => {
             cli::completion::run(<Cli as clap::CommandFactory>::command(), args)
         }
+        Command::Console(args) => cli::console::run(&cli.connection, args),
+        Command::Server(args) => cli::server::run(&cli.connection, args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

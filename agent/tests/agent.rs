@@ -1043,8 +1043,13 @@ spec: {{flavor: m1.tiny, image: tampered}}
         .wait_console("bios", "FERRO-READY hostname=bios-host boot-count=1")
         .await?;
     let node = cloud
-        .wait_node("reporting both images", |n| {
-            n.status.as_ref().is_some_and(|s| s.images.len() == 2)
+        .wait_node("reporting one image ready, one failed", |n| {
+            // The failed one is fetched again on every retry: wait for a moment between.
+            n.status.as_ref().is_some_and(|s| {
+                let phase = |name: &str| s.images.iter().find(|i| i.image == name).map(|i| i.phase);
+                phase("default/cloudy") == Some(v1::cached_image::Phase::Ready as i32)
+                    && phase("default/tampered") == Some(v1::cached_image::Phase::Failed as i32)
+            })
         })
         .await?;
     let images = node.status.unwrap().images;

@@ -2,6 +2,7 @@
 //! on this machine, with real etcd and real Ferro processes.
 
 pub mod api;
+pub mod boot;
 
 /// A benchmark.
 #[derive(clap::Subcommand, Debug)]
@@ -12,6 +13,8 @@ pub enum BenchCommand {
     Ipam(IpamArgs),
     /// Scheduling and addressing throughput against etcd, with simulated node agents.
     Schedule(ScheduleArgs),
+    /// Seconds from apply of a Server to its guest's ready marker, against plain QEMU.
+    Boot(boot::BootBenchArgs),
 }
 
 /// Arguments of `ferro bench schedule`.
@@ -49,6 +52,7 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
             BenchCommand::Api(args) => api::run(args).await,
             BenchCommand::Ipam(args) => ipam(args).await,
             BenchCommand::Schedule(args) => schedule(args).await,
+            BenchCommand::Boot(args) => boot::run(args).await,
         }
     })
 }

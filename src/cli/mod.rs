@@ -14,6 +14,7 @@ use ferro_api::{Error as ApiError, Kind, client::Client};
 pub mod apply;
 pub mod completion;
 pub mod config;
+pub mod console;
 pub mod delete;
 pub mod describe;
 pub mod diff;
@@ -22,6 +23,7 @@ pub mod get;
 pub mod logs;
 pub mod manifest;
 pub mod node;
+pub mod server;
 mod table;
 pub mod wait;
 

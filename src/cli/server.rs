@@ -1,0 +1,483 @@
+//! `ferro server stop|start|reboot NAME`: the power verbs. They are conveniences over the
+//! declarative API, as `kubectl rollout restart` is: `stop` and `start` set the Server's
+//! `spec.powerState`, `reboot` sets the annotation `ferro.io/reboot-requested-at` to the
+//! current time; the node's agent does the rest. Each edit is a read-modify-write with the
+//! object's resourceVersion (retried on conflicts), so the rest of the Server is kept.
+//!
+//! Then the verb watches the Server until `status.host` shows the result — the guest shut
+//! down, running, or `lastReboot` equal to the request — printing each change on the way,
+//! unless `--no-wait`. A later `ferro apply` of a manifest without `powerState` sets it
+//! back to the default, `Running`, as with any field the manifest owns.
+
+use std::time::Duration;
+
+use anyhow::{Context, anyhow, bail};
+use ferro_agent::server::plan::REBOOT_ANNOTATION;
+use ferro_api::client::Selection;
+use ferro_api::v1::condition::Status as ConditionStatus;
+use ferro_api::v1::server_host_status::PowerState as HostPower;
+use ferro_api::v1::server_spec::PowerState;
+use ferro_api::v1::watch_event::Type as EventType;
+use ferro_api::{Error as ApiError, Kind, Object, Resource, v1};
+use futures::StreamExt;
+
+use super::{Connection, ConnectionArgs, object_label};
+
+/// Arguments of `ferro server`.
+#[derive(clap::Args, Debug)]
+pub struct ServerArgs {
+    /// What to do.
+    #[command(subcommand)]
+    pub action: ServerAction,
+}
+
+/// The power verbs.
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum ServerAction {
+    /// Shut the guest down (ACPI, then forced after the node's grace period): sets
+    /// `spec.powerState: Stopped`.
+    Stop(PowerArgs),
+    /// Boot the guest again, on the same disk: sets `spec.powerState: Running`.
+    Start(PowerArgs),
+    /// Reset the guest once: sets the `ferro.io/reboot-requested-at` annotation to now.
+    Reboot(PowerArgs),
+}
+
+/// What every power verb takes.
+#[derive(clap::Args, Debug, Clone)]
+pub struct PowerArgs {
+    /// The Server's name (`web-1` or `server/web-1`).
+    pub name: String,
+    /// The project [default: the config's project, else `default`].
+    #[arg(short = 'p', long, value_name = "PROJECT")]
+    pub project: Option<String>,
+    /// Return once the request is recorded, without waiting for the guest.
+    #[arg(long)]
+    pub no_wait: bool,
+    /// Give up waiting after this long: `90s`, `5m`.
+    #[arg(long, value_name = "DURATION", default_value = "120s")]
+    pub timeout: String,
+}
+
+impl ServerAction {
+    fn args(&self) -> &PowerArgs {
+        match self {
+            ServerAction::Stop(a) | ServerAction::Start(a) | ServerAction::Reboot(a) => a,
+        }
+    }
+}
+
+/// What the verb waits for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Goal {
+    Stopped,
+    Running,
+    Rebooted(String),
+}
+
+impl Goal {
+    fn describe(&self) -> &'static str {
+        match self {
+            Goal::Stopped => "stopped",
+            Goal::Running => "running",
+            Goal::Rebooted(_) => "rebooted",
+        }
+    }
+
+    /// Whether the Server's observed state meets the goal.
+    fn met(&self, server: &v1::Server) -> bool {
+        let host = host(server);
+        match self {
+            Goal::Stopped => {
+                host.pid == 0
+                    && matches!(
+                        HostPower::try_from(host.power_state),
+                        Ok(HostPower::Shutdown | HostPower::Crashed | HostPower::NoState)
+                    )
+                    && desired_power(server) == PowerState::Stopped
+            }
+            Goal::Running => {
+                host.power_state == HostPower::Running as i32
+                    && guest_running(server)
+                        .is_some_and(|c| c.status == ConditionStatus::True as i32)
+            }
+            Goal::Rebooted(request) => host.last_reboot == *request,
+        }
+    }
+}
+
+fn host(server: &v1::Server) -> v1::ServerHostStatus {
+    server
+        .status
+        .as_ref()
+        .and_then(|s| s.host.clone())
+        .unwrap_or_default()
+}
+
+fn guest_running(server: &v1::Server) -> Option<v1::Condition> {
+    server
+        .status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.r#type == "GuestRunning")
+        .cloned()
+}
+
+fn desired_power(server: &v1::Server) -> PowerState {
+    match server
+        .spec
+        .as_ref()
+        .and_then(|s| s.power_state)
+        .map(PowerState::try_from)
+    {
+        Some(Ok(PowerState::Stopped)) => PowerState::Stopped,
+        _ => PowerState::Running,
+    }
+}
+
+/// One line saying where the Server stands, for progress output.
+fn progress_line(server: &v1::Server) -> String {
+    let status = server.status.clone().unwrap_or_default();
+    if status.node.is_empty() {
+        return "not placed on a node yet".to_owned();
+    }
+    let host = host(server);
+    let power = HostPower::try_from(host.power_state)
+        .map(|p| p.as_str_name().to_owned())
+        .unwrap_or_else(|_| "Unknown".into());
+    let power = if host.power_state == 0 {
+        "no report yet".to_owned()
+    } else {
+        power
+    };
+    let mut line = format!("on node {}: {power}", status.node);
+    if let Some(c) = guest_running(server) {
+        let state = ConditionStatus::try_from(c.status)
+            .map(|s| s.as_str_name().to_owned())
+            .unwrap_or_default();
+        line.push_str(&format!(" (GuestRunning={state}"));
+        if !c.reason.is_empty() {
+            line.push_str(&format!(", {}", c.reason));
+        }
+        line.push(')');
+        if c.status == ConditionStatus::False as i32
+            && !c.message.is_empty()
+            && !matches!(c.reason.as_str(), "Stopped" | "GuestShutdown")
+        {
+            line.push_str(&format!(": {}", c.message));
+        }
+    }
+    line
+}
+
+/// Parses `90s`, `5m`, `1h`, `500ms` or plain seconds.
+pub fn parse_duration(text: &str) -> anyhow::Result<Duration> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number
+        .parse()
+        .map_err(|_| anyhow!("`{text}` is not a duration: write 90s, 5m or 1h"))?;
+    let seconds = match unit {
+        "" | "s" => number,
+        "ms" => number / 1000.0,
+        "m" => number * 60.0,
+        "h" => number * 3600.0,
+        _ => bail!("`{text}` is not a duration: write 90s, 5m or 1h"),
+    };
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+/// Now, as RFC 3339 in UTC with milliseconds: `2026-11-22T21:00:00.123Z`.
+pub fn rfc3339_now() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    rfc3339(now.as_secs() as i64, now.subsec_millis())
+}
+
+fn rfc3339(seconds: i64, millis: u32) -> String {
+    let days = seconds.div_euclid(86_400);
+    let rem = seconds.rem_euclid(86_400);
+    // Howard Hinnant's days-to-civil.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Runs `ferro server …`.
+pub fn run(connection: &ConnectionArgs, args: ServerArgs) -> anyhow::Result<()> {
+    let power = args.action.args().clone();
+    let timeout = parse_duration(&power.timeout)?;
+    let name = power
+        .name
+        .strip_prefix("server/")
+        .or_else(|| power.name.strip_prefix("servers/"))
+        .unwrap_or(&power.name)
+        .to_owned();
+    let runtime = super::runtime()?;
+    // The client's connection needs the runtime it is made in.
+    let _entered = runtime.enter();
+    let conn = Connection::resolve(connection, power.project.as_deref())?;
+    runtime.block_on(async {
+        let (goal, server) = request(&conn, &args.action, &name).await?;
+        let label = object_label(Kind::Server, &name);
+        if power.no_wait {
+            return Ok(());
+        }
+        match tokio::time::timeout(timeout, wait(&conn, &name, &goal, server)).await {
+            Ok(result) => result,
+            Err(_) => {
+                let last = conn
+                    .client()?
+                    .get_typed::<v1::Server>(&conn.project, &name)
+                    .await
+                    .map(|s| progress_line(&s))
+                    .unwrap_or_default();
+                bail!(
+                    "{label}: not {} within {}; last seen {last}",
+                    goal.describe(),
+                    power.timeout
+                )
+            }
+        }
+    })
+}
+
+/// Records the request on the Server; returns what to wait for and the Server as written.
+async fn request(
+    conn: &Connection,
+    action: &ServerAction,
+    name: &str,
+) -> anyhow::Result<(Goal, v1::Server)> {
+    let client = conn.client()?;
+    let label = object_label(Kind::Server, name);
+    let goal = match action {
+        ServerAction::Stop(_) => Goal::Stopped,
+        ServerAction::Start(_) => Goal::Running,
+        ServerAction::Reboot(_) => Goal::Rebooted(rfc3339_now()),
+    };
+    for _ in 0..10 {
+        let mut server = client
+            .get_typed::<v1::Server>(&conn.project, name)
+            .await
+            .map_err(|e| anyhow!("{label}: {}", conn.explain(&e)))?;
+        if server
+            .metadata
+            .as_ref()
+            .is_some_and(|m| m.deletion_timestamp.is_some())
+        {
+            bail!("{label} is being deleted");
+        }
+        let changed = match &goal {
+            Goal::Stopped | Goal::Running => {
+                let wanted = if goal == Goal::Stopped {
+                    PowerState::Stopped
+                } else {
+                    PowerState::Running
+                };
+                let before = desired_power(&server);
+                server.spec.get_or_insert_default().power_state = Some(wanted as i32);
+                before != wanted
+            }
+            Goal::Rebooted(at) => {
+                server
+                    .metadata_mut()
+                    .annotations
+                    .insert(REBOOT_ANNOTATION.to_owned(), at.clone());
+                true
+            }
+        };
+        if !changed {
+            println!("{label}: already {}", spec_word(&goal));
+            return Ok((goal, server));
+        }
+        match client.update(server.into_object()).await {
+            Ok(object) => {
+                let server = v1::Server::from_object(object)
+                    .context("the apiserver answered with another kind")?;
+                match &goal {
+                    Goal::Rebooted(at) => println!("{label}: reboot requested at {at}"),
+                    _ => println!("{label}: powerState set to {}", spec_word(&goal)),
+                }
+                return Ok((goal, server));
+            }
+            Err(ApiError::Conflict { .. }) => continue,
+            Err(e) => bail!("{label}: {}", conn.explain(&e)),
+        }
+    }
+    bail!("{label} kept changing under the edit; try again")
+}
+
+fn spec_word(goal: &Goal) -> &'static str {
+    match goal {
+        Goal::Stopped => "Stopped",
+        Goal::Running | Goal::Rebooted(_) => "Running",
+    }
+}
+
+/// Watches the Server from `server`'s resourceVersion until the goal is met.
+async fn wait(
+    conn: &Connection,
+    name: &str,
+    goal: &Goal,
+    server: v1::Server,
+) -> anyhow::Result<()> {
+    let client = conn.client()?;
+    let label = object_label(Kind::Server, name);
+    let mut last_line = String::new();
+    let mut current = server;
+    let mut revision = current
+        .metadata
+        .as_ref()
+        .map(|m| m.resource_version)
+        .unwrap_or_default();
+    loop {
+        let line = progress_line(&current);
+        if line != last_line {
+            println!("{label}: {line}");
+            last_line = line;
+        }
+        if goal.met(&current) {
+            println!("{label}: {}", goal.describe());
+            return Ok(());
+        }
+        let selection =
+            Selection::project(conn.project.clone()).fields(format!("metadata.name={name}"));
+        let mut events = match client.watch(Kind::Server, &selection, revision).await {
+            Ok(events) => events,
+            Err(e) if Connection::is_fatal(&e) => bail!("{label}: {}", conn.explain(&e)),
+            Err(_) => {
+                // Expired revision or a transient failure: read afresh and watch again.
+                current = client
+                    .get_typed::<v1::Server>(&conn.project, name)
+                    .await
+                    .map_err(|e| anyhow!("{label}: {}", conn.explain(&e)))?;
+                revision = current
+                    .metadata
+                    .as_ref()
+                    .map(|m| m.resource_version)
+                    .unwrap_or_default();
+                continue;
+            }
+        };
+        while let Some(event) = events.next().await {
+            let Ok(event) = event else { break };
+            revision = revision.max(event.resource_version);
+            let object = event.object.and_then(|o| Object::try_from(o).ok());
+            let Some(server) = object.and_then(v1::Server::from_object) else {
+                continue;
+            };
+            if server.metadata.as_ref().is_none_or(|m| m.name != name) {
+                continue;
+            }
+            if event.r#type == EventType::Deleted as i32 {
+                bail!("{label} was deleted while waiting");
+            }
+            current = server;
+            let line = progress_line(&current);
+            if line != last_line {
+                println!("{label}: {line}");
+                last_line = line;
+            }
+            if goal.met(&current) {
+                println!("{label}: {}", goal.describe());
+                return Ok(());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_are_rfc3339_in_utc() {
+        assert_eq!(rfc3339(0, 0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339(1_795_381_200, 123), "2026-11-22T21:00:00.123Z");
+        assert_eq!(rfc3339(951_782_400, 5), "2000-02-29T00:00:00.005Z");
+    }
+
+    #[test]
+    fn durations_take_units() {
+        assert_eq!(parse_duration("120s").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("5d").is_err());
+    }
+
+    fn server(power: Option<PowerState>, host: v1::ServerHostStatus, running: bool) -> v1::Server {
+        v1::Server {
+            metadata: Some(v1::ObjectMeta {
+                name: "web-1".into(),
+                ..Default::default()
+            }),
+            spec: Some(v1::ServerSpec {
+                power_state: power.map(|p| p as i32),
+                ..Default::default()
+            }),
+            status: Some(v1::ServerStatus {
+                node: "n1".into(),
+                host: Some(host),
+                conditions: vec![v1::Condition {
+                    r#type: "GuestRunning".into(),
+                    status: if running {
+                        ConditionStatus::True as i32
+                    } else {
+                        ConditionStatus::False as i32
+                    },
+                    reason: if running { "Running" } else { "Stopped" }.into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+        }
+    }
+
+    #[test]
+    fn goals_read_what_the_agent_reports() {
+        let running = v1::ServerHostStatus {
+            power_state: HostPower::Running as i32,
+            pid: 42,
+            last_reboot: "2026-11-22T21:00:00.000Z".into(),
+            ..Default::default()
+        };
+        let down = v1::ServerHostStatus {
+            power_state: HostPower::Shutdown as i32,
+            ..Default::default()
+        };
+        let up = server(None, running.clone(), true);
+        assert!(Goal::Running.met(&up));
+        assert!(!Goal::Stopped.met(&up));
+        assert!(Goal::Rebooted("2026-11-22T21:00:00.000Z".into()).met(&up));
+        assert!(!Goal::Rebooted("2026-11-22T21:00:01.000Z".into()).met(&up));
+        // Shut down on its own while meant to run is not what `stop` waits for.
+        assert!(!Goal::Stopped.met(&server(None, down.clone(), false)));
+        let stopped = server(Some(PowerState::Stopped), down, false);
+        assert!(Goal::Stopped.met(&stopped));
+        assert!(!Goal::Running.met(&stopped));
+        assert_eq!(
+            progress_line(&stopped),
+            "on node n1: Shutdown (GuestRunning=False, Stopped)"
+        );
+    }
+}
