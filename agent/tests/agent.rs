@@ -271,7 +271,10 @@ spec:
         // bind to a registered Node, so wait for it rather than race it.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         while self.admin.get(Kind::Node, "", NODE).await.is_err() {
-            anyhow::ensure!(tokio::time::Instant::now() < deadline, "node {NODE} never registered");
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "node {NODE} never registered"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         self.admin
