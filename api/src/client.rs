@@ -283,13 +283,27 @@ impl Client {
         fields: &[&str],
         conditions: Vec<v1::Condition>,
     ) -> Result<Object, Error> {
+        self.update_status_at(object, writer, fields, conditions, 0)
+            .await
+    }
+
+    /// Patches status fields and conditions as `writer`, only while the object is still at
+    /// `resource_version` (`Error::Conflict` otherwise); `0` means at any revision.
+    pub async fn update_status_at(
+        &self,
+        object: Object,
+        writer: &str,
+        fields: &[&str],
+        conditions: Vec<v1::Condition>,
+        resource_version: i64,
+    ) -> Result<Object, Error> {
         let request = v1::UpdateStatusRequest {
             key: key(object.kind(), object.project(), object.name()),
             writer: writer.to_owned(),
             object: Some(object.into()),
             fields: fields.iter().map(|f| (*f).to_owned()).collect(),
             conditions,
-            resource_version: 0,
+            resource_version,
         };
         object_of(
             self.inner

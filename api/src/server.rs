@@ -1009,16 +1009,25 @@ impl ApiServer {
         let flavor = request
             .flavor
             .ok_or_else(|| Error::invalid(display.clone(), "flavor", "required"))?;
-        if self
-            .get_kv(&Kind::Node.key("", &request.node))
-            .await?
-            .is_none()
-        {
+        let Some(node) = self.get_kv(&Kind::Node.key("", &request.node)).await? else {
             return Err(Error::invalid(
                 display,
                 "node",
                 format!("nodes/{} not found", request.node),
             ));
+        };
+        // A cordon is a guarantee, not a hint: a scheduler whose cache has not seen it yet
+        // is refused here, and decides again once it has.
+        if let Object::Node(node) = decode_kv(Kind::Node, &node)?
+            && node.spec.is_some_and(|s| s.unschedulable)
+        {
+            return Err(Error::FailedPrecondition {
+                object: display,
+                message: format!(
+                    "node {} is cordoned (unschedulable); it takes no new servers",
+                    request.node
+                ),
+            });
         }
         let (object, _, _) = self
             .modify(&key, |current| {

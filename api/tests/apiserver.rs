@@ -458,6 +458,19 @@ async fn bind_happens_once_under_races(h: Harness) {
             .finalizers
             .contains(&"ferro.io/agent".to_owned())
     );
+    // A cordoned node takes no new server, whatever the scheduler's cache says.
+    h.admin.create(server("srv-d")).await.unwrap();
+    let mut n2 = h.admin.get(Kind::Node, "", "n2").await.unwrap();
+    if let Object::Node(n) = &mut n2 {
+        n.spec.get_or_insert_with(Default::default).unschedulable = true;
+    }
+    h.admin.update(n2).await.unwrap();
+    let err = h
+        .admin
+        .bind("default", "srv-d", "n2", flavor.clone())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("node n2 is cordoned"), "{err}");
     let err = h
         .admin
         .bind("default", "srv-b", "nope", flavor)
