@@ -316,7 +316,14 @@ impl Drop for Cloud {
             let _ = child.kill();
             let _ = child.wait();
         }
-        // Children die with the supervisor; give them a moment, then insist.
+        // Children die with the supervisor; give them a moment, then insist. Guests are
+        // different: they outlive `ferro up` by design (`ferro down` is what stops them),
+        // so this cloud's own guests are ended here, by PID, without counting as a leak.
+        for (pid, cmdline) in self.processes() {
+            if cmdline.starts_with("qemu-system") {
+                signal(pid, Signal::KILL);
+            }
+        }
         let left = self.wait_no_processes(Duration::from_secs(30));
         for (pid, _) in &left {
             signal(*pid, Signal::KILL);
