@@ -11,6 +11,7 @@
 //! The `ferro` binary is the one `cargo test --workspace` builds; the harness asks cargo
 //! to bring it up to date first (set `FERRO_BIN` to use another).
 
+use std::collections::HashMap;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -400,4 +401,92 @@ pub fn check(command: &Command, out: &Output) -> anyhow::Result<()> {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     )
+}
+
+/// The rows of a `ferro get` table, each as column → cell. Cells are cut at the header's
+/// column starts, which is how the table aligns them.
+pub fn table(text: &str) -> Vec<HashMap<String, String>> {
+    let mut lines = text.lines().filter(|l| !l.trim().is_empty());
+    let Some(header) = lines.next() else {
+        return Vec::new();
+    };
+    let mut starts: Vec<(usize, String)> = Vec::new();
+    let mut previous = ' ';
+    for (i, c) in header.char_indices() {
+        if c != ' ' && previous == ' ' {
+            let name: String = header[i..].chars().take_while(|c| *c != ' ').collect();
+            starts.push((i, name));
+        }
+        previous = c;
+    }
+    lines
+        .map(|line| {
+            starts
+                .iter()
+                .enumerate()
+                .map(|(n, (start, name))| {
+                    let end = starts
+                        .get(n + 1)
+                        .map(|(s, _)| *s)
+                        .unwrap_or(line.len())
+                        .min(line.len());
+                    let cell = line
+                        .get((*start).min(line.len())..end)
+                        .unwrap_or("")
+                        .trim()
+                        .to_owned();
+                    (name.clone(), cell)
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// The test guest's artefacts, as `e2e/images/build-tiny.sh` reports them.
+#[derive(Clone, Debug)]
+pub struct TinyGuest {
+    /// The uncompressed kernel (PVH direct boot).
+    pub kernel: String,
+    /// The initramfs.
+    pub initrd: String,
+    /// The small raw data disk.
+    pub disk: String,
+    /// The kernel command line.
+    pub cmdline: String,
+}
+
+/// Builds the test guest (or finds it in its cache, `$FERRO_IMAGE_CACHE` or
+/// `target/ferro-images`) and returns where its artefacts are.
+pub fn tiny_guest() -> anyhow::Result<TinyGuest> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let script = root.join("e2e/images/build-tiny.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .env(
+            "FERRO_IMAGE_CACHE",
+            std::env::var_os("FERRO_IMAGE_CACHE")
+                .unwrap_or_else(|| root.join("target/ferro-images").into()),
+        )
+        .output()
+        .with_context(|| format!("cannot run {}", script.display()))?;
+    if !out.status.success() {
+        bail!(
+            "{} failed:\n{}",
+            script.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let value = |key: &str| -> anyhow::Result<String> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{key}=")))
+            .map(str::to_owned)
+            .with_context(|| format!("{key} missing from: {text}"))
+    };
+    Ok(TinyGuest {
+        kernel: value("FERRO_TINY_KERNEL")?,
+        initrd: value("FERRO_TINY_INITRD")?,
+        disk: value("FERRO_TINY_DISK")?,
+        cmdline: value("FERRO_TINY_CMDLINE")?,
+    })
 }

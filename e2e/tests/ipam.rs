@@ -3,14 +3,14 @@
 //! `ferro get ports -o wide`), each held by a claim; deleting the ports removes the claims.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashSet,
     net::Ipv4Addr,
     path::Path,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, bail};
-use ferro_e2e::Cloud;
+use ferro_e2e::{Cloud, table};
 
 /// Three ports on the example stack's private network (manifests/network.yaml).
 const PORTS: &str = r#"
@@ -38,45 +38,6 @@ spec:
   - subnet: private-v4
     ipAddress: 10.0.1.123
 "#;
-
-/// The rows of a `ferro get` table, each as column → cell. Cells are cut at the header's
-/// column starts, which is how the table aligns them.
-fn table(text: &str) -> Vec<HashMap<String, String>> {
-    let mut lines = text.lines().filter(|l| !l.trim().is_empty());
-    let Some(header) = lines.next() else {
-        return Vec::new();
-    };
-    let mut starts: Vec<(usize, String)> = Vec::new();
-    let mut previous = ' ';
-    for (i, c) in header.char_indices() {
-        if c != ' ' && previous == ' ' {
-            let name: String = header[i..].chars().take_while(|c| *c != ' ').collect();
-            starts.push((i, name));
-        }
-        previous = c;
-    }
-    lines
-        .map(|line| {
-            starts
-                .iter()
-                .enumerate()
-                .map(|(n, (start, name))| {
-                    let end = starts
-                        .get(n + 1)
-                        .map(|(s, _)| *s)
-                        .unwrap_or(line.len())
-                        .min(line.len());
-                    let cell = line
-                        .get((*start).min(line.len())..end)
-                        .unwrap_or("")
-                        .trim()
-                        .to_owned();
-                    (name.clone(), cell)
-                })
-                .collect()
-        })
-        .collect()
-}
 
 fn wait_for<T>(
     what: &str,

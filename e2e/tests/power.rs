@@ -7,41 +7,17 @@
 //! start the guest's boot count (kept on its own disk) went up and a file written before
 //! the stop is still there; a reboot boots it exactly once more. Nothing asserts on time.
 
-use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
-use ferro_e2e::Cloud;
+use ferro_e2e::{Cloud, TinyGuest, tiny_guest};
 
 /// How long anything that needs a guest to boot may take.
 const BOOT: Duration = Duration::from_secs(240);
-
-/// The tiny guest's artefacts (built, or found in the cache, by its script).
-fn tiny_guest() -> anyhow::Result<BTreeMap<String, String>> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let output = Command::new("bash")
-        .arg(root.join("e2e/images/build-tiny.sh"))
-        .env(
-            "FERRO_IMAGE_CACHE",
-            std::env::var_os("FERRO_IMAGE_CACHE")
-                .unwrap_or_else(|| root.join("target/ferro-images").into()),
-        )
-        .output()?;
-    ensure!(
-        output.status.success(),
-        "build-tiny.sh failed:\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Ok(String::from_utf8(output.stdout)?
-        .lines()
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect())
-}
 
 /// The one VM directory of the cloud's agent, once there is one.
 fn vm_dir(cloud: &Cloud) -> Option<PathBuf> {
@@ -189,7 +165,7 @@ fn power_verbs_and_the_console_drive_a_real_guest() -> anyhow::Result<()> {
     result
 }
 
-fn scenario(cloud: &Cloud, guest: &BTreeMap<String, String>) -> anyhow::Result<()> {
+fn scenario(cloud: &Cloud, guest: &TinyGuest) -> anyhow::Result<()> {
     let manifest = cloud.data_dir().join("../power.yaml");
     std::fs::write(
         &manifest,
@@ -220,10 +196,10 @@ kind: Server
 metadata: {{name: power}}
 spec: {{flavor: m1.tiny, image: tiny}}
 "#,
-            kernel = guest["FERRO_TINY_KERNEL"],
-            initrd = guest["FERRO_TINY_INITRD"],
-            disk = guest["FERRO_TINY_DISK"],
-            cmdline = guest["FERRO_TINY_CMDLINE"],
+            kernel = guest.kernel,
+            initrd = guest.initrd,
+            disk = guest.disk,
+            cmdline = guest.cmdline,
         ),
     )?;
     cloud.run(["apply", "-f", manifest.to_str().unwrap()])?;

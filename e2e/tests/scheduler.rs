@@ -8,52 +8,12 @@
 //! never run: this test checks placement and addresses, not the boot.
 
 use std::{
-    collections::HashMap,
     path::Path,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, bail};
-use ferro_e2e::Cloud;
-
-/// The rows of a `ferro get` table, each as column → cell, cut at the header's column
-/// starts.
-fn table(text: &str) -> Vec<HashMap<String, String>> {
-    let mut lines = text.lines().filter(|l| !l.trim().is_empty());
-    let Some(header) = lines.next() else {
-        return Vec::new();
-    };
-    let mut starts: Vec<(usize, String)> = Vec::new();
-    let mut previous = ' ';
-    for (i, c) in header.char_indices() {
-        if c != ' ' && previous == ' ' {
-            let name: String = header[i..].chars().take_while(|c| *c != ' ').collect();
-            starts.push((i, name));
-        }
-        previous = c;
-    }
-    lines
-        .map(|line| {
-            starts
-                .iter()
-                .enumerate()
-                .map(|(n, (start, name))| {
-                    let end = starts
-                        .get(n + 1)
-                        .map(|(s, _)| *s)
-                        .unwrap_or(line.len())
-                        .min(line.len());
-                    let cell = line
-                        .get((*start).min(line.len())..end)
-                        .unwrap_or("")
-                        .trim()
-                        .to_owned();
-                    (name.clone(), cell)
-                })
-                .collect()
-        })
-        .collect()
-}
+use ferro_e2e::{Cloud, table};
 
 /// Whether a table cell holds something (`ferro get` prints `<none>` for nothing).
 fn filled(cell: &str) -> bool {

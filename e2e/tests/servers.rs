@@ -11,12 +11,11 @@
 //! A killed `Manual` guest stays `Failed`; a killed `Always` guest comes back; a deleted
 //! server leaves no process and no files.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
-use ferro_e2e::{Cloud, Signal, signal};
+use ferro_e2e::{Cloud, Signal, TinyGuest, signal, tiny_guest};
 
 /// How long anything that needs a guest to boot may take.
 const BOOT: Duration = Duration::from_secs(180);
@@ -25,41 +24,6 @@ const SOON: Duration = Duration::from_secs(90);
 
 const KEY: &str =
     "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJ65XlM9xwTrwBb2VYfUbi9VU/mF0doEHYlbtQsEKTh5 alice@ferro";
-
-/// The tiny guest's artefacts, as `build-tiny.sh` reports them.
-struct TinyGuest {
-    kernel: String,
-    initrd: String,
-    disk: String,
-    cmdline: String,
-}
-
-fn tiny_guest() -> anyhow::Result<TinyGuest> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("images/build-tiny.sh");
-    let out = Command::new("bash")
-        .arg(&script)
-        .output()
-        .with_context(|| format!("cannot run {}", script.display()))?;
-    ensure!(
-        out.status.success(),
-        "{} failed: {}",
-        script.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
-    let value = |key: &str| -> anyhow::Result<String> {
-        text.lines()
-            .find_map(|l| l.strip_prefix(&format!("{key}=")))
-            .map(str::to_owned)
-            .with_context(|| format!("{key} missing from: {text}"))
-    };
-    Ok(TinyGuest {
-        kernel: value("FERRO_TINY_KERNEL")?,
-        initrd: value("FERRO_TINY_INITRD")?,
-        disk: value("FERRO_TINY_DISK")?,
-        cmdline: value("FERRO_TINY_CMDLINE")?,
-    })
-}
 
 /// The cloud, brought down with its guests even when the test fails.
 struct Guarded(Cloud);
