@@ -404,7 +404,8 @@ pub fn check(command: &Command, out: &Output) -> anyhow::Result<()> {
 }
 
 /// The rows of a `ferro get` table, each as column → cell. Cells are cut at the header's
-/// column starts, which is how the table aligns them.
+/// column starts, which is how the table aligns them; `<none>`, the table's word for an
+/// unset field, reads as an empty cell.
 pub fn table(text: &str) -> Vec<HashMap<String, String>> {
     let mut lines = text.lines().filter(|l| !l.trim().is_empty());
     let Some(header) = lines.next() else {
@@ -430,12 +431,9 @@ pub fn table(text: &str) -> Vec<HashMap<String, String>> {
                         .map(|(s, _)| *s)
                         .unwrap_or(line.len())
                         .min(line.len());
-                    let cell = line
-                        .get((*start).min(line.len())..end)
-                        .unwrap_or("")
-                        .trim()
-                        .to_owned();
-                    (name.clone(), cell)
+                    let cell = line.get((*start).min(line.len())..end).unwrap_or("").trim();
+                    let cell = if cell == "<none>" { "" } else { cell };
+                    (name.clone(), cell.to_owned())
                 })
                 .collect()
         })

@@ -109,11 +109,12 @@ fn ports_get_addresses_and_their_claims_go_with_them() -> anyhow::Result<()> {
 
 #[test]
 fn tables_are_cut_at_their_columns() {
-    let text = "NAME         NETWORK   MAC                 ADDRESSES\nweb-1        private   fa:16:3e:00:00:01   10.0.1.10\nweb-2        private                       \n";
+    let text = "NAME         NETWORK   MAC                 ADDRESSES\nweb-1        private   fa:16:3e:00:00:01   10.0.1.10\nweb-2        private   <none>              <none>\n";
     let rows = table(text);
     assert_eq!(rows.len(), 2);
     assert_eq!(rows[0]["ADDRESSES"], "10.0.1.10");
     assert_eq!(rows[0]["MAC"], "fa:16:3e:00:00:01");
-    assert_eq!(rows[1]["MAC"], "");
+    assert_eq!(rows[1]["MAC"], "", "<none> is an empty cell");
+    assert_eq!(rows[1]["ADDRESSES"], "");
     assert!(table("").is_empty());
 }

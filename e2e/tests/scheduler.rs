@@ -15,11 +15,6 @@ use std::{
 use anyhow::{Context, bail};
 use ferro_e2e::{Cloud, table};
 
-/// Whether a table cell holds something (`ferro get` prints `<none>` for nothing).
-fn filled(cell: &str) -> bool {
-    !cell.is_empty() && cell != "<none>"
-}
-
 fn wait_for<T>(
     what: &str,
     mut check: impl FnMut() -> anyhow::Result<Option<T>>,
@@ -55,9 +50,9 @@ fn the_local_node_registers_and_web_1_is_placed_and_addressed() -> anyhow::Resul
         "web-1 bound and addressed in `ferro get servers -o wide`",
         || {
             let rows = table(&cloud.run(["get", "servers", "-o", "wide"])?);
-            Ok(rows
-                .into_iter()
-                .find(|r| r["NAME"] == "web-1" && filled(&r["NODE"]) && filled(&r["ADDRESSES"])))
+            Ok(rows.into_iter().find(|r| {
+                r["NAME"] == "web-1" && !r["NODE"].is_empty() && !r["ADDRESSES"].is_empty()
+            }))
         },
     )?;
     assert_eq!(row["NODE"], node);
