@@ -567,6 +567,9 @@ async fn fill(
         .watch_with_progress(WatchRequest {
             range: KeyRange::Prefix(prefix.to_owned()),
             start_revision: Some(revision + 1),
+            // The cache holds every object, so it knows each event's previous value itself
+            // and spares etcd a read per event.
+            prev_values: false,
         })
         .await
         .map_err(crate::server::store_error)?;

@@ -1297,6 +1297,8 @@ impl ApiServer {
             .watch(StoreWatch {
                 range: KeyRange::Prefix(prefix),
                 start_revision: Some(from + 1),
+                // Deletions and selector transitions are told from the previous value.
+                prev_values: true,
             })
             .await
             .map_err(store_error)?;

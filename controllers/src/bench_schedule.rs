@@ -623,6 +623,7 @@ async fn count_between(
         .watch(WatchRequest {
             range: KeyRange::Prefix("/ferro/".into()),
             start_revision: Some(from + 1),
+            prev_values: false,
         })
         .await?;
     let mut last = from;

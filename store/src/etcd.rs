@@ -488,7 +488,10 @@ impl Store for EtcdStore {
     ) -> Result<(WatchStream, ProgressRequester), StoreError> {
         request.range.validate()?;
         let (key, end) = etcd_range(&request.range);
-        let mut options = WatchOptions::new().with_prev_key();
+        let mut options = WatchOptions::new();
+        if request.prev_values {
+            options = options.with_prev_key();
+        }
         if let Some(end) = end {
             options = options.with_range(end);
         }

@@ -17,8 +17,8 @@
 //!   that writes nothing (failed guard, delete of nothing, reads) does not bump it. Reads
 //!   inside a transaction see the writes made before them in the same transaction.
 //! - A watch from revision `r` delivers, in revision order, every event with revision `>= r`
-//!   exactly once, each with the key's previous value; a start revision below the compaction
-//!   point ends the stream with [`StoreError::Compacted`].
+//!   exactly once, each with the key's previous value when the watch asks for it; a start
+//!   revision below the compaction point ends the stream with [`StoreError::Compacted`].
 //! - Keys attached to a lease are deleted (one delete event each, all in one revision) when
 //!   the lease expires or is revoked. TTLs are whole seconds, rounded up, and at least
 //!   [`MIN_LEASE_TTL`], as etcd does.
@@ -302,7 +302,7 @@ pub struct WatchEvent {
     /// The key after the change; for a delete, the key with an empty value and the
     /// deleting revision as its `mod_revision`.
     pub kv: KeyValue,
-    /// The key before the change, when it existed.
+    /// The key before the change, when it existed and the watch asked for previous values.
     pub prev: Option<KeyValue>,
 }
 
@@ -315,6 +315,9 @@ pub struct WatchRequest {
     /// starts after the current revision. A revision beyond the current one is allowed: the
     /// watch waits for it.
     pub start_revision: Option<Revision>,
+    /// Whether each event carries the key's previous value ([`WatchEvent::prev`]). It costs
+    /// etcd a read per event; a watcher that keeps its own copy of the keys leaves it off.
+    pub prev_values: bool,
 }
 
 /// A batch of events in revision order, or a progress notice with no events.

@@ -618,6 +618,7 @@ impl State {
             rx,
             fell_behind,
             ended: false,
+            prev_values: request.prev_values,
         };
         Ok(futures::stream::unfold(feed, Feed::next).boxed())
     }
@@ -719,18 +720,33 @@ struct Feed {
     rx: mpsc::Receiver<WatchBatch>,
     fell_behind: Arc<AtomicBool>,
     ended: bool,
+    prev_values: bool,
 }
 
 impl Feed {
+    /// The batch as this watch asked for it: previous values only when requested.
+    fn shape(&self, mut batch: WatchBatch) -> WatchBatch {
+        if !self.prev_values {
+            for event in &mut batch.events {
+                event.prev = None;
+            }
+        }
+        batch
+    }
+
     async fn next(mut self) -> Option<(Result<WatchBatch, StoreError>, Self)> {
         if self.ended {
             return None;
         }
         if let Some(batch) = self.history.next() {
+            let batch = self.shape(batch);
             return Some((Ok(batch), self));
         }
         match self.rx.recv().await {
-            Some(batch) => Some((Ok(batch), self)),
+            Some(batch) => {
+                let batch = self.shape(batch);
+                Some((Ok(batch), self))
+            }
             None => {
                 self.ended = true;
                 let reason = if self.fell_behind.load(Ordering::Acquire) {
@@ -859,6 +875,7 @@ mod tests {
         WatchRequest {
             range: KeyRange::Prefix(String::new()),
             start_revision: start,
+            prev_values: true,
         }
     }
 

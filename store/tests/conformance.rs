@@ -56,6 +56,7 @@ conformance!(
     racing_compare_and_swap_has_one_winner_per_round,
     delete_range_deletes_in_one_revision_with_previous_values,
     watch_replays_history_then_delivers_live_events,
+    watch_without_previous_values_carries_none,
     watch_resumes_after_reconnect_without_gap_or_duplicate,
     watch_from_a_future_revision_waits_for_it,
     compaction_fails_reads_and_watches_below_it,
@@ -139,6 +140,7 @@ async fn watch(store: &Backend, range: KeyRange, start: Option<Revision>) -> Res
         .watch(WatchRequest {
             range,
             start_revision: start,
+            prev_values: true,
         })
         .await?)
 }
@@ -643,6 +645,24 @@ async fn watch_replays_history_then_delivers_live_events(store: Backend) -> Resu
     expect_nothing_more(&store, &mut stream, "/w/marker").await
 }
 
+async fn watch_without_previous_values_carries_none(store: Backend) -> Result<()> {
+    put(&store, "/n/a", "1").await?; // 2
+    put(&store, "/n/a", "2").await?; // 3
+    let mut stream = store
+        .watch(WatchRequest {
+            range: prefix("/n/"),
+            start_revision: Some(3),
+            prev_values: false,
+        })
+        .await?;
+    write(&store, vec![TxnOp::Delete(KeyRange::Key("/n/a".into()))]).await?; // 4
+    let events = next_events(&mut stream, 2).await?;
+    assert_eq!(events[0].kv, kv("/n/a", "2", 2, 3, 2), "replayed history");
+    assert_eq!(events[1].kind, EventKind::Delete, "live event");
+    assert!(events.iter().all(|e| e.prev.is_none()), "{events:?}");
+    Ok(())
+}
+
 async fn watch_resumes_after_reconnect_without_gap_or_duplicate(store: Backend) -> Result<()> {
     let mut stream = watch(&store, prefix("/r/"), None).await?;
     for i in 0..3 {
@@ -962,7 +982,8 @@ async fn malformed_requests_are_rejected(store: Backend) -> Result<()> {
         store
             .watch(WatchRequest {
                 range: inverted,
-                start_revision: None
+                start_revision: None,
+                prev_values: true,
             })
             .await,
         Err(StoreError::InvalidArgument(_))
@@ -980,6 +1001,7 @@ async fn progress_notice_follows_every_event_up_to_its_revision(store: Backend) 
         .watch_with_progress(WatchRequest {
             range: prefix("/p/"),
             start_revision: None,
+            prev_values: false,
         })
         .await?;
     put(&store, "/p/a", "1").await?;
