@@ -281,6 +281,17 @@ impl WatchCache {
         Some(CacheWatch { rx, ended })
     }
 
+    /// The cached copy of the object at `key`, which may be behind the store; `None` when
+    /// the cache is not ready or does not hold it.
+    pub fn get(self: &Arc<Self>, kind: Kind, key: &str) -> Option<Arc<Object>> {
+        let cache = self.kind(kind);
+        let state = lock(&cache.state);
+        if !state.ready {
+            return None;
+        }
+        state.objects.get(key).map(|e| e.object.clone())
+    }
+
     /// Starts every kind's cache now rather than on first use.
     pub fn warm(self: &Arc<Self>) {
         for kind in Kind::ALL {
