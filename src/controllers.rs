@@ -20,6 +20,11 @@ pub struct ControllersArgs {
     /// Serve Prometheus metrics and /healthz here.
     #[arg(long, value_name = "HOST:PORT")]
     pub metrics_addr: Option<SocketAddr>,
+    /// Keys each controller reconciles at once (a reconcile mostly waits on the apiserver).
+    #[arg(long, value_name = "N", env = "FERRO_CONTROLLERS_CONCURRENCY",
+          default_value_t = ferro_controllers::Options::default().concurrency as u16,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    pub concurrency: u16,
 }
 
 /// Runs `ferro controllers` until SIGTERM or SIGINT.
@@ -28,6 +33,7 @@ pub fn run(args: ControllersArgs) -> anyhow::Result<()> {
         ferro_api::auth::read_token_file(&args.token_file, IDENTITY).map_err(anyhow::Error::msg)?;
     let mut config = ControllersConfig::new(args.server, token);
     config.metrics_addr = args.metrics_addr;
+    config.options.concurrency = usize::from(args.concurrency);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
