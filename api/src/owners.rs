@@ -11,7 +11,8 @@
 
 use crate::{Error, Kind};
 
-/// The scheduler: `Scheduled` conditions (placement itself goes through `Bind`).
+/// The scheduler: `Scheduled` conditions (placement itself goes through `Bind`, which records
+/// `Scheduled=True` in the same write).
 pub const SCHEDULER: &str = "scheduler";
 /// The server controller: a Server's phase, addresses, ports and resolved references.
 pub const SERVER_CONTROLLER: &str = "server-controller";

@@ -571,6 +571,17 @@ fn record_manager(
     }
 }
 
+/// The `Scheduled` condition a Bind to `node` records.
+pub fn scheduled_condition(node: &str) -> v1::Condition {
+    v1::Condition {
+        r#type: "Scheduled".into(),
+        status: v1::condition::Status::True as i32,
+        reason: "Scheduled".into(),
+        message: format!("placed on node {node}"),
+        ..Default::default()
+    }
+}
+
 /// Merges conditions by type; a condition whose status did not change keeps its
 /// transition time.
 fn merge_conditions(
@@ -1088,6 +1099,13 @@ impl ApiServer {
                 let status = server.status.get_or_insert_with(Default::default);
                 status.node = request.node.clone();
                 status.flavor = Some(flavor.clone());
+                // The binding says so itself, as a Kubernetes binding sets PodScheduled:
+                // one write instead of a bind and a status write after it.
+                merge_conditions(
+                    &mut status.conditions,
+                    &[scheduled_condition(&request.node)],
+                    meta.generation,
+                );
                 let meta = server.metadata.get_or_insert_with(Default::default);
                 if !meta.finalizers.iter().any(|f| f == auth::AGENT_FINALIZER) {
                     meta.finalizers.push(auth::AGENT_FINALIZER.to_owned());

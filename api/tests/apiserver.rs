@@ -452,6 +452,19 @@ async fn bind_happens_once_under_races(h: Harness) {
         512,
         "node and flavor were written together"
     );
+    let scheduled = status
+        .conditions
+        .iter()
+        .find(|c| c.r#type == "Scheduled")
+        .expect("the bind records Scheduled");
+    assert_eq!(
+        (scheduled.status, scheduled.message.as_str()),
+        (
+            v1::condition::Status::True as i32,
+            format!("placed on node {}", winners[0]).as_str()
+        ),
+        "in the same write as the node"
+    );
     assert!(
         s.metadata
             .unwrap()
