@@ -22,7 +22,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
-    sync::{Arc, Mutex, MutexGuard, PoisonError},
+    sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError},
     time::Duration,
 };
 
@@ -33,6 +33,7 @@ use tonic::Status;
 
 use crate::{
     Error, Kind, Object,
+    encoded::EncodedEvent,
     selector::{FieldSelector, LabelSelector, SelectableField, node_of},
     v1,
 };
@@ -104,6 +105,63 @@ struct CachedEvent {
     revision: Revision,
     before: Option<Arc<Object>>,
     after: Option<Arc<Object>>,
+    /// The event as watchers see it — Added, Modified or Deleted — encoded once, on first
+    /// use, and shared by every watcher that sees it so.
+    encoded: [OnceLock<EncodedEvent>; 3],
+}
+
+impl CachedEvent {
+    fn new(revision: Revision, before: Option<Arc<Object>>, after: Option<Arc<Object>>) -> Self {
+        CachedEvent {
+            revision,
+            before,
+            after,
+            encoded: Default::default(),
+        }
+    }
+
+    /// The event a watcher with this predicate sees: an object that starts matching is
+    /// Added, one that stops matching is Deleted.
+    fn seen_as(&self, matches: &impl Fn(&Object) -> bool) -> Option<EncodedEvent> {
+        use v1::watch_event::Type;
+        let was = self.before.as_deref().is_some_and(matches);
+        let kind = match &self.after {
+            Some(after) => match (was, matches(after)) {
+                (true, true) => Type::Modified,
+                (false, true) => Type::Added,
+                (true, false) => Type::Deleted,
+                (false, false) => return None,
+            },
+            None if was => Type::Deleted,
+            None => return None,
+        };
+        let slot = match kind {
+            Type::Added => &self.encoded[0],
+            Type::Modified => &self.encoded[1],
+            _ => &self.encoded[2],
+        };
+        Some(
+            slot.get_or_init(|| EncodedEvent::new(&self.event(kind)))
+                .clone(),
+        )
+    }
+
+    fn event(&self, kind: v1::watch_event::Type) -> v1::WatchEvent {
+        let object = match &self.after {
+            Some(after) => Some((**after).clone()),
+            None => self.before.as_deref().map(|before| {
+                // A deletion shows the last state, at the deleting revision.
+                let mut before = before.clone();
+                before.metadata_mut().resource_version = self.revision;
+                before
+            }),
+        };
+        v1::WatchEvent {
+            r#type: kind as i32,
+            object: object.map(Into::into),
+            resource_version: self.revision,
+        }
+    }
 }
 
 struct Watcher {
@@ -112,7 +170,7 @@ struct Watcher {
     labels: LabelSelector,
     fields: FieldSelector,
     project: Option<String>,
-    tx: mpsc::Sender<Result<v1::WatchEvent, Status>>,
+    tx: mpsc::Sender<Result<EncodedEvent, Status>>,
     /// Why the stream ends, when the cache ended it.
     ended: Arc<Mutex<Option<Error>>>,
 }
@@ -256,11 +314,11 @@ impl WatchCache {
         if start < state.window_start {
             return None;
         }
-        let replay: Vec<v1::WatchEvent> = state
+        let replay: Vec<EncodedEvent> = state
             .window
             .iter()
             .filter(|e| e.revision > start)
-            .filter_map(|e| translate(e, &|o: &Object| query.matches(o)))
+            .filter_map(|e| e.seen_as(&|o: &Object| query.matches(o)))
             .collect();
         let (tx, rx) = mpsc::channel(replay.len() + cache.options.watcher_buffer);
         for event in replay {
@@ -338,16 +396,12 @@ impl KindCache {
         if let Some(object) = &after {
             let entry = Entry {
                 object: object.clone(),
-                bytes: object.encode_to_vec().len(),
+                bytes: object.encoded_len(),
             };
             index(state, key, object);
             state.objects.insert(key.to_owned(), entry);
         }
-        let event = Arc::new(CachedEvent {
-            revision,
-            before,
-            after,
-        });
+        let event = Arc::new(CachedEvent::new(revision, before, after));
         state.watchers.retain(|w| deliver(w, &event));
         state.window.push_back(event);
         while state.window.len() > self.options.window_events {
@@ -374,16 +428,15 @@ impl KindCache {
 
     fn bookmark(&self) {
         let mut state = lock(&self.state);
-        let revision = state.revision;
+        let bookmark = EncodedEvent::new(&v1::WatchEvent {
+            r#type: v1::watch_event::Type::Bookmark as i32,
+            object: None,
+            resource_version: state.revision,
+        });
         state.watchers.retain(|w| {
-            let event = v1::WatchEvent {
-                r#type: v1::watch_event::Type::Bookmark as i32,
-                object: None,
-                resource_version: revision,
-            };
             // A full buffer skips the bookmark; the watcher has events to read anyway.
             !matches!(
-                w.tx.try_send(Ok(event)),
+                w.tx.try_send(Ok(bookmark.clone())),
                 Err(mpsc::error::TrySendError::Closed(_))
             )
         });
@@ -440,12 +493,11 @@ fn deliver(watcher: &Watcher, event: &CachedEvent) -> bool {
     }
     let matches = |o: &Object| {
         watcher.project.as_deref().is_none_or(|p| o.project() == p)
-            && watcher
-                .labels
-                .matches(&o.metadata().map(|m| m.labels.clone()).unwrap_or_default())
+            && o.metadata()
+                .is_none_or(|m| watcher.labels.matches(&m.labels))
             && watcher.fields.matches(o)
     };
-    let Some(out) = translate(event, &matches) else {
+    let Some(out) = event.seen_as(&matches) else {
         return true;
     };
     match watcher.tx.try_send(Ok(out)) {
@@ -461,32 +513,6 @@ fn deliver(watcher: &Watcher, event: &CachedEvent) -> bool {
             false
         }
     }
-}
-
-/// The event a watcher with this predicate sees: an object that starts matching is Added,
-/// one that stops matching is Deleted.
-fn translate(event: &CachedEvent, matches: &impl Fn(&Object) -> bool) -> Option<v1::WatchEvent> {
-    use v1::watch_event::Type;
-    let was = event.before.as_deref().is_some_and(matches);
-    let (kind, object) = match &event.after {
-        Some(after) => match (was, matches(after)) {
-            (true, true) => (Type::Modified, (**after).clone()),
-            (false, true) => (Type::Added, (**after).clone()),
-            (true, false) => (Type::Deleted, (**after).clone()),
-            (false, false) => return None,
-        },
-        None if was => {
-            let mut before = event.before.as_deref()?.clone();
-            before.metadata_mut().resource_version = event.revision;
-            (Type::Deleted, before)
-        }
-        None => return None,
-    };
-    Some(v1::WatchEvent {
-        r#type: kind as i32,
-        object: Some(object.into()),
-        resource_version: event.revision,
-    })
 }
 
 /// Keeps one kind's cache filled: list, watch, apply, and start over on failure.
@@ -627,7 +653,7 @@ fn apply_batch(cache: &KindCache, batch: ferro_store::WatchBatch) -> Result<(), 
 
 /// A watch served by the cache.
 pub struct CacheWatch {
-    rx: mpsc::Receiver<Result<v1::WatchEvent, Status>>,
+    rx: mpsc::Receiver<Result<EncodedEvent, Status>>,
     ended: Arc<Mutex<Option<Error>>>,
 }
 
@@ -636,7 +662,7 @@ impl CacheWatch {
     /// watcher off, the last item says why and where to resume.
     pub fn into_stream(
         self,
-    ) -> impl futures::Stream<Item = Result<v1::WatchEvent, Status>> + Send + 'static {
+    ) -> impl futures::Stream<Item = Result<EncodedEvent, Status>> + Send + 'static {
         futures::stream::unfold(Some(self), |watch| async move {
             let mut watch = watch?;
             match watch.rx.recv().await {

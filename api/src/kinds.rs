@@ -104,6 +104,11 @@ macro_rules! kinds {
                 match self { $(Object::$kind(o) => o.encode_to_vec()),* }
             }
 
+            /// The length of the protobuf encoding, without encoding.
+            pub fn encoded_len(&self) -> usize {
+                match self { $(Object::$kind(o) => o.encoded_len()),* }
+            }
+
             /// Decodes the protobuf encoding of an object of a known kind.
             pub fn decode(kind: Kind, bytes: &[u8]) -> Result<Object, prost::DecodeError> {
                 Ok(match kind { $(Kind::$kind => Object::$kind(v1::$rust::decode(bytes)?)),* })

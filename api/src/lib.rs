@@ -13,6 +13,7 @@ pub mod cache;
 pub mod client;
 pub mod codec;
 pub mod console;
+pub mod encoded;
 pub mod error;
 pub mod kinds;
 pub mod owners;

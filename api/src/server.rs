@@ -26,6 +26,7 @@ use crate::{
     auth::{Authorizer, Identity, Tokens, Verb},
     cache::{CacheOptions, Query, WatchCache},
     console::ConsoleRelay,
+    encoded::{EncodedEvent, EncodedStream},
     kinds::Scope,
     owners,
     selector::{FieldSelector, LabelSelector, node_of},
@@ -121,11 +122,22 @@ impl ApiServer {
     }
 
     /// The gRPC service, with the message size limits applied.
-    pub fn into_service(self) -> v1::resources_server::ResourcesServer<ApiServer> {
-        let limits = self.limits;
-        v1::resources_server::ResourcesServer::new(self)
-            .max_decoding_message_size(limits.max_request_bytes)
-            .max_encoding_message_size(limits.max_response_bytes)
+    pub fn into_service(self) -> crate::encoded::ResourcesService {
+        crate::encoded::ResourcesService::new(self)
+    }
+
+    /// The size limits and tuning this server runs with.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// Serves a Watch with each event's shared encoding.
+    pub(crate) async fn watch_encoded(
+        &self,
+        request: Request<v1::WatchRequest>,
+    ) -> Result<Response<EncodedStream>, Status> {
+        let who = self.identity(&request).map_err(Status::from)?;
+        reply(self.do_watch(&who, request.into_inner()).await)
     }
 
     /// The Consoles gRPC service (logs, attach, agents' tunnels), sharing this server's
@@ -1310,7 +1322,7 @@ impl ApiServer {
         &self,
         who: &Identity,
         request: v1::WatchRequest,
-    ) -> Result<WatchStream, Error> {
+    ) -> Result<EncodedStream, Error> {
         let kind = parse_kind(&request.kind)?;
         self.authorizer
             .authorize(who, &auth::Request::new(Verb::Read, kind, ""))?;
@@ -1332,8 +1344,22 @@ impl ApiServer {
                 return Ok(Box::pin(watch.into_stream()));
             }
         }
-        let from = if request.resource_version > 0 {
-            request.resource_version
+        self.watch_store(kind, prefix, labels, fields, request.resource_version)
+            .await
+    }
+
+    /// A watch served from the store directly (no cache, or a revision older than its
+    /// window): one store watch for this watcher, each event encoded for it alone.
+    async fn watch_store(
+        &self,
+        kind: Kind,
+        prefix: String,
+        labels: LabelSelector,
+        fields: FieldSelector,
+        resource_version: Revision,
+    ) -> Result<EncodedStream, Error> {
+        let from = if resource_version > 0 {
+            resource_version
         } else {
             self.store.current_revision().await.map_err(store_error)?
         };
@@ -1347,7 +1373,7 @@ impl ApiServer {
             })
             .await
             .map_err(store_error)?;
-        let (tx, rx) = mpsc::channel::<Result<v1::WatchEvent, Status>>(256);
+        let (tx, rx) = mpsc::channel::<Result<EncodedEvent, Status>>(256);
         let interval = self.limits.bookmark_interval;
         tokio::spawn(async move {
             let mut last = from;
@@ -1361,11 +1387,11 @@ impl ApiServer {
                 let batch = tokio::select! {
                     batch = events.next() => batch,
                     _ = ticker.tick() => {
-                        let bookmark = v1::WatchEvent {
+                        let bookmark = EncodedEvent::new(&v1::WatchEvent {
                             r#type: v1::watch_event::Type::Bookmark as i32,
                             object: None,
                             resource_version: last,
-                        };
+                        });
                         if tx.send(Ok(bookmark)).await.is_err() { return; }
                         continue;
                     }
@@ -1382,7 +1408,7 @@ impl ApiServer {
                 for event in &batch.events {
                     match translate(kind, event, &matches) {
                         Ok(Some(out)) => {
-                            if tx.send(Ok(out)).await.is_err() {
+                            if tx.send(Ok(EncodedEvent::new(&out))).await.is_err() {
                                 return;
                             }
                         }
@@ -1499,7 +1525,11 @@ impl Resources for ApiServer {
 
     async fn watch(&self, request: Request<v1::WatchRequest>) -> Reply<Self::WatchStream> {
         let who = self.identity(&request).map_err(Status::from)?;
-        reply(self.do_watch(&who, request.into_inner()).await)
+        reply(
+            self.do_watch(&who, request.into_inner())
+                .await
+                .map(crate::encoded::decoded),
+        )
     }
 
     async fn update(&self, request: Request<v1::UpdateRequest>) -> Reply<v1::ObjectResponse> {

@@ -213,6 +213,8 @@ async fn a_stalled_watcher_is_dropped_while_the_others_continue() {
                 .await
                 .unwrap()
                 .unwrap()
+                .unwrap()
+                .decode()
                 .unwrap();
             if event.r#type != Type::Bookmark as i32 {
                 count += 1;
