@@ -99,6 +99,28 @@ macro_rules! kinds {
                 match self { $(Object::$kind(o) => o.metadata.get_or_insert_with(Default::default)),* }
             }
 
+            /// Clears the status.
+            pub fn clear_status(&mut self) {
+                match self { $(Object::$kind(o) => o.status = None),* }
+            }
+
+            /// Whether two objects have equal specs; objects of different kinds never do.
+            pub fn spec_eq(&self, other: &Object) -> bool {
+                match (self, other) {
+                    $((Object::$kind(a), Object::$kind(b)) => a.spec == b.spec,)*
+                    _ => false,
+                }
+            }
+
+            /// Takes the spec of `other`, which is of the same kind (otherwise nothing
+            /// changes).
+            pub fn set_spec_from(&mut self, other: &Object) {
+                match (self, other) {
+                    $((Object::$kind(a), Object::$kind(b)) => a.spec = b.spec.clone(),)*
+                    _ => {}
+                }
+            }
+
             /// The protobuf encoding of the object (without its kind).
             pub fn encode_to_vec(&self) -> Vec<u8> {
                 match self { $(Object::$kind(o) => o.encode_to_vec()),* }

@@ -347,8 +347,8 @@ fn with_part(object: &Object, name: &str, value: Option<DynamicMessage>) -> Obje
 }
 
 /// Strips what only the server may set from a client's object.
-fn admit(object: Object) -> Object {
-    let mut object = with_part(&object, "status", None);
+fn admit(mut object: Object) -> Object {
+    object.clear_status();
     let meta = object.metadata_mut();
     meta.uid.clear();
     meta.resource_version = 0;
@@ -371,7 +371,7 @@ fn prepare_new(mut object: Object) -> Result<Object, Error> {
 }
 
 fn spec_equal(a: &Object, b: &Object) -> bool {
-    part(a, "spec") == part(b, "spec")
+    a.spec_eq(b)
 }
 
 fn is_deleting(object: &Object) -> bool {
@@ -530,7 +530,8 @@ fn sorted_keys(map: &HashMap<String, String>) -> Vec<String> {
 
 /// The result of applying `applied` (admitted and defaulted) over `current` by `manager`.
 fn apply_over(current: &Object, applied: &Object, manager: &str) -> Object {
-    let mut next = with_part(current, "spec", part(applied, "spec"));
+    let mut next = current.clone();
+    next.set_spec_from(applied);
     let empty = v1::ObjectMeta::default();
     let old_meta = current.metadata().unwrap_or(&empty);
     let new_meta = applied.metadata().unwrap_or(&empty);
@@ -837,7 +838,8 @@ impl ApiServer {
                         ),
                     });
                 }
-                let mut next = with_part(&current, "spec", part(&wanted, "spec"));
+                let mut next = current.clone();
+                next.set_spec_from(&wanted);
                 let w = wanted.metadata().cloned().unwrap_or_default();
                 let deleting = is_deleting(&current);
                 {
