@@ -250,25 +250,36 @@ impl<A: LeaseApi> LeaderElector<A> {
     }
 
     /// Gives the lease up (clean shutdown), so a standby need not wait for it to expire.
+    ///
+    /// A renewal dropped mid-flight by the shutdown may still land after the read here;
+    /// its conflict is retried on a fresh read.
     pub async fn release(&mut self) {
-        let Ok(Some(current)) = self.api.get(&self.config.lease_name).await else {
-            return;
-        };
-        if current.spec.as_ref().map(|s| s.holder_identity.as_str())
-            != Some(self.config.identity.as_str())
-        {
-            return;
-        }
-        let mut next = current;
-        let spec = next.spec.get_or_insert_with(Default::default);
-        spec.holder_identity.clear();
-        spec.renew_time = Some(now());
-        match self.api.update(next).await {
-            Ok(_) => tracing::info!(lease = %self.config.lease_name, "released the lease"),
-            Err(e) => {
-                tracing::warn!(lease = %self.config.lease_name, error = %e, "could not release the lease")
+        for _ in 0..5 {
+            let Ok(Some(current)) = self.api.get(&self.config.lease_name).await else {
+                return;
+            };
+            if current.spec.as_ref().map(|s| s.holder_identity.as_str())
+                != Some(self.config.identity.as_str())
+            {
+                return;
+            }
+            let mut next = current;
+            let spec = next.spec.get_or_insert_with(Default::default);
+            spec.holder_identity.clear();
+            spec.renew_time = Some(now());
+            match self.api.update(next).await {
+                Ok(_) => {
+                    tracing::info!(lease = %self.config.lease_name, "released the lease");
+                    return;
+                }
+                Err(Error::Conflict { .. }) => continue,
+                Err(e) => {
+                    tracing::warn!(lease = %self.config.lease_name, error = %e, "could not release the lease");
+                    return;
+                }
             }
         }
+        tracing::warn!(lease = %self.config.lease_name, "could not release the lease: it kept changing");
     }
 }
 
