@@ -427,7 +427,12 @@ impl ApiServer {
     }
 
     /// Writes `new` (or removes the key) if the key is still at `revision`.
-    async fn swap(&self, revision: Revision, change: &Change) -> Result<Option<Object>, Error> {
+    async fn swap(
+        &self,
+        revision: Revision,
+        change: &Change,
+        also: Option<Compare>,
+    ) -> Result<Option<Object>, Error> {
         let (object, op) = match change {
             Change::Unchanged(o) => return Ok(Some(o.clone())),
             Change::Put(o) => (
@@ -440,8 +445,10 @@ impl ApiServer {
             ),
             Change::Remove(o) => (o, TxnOp::Delete(KeyRange::Key(o.key()))),
         };
+        let mut compare = vec![Compare::mod_revision(object.key(), revision)];
+        compare.extend(also);
         let txn = Txn {
-            compare: vec![Compare::mod_revision(object.key(), revision)],
+            compare,
             success: vec![op],
             failure: vec![],
         };
@@ -465,20 +472,56 @@ impl ApiServer {
     async fn modify(
         &self,
         key: &Key,
+        decide: impl FnMut(Object) -> Result<Change, Error>,
+    ) -> Result<(Object, bool, bool), Error> {
+        self.modify_given(key, None, decide).await
+    }
+
+    /// [`Self::modify`] for a decision that also rests on a second object: `given.1`
+    /// checks it (absent: `None`) before each attempt, read the same way as the object,
+    /// and the swap requires it unchanged since, so the decision holds atomically.
+    async fn modify_given(
+        &self,
+        key: &Key,
+        mut given: Option<(
+            &Key,
+            &mut (dyn FnMut(Option<&Object>) -> Result<(), Error> + Send),
+        )>,
         mut decide: impl FnMut(Object) -> Result<Change, Error>,
     ) -> Result<(Object, bool, bool), Error> {
-        let mut cached = self
-            .cache
-            .as_ref()
-            .and_then(|c| c.get(key.kind, &key.store_key()));
-        for _ in 0..MAX_RETRIES {
-            let optimistic = cached.is_some();
-            let (current, revision) = match cached.take() {
+        let cached = |key: &Key| {
+            self.cache
+                .as_ref()
+                .and_then(|c| c.get(key.kind, &key.store_key()))
+        };
+        let revision_of = |o: &Object| o.metadata().map(|m| m.resource_version).unwrap_or_default();
+        for attempt in 0..MAX_RETRIES {
+            let mut optimistic = attempt == 0;
+            let object = if optimistic { cached(key) } else { None };
+            optimistic &= object.is_some();
+            // The second object, and the guard that it stays as checked.
+            let mut also = None;
+            if let Some((other_key, check)) = given.as_mut() {
+                let from_cache = if optimistic { cached(other_key) } else { None };
+                optimistic &= from_cache.is_some();
+                let other = match from_cache {
+                    Some(o) => Some(Arc::unwrap_or_clone(o)),
+                    None => match self.get_kv(&other_key.store_key()).await? {
+                        Some(kv) => Some(decode_kv(other_key.kind, &kv)?),
+                        None => None,
+                    },
+                };
+                match check(other.as_ref()) {
+                    Ok(()) => {}
+                    Err(_) if optimistic => continue,
+                    Err(e) => return Err(e),
+                }
+                let revision = other.as_ref().map(revision_of).unwrap_or_default();
+                also = Some(Compare::mod_revision(other_key.store_key(), revision));
+            }
+            let (current, revision) = match object.filter(|_| optimistic) {
                 Some(object) => {
-                    let revision = object
-                        .metadata()
-                        .map(|m| m.resource_version)
-                        .unwrap_or_default();
+                    let revision = revision_of(&object);
                     (Arc::unwrap_or_clone(object), revision)
                 }
                 None => {
@@ -495,7 +538,7 @@ impl ApiServer {
                 Change::Put(_) => (true, false),
                 Change::Remove(_) => (true, true),
             };
-            if let Some(object) = self.swap(revision, &change).await? {
+            if let Some(object) = self.swap(revision, &change, also).await? {
                 return Ok((object, written, removed));
             }
         }
@@ -776,7 +819,9 @@ impl ApiServer {
                             outcome: Outcome::Configured as i32,
                         });
                     }
-                    if let Some(written) = self.swap(kv.mod_revision, &Change::Put(next)).await? {
+                    if let Some(written) =
+                        self.swap(kv.mod_revision, &Change::Put(next), None).await?
+                    {
                         return Ok(v1::ApplyResponse {
                             object: Some(written.into()),
                             outcome: Outcome::Configured as i32,
@@ -1061,28 +1106,33 @@ impl ApiServer {
         let flavor = request
             .flavor
             .ok_or_else(|| Error::invalid(display.clone(), "flavor", "required"))?;
-        let Some(node) = self.get_kv(&Kind::Node.key("", &request.node)).await? else {
-            return Err(Error::invalid(
-                display,
+        // A cordon is a guarantee, not a hint: a scheduler whose cache has not seen it yet
+        // is refused here, and decides again once it has. The bind's write requires the
+        // Node unchanged since this check.
+        let node_key = Key {
+            kind: Kind::Node,
+            project: String::new(),
+            name: request.node.clone(),
+        };
+        let mut check_node = |node: Option<&Object>| match node {
+            None => Err(Error::invalid(
+                display.clone(),
                 "node",
                 format!("nodes/{} not found", request.node),
-            ));
+            )),
+            Some(Object::Node(node)) if node.spec.as_ref().is_some_and(|s| s.unschedulable) => {
+                Err(Error::FailedPrecondition {
+                    object: display.clone(),
+                    message: format!(
+                        "node {} is cordoned (unschedulable); it takes no new servers",
+                        request.node
+                    ),
+                })
+            }
+            Some(_) => Ok(()),
         };
-        // A cordon is a guarantee, not a hint: a scheduler whose cache has not seen it yet
-        // is refused here, and decides again once it has.
-        if let Object::Node(node) = decode_kv(Kind::Node, &node)?
-            && node.spec.is_some_and(|s| s.unschedulable)
-        {
-            return Err(Error::FailedPrecondition {
-                object: display,
-                message: format!(
-                    "node {} is cordoned (unschedulable); it takes no new servers",
-                    request.node
-                ),
-            });
-        }
         let (object, _, _) = self
-            .modify(&key, |current| {
+            .modify_given(&key, Some((&node_key, &mut check_node)), |current| {
                 let Object::Server(server) = &current else {
                     unreachable!("the key is a server's")
                 };
