@@ -483,10 +483,7 @@ impl ApiServer {
     async fn modify_given(
         &self,
         key: &Key,
-        mut given: Option<(
-            &Key,
-            &mut (dyn FnMut(Option<&Object>) -> Result<(), Error> + Send),
-        )>,
+        mut given: Option<(&Key, &mut SecondCheck<'_>)>,
         mut decide: impl FnMut(Object) -> Result<Change, Error>,
     ) -> Result<(Object, bool, bool), Error> {
         let cached = |key: &Key| {
@@ -547,6 +544,10 @@ impl ApiServer {
         })
     }
 }
+
+/// A check of the second object a read-modify-write decision rests on (`None`: it does
+/// not exist).
+type SecondCheck<'a> = dyn FnMut(Option<&Object>) -> Result<(), Error> + Send + 'a;
 
 /// Merges labels or annotations for an apply by `manager`: keys it sends are set; keys it
 /// set last time and no longer sends are removed; everyone else's keys stay.
