@@ -106,7 +106,7 @@ pub fn table(kind: Kind) -> &'static [Ownership] {
             own!(
                 IPAM,
                 ["addresses", "mac", "networkUid", "observedGeneration"],
-                ["Ready"]
+                ["Ready", "IpAddressExhausted"]
             ),
             own!(AGENT, ["node", "bound"], ["Bound"]),
         ],

@@ -78,9 +78,15 @@ async fn two_hundred_ports_from_twenty_clients_get_unique_addresses() {
         );
         assert_eq!(ready(port).map(|c| c.reason.as_str()), Some("Allocated"));
     }
-    // Exactly one claim per value, each owned by the Port that recorded it.
-    let claims = cloud.list::<v1::IpAddress>().await;
-    assert_eq!(claims.len(), 200);
+    // Exactly one claim per value, each owned by the Port that recorded it. An attempt
+    // made from a cache that had not yet seen the Port's recorded decision may have
+    // claimed a spare; the Port's next pass releases it.
+    let claims = eventually("one address claim per port", || async {
+        let claims = cloud.list::<v1::IpAddress>().await;
+        let macs = cloud.list::<v1::MacAddress>().await;
+        (claims.len() == 200 && macs.len() == 200).then_some(claims)
+    })
+    .await;
     let by_uid: HashMap<String, &v1::Port> = ports.iter().map(|p| (uid(p), p)).collect();
     for claim in &claims {
         let port = by_uid
@@ -96,7 +102,6 @@ async fn two_hundred_ports_from_twenty_clients_get_unique_addresses() {
                 .any(|a| &a.ip == address)
         );
     }
-    assert_eq!(cloud.list::<v1::MacAddress>().await.len(), 200);
     controllers.abort();
 }
 
@@ -134,6 +139,21 @@ async fn a_full_subnet_says_so_and_recovers_when_a_port_goes() {
         "{}",
         condition.message
     );
+    let exhausted = |port: &v1::Port| {
+        port.status
+            .as_ref()
+            .and_then(|s| {
+                s.conditions
+                    .iter()
+                    .find(|c| c.r#type == "IpAddressExhausted")
+            })
+            .map(|c| c.status)
+    };
+    assert_eq!(
+        exhausted(starved),
+        Some(v1::condition::Status::True as i32),
+        "its own condition type says so too"
+    );
 
     // Free one address: the starved Port gets exactly that one.
     let victim = &addressed[0];
@@ -153,6 +173,10 @@ async fn a_full_subnet_says_so_and_recovers_when_a_port_goes() {
     assert_eq!(
         ready(&recovered).map(|c| c.reason.as_str()),
         Some("Allocated")
+    );
+    assert_eq!(
+        exhausted(&recovered),
+        Some(v1::condition::Status::False as i32)
     );
     // The deleted Port's claims are gone; nothing else leaked.
     eventually("claims match the addressed ports", || async {
