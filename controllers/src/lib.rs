@@ -28,6 +28,7 @@ pub mod nodelifecycle;
 pub mod runtime;
 pub mod scheduler;
 pub mod server;
+pub mod servergroup;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -269,6 +270,8 @@ pub async fn run_controllers(api: Api, metrics: Metrics, options: Options) {
         server::ServerController::build(&api, &caches, &metrics, settings);
     let (image, image_reconciler) =
         image::ImageController::build(&api, &caches, &metrics, settings);
+    let (groups, groups_reconciler) =
+        servergroup::ServerGroupController::build(&api, &caches, &metrics, settings);
     let mut tasks = JoinSet::new();
     caches.start(&mut tasks);
     tasks.spawn(ipam.run(ipam_reconciler));
@@ -278,6 +281,7 @@ pub async fn run_controllers(api: Api, metrics: Metrics, options: Options) {
     tasks.spawn(lifecycle.run(lifecycle_reconciler));
     tasks.spawn(server.run(server_reconciler));
     tasks.spawn(image.run(image_reconciler));
+    tasks.spawn(groups.run(groups_reconciler));
     tasks.spawn(runtime::events::expire(
         api.client().clone(),
         options.event_ttl,

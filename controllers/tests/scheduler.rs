@@ -270,6 +270,26 @@ async fn filters_and_groups_decide_where_servers_go() {
         .find(|c| c.reason == "NoValidHost")
         .expect("the fourth member is refused");
     assert_eq!(refused.message, "3 nodes: 3 anti-affinity conflict");
+    // Each group lists its members, placed or not.
+    let members = |group: &'static str| {
+        let cloud = &cloud;
+        async move {
+            cloud
+                .admin
+                .get_typed::<v1::ServerGroup>("default", group)
+                .await
+                .ok()
+                .and_then(|g| g.status)
+                .map(|s| s.members)
+                .unwrap_or_default()
+        }
+    };
+    eventually("the groups list their members", || async {
+        (members("together").await == ["t0", "t1", "t2", "t3"]
+            && members("apart").await == ["x0", "x1", "x2", "x3"])
+        .then_some(())
+    })
+    .await;
     // Labelling a node as an ssd host places the waiting server there.
     let mut a2 = cloud.admin.get_typed::<v1::Node>("", "a2").await.unwrap();
     a2.spec

@@ -15,6 +15,27 @@ use std::{
 use anyhow::{Context, bail};
 use ferro_e2e::{Cloud, table};
 
+/// A server group and a Server that names it.
+const GROUP: &str = r#"
+apiVersion: ferro/v1
+kind: ServerGroup
+metadata:
+  name: e2e-spread
+spec:
+  policy: SoftAntiAffinity
+---
+apiVersion: ferro/v1
+kind: Server
+metadata:
+  name: e2e-member
+spec:
+  flavor: m1.tiny
+  image: tiny
+  serverGroup: e2e-spread
+  networks:
+  - network: private
+"#;
+
 fn wait_for<T>(
     what: &str,
     mut check: impl FnMut() -> anyhow::Result<Option<T>>,
@@ -70,6 +91,20 @@ fn the_local_node_registers_and_web_1_is_placed_and_addressed() -> anyhow::Resul
         yaml.contains("kind: Flavor"),
         "resolved references are recorded: {yaml}"
     );
+
+    // A server group lists the Servers that name it.
+    let group = cloud.data_dir().join("../e2e-group.yaml");
+    std::fs::write(&group, GROUP)?;
+    cloud.run(["apply", "-f", group.to_str().context("path")?])?;
+    wait_for("the group's member in `ferro get servergroups`", || {
+        let rows = table(&cloud.run(["get", "servergroups"])?);
+        Ok(rows
+            .iter()
+            .find(|r| r["NAME"] == "e2e-spread" && r["MEMBERS"] == "1")
+            .map(|_| ()))
+    })?;
+    let yaml = cloud.run(["get", "servergroup", "e2e-spread", "-o", "yaml"])?;
+    assert!(yaml.contains("- e2e-member"), "{yaml}");
 
     let cordoned = cloud.run(["cordon", &node])?;
     assert!(cordoned.contains("cordoned"), "{cordoned}");
