@@ -106,7 +106,8 @@ fn bound_node(server: &v1::Server) -> &str {
         .unwrap_or_default()
 }
 
-fn group_key(server: &v1::Server) -> Option<String> {
+/// The group a Server names, as `<project>/<group>`.
+pub(crate) fn group_key(server: &v1::Server) -> Option<String> {
     let group = server.spec.as_ref().map(|s| s.server_group.as_str())?;
     (!group.is_empty()).then(|| format!("{}/{group}", meta(server).project))
 }

@@ -15,16 +15,11 @@ use crate::{
         Action, Caches, Controller, ObjectRef, Reconcile, ReconcileError, Store,
         controller::Settings, meta, metrics::Metrics,
     },
+    scheduler::group_key,
 };
 
 /// The index of Servers by `<project>/<serverGroup>`.
 const SERVER_BY_GROUP: &str = "server-group-members";
-
-/// The group a Server names, as `<project>/<group>`.
-fn group_key(server: &v1::Server) -> Option<String> {
-    let group = server.spec.as_ref().map(|s| s.server_group.as_str())?;
-    (!group.is_empty()).then(|| format!("{}/{group}", meta(server).project))
-}
 
 /// The members of a group, from the Servers that name it. Pure.
 pub fn members<'a>(servers: impl IntoIterator<Item = &'a v1::Server>) -> Vec<String> {
