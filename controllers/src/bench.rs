@@ -222,7 +222,7 @@ pub enum BenchError {
     Timeout(String),
 }
 
-fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BenchError {
+pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BenchError {
     let what = what.into();
     move |source| BenchError::Io { what, source }
 }
@@ -256,7 +256,14 @@ async fn run(options: &BenchOptions, work: &std::path::Path) -> Result<BenchRepo
         let etcd = EtcdProcess::start(EtcdOptions::persistent(work.join("raw-etcd"))).await?;
         let store: Arc<dyn Store> =
             Arc::new(EtcdStore::connect(&[etcd.client_url().to_owned()]).await?);
-        raw_etcd(store, options.concurrency, options.raw_writes).await?
+        let took = raw_etcd(
+            store,
+            options.concurrency,
+            options.raw_writes,
+            RAW_VALUE_BYTES,
+        )
+        .await?;
+        options.raw_writes as f64 / took.as_secs_f64()
     };
 
     let etcd = EtcdProcess::start(EtcdOptions::persistent(work.join("etcd"))).await?;
@@ -442,19 +449,22 @@ async fn finish(serving: tokio::task::JoinHandle<()>, stop: tokio::sync::oneshot
 }
 
 /// `VmHWM` of a process, in KiB.
-fn peak_rss_kib(pid: u32) -> Option<u64> {
+pub(crate) fn peak_rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
-async fn raw_etcd(
+/// Times `writes` create-if-absent transactions of `value_bytes` from `concurrency`
+/// clients, then removes what they wrote.
+pub(crate) async fn raw_etcd(
     store: Arc<dyn Store>,
     concurrency: usize,
     writes: usize,
-) -> Result<f64, BenchError> {
+    value_bytes: usize,
+) -> Result<Duration, BenchError> {
     let next = Arc::new(AtomicUsize::new(0));
-    let value = vec![b'x'; RAW_VALUE_BYTES];
+    let value = vec![b'x'; value_bytes];
     let start = Instant::now();
     let mut workers = tokio::task::JoinSet::new();
     for _ in 0..concurrency.max(1) {
@@ -482,7 +492,7 @@ async fn raw_etcd(
     while let Some(result) = workers.join_next().await {
         result.map_err(|e| BenchError::Timeout(format!("a raw writer failed: {e}")))??;
     }
-    let rate = writes as f64 / start.elapsed().as_secs_f64();
+    let elapsed = start.elapsed();
     store
         .txn(Txn {
             compare: vec![],
@@ -490,10 +500,14 @@ async fn raw_etcd(
             failure: vec![],
         })
         .await?;
-    Ok(rate)
+    Ok(elapsed)
 }
 
-async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<T, BenchError>
+pub(crate) async fn wait_for<T, F, Fut>(
+    what: &str,
+    timeout: Duration,
+    mut check: F,
+) -> Result<T, BenchError>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
@@ -642,7 +656,7 @@ async fn measure(
 }
 
 /// Counts the writes between two revisions by replaying the store's history.
-async fn count_between(
+pub(crate) async fn count_between(
     store: Arc<dyn Store>,
     from: i64,
     to: i64,

@@ -35,13 +35,16 @@ use ferro_api::{
     v1,
 };
 use ferro_store::{
-    Compare, KeyRange, Store, Txn, TxnOp, WatchRequest,
+    Store,
     etcd::EtcdStore,
     etcd_process::{EtcdOptions, EtcdProcess},
 };
 use futures::{FutureExt, StreamExt};
 
-use crate::{ControllersConfig, Options};
+use crate::{
+    ControllersConfig, Options,
+    bench::{count_between, io, peak_rss_kib, raw_etcd, wait_for},
+};
 
 /// What to measure.
 #[derive(Clone, Debug)]
@@ -182,38 +185,10 @@ impl fmt::Display for ScheduleReport {
     }
 }
 
-/// Why the bench could not finish.
-#[derive(Debug, thiserror::Error)]
-pub enum ScheduleBenchError {
-    /// etcd did not start.
-    #[error("cannot start etcd")]
-    Etcd(#[from] ferro_store::etcd_process::EtcdProcessError),
-    /// A store call failed.
-    #[error("etcd store")]
-    Store(#[from] ferro_store::StoreError),
-    /// An API call failed.
-    #[error("API call")]
-    Api(#[from] ferro_api::Error),
-    /// A local file or socket failed.
-    #[error("{what}")]
-    Io {
-        /// What was being done.
-        what: String,
-        /// Why it failed.
-        #[source]
-        source: std::io::Error,
-    },
-    /// Something did not happen in time.
-    #[error("{0}")]
-    Timeout(String),
-}
+/// Why the bench could not finish (the IPAM bench's errors).
+pub use crate::bench::BenchError as ScheduleBenchError;
 
 type BenchResult<T> = Result<T, ScheduleBenchError>;
-
-fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ScheduleBenchError {
-    let what = what.into();
-    move |source| ScheduleBenchError::Io { what, source }
-}
 
 const ADMIN_TOKEN: &str = "bench-admin-token";
 const CONTROLLERS_TOKEN: &str = "bench-controllers-token";
@@ -299,7 +274,13 @@ async fn run(options: &ScheduleOptions, work: &Path) -> BenchResult<ScheduleRepo
         EtcdProcess::start(EtcdOptions::persistent(work.join("raw-etcd"))).await?;
     let raw_store: Arc<dyn Store> =
         Arc::new(EtcdStore::connect(&[raw_etcd_process.client_url().to_owned()]).await?);
-    report.raw_time = raw_etcd(raw_store, options.concurrency, report.writes() as usize).await?;
+    report.raw_time = raw_etcd(
+        raw_store,
+        options.concurrency,
+        report.writes() as usize,
+        RAW_VALUE_BYTES,
+    )
+    .await?;
     drop(raw_etcd_process);
     report.peak_memory_kib = peak_memory_kib;
     report.memory_scope = memory_scope;
@@ -396,25 +377,6 @@ async fn play_agents(address: &str, nodes: usize) -> BenchResult<tokio::task::Jo
         });
     }
     Ok(agents)
-}
-
-async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> BenchResult<T>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(value) = check().await {
-            return Ok(value);
-        }
-        if Instant::now() > deadline {
-            return Err(ScheduleBenchError::Timeout(format!(
-                "timed out waiting for {what}"
-            )));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 fn done(server: &v1::Server) -> bool {
@@ -573,96 +535,6 @@ async fn measure(
     })
 }
 
-/// Times `writes` create-if-absent transactions from `concurrency` clients.
-async fn raw_etcd(
-    store: Arc<dyn Store>,
-    concurrency: usize,
-    writes: usize,
-) -> BenchResult<Duration> {
-    let next = Arc::new(AtomicUsize::new(0));
-    let value = vec![b'x'; RAW_VALUE_BYTES];
-    let start = Instant::now();
-    let mut workers = tokio::task::JoinSet::new();
-    for _ in 0..concurrency.max(1) {
-        let (store, next, value) = (store.clone(), next.clone(), value.clone());
-        workers.spawn(async move {
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= writes {
-                    return Ok::<(), ferro_store::StoreError>(());
-                }
-                let key = format!("/bench/raw/{i:08}");
-                store
-                    .txn(Txn {
-                        compare: vec![Compare::absent(key.clone())],
-                        success: vec![TxnOp::Put {
-                            key,
-                            value: value.clone(),
-                            lease: None,
-                        }],
-                        failure: vec![],
-                    })
-                    .await?;
-            }
-        });
-    }
-    while let Some(result) = workers.join_next().await {
-        result.map_err(|e| ScheduleBenchError::Timeout(format!("a raw writer failed: {e}")))??;
-    }
-    let elapsed = start.elapsed();
-    store
-        .txn(Txn {
-            compare: vec![],
-            success: vec![TxnOp::Delete(KeyRange::Prefix("/bench/".into()))],
-            failure: vec![],
-        })
-        .await?;
-    Ok(elapsed)
-}
-
-/// Counts the writes between two revisions by replaying the store's history.
-async fn count_between(
-    store: Arc<dyn Store>,
-    from: i64,
-    to: i64,
-) -> BenchResult<BTreeMap<String, u64>> {
-    let mut counts: BTreeMap<String, u64> = BTreeMap::new();
-    let mut history = store
-        .watch(WatchRequest {
-            range: KeyRange::Prefix("/ferro/".into()),
-            start_revision: Some(from + 1),
-            prev_values: false,
-        })
-        .await?;
-    let mut last = from;
-    while last < to {
-        let Some(batch) = tokio::time::timeout(Duration::from_secs(10), history.next())
-            .await
-            .map_err(|_| ScheduleBenchError::Timeout("replaying the store's history".into()))?
-        else {
-            break;
-        };
-        for event in batch?.events {
-            if event.kv.mod_revision > to {
-                return Ok(counts);
-            }
-            if event.kv.mod_revision > last {
-                last = event.kv.mod_revision;
-                let kind = event
-                    .kv
-                    .key
-                    .trim_start_matches("/ferro/")
-                    .split('/')
-                    .next()
-                    .unwrap_or_default()
-                    .to_owned();
-                *counts.entry(kind).or_default() += 1;
-            }
-        }
-    }
-    Ok(counts)
-}
-
 enum Controllers {
     Child(tokio::process::Child),
     InProcess(tokio::task::JoinHandle<()>),
@@ -729,11 +601,4 @@ impl Controllers {
             }
         }
     }
-}
-
-/// `VmHWM` of a process, in KiB.
-fn peak_rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
 }
