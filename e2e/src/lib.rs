@@ -403,6 +403,25 @@ pub fn check(command: &Command, out: &Output) -> anyhow::Result<()> {
     )
 }
 
+/// Polls `check` every 250 ms until it yields a value; an error names `what` after
+/// `timeout`.
+pub fn wait_for<T>(
+    what: &str,
+    timeout: Duration,
+    mut check: impl FnMut() -> anyhow::Result<Option<T>>,
+) -> anyhow::Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check()? {
+            return Ok(value);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
 /// The rows of a `ferro get` table, each as column → cell. Cells are cut at the header's
 /// column starts, which is how the table aligns them; `<none>`, the table's word for an
 /// unset field, reads as an empty cell.

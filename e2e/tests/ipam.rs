@@ -2,15 +2,13 @@
 //! `manifests/` and ports applied through the CLI get their addresses (visible in
 //! `ferro get ports -o wide`), each held by a claim; deleting the ports removes the claims.
 
-use std::{
-    collections::HashSet,
-    net::Ipv4Addr,
-    path::Path,
-    time::{Duration, Instant},
-};
+use std::{collections::HashSet, net::Ipv4Addr, path::Path, time::Duration};
 
-use anyhow::{Context, bail};
-use ferro_e2e::{Cloud, table};
+use anyhow::Context;
+use ferro_e2e::{Cloud, table, wait_for};
+
+/// How long any one step may take.
+const WAIT: Duration = Duration::from_secs(90);
 
 /// Three ports on the example stack's private network (manifests/network.yaml).
 const PORTS: &str = r#"
@@ -39,22 +37,6 @@ spec:
     ipAddress: 10.0.1.123
 "#;
 
-fn wait_for<T>(
-    what: &str,
-    mut check: impl FnMut() -> anyhow::Result<Option<T>>,
-) -> anyhow::Result<T> {
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        if let Some(value) = check()? {
-            return Ok(value);
-        }
-        if Instant::now() > deadline {
-            bail!("timed out waiting for {what}");
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
-}
-
 #[test]
 fn ports_get_addresses_and_their_claims_go_with_them() -> anyhow::Result<()> {
     let cloud = Cloud::start()?;
@@ -65,14 +47,18 @@ fn ports_get_addresses_and_their_claims_go_with_them() -> anyhow::Result<()> {
     std::fs::write(&ports, PORTS)?;
     cloud.run(["apply", "-f", ports.to_str().context("path")?])?;
 
-    let rows = wait_for("three addressed ports in `ferro get ports -o wide`", || {
-        let rows = table(&cloud.run(["get", "ports", "-o", "wide"])?);
-        let addressed = rows
-            .iter()
-            .filter(|r| !r["ADDRESSES"].is_empty() && !r["MAC"].is_empty())
-            .count();
-        Ok((rows.len() == 3 && addressed == 3).then_some(rows))
-    })?;
+    let rows = wait_for(
+        "three addressed ports in `ferro get ports -o wide`",
+        WAIT,
+        || {
+            let rows = table(&cloud.run(["get", "ports", "-o", "wide"])?);
+            let addressed = rows
+                .iter()
+                .filter(|r| !r["ADDRESSES"].is_empty() && !r["MAC"].is_empty())
+                .count();
+            Ok((rows.len() == 3 && addressed == 3).then_some(rows))
+        },
+    )?;
     let mut addresses = HashSet::new();
     let mut macs = HashSet::new();
     for row in &rows {
@@ -96,14 +82,14 @@ fn ports_get_addresses_and_their_claims_go_with_them() -> anyhow::Result<()> {
     }
     // One claim per value, visible like any other object. (A spare claimed from a cache
     // that had not yet seen a Port's recorded decision is released on its next pass.)
-    wait_for("one claim per address and MAC", || {
+    wait_for("one claim per address and MAC", WAIT, || {
         let ips = table(&cloud.run(["get", "ipaddresses"])?).len();
         let macs = table(&cloud.run(["get", "macaddresses"])?).len();
         Ok((ips == 3 && macs == 3).then_some(()))
     })?;
 
     cloud.run(["delete", "-f", ports.to_str().context("path")?])?;
-    wait_for("the claims gone with their ports", || {
+    wait_for("the claims gone with their ports", WAIT, || {
         let ips = table(&cloud.run(["get", "ipaddresses"])?).len();
         let macs = table(&cloud.run(["get", "macaddresses"])?).len();
         Ok((ips == 0 && macs == 0).then_some(()))

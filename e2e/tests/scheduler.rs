@@ -7,13 +7,13 @@
 //! The example image points at files that may not exist on this host, so the guest may
 //! never run: this test checks placement and addresses, not the boot.
 
-use std::{
-    path::Path,
-    time::{Duration, Instant},
-};
+use std::{path::Path, time::Duration};
 
-use anyhow::{Context, bail};
-use ferro_e2e::{Cloud, table};
+use anyhow::Context;
+use ferro_e2e::{Cloud, table, wait_for};
+
+/// How long any one step may take.
+const WAIT: Duration = Duration::from_secs(120);
 
 /// A server group and a Server that names it.
 const GROUP: &str = r#"
@@ -36,26 +36,10 @@ spec:
   - network: private
 "#;
 
-fn wait_for<T>(
-    what: &str,
-    mut check: impl FnMut() -> anyhow::Result<Option<T>>,
-) -> anyhow::Result<T> {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        if let Some(value) = check()? {
-            return Ok(value);
-        }
-        if Instant::now() > deadline {
-            bail!("timed out waiting for {what}");
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
-}
-
 #[test]
 fn the_local_node_registers_and_web_1_is_placed_and_addressed() -> anyhow::Result<()> {
     let cloud = Cloud::start()?;
-    let node = wait_for("the local node Ready in `ferro get nodes`", || {
+    let node = wait_for("the local node Ready in `ferro get nodes`", WAIT, || {
         let rows = table(&cloud.run(["get", "nodes"])?);
         Ok(rows
             .iter()
@@ -69,6 +53,7 @@ fn the_local_node_registers_and_web_1_is_placed_and_addressed() -> anyhow::Resul
 
     let row = wait_for(
         "web-1 bound and addressed in `ferro get servers -o wide`",
+        WAIT,
         || {
             let rows = table(&cloud.run(["get", "servers", "-o", "wide"])?);
             Ok(rows.into_iter().find(|r| {
@@ -96,13 +81,17 @@ fn the_local_node_registers_and_web_1_is_placed_and_addressed() -> anyhow::Resul
     let group = cloud.data_dir().join("../e2e-group.yaml");
     std::fs::write(&group, GROUP)?;
     cloud.run(["apply", "-f", group.to_str().context("path")?])?;
-    wait_for("the group's member in `ferro get servergroups`", || {
-        let rows = table(&cloud.run(["get", "servergroups"])?);
-        Ok(rows
-            .iter()
-            .find(|r| r["NAME"] == "e2e-spread" && r["MEMBERS"] == "1")
-            .map(|_| ()))
-    })?;
+    wait_for(
+        "the group's member in `ferro get servergroups`",
+        WAIT,
+        || {
+            let rows = table(&cloud.run(["get", "servergroups"])?);
+            Ok(rows
+                .iter()
+                .find(|r| r["NAME"] == "e2e-spread" && r["MEMBERS"] == "1")
+                .map(|_| ()))
+        },
+    )?;
     let yaml = cloud.run(["get", "servergroup", "e2e-spread", "-o", "yaml"])?;
     assert!(yaml.contains("- e2e-member"), "{yaml}");
 

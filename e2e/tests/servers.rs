@@ -12,10 +12,10 @@
 //! server leaves no process and no files.
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{Context, bail, ensure};
-use ferro_e2e::{Cloud, Signal, TinyGuest, signal, tiny_guest};
+use anyhow::{Context, ensure};
+use ferro_e2e::{Cloud, Signal, TinyGuest, signal, tiny_guest, wait_for};
 
 /// How long anything that needs a guest to boot may take.
 const BOOT: Duration = Duration::from_secs(180);
@@ -62,23 +62,6 @@ fn qemus(uid: &str) -> Vec<u32> {
             !zombie && cmdline.contains("qemu") && cmdline.contains(uid)
         })
         .collect()
-}
-
-fn wait_for<T>(
-    what: &str,
-    timeout: Duration,
-    mut check: impl FnMut() -> anyhow::Result<Option<T>>,
-) -> anyhow::Result<T> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(value) = check()? {
-            return Ok(value);
-        }
-        if Instant::now() > deadline {
-            bail!("timed out waiting for {what}");
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
 }
 
 /// A Server's YAML.
