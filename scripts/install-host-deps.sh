@@ -4,7 +4,7 @@ set -euo pipefail
 
 packages=(
   etcd-server etcd-client    # the store
-  protobuf-compiler          # etcd-client's build needs protoc
+  protobuf-compiler libprotobuf-dev # etcd-client's build needs protoc and the well-known protos (descriptor.proto), which are only a Recommends of protoc
   qemu-system-x86 qemu-utils # the hypervisor
   genisoimage                # config drives
   busybox-static cpio xz-utils # the test guest's initramfs
