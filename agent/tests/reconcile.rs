@@ -368,6 +368,32 @@ fn reason(result: Result<(), ReconcileError>) -> Result<&'static str> {
     }
 }
 
+/// Asserts that the Server has settled: one more reconcile succeeds, writes nothing and
+/// asks the host for nothing that changes it.
+async fn assert_settled(
+    cloud: &Cloud,
+    agent: &Agent,
+    driver: &MemoryHypervisor,
+    name: &str,
+) -> Result<()> {
+    let before = cloud.server(name).await?;
+    let calls_before = driver.journal().len();
+    agent.reconcile(&uid(&before)).await?;
+    let after = cloud.server(name).await?;
+    ensure!(
+        revision(&after) == revision(&before),
+        "servers/{name}: a settled reconcile wrote {:?} over {:?}",
+        after.status,
+        before.status
+    );
+    let calls = &driver.journal()[calls_before..];
+    ensure!(
+        calls.iter().all(|c| !c.changed_the_host()),
+        "servers/{name}: a settled reconcile changed the host: {calls:?}"
+    );
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------------------
 
 #[tokio::test]
@@ -413,7 +439,7 @@ async fn a_bound_server_boots_with_what_it_asks_for() -> Result<()> {
     );
     ensure!(driver.uids() == [uid.clone()] && driver.launches(&uid) == 1);
     ensure!(images.fetches().len() == 1, "{:?}", images.fetches());
-    Ok(())
+    assert_settled(&cloud, &agent, &driver, "web-1").await
 }
 
 #[tokio::test]
@@ -579,7 +605,7 @@ async fn a_stopped_servers_guest_started_behind_our_back_is_stopped() -> Result<
     );
     let server = cloud.server("web-1").await?;
     ensure!(stopped(&server), "{:?}", server.status);
-    Ok(())
+    assert_settled(&cloud, &agent, &driver, "web-1").await
 }
 
 #[tokio::test]
@@ -730,7 +756,7 @@ async fn a_create_that_fails_at_each_step_converges_once_the_cause_is_gone() -> 
         report.len() == 1 && report[0].phase == v1::cached_image::Phase::Ready as i32,
         "{report:?}"
     );
-    Ok(())
+    assert_settled(&cloud, &agent, &driver, "web-1").await
 }
 
 #[tokio::test]
@@ -806,4 +832,144 @@ async fn a_stopped_server_that_is_deleted_goes_without_being_started() -> Result
     ensure!(cloud.server_is_gone("cold").await?);
     ensure!(driver.journal().iter().all(|c| !c.changed_the_host()));
     Ok(())
+}
+
+#[tokio::test]
+async fn a_stop_that_fails_is_retried_and_the_guest_is_reported_as_it_is() -> Result<()> {
+    let cloud = Cloud::start().await?;
+    let (driver, images) = doubles();
+    let agent = agent(&cloud, &driver, &images);
+    let uid = cloud.create_server("web-1", "").await?;
+    agent.reconcile(&uid).await?;
+    cloud
+        .edit_server("web-1", |spec| {
+            spec.power_state = Some(PowerState::Stopped as i32);
+        })
+        .await?;
+
+    driver.fail_next(Operation::Stop, 1, |uid| HypervisorError::WouldNotDie {
+        uid: uid.to_owned(),
+        pid: 1,
+        waited: Duration::from_secs(10),
+    });
+    ensure!(reason(agent.reconcile(&uid).await)? == "StopFailed");
+    // The guest still runs, and the Server says so rather than what was asked.
+    assert_running(&cloud, &driver, "web-1").await?;
+
+    // A guest that ignores the power button is ended by force.
+    driver.set_honours_acpi(&uid, false);
+    agent.reconcile(&uid).await?;
+    ensure!(driver.state(&uid) == Some(VmState::Stopped));
+    let server = cloud.server("web-1").await?;
+    ensure!(power(&server) == HostPower::Shutdown, "{:?}", host(&server));
+    ensure!(
+        running_condition(&server) == (ConditionStatus::False, "Stopped".to_owned()),
+        "{:?}",
+        guest_running(&server)
+    );
+    assert_settled(&cloud, &agent, &driver, "web-1").await?;
+
+    // Started again: the same VM, its disk kept.
+    let disk = driver.file(&uid, "disk.qcow2");
+    cloud
+        .edit_server("web-1", |spec| {
+            spec.power_state = Some(PowerState::Running as i32);
+        })
+        .await?;
+    agent.reconcile(&uid).await?;
+    assert_running(&cloud, &driver, "web-1").await?;
+    ensure!(driver.launches(&uid) == 2 && driver.file(&uid, "disk.qcow2") == disk);
+    ensure!(
+        host(&cloud.server("web-1").await?).restart_count == 0,
+        "asked for, not a restart"
+    );
+    assert_settled(&cloud, &agent, &driver, "web-1").await
+}
+
+#[tokio::test]
+async fn a_reboot_request_resets_the_guest_once_even_after_a_failed_reset() -> Result<()> {
+    let cloud = Cloud::start().await?;
+    let (driver, images) = doubles();
+    let agent = agent(&cloud, &driver, &images);
+    let uid = cloud.create_server("web-1", "").await?;
+    agent.reconcile(&uid).await?;
+
+    let mut server = cloud.server("web-1").await?;
+    server
+        .metadata
+        .get_or_insert_with(Default::default)
+        .annotations
+        .insert(
+            "ferro.io/reboot-requested-at".into(),
+            "2026-12-07T01:00:00Z".into(),
+        );
+    cloud.admin.update(server.into_object()).await?;
+
+    driver.fail_next(Operation::Reset, 1, |uid| {
+        HypervisorError::NotRunning(uid.to_owned())
+    });
+    ensure!(reason(agent.reconcile(&uid).await)? == "ResetFailed");
+    ensure!(driver.resets(&uid) == 0);
+    ensure!(host(&cloud.server("web-1").await?).last_reboot.is_empty());
+
+    agent.reconcile(&uid).await?;
+    ensure!(driver.resets(&uid) == 1 && driver.launches(&uid) == 1);
+    let server = cloud.server("web-1").await?;
+    ensure!(
+        host(&server).last_reboot == "2026-12-07T01:00:00Z",
+        "{:?}",
+        host(&server)
+    );
+    assert_running(&cloud, &driver, "web-1").await?;
+    // Performed once: later reconciles do not reset again.
+    assert_settled(&cloud, &agent, &driver, "web-1").await?;
+    ensure!(driver.resets(&uid) == 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_unresponsive_or_paused_guest_is_reported_and_not_started_again() -> Result<()> {
+    let cloud = Cloud::start().await?;
+    let (driver, images) = doubles();
+    let agent = agent(&cloud, &driver, &images);
+    let uid = cloud.create_server("web-1", "").await?;
+    agent.reconcile(&uid).await?;
+
+    driver.hang(&uid);
+    agent.reconcile(&uid).await?;
+    let server = cloud.server("web-1").await?;
+    ensure!(
+        power(&server) == HostPower::Running,
+        "last seen: {:?}",
+        host(&server)
+    );
+    ensure!(
+        running_condition(&server)
+            == (
+                ConditionStatus::Unknown,
+                "HypervisorUnresponsive".to_owned()
+            ),
+        "{:?}",
+        guest_running(&server)
+    );
+    ensure!(driver.launches(&uid) == 1);
+    assert_settled(&cloud, &agent, &driver, "web-1").await?;
+
+    driver.run_behind_our_back(&uid);
+    driver.pause(&uid, "guest-panicked");
+    agent.reconcile(&uid).await?;
+    let server = cloud.server("web-1").await?;
+    ensure!(power(&server) == HostPower::Paused, "{:?}", host(&server));
+    ensure!(
+        running_condition(&server) == (ConditionStatus::False, "Paused".to_owned()),
+        "{:?}",
+        guest_running(&server)
+    );
+    ensure!(
+        guest_running(&server).message.contains("guest-panicked"),
+        "{:?}",
+        guest_running(&server)
+    );
+    ensure!(driver.launches(&uid) == 1);
+    assert_settled(&cloud, &agent, &driver, "web-1").await
 }
