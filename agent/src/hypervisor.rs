@@ -11,9 +11,11 @@
 //! uid so orphans can be found. Calls for one uid are serialised by the driver; the agent's
 //! per-VM task is still the only caller expected to change a given VM.
 //!
-//! The real driver is [`qemu::QemuDriver`]; the driver-level types here deliberately do
+//! The real driver is [`qemu::QemuDriver`]; [`memory::MemoryHypervisor`] is its in-memory
+//! double for tests without root. The driver-level types here deliberately do
 //! not depend on the API crate.
 
+pub mod memory;
 pub mod qemu;
 pub mod qmp;
 

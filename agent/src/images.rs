@@ -32,8 +32,12 @@
 //! are fetched when a guest needs them to start. Failures carry a reason word at the
 //! start of the record's message (`DownloadFailed: …`, `ImageChecksumMismatch: …`,
 //! `UnknownImageFormat: …`; see [`ImageError::reason`]).
+//!
+//! [`memory::MemoryImageCache`] is the in-memory double of [`FileImageCache`], for tests
+//! without files or `qemu-img`.
 
 pub mod http;
+pub mod memory;
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
