@@ -25,6 +25,12 @@ pub struct ControllersArgs {
           default_value_t = ferro_controllers::Options::default().concurrency as u16,
           value_parser = clap::value_parser!(u16).range(1..))]
     pub concurrency: u16,
+    /// This instance's name in the `controllers` Lease [default: `<hostname>-<random>`].
+    /// A process that finds the Lease held under its own identity takes it at once, so
+    /// give a restarted instance the identity of the one it replaces, and never give two
+    /// live instances the same one.
+    #[arg(long, value_name = "ID", env = "FERRO_CONTROLLERS_IDENTITY")]
+    pub identity: Option<String>,
 }
 
 /// Runs `ferro controllers` until SIGTERM or SIGINT.
@@ -34,6 +40,9 @@ pub fn run(args: ControllersArgs) -> anyhow::Result<()> {
     let mut config = ControllersConfig::new(args.server, token);
     config.metrics_addr = args.metrics_addr;
     config.options.concurrency = usize::from(args.concurrency);
+    if let Some(identity) = args.identity {
+        config.identity = identity;
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

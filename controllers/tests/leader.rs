@@ -183,3 +183,40 @@ async fn a_clean_shutdown_hands_over_at_once() {
     assert!(started.elapsed() < Duration::from_secs(20));
     b.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_under_the_same_identity_takes_its_own_lease_at_once() {
+    let cloud = Cloud::start().await;
+    let start = |identity: &str| {
+        let mut config = ControllersConfig::new(cloud.address.clone(), "controllers-token");
+        config.identity = identity.into();
+        config.lease_duration = Duration::from_secs(30);
+        config.shutdown = Some(std::future::pending::<()>().boxed());
+        tokio::spawn(async move { run(config).await.expect("controllers run") })
+    };
+    let a = start("host-ferro-up");
+    eventually("a leads", || async {
+        (holder(&cloud).await.as_deref() == Some("host-ferro-up")).then_some(())
+    })
+    .await;
+    let standby = start("other-host");
+    // a dies without releasing (as after SIGKILL); its successor has the same identity.
+    a.abort();
+    let restarted = tokio::time::Instant::now();
+    let again = start("host-ferro-up");
+    cloud.network("net", "10.31.0.0/24").await;
+    addressed_ports(&cloud, "after-restart-", 3).await;
+    let took = restarted.elapsed();
+    println!("ports addressed {took:?} after the restart (lease 30s)");
+    assert!(
+        took < Duration::from_secs(10),
+        "the restarted instance waited for its own lease: {took:?}"
+    );
+    assert_eq!(
+        holder(&cloud).await.as_deref(),
+        Some("host-ferro-up"),
+        "the standby on another host still waits for the full lease"
+    );
+    standby.abort();
+    again.abort();
+}

@@ -129,6 +129,10 @@ async fn describe(
     if let Object::Server(server) = &object {
         server_sections(&mut out, server);
     }
+    if let Some(waiting) = waiting_for_controllers(&object) {
+        let leader = controllers_leader(client).await;
+        let _ = writeln!(out, "Waiting for: {waiting}; {leader}");
+    }
 
     let now = now_seconds();
     let conditions = conditions(&object);
@@ -258,6 +262,77 @@ fn server_sections(out: &mut String, server: &v1::Server) {
     }
 }
 
+/// What a controller has yet to decide for the object, when it has decided nothing yet:
+/// `None` once the decision is in status (or the kind has none).
+fn waiting_for_controllers(object: &Object) -> Option<&'static str> {
+    let deleting = object
+        .metadata()
+        .is_some_and(|m| m.deletion_timestamp.is_some());
+    if deleting {
+        return None;
+    }
+    match object {
+        Object::Port(port) => {
+            let status = port.status.clone().unwrap_or_default();
+            (status.mac.is_empty() || status.addresses.is_empty())
+                .then_some("IPAM to allocate the port's MAC and addresses")
+        }
+        Object::Network(network) => network
+            .status
+            .as_ref()
+            .is_none_or(|s| s.segment_id == 0)
+            .then_some("the network controller to allocate a segment ID"),
+        Object::Server(server) => server
+            .status
+            .as_ref()
+            .is_none_or(|s| s.node.is_empty())
+            .then_some("the scheduler to place the server"),
+        _ => None,
+    }
+}
+
+/// Who leads the controllers, from their Lease, in words: whether a decision can be
+/// expected soon, or why not (no controllers ever ran, or the leader's lease lapsed and a
+/// successor has yet to take over).
+async fn controllers_leader(client: &Client) -> String {
+    const LEASE: &str = "controllers";
+    let lease = match client.get_typed::<v1::Lease>("", LEASE).await {
+        Ok(lease) => lease,
+        Err(ApiError::NotFound { .. }) => {
+            return "no controllers have ever run against this apiserver \
+                    (is `ferro controllers` running?)"
+                .to_owned();
+        }
+        Err(e) => return format!("the controllers' Lease cannot be read: {e}"),
+    };
+    let spec = lease.spec.unwrap_or_default();
+    controllers_leader_text(&spec, now_seconds())
+}
+
+fn controllers_leader_text(spec: &v1::LeaseSpec, now: i64) -> String {
+    if spec.holder_identity.is_empty() {
+        return "no controllers process leads right now (the last one stepped down; \
+                is `ferro controllers` running?)"
+            .to_owned();
+    }
+    let renewed = spec.renew_time.map_or(0, |t| t.seconds);
+    let lapsed = now - renewed - i64::from(spec.lease_duration_seconds);
+    if lapsed > 0 {
+        format!(
+            "the controllers' leader {} stopped renewing its lease {} ago; a controllers \
+             process takes over as soon as one runs",
+            spec.holder_identity,
+            table::duration(lapsed)
+        )
+    } else {
+        format!(
+            "controllers led by {} (lease renewed {} ago)",
+            spec.holder_identity,
+            table::duration((now - renewed).max(0))
+        )
+    }
+}
+
 /// The objects that name `uid` as an owner, as `port/p1 (blocks owner deletion)`.
 async fn dependents(client: &Client, uid: &str) -> Result<Vec<String>, ApiError> {
     let mut found = Vec::new();
@@ -337,4 +412,58 @@ fn yaml_block(value: Option<&Json>) -> String {
 
 fn indented(text: &str) -> String {
     text.lines().map(|l| format!("  {l}\n")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lease(holder: &str, renewed: i64, seconds: u32) -> v1::LeaseSpec {
+        v1::LeaseSpec {
+            holder_identity: holder.to_owned(),
+            renew_time: Some(prost_types::Timestamp {
+                seconds: renewed,
+                nanos: 0,
+            }),
+            lease_duration_seconds: seconds,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_controllers_lease_says_whether_a_decision_is_coming() {
+        let live = controllers_leader_text(&lease("vm-up", 995, 12), 1000);
+        assert_eq!(live, "controllers led by vm-up (lease renewed 5s ago)");
+        let lapsed = controllers_leader_text(&lease("vm-1a2b", 900, 12), 1000);
+        assert!(
+            lapsed.contains("vm-1a2b stopped renewing its lease 88s ago"),
+            "{lapsed}"
+        );
+        let released = controllers_leader_text(&lease("", 900, 12), 1000);
+        assert!(
+            released.contains("no controllers process leads"),
+            "{released}"
+        );
+    }
+
+    #[test]
+    fn only_undecided_objects_wait_for_the_controllers() {
+        let port = |mac: &str| {
+            Object::Port(v1::Port {
+                status: Some(v1::PortStatus {
+                    mac: mac.to_owned(),
+                    addresses: vec![v1::PortAddress {
+                        subnet: "s".into(),
+                        ip: "10.0.0.5".into(),
+                    }],
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+        };
+        assert!(waiting_for_controllers(&port("")).is_some());
+        assert!(waiting_for_controllers(&port("fa:16:3e:00:00:01")).is_none());
+        assert!(waiting_for_controllers(&Object::Network(v1::Network::default())).is_some());
+        assert!(waiting_for_controllers(&Object::Flavor(v1::Flavor::default())).is_none());
+    }
 }

@@ -125,6 +125,11 @@ pub fn children(
             args.api_addr.clone().into(),
             "--token-file".into(),
             path(dir.tokens()),
+            // One identity for every run of this child: a restarted controllers process
+            // takes its predecessor's Lease at once instead of waiting for it to lapse.
+            // The supervisor has ended the predecessor first, so two never lead at once.
+            "--identity".into(),
+            format!("{}-ferro-up", datadir::hostname()).into(),
         ],
         ready: Readiness::Started,
     });
