@@ -73,6 +73,9 @@ enum Command {
     Console(cli::console::ConsoleArgs),
     /// Power verbs: `ferro server stop|start|reboot NAME`.
     Server(cli::server::ServerArgs),
+    /// The CLI's contexts: `ferro config get-contexts|use-context NAME|current-context`.
+    #[command(subcommand)]
+    Config(cli::config::ConfigCommand),
 }
 
 impl Command {
@@ -95,7 +98,7 @@ impl Command {
             | Command::Explain(_)
             | Command::Logs(_)
             | Command::Completion(_) => "warn",
-            Command::Console(_) | Command::Server(_) => "warn",
+            Command::Console(_) | Command::Server(_) | Command::Config(_) => "warn",
         }
     }
 }
@@ -128,6 +131,7 @@ fn main() -> ExitCode {
         }
         Command::Console(args) => cli::console::run(&cli.connection, args),
         Command::Server(args) => cli::server::run(&cli.connection, args),
+        Command::Config(command) => cli::config::run(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
