@@ -370,9 +370,9 @@ fn ready_condition(
             "Running",
             format!("running on node {}", status.node),
         ),
-        Phase::Stopped if stopped_wanted => condition(
-            "Ready",
-            true,
+        // Stopped as asked is where the server should be, but it does not serve: not
+        // Ready, as a completed pod is not, with the reason saying it is on purpose.
+        Phase::Stopped if stopped_wanted => not(
             "Stopped",
             format!("stopped as asked on node {}", status.node),
         ),

@@ -114,12 +114,10 @@ impl Config {
     /// else the current one (`None` when there is none).
     pub fn select(&self, name: Option<&str>) -> anyhow::Result<Option<&Context>> {
         match name {
-            Some(name) => self.get(name).map(Some).ok_or_else(|| {
-                anyhow!(
-                    "no context named `{name}`; `ferro config get-contexts` lists them ({})",
-                    self.names()
-                )
-            }),
+            Some(name) => self
+                .get(name)
+                .map(Some)
+                .ok_or_else(|| anyhow!("no context named `{name}` (contexts: {})", self.names())),
             None => Ok(self.current()),
         }
     }
@@ -329,9 +327,8 @@ pub enum ConfigCommand {
 
 /// Runs `ferro config …`.
 pub fn run(command: ConfigCommand) -> anyhow::Result<()> {
-    let path = path().ok_or_else(|| {
-        anyhow!("no config file: set FERRO_CONFIG, XDG_CONFIG_HOME or HOME")
-    })?;
+    let path = path()
+        .ok_or_else(|| anyhow!("no config file: set FERRO_CONFIG, XDG_CONFIG_HOME or HOME"))?;
     let loaded = load(&path)?;
     let mut config = loaded.clone().unwrap_or_default();
     match command {
@@ -421,7 +418,10 @@ mod tests {
             0o600
         );
         // Nothing is left beside it.
-        assert_eq!(std::fs::read_dir(path.parent().unwrap()).unwrap().count(), 1);
+        assert_eq!(
+            std::fs::read_dir(path.parent().unwrap()).unwrap().count(),
+            1
+        );
     }
 
     #[test]
@@ -441,7 +441,11 @@ mod tests {
         );
         // Written again, it is the new form and reads back the same.
         write(&path, &config).unwrap();
-        assert!(std::fs::read_to_string(&path).unwrap().contains("contexts:"));
+        assert!(
+            std::fs::read_to_string(&path)
+                .unwrap()
+                .contains("contexts:")
+        );
         assert_eq!(load(&path).unwrap(), Some(config));
     }
 
@@ -503,18 +507,21 @@ mod tests {
     #[test]
     fn context_names_follow_the_data_directory_and_never_collide() {
         let mut config = Config::default();
-        assert_eq!(config.context_name_for(Path::new("/var/lib/ferro")), "ferro");
-        assert_eq!(config.context_name_for(Path::new("/tmp/dev")), "ferro-dev");
         assert_eq!(
-            config.context_name_for(Path::new("/tmp/a b")),
-            "ferro-a-b"
+            config.context_name_for(Path::new("/var/lib/ferro")),
+            "ferro"
         );
+        assert_eq!(config.context_name_for(Path::new("/tmp/dev")), "ferro-dev");
+        assert_eq!(config.context_name_for(Path::new("/tmp/a b")), "ferro-a-b");
         config.upsert(Context {
             data_dir: Some("/one/data".into()),
             ..context("ferro-data", "h:1")
         });
         // The same directory finds its own context again.
-        assert_eq!(config.context_name_for(Path::new("/one/data")), "ferro-data");
+        assert_eq!(
+            config.context_name_for(Path::new("/one/data")),
+            "ferro-data"
+        );
         // Another directory of the same basename gets a stable, distinct name.
         let other = config.context_name_for(Path::new("/two/data"));
         assert!(other.starts_with("ferro-data-"), "{other}");

@@ -12,6 +12,7 @@ use std::time::Duration;
 use anyhow::anyhow;
 use ferro_api::{Error as ApiError, Kind, client::Client};
 
+pub mod api_resources;
 pub mod apply;
 pub mod completion;
 pub mod config;
@@ -98,7 +99,7 @@ impl Connection {
             .unwrap_or_else(|| "~/.config/ferro/config.yaml".into());
         let context = config
             .select(args.context.as_deref())
-            .map_err(|e| anyhow!("{e} (in {shown_path})"))?
+            .map_err(|e| anyhow!("{shown_path}: {e}"))?
             .cloned()
             .unwrap_or_default();
         let context_name = Some(context.name.clone()).filter(|n| !n.is_empty());

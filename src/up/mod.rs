@@ -130,7 +130,11 @@ pub fn children(
             "--token-file".into(),
             path(dir.tokens()),
         ],
-        ready: Readiness::Started,
+        ready: Readiness::Lease {
+            address: args.api_addr.clone(),
+            token: admin_token.to_owned(),
+            lease: "controllers".to_owned(),
+        },
     });
     children.push(ChildSpec {
         name: "agent",
@@ -145,7 +149,11 @@ pub fn children(
             "--state-dir".into(),
             path(dir.agent()),
         ],
-        ready: Readiness::Started,
+        ready: Readiness::Lease {
+            address: args.api_addr.clone(),
+            token: admin_token.to_owned(),
+            lease: format!("node-{}", datadir::hostname()),
+        },
     });
     children
 }
