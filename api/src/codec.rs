@@ -280,7 +280,7 @@ impl<'de> Deserialize<'de> for MapKeyText {
 }
 
 /// Nodes a text may hold whatever its size; beyond it, one node per byte of text.
-const BASE_NODE_BUDGET: usize = 1_000;
+const BASE_NODE_BUDGET: usize = 256;
 
 /// How many YAML nodes (mappings, sequences, scalars) a text of this size may expand to.
 ///
