@@ -861,6 +861,26 @@ mod tests {
     }
 
     #[test]
+    fn a_server_stopped_as_asked_is_not_ready_and_says_so() {
+        use v1::server_host_status::PowerState as Host;
+        let mut s = server(
+            &[],
+            v1::ServerStatus {
+                node: "n1".into(),
+                host: host(Host::Shutdown),
+                ..Default::default()
+            },
+        );
+        s.spec.as_mut().unwrap().power_state = Some(v1::server_spec::PowerState::Stopped as i32);
+        let holds = cond("X", Status::True, "");
+        let ready = ready_condition(&s, Phase::Stopped, &holds, &holds);
+        assert_eq!(
+            (ready.status, ready.reason.as_str()),
+            (Status::False as i32, "Stopped")
+        );
+    }
+
+    #[test]
     fn missing_references_are_named_in_order() {
         let s = server(&[("net", "")], v1::ServerStatus::default());
         let mut refs = all_found(&s);
