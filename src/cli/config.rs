@@ -19,7 +19,8 @@
 //! it, so a later `ferro up` of the same directory refreshes it rather than adding
 //! another). The flat file older releases wrote (`server`, `token`, `project` at the top)
 //! is still read, as one context named `default` that is current; the next write stores
-//! it in the new form.
+//! it in the new form. Writers hold a lock on `config.yaml.lock` beside it (see
+//! [`update`]) and replace the file atomically, with mode 0600.
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -306,6 +307,29 @@ pub fn write(path: &Path, config: &Config) -> anyhow::Result<()> {
     written.with_context(|| format!("cannot write {}", path.display()))
 }
 
+/// Reads, changes and writes the config file while holding a lock beside it
+/// (`<file>.lock`), so that two writers — two `ferro up` starting at once, or `ferro
+/// config use-context` meanwhile — never lose each other's change.
+pub fn update<T>(path: &Path, change: impl FnOnce(&mut Config) -> T) -> anyhow::Result<T> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let lock_path = path.with_extension("yaml.lock");
+    let lock = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&lock_path)
+        .with_context(|| format!("cannot open {}", lock_path.display()))?;
+    lock.lock()
+        .with_context(|| format!("cannot lock {}", lock_path.display()))?;
+    let mut config = load(path)?.unwrap_or_default();
+    let result = change(&mut config);
+    write(path, &config)?;
+    Ok(result)
+}
+
 /// A double-quoted YAML scalar, so no value is mistaken for a number or a boolean.
 fn yaml_string(value: &str) -> String {
     format!("\"{}\"", value.replace('\\', "\\\\").replace('"', "\\\""))
@@ -329,8 +353,7 @@ pub enum ConfigCommand {
 pub fn run(command: ConfigCommand) -> anyhow::Result<()> {
     let path = path()
         .ok_or_else(|| anyhow!("no config file: set FERRO_CONFIG, XDG_CONFIG_HOME or HOME"))?;
-    let loaded = load(&path)?;
-    let mut config = loaded.clone().unwrap_or_default();
+    let config = load(&path)?.unwrap_or_default();
     match command {
         ConfigCommand::GetContexts => {
             let mut rows = vec![[
@@ -362,8 +385,7 @@ pub fn run(command: ConfigCommand) -> anyhow::Result<()> {
             Ok(())
         }
         ConfigCommand::UseContext { name } => {
-            config.use_context(&name)?;
-            write(&path, &config)?;
+            update(&path, |config| config.use_context(&name))??;
             println!("switched to context \"{name}\"");
             Ok(())
         }
@@ -422,6 +444,21 @@ mod tests {
             std::fs::read_dir(path.parent().unwrap()).unwrap().count(),
             1
         );
+    }
+
+    #[test]
+    fn concurrent_updates_lose_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.yaml");
+        std::thread::scope(|scope| {
+            for i in 0..8 {
+                let path = &path;
+                scope.spawn(move || {
+                    update(path, |c| c.upsert(context(&format!("c{i}"), "h:1"))).unwrap()
+                });
+            }
+        });
+        assert_eq!(load(&path).unwrap().unwrap().contexts.len(), 8);
     }
 
     #[test]

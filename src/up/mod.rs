@@ -302,13 +302,11 @@ async fn write_cli_context(
         tracing::warn!("no $FERRO_CONFIG, $XDG_CONFIG_HOME or $HOME: not writing a CLI config");
         return Ok(None);
     };
-    let mut cli_config = config::load(&path)?.unwrap_or_default();
-    let name = cli_config.context_name_for(dir.root());
-    let project = cli_config
-        .get(&name)
-        .and_then(|c| c.project.clone())
-        .unwrap_or_else(|| ferro_api::server::DEFAULT_PROJECT.to_owned());
-    let own = config::Context {
+    // Ask whether the current cloud is alive before taking the lock (it may take seconds),
+    // then decide again under the lock on what the file says by then.
+    let snapshot = config::load(&path)?.unwrap_or_default();
+    let name = snapshot.context_name_for(dir.root());
+    let own = |project: String| config::Context {
         name: name.clone(),
         server: Some(args.api_addr.clone()),
         token: Some(admin_token.to_owned()),
@@ -316,20 +314,38 @@ async fn write_cli_context(
         data_dir: Some(dir.root().display().to_string()),
         ..config::Context::default()
     };
-    let kept = match cli_config.takeover(&own, args.set_context) {
+    let probe = own(String::new());
+    let live = match snapshot.takeover(&probe, args.set_context) {
         config::Takeover::Take => None,
         config::Takeover::IfGone(current) => {
             let server = current.server.clone().unwrap_or_default();
-            answers(&server, current.token.as_deref())
-                .await
-                .then(|| (current.name.clone(), server))
+            let alive = answers(&server, current.token.as_deref()).await;
+            Some((current.name.clone(), alive))
         }
     };
-    cli_config.upsert(own);
-    if kept.is_none() {
-        cli_config.current_context = Some(name.clone());
-    }
-    config::write(&path, &cli_config)?;
+    let kept = config::update(&path, |cli_config| {
+        let project = cli_config
+            .get(&name)
+            .and_then(|c| c.project.clone())
+            .unwrap_or_else(|| ferro_api::server::DEFAULT_PROJECT.to_owned());
+        let own = own(project);
+        let kept = match cli_config.takeover(&own, args.set_context) {
+            config::Takeover::Take => None,
+            config::Takeover::IfGone(current) => match &live {
+                Some((checked, false)) if *checked == current.name => None,
+                // Alive, or another context became current meanwhile: leave it.
+                _ => Some((
+                    current.name.clone(),
+                    current.server.clone().unwrap_or_default(),
+                )),
+            },
+        };
+        cli_config.upsert(own);
+        if kept.is_none() {
+            cli_config.current_context = Some(name.clone());
+        }
+        kept
+    })?;
     let written = ContextWritten { path, name, kept };
     tracing::info!("{}", written.summary());
     Ok(Some(written))
