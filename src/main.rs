@@ -48,6 +48,7 @@ enum Command {
     /// Create or update objects from YAML / JSON manifests.
     Apply(cli::apply::ApplyArgs),
     /// Show objects of one kind.
+    #[command(after_help = cli::api_resources::kinds_help())]
     Get(cli::get::GetArgs),
     /// Delete objects by name or by manifest.
     Delete(cli::delete::DeleteArgs),
@@ -73,6 +74,11 @@ enum Command {
     Console(cli::console::ConsoleArgs),
     /// Power verbs: `ferro server stop|start|reboot NAME`.
     Server(cli::server::ServerArgs),
+    /// List every kind with its short names and scope.
+    ApiResources,
+    /// The CLI's contexts: `ferro config get-contexts|use-context NAME|current-context`.
+    #[command(subcommand)]
+    Config(cli::config::ConfigCommand),
 }
 
 impl Command {
@@ -95,7 +101,8 @@ impl Command {
             | Command::Explain(_)
             | Command::Logs(_)
             | Command::Completion(_) => "warn",
-            Command::Console(_) | Command::Server(_) => "warn",
+            Command::Console(_) | Command::Server(_) | Command::Config(_) => "warn",
+            Command::ApiResources => "warn",
         }
     }
 }
@@ -128,6 +135,8 @@ fn main() -> ExitCode {
         }
         Command::Console(args) => cli::console::run(&cli.connection, args),
         Command::Server(args) => cli::server::run(&cli.connection, args),
+        Command::Config(command) => cli::config::run(command),
+        Command::ApiResources => cli::api_resources::run(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -59,43 +59,95 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// A `ferro up --store memory` of this test's own, stopped on drop.
+/// A `ferro up --store memory` of this test's own, stopped on drop. Its CLI config is its
+/// own file (through `FERRO_CONFIG`), or one shared with other clouds of the same test,
+/// whose context for this cloud its CLI then names.
 struct Cloud {
     dir: tempfile::TempDir,
     api_addr: String,
     up: Option<Child>,
+    /// The CLI config `ferro up` writes this cloud's context into.
+    config: PathBuf,
+    /// The data directory's name, under `dir`.
+    data_name: String,
+    /// The context the CLI names, when the config is shared.
+    context: Option<String>,
+    /// How many times `ferro up` was started here (its log is appended to).
+    launches: usize,
 }
 
 impl Cloud {
     fn start() -> Cloud {
         let dir = tempfile::tempdir().expect("a temporary directory");
-        let api_addr = format!("127.0.0.1:{}", free_port());
-        let log = std::fs::File::create(dir.path().join("up.log")).unwrap();
+        let config = dir.path().join("config.yaml");
+        Cloud::start_with(dir, config, "data", None, &[])
+    }
+
+    /// A cloud whose `ferro up --data-dir …/NAME` writes its context, `ferro-NAME`, into
+    /// `config`, which other clouds share.
+    fn start_sharing(config: &Path, data_name: &str, extra_args: &[&str]) -> Cloud {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        Cloud::start_with(
+            dir,
+            config.to_owned(),
+            data_name,
+            Some(format!("ferro-{data_name}")),
+            extra_args,
+        )
+    }
+
+    fn start_with(
+        dir: tempfile::TempDir,
+        config: PathBuf,
+        data_name: &str,
+        context: Option<String>,
+        extra_args: &[&str],
+    ) -> Cloud {
+        let mut cloud = Cloud {
+            dir,
+            api_addr: String::new(),
+            up: None,
+            config,
+            data_name: data_name.to_owned(),
+            context,
+            launches: 0,
+        };
+        cloud.launch(extra_args);
+        cloud
+    }
+
+    /// Starts `ferro up` on this cloud's data directory (again), on a new port.
+    fn launch(&mut self, extra_args: &[&str]) {
+        assert!(self.up.is_none(), "ferro up is already running");
+        self.api_addr = format!("127.0.0.1:{}", free_port());
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("up.log"))
+            .unwrap();
         let up = Command::new(ferro_bin())
             .args([
                 "up",
                 "--store",
                 "memory",
                 "--api-addr",
-                &api_addr,
+                &self.api_addr,
                 "--data-dir",
             ])
-            .arg(dir.path().join("data"))
-            .env("FERRO_CONFIG", dir.path().join("config.yaml"))
+            .arg(self.data_dir())
+            .args(extra_args)
+            .env("FERRO_CONFIG", &self.config)
             .env_remove("FERRO_SERVER")
             .env_remove("FERRO_TOKEN")
+            .env_remove("FERRO_CONTEXT")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
             .expect("ferro up starts");
-        let mut cloud = Cloud {
-            dir,
-            api_addr,
-            up: Some(up),
-        };
-        cloud.wait_ready();
-        cloud
+        self.up = Some(up);
+        self.launches += 1;
+        self.wait_ready();
     }
 
     fn wait_ready(&mut self) {
@@ -105,8 +157,8 @@ impl Cloud {
                 self.up = None;
                 panic!("ferro up exited ({status}):\n{}", self.log());
             }
-            // The config is written once the seeds are in.
-            if self.config().exists()
+            // The config is written once the seeds are in, and says so in the log.
+            if self.log().matches("Ferro is up.").count() >= self.launches
                 && self
                     .ferro()
                     .args(["get", "flavor", "m1.tiny"])
@@ -126,26 +178,38 @@ impl Cloud {
         }
     }
 
+    /// Stops `ferro up` (SIGTERM) and waits until it exits.
+    fn stop(&mut self) {
+        let Some(mut up) = self.up.take() else { return };
+        if let Some(pid) = i32::try_from(up.id()).ok().and_then(Pid::from_raw) {
+            let _ = rustix::process::kill_process(pid, Signal::TERM);
+        }
+        let begin = Instant::now();
+        while matches!(up.try_wait(), Ok(None)) && begin.elapsed() < Duration::from_secs(30) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = up.kill();
+        let _ = up.wait();
+    }
+
     fn config(&self) -> PathBuf {
-        self.dir.path().join("config.yaml")
+        self.config.clone()
     }
 
     fn data_dir(&self) -> PathBuf {
-        self.dir.path().join("data")
+        self.dir.path().join(&self.data_name)
     }
 
     fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("up.log")).unwrap_or_default()
     }
 
-    /// The CLI, configured by the config `ferro up` wrote.
+    /// The CLI, configured by the config `ferro up` wrote (this cloud's context of it).
     fn ferro(&self) -> assert_cmd::Command {
-        let mut command = assert_cmd::Command::new(ferro_bin());
-        command
-            .env("FERRO_CONFIG", self.config())
-            .env_remove("FERRO_SERVER")
-            .env_remove("FERRO_TOKEN")
-            .timeout(Duration::from_secs(60));
+        let mut command = cli(&self.config);
+        if let Some(context) = &self.context {
+            command.env("FERRO_CONTEXT", context);
+        }
         command
     }
 
@@ -181,17 +245,20 @@ impl Cloud {
 
 impl Drop for Cloud {
     fn drop(&mut self) {
-        let Some(mut up) = self.up.take() else { return };
-        if let Some(pid) = i32::try_from(up.id()).ok().and_then(Pid::from_raw) {
-            let _ = rustix::process::kill_process(pid, Signal::TERM);
-        }
-        let begin = Instant::now();
-        while matches!(up.try_wait(), Ok(None)) && begin.elapsed() < Duration::from_secs(30) {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = up.kill();
-        let _ = up.wait();
+        self.stop();
     }
+}
+
+/// The CLI with this config file and nothing from the environment that would override it.
+fn cli(config: &Path) -> assert_cmd::Command {
+    let mut command = assert_cmd::Command::new(ferro_bin());
+    command
+        .env("FERRO_CONFIG", config)
+        .env_remove("FERRO_SERVER")
+        .env_remove("FERRO_TOKEN")
+        .env_remove("FERRO_CONTEXT")
+        .timeout(Duration::from_secs(60));
+    command
 }
 
 fn stdout(assert: &Assert) -> String {
@@ -239,7 +306,7 @@ fn apply_get_delete() {
         let header: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
         assert_eq!(
             header,
-            ["NAME", "PHASE", "NODE", "FLAVOR", "IMAGE", "AGE"],
+            ["NAME", "STATUS", "NODE", "FLAVOR", "IMAGE", "AGE"],
             "{text}"
         );
         let row: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
@@ -762,7 +829,7 @@ fn api_client(cloud: &Cloud) -> (tokio::runtime::Runtime, ferro_api::client::Cli
     let value = |key: &str| {
         config
             .lines()
-            .find_map(|l| l.strip_prefix(&format!("{key}: ")))
+            .find_map(|l| l.trim_start().strip_prefix(&format!("{key}: ")))
             .map(|v| v.trim_matches('"').to_owned())
             .unwrap()
     };
@@ -1060,8 +1127,14 @@ fn diff_exit_status_and_text() {
     assert!(text.contains("+  flavor: m1.small\n"), "{text}");
 
     cloud.run(&["apply", "-f", path(&stack)]).success();
+    // Nothing differs: no output at all, exit 0, as kubectl; a terminal gets a word.
     let out = cloud.run(&["diff", "-f", path(&stack)]).code(0);
     assert_eq!(stdout(&out), "");
+    assert_eq!(stderr(&out), "");
+    let command_line = format!("{} diff -f {}", ferro_bin(), path(&stack));
+    if let Some(text) = on_a_terminal(&cloud.config(), &command_line) {
+        assert_eq!(text, "no differences\n");
+    }
 
     let changed = cloud.write("changed.yaml", &STACK.replace("m1.small", "m1.medium"));
     let out = cloud.run(&["diff", "-f", path(&changed)]).code(1);
@@ -1492,4 +1565,428 @@ fn explain_and_completion_need_no_cloud() {
             "{shell}"
         );
     }
+}
+
+/// What a command printed on a terminal (through `script`, which gives it a pty), or
+/// `None` when `script` is not installed.
+fn on_a_terminal(config: &Path, command_line: &str) -> Option<String> {
+    if !Path::new("/usr/bin/script").exists() {
+        eprintln!("skipping the terminal part: /usr/bin/script is not installed");
+        return None;
+    }
+    let out = Command::new("/usr/bin/script")
+        .args(["-qec", command_line, "/dev/null"])
+        .env("FERRO_CONFIG", config)
+        .env_remove("FERRO_SERVER")
+        .env_remove("FERRO_TOKEN")
+        .env_remove("FERRO_CONTEXT")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    Some(String::from_utf8_lossy(&out.stdout).replace("\r\n", "\n"))
+}
+
+/// The server and token of the only context of a config `ferro up` wrote.
+fn context_of(config: &Path) -> (String, String) {
+    let text = std::fs::read_to_string(config).unwrap();
+    let value = |key: &str| {
+        text.lines()
+            .find_map(|l| l.trim_start().strip_prefix(&format!("{key}: ")))
+            .map(|v| v.trim_matches('"').to_owned())
+            .unwrap()
+    };
+    (value("server"), value("token"))
+}
+
+#[test]
+fn a_second_up_never_retargets_a_user_talking_to_a_live_cloud() {
+    let shared = tempfile::tempdir().unwrap();
+    let config = shared.path().join("config.yaml");
+    let current = || {
+        stdout(
+            &cli(&config)
+                .args(["config", "current-context"])
+                .assert()
+                .success(),
+        )
+        .trim()
+        .to_owned()
+    };
+
+    // The first cloud's context is written and made current, readable only by its owner.
+    let mut one = Cloud::start_sharing(&config, "one", &[]);
+    assert_eq!(current(), "ferro-one");
+    assert!(
+        one.log()
+            .contains("context ferro-one written and made current"),
+        "{}",
+        one.log()
+    );
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&config).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600);
+
+    // A second cloud writes its own context but leaves the user on the live first one.
+    let mut two = Cloud::start_sharing(&config, "two", &[]);
+    assert_eq!(current(), "ferro-one");
+    let said = format!(
+        "context ferro-two written; current context stays ferro-one (live at {}); use: ferro config use-context ferro-two",
+        one.api_addr
+    );
+    assert!(two.log().contains(&said), "{}", two.log());
+    let table = stdout(
+        &cli(&config)
+            .args(["config", "get-contexts"])
+            .assert()
+            .success(),
+    );
+    let lines: Vec<Vec<&str>> = table
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(
+        lines,
+        [
+            vec!["CURRENT", "NAME", "SERVER", "PROJECT"],
+            vec!["*", "ferro-one", one.api_addr.as_str(), "default"],
+            vec!["ferro-two", two.api_addr.as_str(), "default"],
+        ],
+        "{table}"
+    );
+
+    // The user's writes still go to the first cloud.
+    let network = one.write("net.yaml", NETWORK);
+    let out = cli(&config)
+        .args(["apply", "-f", path(&network)])
+        .assert()
+        .success();
+    // Not a terminal: nothing but the outcome.
+    assert_eq!(stderr(&out), "");
+    one.run(&["get", "network", "app-net"]).success();
+    two.run(&["get", "network", "app-net"]).failure();
+
+    // Asked to, a third cloud takes the current context.
+    let mut three = Cloud::start_sharing(&config, "three", &["--set-context"]);
+    assert_eq!(current(), "ferro-three");
+    assert!(
+        three
+            .log()
+            .contains("context ferro-three written and made current"),
+        "{}",
+        three.log()
+    );
+    three.stop();
+
+    // use-context switches; an unknown name is one clear error that changes nothing.
+    let out = cli(&config)
+        .args(["config", "use-context", "ferro-one"])
+        .assert()
+        .success();
+    assert_eq!(stdout(&out), "switched to context \"ferro-one\"\n");
+    let out = cli(&config)
+        .args(["config", "use-context", "nope"])
+        .assert()
+        .failure();
+    assert!(
+        stderr(&out).starts_with("error: no context named `nope`"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(current(), "ferro-one");
+
+    // Once the first cloud is gone, the next start of the second one takes over, and its
+    // context is refreshed (a new port), not added again.
+    one.stop();
+    two.stop();
+    two.launch(&[]);
+    assert_eq!(current(), "ferro-two");
+    let table = stdout(
+        &cli(&config)
+            .args(["config", "get-contexts"])
+            .assert()
+            .success(),
+    );
+    assert_eq!(table.lines().count(), 4, "{table}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with('*') && l.contains("ferro-two") && l.contains(&two.api_addr)),
+        "{table}"
+    );
+    cli(&config)
+        .args(["get", "flavor", "m1.tiny"])
+        .assert()
+        .success();
+
+    // On a terminal, apply first says where it writes.
+    let command_line = format!("{} apply -f {}", ferro_bin(), path(&network));
+    if let Some(text) = on_a_terminal(&config, &command_line) {
+        assert!(
+            text.starts_with(&format!("context: ferro-two ({})\n", two.api_addr)),
+            "{text}"
+        );
+        assert!(text.contains("network/app-net created"), "{text}");
+    }
+}
+
+#[test]
+fn an_old_flat_config_still_works() {
+    let cloud = Cloud::start();
+    let (server, token) = context_of(&cloud.config());
+    let old = cloud.write(
+        "old.yaml",
+        &format!("server: \"{server}\"\ntoken: \"{token}\"\nproject: \"default\"\n"),
+    );
+    let before = std::fs::read_to_string(&old).unwrap();
+    cli(&old)
+        .args(["get", "flavor", "m1.tiny"])
+        .assert()
+        .success();
+    let out = cli(&old)
+        .args(["config", "current-context"])
+        .assert()
+        .success();
+    assert_eq!(stdout(&out), "default\n");
+    let out = cli(&old)
+        .args(["config", "get-contexts"])
+        .assert()
+        .success();
+    assert!(
+        stdout(&out).contains(&format!("*         default   {server}   default")),
+        "{}",
+        stdout(&out)
+    );
+    // Reading never rewrites it.
+    assert_eq!(std::fs::read_to_string(&old).unwrap(), before);
+}
+
+/// Polls `get KIND NAME` until its table's row satisfies `check`.
+fn wait_for_row(cloud: &Cloud, args: &[&str], check: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = stdout(&cloud.run(args));
+        if out.lines().nth(1).is_some_and(&check) {
+            return out;
+        }
+        assert!(Instant::now() < deadline, "never as expected:\n{out}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn tables_show_what_holds_a_server_and_a_keypairs_fingerprint() {
+    let cloud = Cloud::start();
+
+    // A Server whose Flavor does not exist shows why, not just Pending.
+    let stack = cloud.write("stack.yaml", &STACK.replace("m1.small", "m1.nope"));
+    cloud.run(&["apply", "-f", path(&stack)]).success();
+    let table = wait_for_row(&cloud, &["get", "servers"], |row| {
+        row.split_whitespace().nth(1) == Some("FlavorNotFound")
+    });
+    assert!(
+        table.starts_with("NAME    STATUS           NODE     FLAVOR    IMAGE       AGE\n"),
+        "{table}"
+    );
+
+    // A KeyPair's fingerprint is computed at admission, as ssh-keygen prints it.
+    let (public_key, fingerprint) = match ssh_keygen_pair(cloud.dir.path()) {
+        Some(pair) => pair,
+        None => {
+            eprintln!("ssh-keygen not installed: checking a known key instead");
+            (
+                "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIMYuernJDQTgP8BeohxMCEJLFLSvWUaWkkmdvqkS+rOH demo@ferro".to_owned(),
+                "SHA256:5O6Qi5+V5c2mGnEsddvAotjZ57lAvIiGweU+modV2R0".to_owned(),
+            )
+        }
+    };
+    let keypair = cloud.write(
+        "keypair.yaml",
+        &format!(
+            "apiVersion: ferro/v1\nkind: KeyPair\nmetadata:\n  name: mine\nspec:\n  publicKey: {public_key}\n"
+        ),
+    );
+    cloud.run(&["apply", "-f", path(&keypair)]).success();
+    let out = cloud.run(&["get", "keypairs"]).success();
+    let table = stdout(&out);
+    let row: Vec<&str> = table.lines().nth(1).unwrap().split_whitespace().collect();
+    assert_eq!(row[..2], ["mine", fingerprint.as_str()], "{table}");
+    // It is status: applying the manifest again changes nothing.
+    let out = cloud.run(&["apply", "-f", path(&keypair)]).success();
+    assert_eq!(stdout(&out), "keypair/mine unchanged\n");
+    // And no writer may patch it.
+    let (runtime, client) = api_client(&cloud);
+    let forged = ferro_api::Object::KeyPair(ferro_api::v1::KeyPair {
+        metadata: Some(ferro_api::v1::ObjectMeta {
+            name: "mine".into(),
+            project: "default".into(),
+            ..Default::default()
+        }),
+        spec: None,
+        status: Some(ferro_api::v1::KeyPairStatus {
+            fingerprint: "SHA256:forged".into(),
+        }),
+    });
+    let refused = runtime
+        .block_on(client.update_status(forged, "keypair-controller", &["fingerprint"], vec![]))
+        .unwrap_err();
+    assert!(
+        refused
+            .to_string()
+            .contains("computed by the apiserver at admission"),
+        "{refused}"
+    );
+}
+
+/// A fresh ed25519 public key and its fingerprint as `ssh-keygen -l` prints it, or `None`
+/// when ssh-keygen is not installed.
+fn ssh_keygen_pair(dir: &Path) -> Option<(String, String)> {
+    let key = dir.join("id_test");
+    let made = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "test@ferro", "-f"])
+        .arg(&key)
+        .output()
+        .ok()?;
+    assert!(made.status.success(), "{made:?}");
+    let listed = Command::new("ssh-keygen")
+        .arg("-lf")
+        .arg(key.with_extension("pub"))
+        .output()
+        .unwrap();
+    // `256 SHA256:… test@ferro (ED25519)`
+    let line = String::from_utf8(listed.stdout).unwrap();
+    let fingerprint = line.split_whitespace().nth(1).unwrap().to_owned();
+    let public_key = std::fs::read_to_string(key.with_extension("pub"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    Some((public_key, fingerprint))
+}
+
+#[test]
+fn api_resources_and_get_help_list_every_kind() {
+    let out = cli(Path::new("/nonexistent/config.yaml"))
+        .arg("api-resources")
+        .assert()
+        .success();
+    let table = stdout(&out);
+    let rows: Vec<Vec<&str>> = table
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(rows[0], ["NAME", "SHORTNAMES", "KIND", "PROJECT-SCOPED"]);
+    assert_eq!(rows.len(), ferro_api::Kind::ALL.len() + 1, "{table}");
+    assert!(
+        rows.contains(&vec!["servers", "srv", "Server", "true"]),
+        "{table}"
+    );
+    assert!(rows.contains(&vec!["ports", "Port", "true"]), "{table}");
+    assert!(
+        rows.contains(&vec!["ipaddresses", "ip", "IPAddress", "false"]),
+        "{table}"
+    );
+    let out = cli(Path::new("/nonexistent/config.yaml"))
+        .args(["get", "--help"])
+        .assert()
+        .success();
+    let help = stdout(&out);
+    for kind in ferro_api::Kind::ALL {
+        assert!(help.contains(&format!("\n  {}", kind.plural())), "{help}");
+    }
+    assert!(
+        help.contains("\n  macaddresses (mac, cluster-scoped)\n"),
+        "{help}"
+    );
+}
+
+/// Peak RSS (KiB) and wall time of a command, by `/usr/bin/time -v`.
+fn measured(args: &[&str]) -> Option<(u64, Duration)> {
+    if !Path::new("/usr/bin/time").exists() {
+        return None;
+    }
+    let begin = Instant::now();
+    let out = Command::new("/usr/bin/time")
+        .arg("-v")
+        .arg(ferro_bin())
+        .args(args)
+        .env("FERRO_CONFIG", "/nonexistent/config.yaml")
+        .output()
+        .unwrap();
+    let elapsed = begin.elapsed();
+    let text = String::from_utf8_lossy(&out.stderr);
+    let rss = text
+        .lines()
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix("Maximum resident set size (kbytes): ")
+        })?
+        .parse()
+        .ok()?;
+    Some((rss, elapsed))
+}
+
+#[test]
+fn a_yaml_bomb_is_refused_within_its_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut bomb = String::from(
+        "a: &a [\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\"]\n",
+    );
+    for (name, previous) in "bcdefghi".chars().zip("abcdefgh".chars()) {
+        let aliases = vec![format!("*{previous}"); 9].join(",");
+        bomb.push_str(&format!("{name}: &{name} [{aliases}]\n"));
+    }
+    let file = dir.path().join("bomb.yaml");
+    std::fs::write(&file, &bomb).unwrap();
+    let args = [
+        "apply",
+        "-f",
+        path(&file),
+        "--server",
+        "127.0.0.1:1",
+        "--token",
+        "x",
+    ];
+    let out = cli(Path::new("/nonexistent/config.yaml"))
+        .args(args)
+        .assert()
+        .failure();
+    assert_eq!(
+        stderr(&out),
+        format!(
+            "error: {}: too many YAML nodes (more than {}); is this a YAML bomb?\n",
+            path(&file),
+            256 + bomb.len()
+        )
+    );
+
+    // Within 100 ms and 10 MB more than refusing a file that does not exist (the same
+    // process start, the same binary): the best of five, as the machine is shared.
+    let missing = dir.path().join("missing.yaml");
+    let baseline_args = [
+        "apply",
+        "-f",
+        path(&missing),
+        "--server",
+        "127.0.0.1:1",
+        "--token",
+        "x",
+    ];
+    let best = |args: &[&str]| {
+        (0..5)
+            .filter_map(|_| measured(args))
+            .min_by_key(|(_, elapsed)| *elapsed)
+    };
+    let (Some((bomb_rss, bomb_time)), Some((base_rss, base_time))) =
+        (best(&args), best(&baseline_args))
+    else {
+        eprintln!("skipping the budget: /usr/bin/time is not installed");
+        return;
+    };
+    assert!(
+        bomb_time.saturating_sub(base_time) < Duration::from_millis(100),
+        "{bomb_time:?} against {base_time:?}"
+    );
+    assert!(
+        bomb_rss.saturating_sub(base_rss) < 10 * 1024,
+        "{bomb_rss} KiB against {base_rss} KiB"
+    );
 }

@@ -67,6 +67,12 @@ pub enum CodecError {
         /// The parser's message.
         message: String,
     },
+    /// The text expands to more nodes than its size allows: an alias bomb.
+    #[error("too many YAML nodes (more than {limit}); is this a YAML bomb?")]
+    TooManyNodes {
+        /// The most nodes the text was allowed.
+        limit: usize,
+    },
     /// The text parsed but a field does not fit the schema.
     #[error("{}{}{field}", field.position.map(|p| format!("{p}: ")).unwrap_or_default(), object.as_deref().map(|o| format!("{o}: ")).unwrap_or_default())]
     Field {
@@ -83,6 +89,7 @@ impl CodecError {
         match self {
             CodecError::Syntax { position, .. } => Some(*position),
             CodecError::Field { field, .. } => field.position,
+            CodecError::TooManyNodes { .. } => None,
         }
     }
 }
@@ -272,10 +279,30 @@ impl<'de> Deserialize<'de> for MapKeyText {
     }
 }
 
+/// Nodes a text may hold whatever its size; beyond it, one node per byte of text.
+const BASE_NODE_BUDGET: usize = 256;
+
+/// How many YAML nodes (mappings, sequences, scalars) a text of this size may expand to.
+///
+/// Without aliases a node takes at least two bytes (`1,`), so one per byte never refuses
+/// a real manifest however large; aliases may reuse what an anchor holds, but a text that
+/// expands beyond its own size (a "billion laughs") is refused as soon as the count is
+/// passed, before the expansion costs time or memory.
+pub fn node_budget(text: &str) -> usize {
+    BASE_NODE_BUDGET + text.len()
+}
+
 /// Parses every document of a YAML (or JSON) text. Empty documents are skipped.
 pub fn parse_yaml(text: &str) -> Result<Vec<Node>, CodecError> {
-    let docs: Vec<Option<Node>> = serde_saphyr::from_multiple_with_options(text, yaml_options())
-        .map_err(|e| syntax_error(&e))?;
+    let limit = node_budget(text);
+    let docs: Vec<Option<Node>> =
+        serde_saphyr::from_multiple_with_options(text, yaml_options(limit)).map_err(|e| {
+            if breaches_node_budget(&e) {
+                CodecError::TooManyNodes { limit }
+            } else {
+                syntax_error(&e)
+            }
+        })?;
     Ok(docs
         .into_iter()
         .flatten()
@@ -285,13 +312,39 @@ pub fn parse_yaml(text: &str) -> Result<Vec<Node>, CodecError> {
 
 /// YAML 1.2 core schema, strictly: only `true`/`false` are booleans (a project named `no`
 /// stays a string), `0755` stays a string, duplicate keys are errors.
-fn yaml_options() -> serde_saphyr::Options {
+fn yaml_options(max_nodes: usize) -> serde_saphyr::Options {
     let mut options = serde_saphyr::Options::default();
+    let mut budget = serde_saphyr::budget::Budget::default();
+    budget.max_nodes = max_nodes;
+    // Replaying an alias inside another anchor records its events again: the same
+    // exponential growth, bounded the same way.
+    budget.max_recorded_anchor_events = max_nodes;
+    // The default stops at 1,024 documents; a document costs at least its `---`, so the
+    // text's size bounds them as it bounds nodes.
+    budget.max_documents = max_nodes;
+    options.budget = Some(budget);
     options.strict_booleans = true;
     options.legacy_octal_numbers = false;
     options.leading_zero_numbers_as_strings = true;
     options.duplicate_keys = serde_saphyr::DuplicateKeyPolicy::Error;
     options
+}
+
+/// Whether the parser stopped because the text expands to more nodes than allowed.
+fn breaches_node_budget(mut e: &serde_saphyr::Error) -> bool {
+    use serde_saphyr::budget::BudgetBreach;
+    while let serde_saphyr::Error::WithSnippet { error, .. }
+    | serde_saphyr::Error::AliasError { error, .. } = e
+    {
+        e = error;
+    }
+    matches!(
+        e,
+        serde_saphyr::Error::Budget {
+            breach: BudgetBreach::Nodes { .. } | BudgetBreach::RecordedAnchorEvents { .. },
+            ..
+        }
+    )
 }
 
 fn syntax_error(e: &serde_saphyr::Error) -> CodecError {

@@ -5,6 +5,10 @@
 //! Decisions that must be written together and once (a Server's `node` and `flavor`) are
 //! owned by nobody here: only `Bind` writes them.
 //!
+//! Some status is an observation of spec the apiserver makes itself at admission, and no
+//! writer may patch it: a KeyPair's `fingerprint` (its public key is immutable, so the
+//! fingerprint never needs recomputing).
+//!
 //! Node conditions are split so each has one writer: the agent reports `HostReady` (its
 //! own checks of the host), node lifecycle owns `Ready` (heartbeat current and host ready)
 //! and turns it `Unknown` when the heartbeat lapses.
@@ -34,8 +38,6 @@ pub const SECURITY_GROUP_CONTROLLER: &str = "security-group-controller";
 pub const VOLUME_CONTROLLER: &str = "volume-controller";
 /// The image controller: Image status from what the nodes' caches found.
 pub const IMAGE_CONTROLLER: &str = "image-controller";
-/// The key pair controller: fingerprints.
-pub const KEYPAIR_CONTROLLER: &str = "keypair-controller";
 /// The server group controller: members.
 pub const SERVER_GROUP_CONTROLLER: &str = "server-group-controller";
 /// The project controller: phase while emptying a project.
@@ -156,11 +158,12 @@ pub fn table(kind: Kind) -> &'static [Ownership] {
             ],
             ["Ready"],
         )],
-        Kind::KeyPair => &[own!(KEYPAIR_CONTROLLER, ["fingerprint"], [])],
         Kind::ServerGroup => &[own!(SERVER_GROUP_CONTROLLER, ["members"], [])],
         Kind::Project => &[own!(PROJECT_CONTROLLER, ["phase"], ["Ready"])],
         Kind::Quota => &[own!(QUOTA_CONTROLLER, ["used"], ["Ready"])],
-        Kind::Flavor
+        // `fingerprint` is computed at admission (see the module notes).
+        Kind::KeyPair
+        | Kind::Flavor
         | Kind::User
         | Kind::RoleBinding
         | Kind::Event
@@ -182,7 +185,9 @@ pub fn check(
     let table = table(kind);
     let Some(owned) = table.iter().find(|o| o.writer == writer) else {
         let writers: Vec<&str> = table.iter().map(|o| o.writer).collect();
-        let reason = if writers.is_empty() {
+        let reason = if kind == Kind::KeyPair {
+            "KeyPair status is computed by the apiserver at admission".to_owned()
+        } else if writers.is_empty() {
             format!("{kind} status has no writers")
         } else {
             format!(

@@ -363,6 +363,7 @@ fn admit(mut object: Object) -> Object {
 fn prepare_new(mut object: Object) -> Result<Object, Error> {
     validation::apply_defaults(&mut object);
     validation::validate_create(&object)?;
+    validation::observe_at_admission(&mut object);
     let meta = object.metadata_mut();
     meta.uid = uuid::Uuid::new_v4().to_string();
     meta.generation = 1;

@@ -125,6 +125,18 @@ pub fn apply_defaults(object: &mut Object) {
     }
 }
 
+/// Fills the status fields that are the apiserver's own observations of spec, made once at
+/// admission of a new object because the spec they derive from is immutable: a KeyPair's
+/// `fingerprint` (OpenSSH's `SHA256:…` form of its public key). Run after validation.
+pub fn observe_at_admission(object: &mut Object) {
+    if let Object::KeyPair(o) = object {
+        let spec = o.spec.clone().unwrap_or_default();
+        if let Some(fingerprint) = ssh::ssh_fingerprint(&spec.public_key) {
+            o.status.get_or_insert_default().fingerprint = fingerprint;
+        }
+    }
+}
+
 /// Validates a (defaulted) object for creation: metadata's user-writable parts (name,
 /// project, labels, annotations, finalizers, ownerReferences) and spec. Status is not
 /// validated here (status writes are checked by an owner table elsewhere).

@@ -370,9 +370,9 @@ fn ready_condition(
             "Running",
             format!("running on node {}", status.node),
         ),
-        Phase::Stopped if stopped_wanted => condition(
-            "Ready",
-            true,
+        // Stopped as asked is where the server should be, but it does not serve: not
+        // Ready, as a completed pod is not, with the reason saying it is on purpose.
+        Phase::Stopped if stopped_wanted => not(
             "Stopped",
             format!("stopped as asked on node {}", status.node),
         ),
@@ -858,6 +858,26 @@ mod tests {
             }
             assert_eq!(phase(&s, c.ok, c.ok), c.phase, "{}", c.name);
         }
+    }
+
+    #[test]
+    fn a_server_stopped_as_asked_is_not_ready_and_says_so() {
+        use v1::server_host_status::PowerState as Host;
+        let mut s = server(
+            &[],
+            v1::ServerStatus {
+                node: "n1".into(),
+                host: host(Host::Shutdown),
+                ..Default::default()
+            },
+        );
+        s.spec.as_mut().unwrap().power_state = Some(v1::server_spec::PowerState::Stopped as i32);
+        let holds = cond("X", Status::True, "");
+        let ready = ready_condition(&s, Phase::Stopped, &holds, &holds);
+        assert_eq!(
+            (ready.status, ready.reason.as_str()),
+            (Status::False as i32, "Stopped")
+        );
     }
 
     #[test]

@@ -97,7 +97,7 @@ impl Stack {
             {
                 bail!("ferro up exited ({status}): see {}", stack.log().display());
             }
-            if let Some(c) = crate::cli::config::load(&config)?
+            if let Some(c) = crate::cli::config::load(&config)?.and_then(|c| c.current().cloned())
                 && let (Some(server), Some(token)) = (c.server, c.token)
             {
                 let client = Client::connect_lazy(&server, &token).map_err(|e| anyhow!("{e}"))?;

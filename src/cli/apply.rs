@@ -57,6 +57,7 @@ pub fn run(connection: &ConnectionArgs, args: ApplyArgs) -> anyhow::Result<()> {
     let runtime = super::runtime()?;
     let _entered = runtime.enter();
     let connection = Connection::resolve(connection, args.project.as_deref())?;
+    connection.announce_target();
     // Check every manifest before the first call: one bad document means nothing is sent.
     let (documents, problems) = manifest::load(&args.files, |d| check(d, &connection.project));
     if !problems.is_empty() {

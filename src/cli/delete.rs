@@ -64,6 +64,7 @@ pub fn run(connection: &ConnectionArgs, args: DeleteArgs) -> anyhow::Result<()> 
     let runtime = super::runtime()?;
     let _entered = runtime.enter();
     let connection = Connection::resolve(connection, args.project.as_deref())?;
+    connection.announce_target();
     let targets: Vec<(Kind, String, String)> = if args.files.is_empty() {
         let Some((kind, names)) = args.target.split_first() else {
             return Err(anyhow!(

@@ -2,8 +2,9 @@
 //! object's YAML as stored against the apiserver's dry-run result of the apply.
 //!
 //! `metadata.resourceVersion` is left out: it differs on every write and says nothing about
-//! the change. Exit status as kubectl's: 0 when nothing would change, 1 when something
-//! would, 2 on an error.
+//! the change. Exit status as kubectl's: 0 when nothing would change (and no output but
+//! `no differences` on stderr when it is a terminal), 1 when something would, 2 on an
+//! error.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -115,6 +116,10 @@ fn run(connection: &ConnectionArgs, args: DiffArgs) -> anyhow::Result<bool> {
     }
     if failed {
         return Err(super::Reported.into());
+    }
+    // Silence is the answer for scripts, as kubectl's; a person at a terminal gets a word.
+    if !differs && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        eprintln!("no differences");
     }
     Ok(differs)
 }

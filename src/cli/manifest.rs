@@ -183,6 +183,7 @@ fn describe_codec_error(source: &str, document: Option<Position>, error: &CodecE
         CodecError::Syntax { position, message } => {
             format!("{}: {message}", at(source, Some(*position)))
         }
+        CodecError::TooManyNodes { .. } => format!("{source}: {error}"),
         CodecError::Field { object, field } => {
             let object = object
                 .as_deref()

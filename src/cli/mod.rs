@@ -3,7 +3,8 @@
 //! client.
 //!
 //! Every verb finds the apiserver and its token the same way ([`Connection::resolve`]):
-//! flags, then `FERRO_SERVER` / `FERRO_TOKEN`, then the [`config`] file `ferro up` writes.
+//! flags, then `FERRO_SERVER` / `FERRO_TOKEN`, then the context of the [`config`] file
+//! that `--context` (or `FERRO_CONTEXT`) names, else its current context.
 //! API errors become one readable line each ([`Connection::explain`]).
 
 use std::time::Duration;
@@ -11,6 +12,7 @@ use std::time::Duration;
 use anyhow::anyhow;
 use ferro_api::{Error as ApiError, Kind, client::Client};
 
+pub mod api_resources;
 pub mod apply;
 pub mod completion;
 pub mod config;
@@ -48,6 +50,9 @@ pub struct ConnectionArgs {
         value_name = "TOKEN"
     )]
     pub token: Option<String>,
+    /// The config file's context to use [default: its current context].
+    #[arg(long, global = true, env = "FERRO_CONTEXT", value_name = "NAME")]
+    pub context: Option<String>,
 }
 
 /// An error whose details were already printed; `main` only sets the exit status.
@@ -72,6 +77,10 @@ pub struct Connection {
     pub project: String,
     /// Where the token came from, for error messages.
     token_source: String,
+    /// The config's context in use, if any.
+    pub context: Option<String>,
+    /// Whether `--server` / `FERRO_SERVER` overrode the context's server.
+    server_from_flags: bool,
 }
 
 impl Connection {
@@ -88,19 +97,28 @@ impl Connection {
             .as_ref()
             .map(|p| p.display().to_string())
             .unwrap_or_else(|| "~/.config/ferro/config.yaml".into());
+        let context = config
+            .select(args.context.as_deref())
+            .map_err(|e| anyhow!("{shown_path}: {e}"))?
+            .cloned()
+            .unwrap_or_default();
+        let context_name = Some(context.name.clone()).filter(|n| !n.is_empty());
         let server = args
             .server
             .clone()
-            .or(config.server)
+            .or(context.server)
             .unwrap_or_else(|| DEFAULT_SERVER.to_owned());
-        let (token, token_source) = match (&args.token, config.token) {
+        let (token, token_source) = match (&args.token, context.token) {
             (Some(token), _) => (Some(token.clone()), "--token / FERRO_TOKEN".to_owned()),
-            (None, Some(token)) => (Some(token), shown_path.clone()),
+            (None, Some(token)) => (
+                Some(token),
+                format!("context {} of {shown_path}", context.name),
+            ),
             (None, None) => (None, String::new()),
         };
         let project = project
             .map(str::to_owned)
-            .or(config.project)
+            .or(context.project)
             .unwrap_or_else(|| DEFAULT_PROJECT.to_owned());
         let client = match token {
             Some(token) => Client::connect_lazy(&server, &token).map_err(|e| e.to_string()),
@@ -114,7 +132,29 @@ impl Connection {
             server,
             project,
             token_source,
+            context: context_name,
+            server_from_flags: args.server.is_some(),
         })
+    }
+
+    /// Where this connection writes, as one line: `context: NAME (SERVER)`.
+    pub fn describe_target(&self) -> String {
+        match (&self.context, self.server_from_flags) {
+            (Some(name), false) => format!("context: {name} ({})", self.server),
+            (Some(name), true) => format!(
+                "context: {name}, server {} from --server / FERRO_SERVER",
+                self.server
+            ),
+            (None, _) => format!("context: none (server {})", self.server),
+        }
+    }
+
+    /// Prints [`Connection::describe_target`] on stderr when stderr is a terminal, so a
+    /// user sees which cloud a write goes to and scripts' output stays unchanged.
+    pub fn announce_target(&self) {
+        if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            eprintln!("{}", self.describe_target());
+        }
     }
 
     /// The client; fails when no token was found.

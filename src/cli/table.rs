@@ -95,6 +95,27 @@ fn condition(conditions: &[v1::Condition], kind: &str) -> String {
         .unwrap_or_default()
 }
 
+/// A Server's STATUS as kubectl shows a pod's: the reason that holds it where `Ready` is
+/// False for one (`FlavorNotFound`, `NoValidHost`, `ImageNotFound`, `Stopped`), else the
+/// phase. The reasons that only restate the phase (`Building`, `Unscheduled`) show the
+/// phase.
+fn server_status(status: &v1::ServerStatus) -> String {
+    use v1::server_status::Phase;
+    let phase = status.phase();
+    let ready = status.conditions.iter().find(|c| c.r#type == "Ready");
+    match ready {
+        _ if matches!(phase, Phase::Deleting | Phase::Unknown) => enum_name(phase.as_str_name()),
+        Some(c)
+            if c.status == v1::condition::Status::False as i32
+                && !c.reason.is_empty()
+                && !matches!(c.reason.as_str(), "Building" | "Unscheduled") =>
+        {
+            c.reason.clone()
+        }
+        _ => enum_name(phase.as_str_name()),
+    }
+}
+
 /// An enum value as users write it; empty for the unspecified zero value.
 fn enum_name(name: &str) -> String {
     if name.ends_with("_UNSPECIFIED") {
@@ -181,7 +202,7 @@ fn columns(object: &Object, wide: bool) -> Vec<(&'static str, String)> {
             } else {
                 spec.image.clone()
             };
-            cells.push(("PHASE", enum_name(status.phase().as_str_name())));
+            cells.push(("STATUS", server_status(&status)));
             cells.push(("NODE", status.node.clone()));
             cells.push(("FLAVOR", spec.flavor.clone()));
             cells.push(("IMAGE", image));
@@ -402,6 +423,54 @@ fn columns(object: &Object, wide: bool) -> Vec<(&'static str, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_server_status_is_the_reason_that_holds_it_else_its_phase() {
+        use v1::server_status::Phase;
+        let status = |phase: Phase, ready: Option<(i32, &str)>| v1::ServerStatus {
+            phase: phase as i32,
+            conditions: ready
+                .map(|(status, reason)| v1::Condition {
+                    r#type: "Ready".into(),
+                    status,
+                    reason: reason.into(),
+                    ..Default::default()
+                })
+                .into_iter()
+                .collect(),
+            ..Default::default()
+        };
+        let (t, f) = (
+            v1::condition::Status::True as i32,
+            v1::condition::Status::False as i32,
+        );
+        for (status, shown) in [
+            (status(Phase::Pending, None), "Pending"),
+            (
+                status(Phase::Pending, Some((f, "FlavorNotFound"))),
+                "FlavorNotFound",
+            ),
+            (
+                status(Phase::Pending, Some((f, "NoValidHost"))),
+                "NoValidHost",
+            ),
+            (status(Phase::Pending, Some((f, "Unscheduled"))), "Pending"),
+            (status(Phase::Building, Some((f, "Building"))), "Building"),
+            (
+                status(Phase::Building, Some((f, "ImageNotFound"))),
+                "ImageNotFound",
+            ),
+            (status(Phase::Running, Some((t, "Running"))), "Running"),
+            (status(Phase::Stopped, Some((f, "Stopped"))), "Stopped"),
+            (status(Phase::Deleting, Some((f, "Deleting"))), "Deleting"),
+            (
+                status(Phase::Unknown, Some((f, "NodeUnreachable"))),
+                "Unknown",
+            ),
+        ] {
+            assert_eq!(server_status(&status), shown, "{status:?}");
+        }
+    }
 
     #[test]
     fn columns_are_aligned_and_empty_cells_say_none() {

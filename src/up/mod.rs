@@ -12,7 +12,7 @@
 
 use std::ffi::OsString;
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow};
@@ -57,6 +57,10 @@ pub struct UpArgs {
     /// The apiserver's store.
     #[arg(long, value_enum, default_value_t = StoreKind::Etcd)]
     pub store: StoreKind,
+    /// Make this cloud's context the CLI's current one even while the current context's
+    /// cloud is alive [default: only when no live cloud is current].
+    #[arg(long)]
+    pub set_context: bool,
 }
 
 /// Arguments of `ferro down`.
@@ -131,7 +135,11 @@ pub fn children(
             "--identity".into(),
             format!("{}-ferro-up", datadir::hostname()).into(),
         ],
-        ready: Readiness::Started,
+        ready: Readiness::Lease {
+            address: args.api_addr.clone(),
+            token: admin_token.to_owned(),
+            lease: "controllers".to_owned(),
+        },
     });
     children.push(ChildSpec {
         name: "agent",
@@ -146,7 +154,11 @@ pub fn children(
             "--state-dir".into(),
             path(dir.agent()),
         ],
-        ready: Readiness::Started,
+        ready: Readiness::Lease {
+            address: args.api_addr.clone(),
+            token: admin_token.to_owned(),
+            lease: format!("node-{}", datadir::hostname()),
+        },
     });
     children
 }
@@ -249,8 +261,8 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     }
     // An open connection would hold the apiserver's graceful shutdown.
     drop(client);
-    let config_path = write_cli_config(&args.api_addr, &tokens.admin)?;
-    print_welcome(&dir, &args, etcd.as_ref(), config_path.as_deref());
+    let context = write_cli_context(&dir, &args, &tokens.admin).await?;
+    print_welcome(&dir, &args, etcd.as_ref(), context.as_ref());
 
     supervisor.supervise(&mut stop).await;
     supervisor.stop_all();
@@ -258,28 +270,117 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Writes the CLI's config for the admin; returns where, or `None` when there is no
-/// place for it (no `$HOME`).
-fn write_cli_config(api_addr: &str, admin_token: &str) -> anyhow::Result<Option<PathBuf>> {
+/// What `ferro up` did to the CLI's config.
+struct ContextWritten {
+    /// The config file.
+    path: PathBuf,
+    /// This cloud's context.
+    name: String,
+    /// The current context, when it stayed another live cloud's: its name and server.
+    kept: Option<(String, String)>,
+}
+
+impl ContextWritten {
+    /// One line for the user: what was written and which context is current.
+    fn summary(&self) -> String {
+        match &self.kept {
+            None => format!("context {} written and made current", self.name),
+            Some((current, server)) => format!(
+                "context {} written; current context stays {current} (live at {server}); \
+                 use: ferro config use-context {}",
+                self.name, self.name
+            ),
+        }
+    }
+}
+
+/// Writes (or refreshes) this cloud's context in the CLI's config, with the admin token,
+/// and makes it current unless the current context reaches another cloud that is still
+/// alive (see [`config::Config::takeover`]); `--set-context` makes it current regardless.
+/// Returns `None` when there is no place for a config (no `$HOME`).
+async fn write_cli_context(
+    dir: &DataDir,
+    args: &UpArgs,
+    admin_token: &str,
+) -> anyhow::Result<Option<ContextWritten>> {
     let Some(path) = config::path() else {
         tracing::warn!("no $FERRO_CONFIG, $XDG_CONFIG_HOME or $HOME: not writing a CLI config");
         return Ok(None);
     };
-    let project = config::load(&path)
-        .ok()
-        .flatten()
-        .and_then(|c| c.project)
-        .unwrap_or_else(|| ferro_api::server::DEFAULT_PROJECT.to_owned());
-    let config = config::Config {
-        server: Some(api_addr.to_owned()),
+    // Ask whether the current cloud is alive before taking the lock (it may take seconds),
+    // then decide again under the lock on what the file says by then.
+    let snapshot = config::load(&path)?.unwrap_or_default();
+    let name = snapshot.context_name_for(dir.root());
+    let own = |project: String| config::Context {
+        name: name.clone(),
+        server: Some(args.api_addr.clone()),
         token: Some(admin_token.to_owned()),
         project: Some(project),
+        data_dir: Some(dir.root().display().to_string()),
+        ..config::Context::default()
     };
-    config::write(&path, &config)?;
-    Ok(Some(path))
+    let probe = own(String::new());
+    let live = match snapshot.takeover(&probe, args.set_context) {
+        config::Takeover::Take => None,
+        config::Takeover::IfGone(current) => {
+            let server = current.server.clone().unwrap_or_default();
+            let alive = answers(&server, current.token.as_deref()).await;
+            Some((current.name.clone(), alive))
+        }
+    };
+    let kept = config::update(&path, |cli_config| {
+        let project = cli_config
+            .get(&name)
+            .and_then(|c| c.project.clone())
+            .unwrap_or_else(|| ferro_api::server::DEFAULT_PROJECT.to_owned());
+        let own = own(project);
+        let kept = match cli_config.takeover(&own, args.set_context) {
+            config::Takeover::Take => None,
+            config::Takeover::IfGone(current) => match &live {
+                Some((checked, false)) if *checked == current.name => None,
+                // Alive, or another context became current meanwhile: leave it.
+                _ => Some((
+                    current.name.clone(),
+                    current.server.clone().unwrap_or_default(),
+                )),
+            },
+        };
+        cli_config.upsert(own);
+        if kept.is_none() {
+            cli_config.current_context = Some(name.clone());
+        }
+        kept
+    })?;
+    let written = ContextWritten { path, name, kept };
+    tracing::info!("{}", written.summary());
+    Ok(Some(written))
 }
 
-fn print_welcome(dir: &DataDir, args: &UpArgs, etcd: Option<&EtcdPorts>, config: Option<&Path>) {
+/// Whether an apiserver answers at `server` within a few seconds: any answer, even a
+/// refused token, means a cloud lives there.
+async fn answers(server: &str, token: Option<&str>) -> bool {
+    let Ok(client) = Client::connect_lazy(server, token.unwrap_or("none")) else {
+        return false;
+    };
+    let everything = ferro_api::client::Selection::all();
+    let call = client.list_page(ferro_api::Kind::Flavor, &everything, 1, "");
+    match tokio::time::timeout(Duration::from_secs(3), call).await {
+        Ok(Ok(_)) => true,
+        Ok(Err(ferro_api::Error::Unavailable { message })) => {
+            // The apiserver itself says its store is down: it still answers.
+            message.starts_with("store unavailable")
+        }
+        Ok(Err(_)) => true,
+        Err(_) => false,
+    }
+}
+
+fn print_welcome(
+    dir: &DataDir,
+    args: &UpArgs,
+    etcd: Option<&EtcdPorts>,
+    context: Option<&ContextWritten>,
+) {
     let root = dir.root().display();
     println!("Ferro is up.");
     println!("  API (gRPC):  {}", args.api_addr);
@@ -292,8 +393,11 @@ fn print_welcome(dir: &DataDir, args: &UpArgs, etcd: Option<&EtcdPorts>, config:
     }
     println!("  tokens:      {root}/tokens");
     println!("  logs:        {root}/log/");
-    match config {
-        Some(path) => println!("  CLI config:  {} (admin token)", path.display()),
+    match context {
+        Some(written) => {
+            println!("  CLI config:  {} (admin token)", written.path.display());
+            println!("  {}", written.summary());
+        }
         None => println!("  CLI config:  none; use --server and --token"),
     }
     println!();

@@ -41,9 +41,6 @@ const LOG_TAIL_LINES: usize = 15;
 /// How to tell that a child serves.
 #[derive(Clone, Debug)]
 pub enum Readiness {
-    /// Nothing to wait for: the process started (roles that only call out, such as the
-    /// controllers and the agent).
-    Started,
     /// An etcd member answers a linearizable read at this client URL.
     Etcd(String),
     /// The apiserver at this address answers an authenticated call.
@@ -52,6 +49,17 @@ pub enum Readiness {
         address: String,
         /// A token it accepts.
         token: String,
+    },
+    /// A role that only calls out (the controllers, the agent) serves once it holds its
+    /// Lease — leader election's `controllers`, the agent's heartbeat `node-<name>` — and
+    /// has renewed it since it started: a Lease a predecessor renewed does not count.
+    Lease {
+        /// The apiserver's `HOST:PORT`.
+        address: String,
+        /// A token that may read Leases.
+        token: String,
+        /// The Lease's name.
+        lease: String,
     },
 }
 
@@ -208,6 +216,7 @@ impl Supervisor {
 
     async fn wait_ready(&mut self, index: usize, ready: &Readiness) -> anyhow::Result<()> {
         let begin = Instant::now();
+        let started = std::time::SystemTime::now();
         let name = self.children[index].spec.name;
         loop {
             if let Some(child) = &mut self.children[index].child
@@ -221,12 +230,12 @@ impl Supervisor {
                     self.log_tail(name)
                 ));
             }
-            let last_error = match tokio::time::timeout(Duration::from_secs(5), probe(ready)).await
-            {
-                Ok(Ok(())) => return Ok(()),
-                Ok(Err(e)) => e,
-                Err(_) => "no answer within 5s".to_owned(),
-            };
+            let last_error =
+                match tokio::time::timeout(Duration::from_secs(5), probe(ready, started)).await {
+                    Ok(Ok(())) => return Ok(()),
+                    Ok(Err(e)) => e,
+                    Err(_) => "no answer within 5s".to_owned(),
+                };
             if begin.elapsed() > READY_TIMEOUT {
                 return Err(anyhow!(
                     "{name} did not serve within {READY_TIMEOUT:?} ({last_error}); end of {}:\n{}",
@@ -296,9 +305,8 @@ fn describe_status(status: ExitStatus) -> String {
     }
 }
 
-async fn probe(ready: &Readiness) -> Result<(), String> {
+async fn probe(ready: &Readiness, started: std::time::SystemTime) -> Result<(), String> {
     match ready {
-        Readiness::Started => Ok(()),
         Readiness::Etcd(url) => {
             let store = EtcdStore::connect(std::slice::from_ref(url))
                 .await
@@ -317,6 +325,32 @@ async fn probe(ready: &Readiness) -> Result<(), String> {
             {
                 Ok(_) | Err(ApiError::NotFound { .. }) => Ok(()),
                 Err(e) => Err(e.to_string()),
+            }
+        }
+        Readiness::Lease {
+            address,
+            token,
+            lease,
+        } => {
+            let client = Client::connect_lazy(address, token).map_err(|e| e.to_string())?;
+            let object = match client.get(Kind::Lease, "", lease).await {
+                Ok(object) => object,
+                Err(ApiError::NotFound { .. }) => return Err(format!("no Lease {lease} yet")),
+                Err(e) => return Err(e.to_string()),
+            };
+            let ferro_api::Object::Lease(lease_object) = object else {
+                return Err(format!("Lease {lease} is another kind"));
+            };
+            let spec = lease_object.spec.unwrap_or_default();
+            let renewed = spec
+                .renew_time
+                .and_then(|t| std::time::SystemTime::try_from(t).ok());
+            match renewed {
+                Some(at) if !spec.holder_identity.is_empty() && at >= started => Ok(()),
+                _ => Err(format!(
+                    "Lease {lease} not renewed since the start (holder `{}`)",
+                    spec.holder_identity
+                )),
             }
         }
     }

@@ -157,6 +157,36 @@ fn syntax_errors_carry_line_and_column() {
 }
 
 #[test]
+fn an_alias_bomb_is_refused_early_and_large_real_manifests_are_not() {
+    let mut bomb = String::from("a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n");
+    for (name, previous) in ["b", "c", "d", "e", "f", "g", "h", "i"]
+        .iter()
+        .zip("abcdefgh".chars())
+    {
+        let alias = format!("*{previous}");
+        bomb.push_str(&format!(
+            "{name}: &{name} [{}]\n",
+            vec![alias; 9].join(", ")
+        ));
+    }
+    let begin = std::time::Instant::now();
+    let err = parse_yaml(&bomb).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "too many YAML nodes (more than {}); is this a YAML bomb?",
+            node_budget(&bomb)
+        )
+    );
+    assert!(begin.elapsed() < std::time::Duration::from_secs(2));
+
+    // Two thousand Servers, anchors and all, are a real manifest.
+    let one = "---\napiVersion: ferro/v1\nkind: Server\nmetadata: {name: s, labels: &l {app: web, tier: front}}\nspec: {flavor: m1.small, image: debian-12, networks: [{network: n}]}\nx: *l\n";
+    let many = one.repeat(2000);
+    assert_eq!(parse_yaml(&many).unwrap().len(), 2000);
+}
+
+#[test]
 fn timestamps_are_rfc3339() {
     let text = "apiVersion: ferro/v1\nkind: Lease\nmetadata: {name: controllers}\nspec: {holderIdentity: a, renewTime: \"2026-11-22T10:00:00Z\"}\n";
     let object = decode_one(text).unwrap();

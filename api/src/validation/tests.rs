@@ -718,3 +718,28 @@ fn arbitrary_objects_never_panic_and_default_idempotently() {
         }
     }
 }
+
+#[test]
+fn a_key_pair_gets_its_fingerprint_at_admission_and_nothing_else_does() {
+    let mut key_pair = codec::decode_yaml(
+        "apiVersion: ferro/v1\nkind: KeyPair\nmetadata: {name: k, project: default}\nspec: {publicKey: ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIMYuernJDQTgP8BeohxMCEJLFLSvWUaWkkmdvqkS+rOH demo@ferro}\n",
+    )
+    .unwrap()
+    .remove(0);
+    observe_at_admission(&mut key_pair);
+    let Object::KeyPair(k) = &key_pair else {
+        panic!()
+    };
+    assert_eq!(
+        k.status.as_ref().unwrap().fingerprint,
+        "SHA256:5O6Qi5+V5c2mGnEsddvAotjZ57lAvIiGweU+modV2R0"
+    );
+    let mut flavor = codec::decode_yaml(
+        "apiVersion: ferro/v1\nkind: Flavor\nmetadata: {name: f}\nspec: {vcpus: 1, ramMib: 512, diskGib: 1}\n",
+    )
+    .unwrap()
+    .remove(0);
+    let before = flavor.clone();
+    observe_at_admission(&mut flavor);
+    assert_eq!(flavor, before);
+}
