@@ -247,7 +247,10 @@ mod tests {
             ),
             (
                 "own project wins over a shared one of the same name",
-                vec![network("a", "net", "shared"), network("p", "net", "private")],
+                vec![
+                    network("a", "net", "shared"),
+                    network("p", "net", "private"),
+                ],
                 "found p/net",
             ),
             (
@@ -261,7 +264,10 @@ mod tests {
             ),
             (
                 "one shared network elsewhere",
-                vec![network("a", "net", "shared"), network("b", "net", "private")],
+                vec![
+                    network("a", "net", "shared"),
+                    network("b", "net", "private"),
+                ],
                 "found a/net",
             ),
             (
@@ -276,7 +282,10 @@ mod tests {
             ),
             (
                 "other names are ignored",
-                vec![network("p", "other", "private"), network("a", "other", "shared")],
+                vec![
+                    network("p", "other", "private"),
+                    network("a", "other", "shared"),
+                ],
                 "NetworkNotFound: Network net not found in project p or among shared networks",
             ),
             (
@@ -380,7 +389,7 @@ mod tests {
     #[test]
     fn owned_and_shared_candidates_are_returned_as_given() {
         use std::sync::Arc;
-        let cache = vec![Arc::new(network("a", "net", "shared"))];
+        let cache = [Arc::new(network("a", "net", "shared"))];
         let found = resolve("p", "net", cache.iter().cloned()).expect("resolves");
         assert!(Arc::ptr_eq(&found, &cache[0]));
     }
