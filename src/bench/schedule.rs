@@ -1,81 +1,50 @@
 //! `ferro bench schedule`: how fast Servers get a node and an addressed Port, against what
 //! raw etcd needs for the same writes.
 //!
-//! One run starts a real etcd with its data on disk (fsync on), an apiserver in this
-//! process, and the controllers (as a `ferro controllers` child when the binary passes its
-//! own command line, so their peak memory is theirs alone). The bench plays the agents of
-//! `nodes` Nodes — each registers its Node with its own node token and renews its
-//! heartbeat Lease every 10 s, as `ferro agent` does; nothing else is faked — and waits
-//! until node lifecycle has judged them all Ready. Then `servers` Servers with one network
-//! each are created at once by `concurrency` clients; the clock runs from the first create
-//! until a watch has seen every Server bound with an addressed Port. A replay of the
-//! store's history counts every write of the phase by kind. Finally raw etcd performs the
-//! same number of create-if-absent transactions at the same concurrency: the floor.
+//! One run starts, through the [`harness`](super::harness), a real etcd with its data on
+//! disk (fsync on), a `ferro apiserver` and `ferro controllers`, each its own process so
+//! the controllers' peak memory is theirs alone. The bench plays the agents of `nodes`
+//! Nodes — each registers its Node with its own node token and renews its heartbeat Lease
+//! every 10 s, as `ferro agent` does; nothing else is faked — and waits until node
+//! lifecycle has judged them all Ready. Then `servers` Servers with one network each are
+//! created at once by `clients` clients; the clock runs from the first create until a
+//! watch has seen every Server bound with an addressed Port. A replay of the store's
+//! history counts every write of the phase by kind. Finally raw etcd performs the same
+//! number of create-if-absent transactions at the same concurrency: the floor.
 //!
 //! The aim: all bound and addressed within twice the raw-etcd floor, and under 10 s.
 
 use std::{
-    collections::{BTreeMap, HashSet},
-    ffi::OsString,
+    collections::BTreeMap,
     fmt,
-    path::{Path, PathBuf},
-    sync::{
-        Arc,
-        atomic::{AtomicUsize, Ordering},
-    },
-    time::{Duration, Instant},
+    sync::Arc,
+    time::{Duration, SystemTime},
 };
 
+use anyhow::Result;
 use ferro_api::{
     Kind, Object, Resource,
-    auth::Tokens,
     client::{Client, Selection},
-    owners,
-    server::ApiServer,
-    v1,
+    owners, v1,
 };
-use ferro_store::{
-    Store,
-    etcd::EtcdStore,
-    etcd_process::{EtcdOptions, EtcdProcess},
-};
-use futures::{FutureExt, StreamExt};
+use ferro_store::Store;
 
-use crate::{
-    ControllersConfig, Options,
-    bench::{count_between, io, peak_rss_kib, raw_etcd, wait_for},
+use super::harness::{
+    self, Apiserver, Controllers, Etcd, Figures, Workspace, is_ready, mib, wait_for, writes_line,
 };
 
-/// What to measure.
-#[derive(Clone, Debug)]
-pub struct ScheduleOptions {
+/// Arguments of `ferro bench schedule`.
+#[derive(clap::Args, Debug)]
+pub struct ScheduleArgs {
     /// Nodes whose agents the bench plays.
+    #[arg(long, default_value_t = 100)]
     pub nodes: usize,
     /// Servers created at once, one network each.
+    #[arg(long, default_value_t = 1_000)]
     pub servers: usize,
-    /// Concurrent API clients creating Servers, concurrent raw etcd writers, and keys each
-    /// controller reconciles at once.
-    pub concurrency: usize,
-    /// Where etcd keeps its data during the run (removed afterwards).
-    pub work_dir: Option<PathBuf>,
-    /// The command line of `ferro controllers`; the bench appends `--server ADDR
-    /// --token-file FILE --metrics-addr ADDR`. `None` runs them in this process.
-    pub controllers_command: Option<Vec<OsString>>,
-    /// Give up after this long.
-    pub timeout: Duration,
-}
-
-impl Default for ScheduleOptions {
-    fn default() -> Self {
-        ScheduleOptions {
-            nodes: 100,
-            servers: 1_000,
-            concurrency: 16,
-            work_dir: None,
-            controllers_command: None,
-            timeout: Duration::from_secs(600),
-        }
-    }
+    /// Concurrent clients creating them (and raw etcd writers).
+    #[arg(long, default_value_t = 16)]
+    pub clients: usize,
 }
 
 /// The figures of one run.
@@ -97,10 +66,8 @@ pub struct ScheduleReport {
     pub raw_time: Duration,
     /// Servers per node at the end: (fewest, most).
     pub spread: (usize, usize),
-    /// Peak resident memory of the controllers, in KiB.
+    /// Peak resident memory of the controllers' process, in KiB.
     pub peak_memory_kib: u64,
-    /// Whose memory that is.
-    pub memory_scope: &'static str,
 }
 
 impl ScheduleReport {
@@ -127,71 +94,47 @@ impl ScheduleReport {
 
 impl fmt::Display for ScheduleReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(
-            f,
+        let title = format_args!(
             "ferro bench schedule: {} servers (one network each) on {} nodes, concurrency {}",
             self.servers, self.nodes, self.concurrency
+        );
+        let mut out = Figures::new(f, 30, title)?;
+        let seconds = |d: Duration| d.as_secs_f64();
+        out.seconds("all created after", self.create_time)?;
+        out.seconds("all bound and addressed after", self.done_time)?;
+        out.line("binds/s", format_args!("{:>8.0}", self.binds_per_second()))?;
+        out.line(
+            "store writes per server",
+            format_args!(
+                "{:>8.2}   ({})",
+                self.writes_per_server(),
+                writes_line(&self.writes_by_kind)
+            ),
         )?;
-        writeln!(
-            f,
-            "  all created after              {:>8.2} s",
-            self.create_time.as_secs_f64()
+        out.line(
+            &format!("raw etcd, {} writes", self.writes()),
+            format_args!(
+                "{:>8.2} s   (create-if-absent txns, {} clients)",
+                seconds(self.raw_time),
+                self.concurrency
+            ),
         )?;
-        writeln!(
-            f,
-            "  all bound and addressed after  {:>8.2} s",
-            self.done_time.as_secs_f64()
+        out.line(
+            "servers per node",
+            format_args!("{} to {}", self.spread.0, self.spread.1),
         )?;
-        writeln!(
-            f,
-            "  binds/s                        {:>8.0}",
-            self.binds_per_second()
-        )?;
-        let kinds: Vec<String> = self
-            .writes_by_kind
-            .iter()
-            .map(|(k, n)| format!("{k} {n}"))
-            .collect();
-        writeln!(
-            f,
-            "  store writes per server        {:>8.2}   ({})",
-            self.writes_per_server(),
-            kinds.join(", ")
-        )?;
-        writeln!(
-            f,
-            "  raw etcd, {} writes            {:>8.2} s   (create-if-absent txns, {} clients)",
-            self.writes(),
-            self.raw_time.as_secs_f64(),
-            self.concurrency
-        )?;
-        writeln!(
-            f,
-            "  servers per node               {} to {}",
-            self.spread.0, self.spread.1
-        )?;
-        writeln!(
-            f,
-            "  aim: <= 2 x raw ({:.2} s) and < 10 s: {}",
-            (self.raw_time * 2).as_secs_f64(),
+        out.note(format_args!(
+            "aim: <= 2 x raw ({:.2} s) and < 10 s: {}",
+            seconds(self.raw_time * 2),
             if self.meets_aims() { "met" } else { "NOT met" }
-        )?;
-        write!(
-            f,
-            "  controllers peak RSS           {:>8.1} MiB ({})",
-            self.peak_memory_kib as f64 / 1024.0,
-            self.memory_scope
+        ))?;
+        out.line(
+            "controllers peak RSS",
+            format_args!("{:>12} (their own process)", mib(self.peak_memory_kib)),
         )
     }
 }
 
-/// Why the bench could not finish (the IPAM bench's errors).
-pub use crate::bench::BenchError as ScheduleBenchError;
-
-type BenchResult<T> = Result<T, ScheduleBenchError>;
-
-const ADMIN_TOKEN: &str = "bench-admin-token";
-const CONTROLLERS_TOKEN: &str = "bench-controllers-token";
 const RAW_VALUE_BYTES: usize = 600;
 const HEARTBEAT: Duration = Duration::from_secs(10);
 const LEASE_SECONDS: u32 = 40;
@@ -204,96 +147,50 @@ fn node_token(i: usize) -> String {
     format!("bench-node-token-{i:03}")
 }
 
-/// Runs `ferro bench schedule`.
-pub async fn bench_schedule(options: ScheduleOptions) -> BenchResult<ScheduleReport> {
-    let base = options.work_dir.clone().unwrap_or_else(std::env::temp_dir);
-    let work = base.join(format!(
-        "ferro-bench-schedule-{}-{}",
-        std::process::id(),
-        uuid::Uuid::new_v4().simple()
-    ));
-    std::fs::create_dir_all(&work).map_err(io(format!("creating {}", work.display())))?;
-    let result = run(&options, &work).await;
-    let _ = std::fs::remove_dir_all(&work);
-    result
-}
-
-async fn run(options: &ScheduleOptions, work: &Path) -> BenchResult<ScheduleReport> {
-    let etcd = EtcdProcess::start(EtcdOptions::persistent(work.join("etcd"))).await?;
-    let store: Arc<dyn Store> =
-        Arc::new(EtcdStore::connect(&[etcd.client_url().to_owned()]).await?);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .map_err(io("binding the apiserver"))?;
-    let address = listener
-        .local_addr()
-        .map_err(io("apiserver address"))?
-        .to_string();
-    let mut tokens = format!("{ADMIN_TOKEN} admin\n{CONTROLLERS_TOKEN} system:controllers\n");
-    for i in 0..options.nodes {
-        tokens.push_str(&format!("{} system:node:{}\n", node_token(i), node_name(i)));
-    }
-    let server = ApiServer::new(store.clone(), Tokens::parse(&tokens));
-    let (stop_server, stopped) = tokio::sync::oneshot::channel::<()>();
-    let serving = tokio::spawn(async move {
-        let incoming = futures::stream::unfold(listener, |listener| async move {
-            let accepted = listener.accept().await.map(|(socket, _)| {
-                let _ = socket.set_nodelay(true);
-                socket
-            });
-            Some((accepted, listener))
-        });
-        let _ = tonic::transport::Server::builder()
-            .add_service(server.into_service())
-            .serve_with_incoming_shutdown(incoming, async {
-                let _ = stopped.await;
-            })
-            .await;
-    });
-
-    let mut agents = play_agents(&address, options.nodes).await?;
-    let controllers = Controllers::start(options, &address, work)?;
-    let outcome = measure(options, &address, store.clone()).await;
-    let (peak_memory_kib, memory_scope) = controllers.stop().await;
-    agents.abort_all();
-    let mut report = match outcome {
-        Ok(report) => report,
-        Err(e) => {
-            let _ = stop_server.send(());
-            return Err(e);
-        }
+/// Runs `ferro bench schedule` and prints its figures.
+pub async fn run(args: ScheduleArgs) -> Result<()> {
+    let work = Workspace::new("schedule", None)?;
+    let mut report = {
+        let etcd = Etcd::start(work.path().join("etcd")).await?;
+        let nodes: Vec<(String, String)> = (0..args.nodes)
+            .map(|i| (node_token(i), format!("system:node:{}", node_name(i))))
+            .collect();
+        let tokens = harness::token_file(work.path(), &nodes)?;
+        let apiserver = Apiserver::start(work.path(), &etcd, &tokens).await?;
+        let mut agents = play_agents(&apiserver.address, args.nodes).await?;
+        let controllers = Controllers::start(work.path(), &apiserver, &tokens)?;
+        let outcome = measure(&args, &apiserver.address, etcd.store.clone()).await;
+        let figures = controllers.stop().await;
+        agents.abort_all();
+        let mut report = outcome?;
+        report.peak_memory_kib = figures.peak_rss_kib;
+        report
     };
-    let _ = stop_server.send(());
-    let _ = tokio::time::timeout(Duration::from_secs(5), serving).await;
-    drop(store);
-    drop(etcd);
-    // The floor, on an etcd of its own: etcd 3.4 copies its read buffer, grown to the
-    // busiest commit interval so far, on every transaction it applies, so a shared etcd
-    // would carry one phase's burst into the other.
-    let raw_etcd_process =
-        EtcdProcess::start(EtcdOptions::persistent(work.join("raw-etcd"))).await?;
-    let raw_store: Arc<dyn Store> =
-        Arc::new(EtcdStore::connect(&[raw_etcd_process.client_url().to_owned()]).await?);
-    report.raw_time = raw_etcd(
-        raw_store,
-        options.concurrency,
+    // The floor, after Ferro's etcd has stopped: as many writes, on an etcd of its own.
+    report.raw_time = harness::raw_floor(
+        work.path(),
+        args.clients,
         report.writes() as usize,
         RAW_VALUE_BYTES,
     )
     .await?;
-    drop(raw_etcd_process);
-    report.peak_memory_kib = peak_memory_kib;
-    report.memory_scope = memory_scope;
-    Ok(report)
+    println!("{report}");
+    Ok(())
 }
 
 fn timestamp() -> prost_types::Timestamp {
-    crate::runtime::now()
+    let since_epoch = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    prost_types::Timestamp {
+        seconds: since_epoch.as_secs() as i64,
+        nanos: since_epoch.subsec_nanos() as i32,
+    }
 }
 
 /// Registers each node with its own token and renews its Lease every 10 s, as the agent
 /// does.
-async fn play_agents(address: &str, nodes: usize) -> BenchResult<tokio::task::JoinSet<()>> {
+async fn play_agents(address: &str, nodes: usize) -> Result<tokio::task::JoinSet<()>> {
     let mut agents = tokio::task::JoinSet::new();
     for i in 0..nodes {
         let client = Client::connect_lazy(address, &node_token(i))?;
@@ -322,7 +219,14 @@ async fn play_agents(address: &str, nodes: usize) -> BenchResult<tokio::task::Jo
             address: format!("127.0.1.{}", i % 250 + 1),
             ..Default::default()
         };
-        let host_ready = crate::runtime::condition("HostReady", true, "HostReady", "bench host");
+        let host_ready = v1::Condition {
+            r#type: "HostReady".into(),
+            status: v1::condition::Status::True as i32,
+            reason: "HostReady".into(),
+            message: "bench host".into(),
+            last_transition_time: Some(timestamp()),
+            ..Default::default()
+        };
         client
             .update_status(
                 Object::Node(v1::Node {
@@ -385,134 +289,64 @@ fn done(server: &v1::Server) -> bool {
     })
 }
 
-fn ready(conditions: &[v1::Condition]) -> bool {
-    conditions
-        .iter()
-        .any(|c| c.r#type == "Ready" && c.status == v1::condition::Status::True as i32)
-}
-
 async fn measure(
-    options: &ScheduleOptions,
+    args: &ScheduleArgs,
     address: &str,
     store: Arc<dyn Store>,
-) -> BenchResult<ScheduleReport> {
-    let admin = Client::connect_lazy(address, ADMIN_TOKEN)?;
-    let setup = ferro_api::codec::decode_yaml(
-        "apiVersion: ferro/v1\nkind: Network\nmetadata: {name: bench}\nspec:\n  subnets:\n  - {name: a, cidr: 10.128.0.0/16}\n\
-         ---\napiVersion: ferro/v1\nkind: Flavor\nmetadata: {name: bench}\nspec: {vcpus: 1, ramMib: 512, diskGib: 1}\n\
+) -> Result<ScheduleReport> {
+    let admin = harness::admin(address)?;
+    harness::create_yaml(&admin, harness::BENCH_NETWORK).await?;
+    harness::create_yaml(
+        &admin,
+        "apiVersion: ferro/v1\nkind: Flavor\nmetadata: {name: bench}\nspec: {vcpus: 1, ramMib: 512, diskGib: 1}\n\
          ---\napiVersion: ferro/v1\nkind: Image\nmetadata: {name: bench}\nspec: {source: {url: file:///nonexistent/bench.raw}, diskFormat: Raw}\n",
     )
-    .map_err(|e| ScheduleBenchError::Timeout(format!("the bench's own manifests: {e}")))?;
-    for object in setup {
-        admin.create(object).await?;
-    }
+    .await?;
     // A Ready Network and Ready Nodes: the controllers lead, have synced and judged.
     wait_for(
         "the network and every node Ready",
         Duration::from_secs(120),
         || async {
-            let network = admin
-                .get_typed::<v1::Network>("default", "bench")
-                .await
-                .ok()?;
             let (nodes, _) = admin.list(Kind::Node, &Selection::all()).await.ok()?;
             let ready_nodes = nodes
                 .into_iter()
                 .filter_map(v1::Node::from_object)
-                .filter(|n| n.status.as_ref().is_some_and(|s| ready(&s.conditions)))
+                .filter(|n| n.status.as_ref().is_some_and(|s| is_ready(&s.conditions)))
                 .count();
-            (ready(&network.status?.conditions) && ready_nodes == options.nodes).then_some(())
+            (ready_nodes == args.nodes && harness::bench_network_ready(&admin).await).then_some(())
         },
     )
     .await?;
 
-    let (_, revision) = admin.list(Kind::Server, &Selection::all()).await?;
-    let start_revision = store.current_revision().await?;
-    let mut stream = Box::pin(
-        admin
-            .watch(Kind::Server, &Selection::all(), revision)
-            .await?,
-    );
-    let total = options.servers;
-    let watcher = tokio::spawn(async move {
-        let mut finished: HashSet<String> = HashSet::new();
-        let mut placement: BTreeMap<String, String> = BTreeMap::new();
-        while let Some(Ok(event)) = stream.next().await {
-            let Some(server) = event
-                .object
-                .and_then(|o| Object::try_from(o).ok())
-                .and_then(v1::Server::from_object)
-            else {
-                continue;
-            };
-            if done(&server) {
-                let name = server
-                    .metadata()
-                    .map(|m| m.name.clone())
-                    .unwrap_or_default();
-                placement.insert(name.clone(), server.status.clone().unwrap_or_default().node);
-                finished.insert(name);
-                if finished.len() >= total {
-                    return (Instant::now(), placement);
-                }
-            }
-        }
-        (Instant::now(), placement)
-    });
-
-    let start = Instant::now();
-    let next = Arc::new(AtomicUsize::new(0));
-    let mut creators = tokio::task::JoinSet::new();
-    for _ in 0..options.concurrency.max(1) {
-        let client = Client::connect_lazy(address, ADMIN_TOKEN)?;
-        let next = next.clone();
-        creators.spawn(async move {
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= total {
-                    return Ok::<(), ferro_api::Error>(());
-                }
-                let server = Object::Server(v1::Server {
-                    metadata: Some(v1::ObjectMeta {
-                        name: format!("server-{i:05}"),
+    let phase = harness::create_and_watch(
+        store,
+        address,
+        args.clients,
+        args.servers,
+        "every server bound and addressed",
+        |server: &v1::Server| done(server).then(|| server.status.clone().unwrap_or_default().node),
+        |i| {
+            Object::Server(v1::Server {
+                metadata: harness::named(format!("server-{i:05}")),
+                spec: Some(v1::ServerSpec {
+                    flavor: "bench".into(),
+                    image: "bench".into(),
+                    networks: vec![v1::ServerNetwork {
+                        network: "bench".into(),
                         ..Default::default()
-                    }),
-                    spec: Some(v1::ServerSpec {
-                        flavor: "bench".into(),
-                        image: "bench".into(),
-                        networks: vec![v1::ServerNetwork {
-                            network: "bench".into(),
-                            ..Default::default()
-                        }],
-                        ..Default::default()
-                    }),
-                    status: None,
-                });
-                client.create(server).await?;
-            }
-        });
-    }
-    while let Some(result) = creators.join_next().await {
-        result.map_err(|e| ScheduleBenchError::Timeout(format!("a creator failed: {e}")))??;
-    }
-    let create_time = start.elapsed();
-    let (end, placement) = tokio::time::timeout(options.timeout, watcher)
-        .await
-        .map_err(|_| {
-            ScheduleBenchError::Timeout(format!(
-                "not every server was bound and addressed within {:?}",
-                options.timeout
-            ))
-        })?
-        .map_err(|e| ScheduleBenchError::Timeout(format!("the server watcher failed: {e}")))?;
-    let done_time = end.duration_since(start);
-    let end_revision = store.current_revision().await?;
-    let writes_by_kind = count_between(store, start_revision, end_revision).await?;
+                    }],
+                    ..Default::default()
+                }),
+                status: None,
+            })
+        },
+    )
+    .await?;
     let mut per_node: BTreeMap<&str, usize> = BTreeMap::new();
-    for node in placement.values() {
+    for node in phase.done.values() {
         *per_node.entry(node.as_str()).or_default() += 1;
     }
-    let names: Vec<String> = (0..options.nodes).map(node_name).collect();
+    let names: Vec<String> = (0..args.nodes).map(node_name).collect();
     let counts: Vec<usize> = names
         .iter()
         .map(|n| per_node.get(n.as_str()).copied().unwrap_or(0))
@@ -522,83 +356,14 @@ async fn measure(
         counts.iter().copied().max().unwrap_or(0),
     );
     Ok(ScheduleReport {
-        nodes: options.nodes,
-        servers: total,
-        concurrency: options.concurrency,
-        create_time,
-        done_time,
-        writes_by_kind,
+        nodes: args.nodes,
+        servers: args.servers,
+        concurrency: args.clients,
+        create_time: phase.create_time,
+        done_time: phase.done_time,
+        writes_by_kind: phase.writes_by_kind,
         raw_time: Duration::ZERO,
         spread,
         peak_memory_kib: 0,
-        memory_scope: "",
     })
-}
-
-enum Controllers {
-    Child(tokio::process::Child),
-    InProcess(tokio::task::JoinHandle<()>),
-}
-
-impl Controllers {
-    fn start(options: &ScheduleOptions, address: &str, work: &Path) -> BenchResult<Self> {
-        if let Some(command) = options
-            .controllers_command
-            .as_ref()
-            .filter(|c| !c.is_empty())
-        {
-            let token_file = work.join("controllers.token");
-            std::fs::write(
-                &token_file,
-                format!("{CONTROLLERS_TOKEN} system:controllers\n"),
-            )
-            .map_err(io("writing the token file"))?;
-            let log = std::fs::File::create(work.join("controllers.log"))
-                .map_err(io("creating the controllers' log"))?;
-            let err = log
-                .try_clone()
-                .map_err(io("opening the controllers' log"))?;
-            let child = tokio::process::Command::new(&command[0])
-                .args(&command[1..])
-                .arg("--server")
-                .arg(address)
-                .arg("--token-file")
-                .arg(&token_file)
-                .stdout(log)
-                .stderr(err)
-                .kill_on_drop(true)
-                .spawn()
-                .map_err(io(format!("starting {command:?}")))?;
-            return Ok(Controllers::Child(child));
-        }
-        let mut config = ControllersConfig::new(address, CONTROLLERS_TOKEN);
-        config.identity = "bench".into();
-        config.options = Options {
-            concurrency: options.concurrency,
-            ..Options::default()
-        };
-        config.shutdown = Some(std::future::pending::<()>().boxed());
-        Ok(Controllers::InProcess(tokio::spawn(async move {
-            if let Err(e) = crate::run(config).await {
-                tracing::error!(error = %e, "the controllers stopped");
-            }
-        })))
-    }
-
-    async fn stop(self) -> (u64, &'static str) {
-        match self {
-            Controllers::Child(mut child) => {
-                let peak = child.id().and_then(peak_rss_kib).unwrap_or_default();
-                let _ = child.kill().await;
-                (peak, "the controllers' own process")
-            }
-            Controllers::InProcess(task) => {
-                task.abort();
-                (
-                    peak_rss_kib(std::process::id()).unwrap_or_default(),
-                    "this whole process: apiserver, controllers and bench clients",
-                )
-            }
-        }
-    }
 }
