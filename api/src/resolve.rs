@@ -17,8 +17,8 @@ use std::ops::Deref;
 
 use crate::{Kind, Resource, kinds::Scope, v1};
 
-/// A kind that references name, and whether one of its objects may be referenced from
-/// other projects.
+/// A kind a reference by name may point at, and whether one of its objects may be
+/// referenced from other projects.
 pub trait Referable: Resource {
     /// Whether this object resolves for references from other projects too.
     fn is_public(&self) -> bool {
