@@ -8,11 +8,12 @@
 //! Running it twice is harmless: the second run finds the host as the first left it.
 //!
 //! - **Starting** resolves what the guest is built from: the Image (in the Server's
-//!   project, then among public Images; the server controller's resolved uid is checked
-//!   when it recorded one), the Image's kernel and ramdisk Images (in the Image's project,
-//!   then public), and the KeyPair. Their bytes come from the node's image cache. Sizes
-//!   come from the Flavor copy in `status.flavor`; a `diskGib` of 0 keeps the image's
-//!   size. The config drive carries hostname, key and user data.
+//!   project, then among public Images, by [`ferro_api::resolve`] as the controllers do,
+//!   so several public Images of the name are `ImageAmbiguous`; the server controller's
+//!   resolved uid is checked when it recorded one), the Image's kernel and ramdisk Images
+//!   (in the Image's project, then public), and the KeyPair. Their bytes come from the
+//!   node's image cache. Sizes come from the Flavor copy in `status.flavor`; a `diskGib`
+//!   of 0 keeps the image's size. The config drive carries hostname, key and user data.
 //! - **Deleting** (a `deletionTimestamp`) destroys the VM at once — no ACPI — and its
 //!   files, checks that the driver no longer finds it, then removes the finalizer
 //!   `ferro.io/agent` so the Server can go.
@@ -36,7 +37,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferro_api::client::{Client, Selection};
-use ferro_api::v1::image_spec::{DiskFormat as ImageFormat, Visibility};
+use ferro_api::resolve::{Unresolved, resolve};
+use ferro_api::v1::image_spec::DiskFormat as ImageFormat;
 use ferro_api::{Error, Kind, Resource, auth, owners, v1};
 
 use crate::configdrive::ConfigDrive;
@@ -63,14 +65,9 @@ pub enum ReconcileError {
     /// The Server boots from a Volume.
     #[error("booting from a volume is not supported by this node yet")]
     BootVolumeUnsupported,
-    /// An Image could not be found.
-    #[error("image {name} not found in project {project} or among public images")]
-    ImageNotFound {
-        /// The name asked for.
-        name: String,
-        /// The project looked in first.
-        project: String,
-    },
+    /// An Image name resolves to no Image, or to several public ones.
+    #[error(transparent)]
+    ImageUnresolved(Unresolved),
     /// The image the server controller resolved is gone (a new Image took its name).
     #[error("image {name} was replaced: uid {expected} is gone")]
     ImageReplaced {
@@ -78,14 +75,6 @@ pub enum ReconcileError {
         name: String,
         /// The uid recorded in `status.resolved`.
         expected: String,
-    },
-    /// Several public Images have the name.
-    #[error("image {name} is ambiguous: public images of that name exist in projects {projects}")]
-    ImageAmbiguous {
-        /// The name.
-        name: String,
-        /// Where.
-        projects: String,
     },
     /// The Image is not something a guest boots from.
     #[error("image {name} cannot be booted: {reason}")]
@@ -153,10 +142,9 @@ impl ReconcileError {
         match self {
             ReconcileError::NotPlaced => "NotPlaced",
             ReconcileError::BootVolumeUnsupported => "BootVolumeUnsupported",
-            ReconcileError::ImageNotFound { .. } | ReconcileError::ImageReplaced { .. } => {
-                "ImageNotFound"
-            }
-            ReconcileError::ImageAmbiguous { .. } => "ImageAmbiguous",
+            ReconcileError::ImageUnresolved(Unresolved::NotFound { .. })
+            | ReconcileError::ImageReplaced { .. } => "ImageNotFound",
+            ReconcileError::ImageUnresolved(Unresolved::Ambiguous { .. }) => "ImageAmbiguous",
             ReconcileError::ImageNotBootable { .. } => "ImageNotBootable",
             ReconcileError::KeyPairNotFound { .. } => "KeyPairNotFound",
             ReconcileError::Image { source, .. } => source.reason(),
@@ -538,45 +526,29 @@ impl ServerReconciler {
     async fn get_image(&self, project: &str, name: &str) -> Result<v1::Image, ReconcileError> {
         match self.client.get_typed::<v1::Image>(project, name).await {
             Ok(image) => Ok(image),
-            Err(Error::NotFound { .. }) => Err(ReconcileError::ImageNotFound {
-                name: name.to_owned(),
-                project: project.to_owned(),
-            }),
+            Err(Error::NotFound { .. }) => {
+                Err(ReconcileError::ImageUnresolved(Unresolved::NotFound {
+                    kind: Kind::Image,
+                    name: name.to_owned(),
+                    project: project.to_owned(),
+                }))
+            }
             Err(e) => Err(e.into()),
         }
     }
 
-    /// An Image by name: in `project`, else the one public Image of that name.
+    /// An Image by name, by [`resolve`]'s rule: in `project`, else the one public Image of
+    /// that name. One List of every Image of the name gives the resolver all it needs.
     async fn resolve_image(&self, project: &str, name: &str) -> Result<v1::Image, ReconcileError> {
-        match self.client.get_typed::<v1::Image>(project, name).await {
-            Ok(image) => return Ok(image),
-            Err(Error::NotFound { .. }) => {}
-            Err(e) => return Err(e.into()),
-        }
         let selection = Selection::all().fields(format!("metadata.name={name}"));
         let (objects, _) = self.client.list(Kind::Image, &selection).await?;
-        let mut public: Vec<v1::Image> = objects
+        let images: Vec<v1::Image> = objects
             .into_iter()
             .filter_map(v1::Image::from_object)
-            .filter(|i| {
-                i.spec.as_ref().and_then(|s| s.visibility) == Some(Visibility::Public as i32)
-            })
             .collect();
-        match public.len() {
-            0 => Err(ReconcileError::ImageNotFound {
-                name: name.to_owned(),
-                project: project.to_owned(),
-            }),
-            1 => Ok(public.remove(0)),
-            _ => Err(ReconcileError::ImageAmbiguous {
-                name: name.to_owned(),
-                projects: public
-                    .iter()
-                    .filter_map(|i| i.metadata.as_ref().map(|m| m.project.clone()))
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            }),
-        }
+        resolve(project, name, images.iter())
+            .cloned()
+            .map_err(ReconcileError::ImageUnresolved)
     }
 }
 

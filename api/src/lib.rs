@@ -7,6 +7,7 @@
 //! - [`kinds`]: the table of kinds — names, scope, store keys, status writers.
 //! - [`validation`]: defaulting and validation, for create and for update.
 //! - [`error`]: the one error type and its mapping to gRPC statuses.
+//! - [`resolve`]: how a reference by name resolves, for every component that follows one.
 
 pub mod auth;
 pub mod cache;
@@ -17,6 +18,7 @@ pub mod encoded;
 pub mod error;
 pub mod kinds;
 pub mod owners;
+pub mod resolve;
 pub mod selector;
 pub mod server;
 pub mod validation;

@@ -42,7 +42,11 @@ use std::{
     time::Duration,
 };
 
-use ferro_api::{Error, Kind, Object, owners, v1};
+use ferro_api::{
+    Error, Kind, Object, owners,
+    resolve::{Referable, Unresolved, resolve},
+    v1,
+};
 
 use crate::{
     api::Api,
@@ -76,6 +80,8 @@ pub mod reason {
     pub const ALLOCATED: &str = "Allocated";
     /// The Port's Network does not exist (yet).
     pub const NETWORK_NOT_FOUND: &str = "NetworkNotFound";
+    /// The Port's Network names several shared Networks and none in its project.
+    pub const NETWORK_AMBIGUOUS: &str = "NetworkAmbiguous";
     /// The Port's Network is being deleted.
     pub const NETWORK_DELETING: &str = "NetworkDeleting";
     /// A subnet of the Network cannot be used.
@@ -165,8 +171,9 @@ fn mac_claim(port: &v1::Port, mac: &str) -> Object {
 pub struct PortFacts<'a> {
     /// The Port, as cached.
     pub port: &'a v1::Port,
-    /// Its Network, resolved by name (own project first, then shared ones).
-    pub network: Option<&'a v1::Network>,
+    /// Its Network, resolved by name (own project first, then the one shared one), or
+    /// why it did not resolve.
+    pub network: Result<&'a v1::Network, Unresolved>,
     /// The address claims the cache says the Port owns.
     pub ip_claims: Vec<&'a v1::IpAddress>,
     /// The MAC claims the cache says the Port owns.
@@ -343,16 +350,9 @@ pub fn plan(facts: &PortFacts<'_>) -> PortPlan {
         return plan_decided(facts);
     }
     let spec = port.spec.clone().unwrap_or_default();
-    let project = &meta(port).project;
-    let Some(network) = facts.network else {
-        return report(
-            facts,
-            reason::NETWORK_NOT_FOUND,
-            format!(
-                "network {} not found in project {project} or among shared networks",
-                spec.network
-            ),
-        );
+    let network = match &facts.network {
+        Ok(network) => *network,
+        Err(unresolved) => return report(facts, &unresolved.reason(), unresolved.to_string()),
     };
     let network_meta = meta(network);
     if network_meta.deletion_timestamp.is_some() {
@@ -1061,28 +1061,22 @@ fn ipam_owns_exhausted_condition() -> bool {
         .any(|o| o.writer == owners::IPAM && o.conditions.contains(&EXHAUSTED_CONDITION))
 }
 
-/// The Network a Port's `spec.network` names: in its own project, or else a shared or
-/// external Network of that name (the first by project, for determinism).
-pub fn resolve_network(networks: &Store<v1::Network>, port: &v1::Port) -> Option<Arc<v1::Network>> {
+/// The Network a Port's `spec.network` names, by [`resolve`]'s rule: in the Port's own
+/// project, else the one shared or external Network of that name.
+pub fn resolve_network(
+    networks: &Store<v1::Network>,
+    port: &v1::Port,
+) -> Result<Arc<v1::Network>, Unresolved> {
     let name = port
         .spec
         .as_ref()
         .map(|s| s.network.as_str())
         .unwrap_or_default();
-    if let Some(own) = networks.get_named(&meta(port).project, name) {
-        return Some(own);
-    }
-    let mut shared: Vec<Arc<v1::Network>> = networks
-        .by_index(NETWORK_BY_NAME, name)
-        .into_iter()
-        .filter(|n| {
-            n.spec
-                .as_ref()
-                .is_some_and(|s| s.shared == Some(true) || s.external == Some(true))
-        })
-        .collect();
-    shared.sort_by(|a, b| meta(a.as_ref()).project.cmp(&meta(b.as_ref()).project));
-    shared.into_iter().next()
+    resolve(
+        &meta(port).project,
+        name,
+        networks.by_index(NETWORK_BY_NAME, name),
+    )
 }
 
 impl IpamController {
@@ -1158,10 +1152,9 @@ impl IpamController {
                     return Vec::new();
                 };
                 let m = meta(network);
-                let spec = network.spec.clone().unwrap_or_default();
                 let mut ports =
                     by_network.by_index(PORT_BY_NETWORK, &format!("{}/{}", m.project, m.name));
-                if spec.shared == Some(true) || spec.external == Some(true) {
+                if network.is_public() {
                     ports.extend(by_network.by_index(PORT_BY_NETWORK_NAME, &m.name));
                 }
                 ports
@@ -1216,7 +1209,7 @@ impl Reconcile for IpamController {
         let mac_claims = self.mac_claims.by_index(OWNER_UID, uid);
         let facts = PortFacts {
             port: &port,
-            network: network.as_deref(),
+            network: network.as_deref().map_err(Clone::clone),
             ip_claims: ip_claims.iter().map(|c| c.as_ref()).collect(),
             mac_claims: mac_claims.iter().map(|c| c.as_ref()).collect(),
             exhausted_condition: self.exhausted_condition,

@@ -10,16 +10,12 @@
 //! - [`nodelifecycle`]: Node readiness from heartbeats; unreachable Servers turn Unknown.
 //! - [`server`]: a Server's Ports, resolved references, phase and readiness.
 //! - [`image`]: Image status from what the nodes' caches found.
-//! - [`bench`]: `ferro bench ipam`.
-//! - [`bench_schedule`]: `ferro bench schedule`.
 //!
 //! [`run`] is `ferro controllers`: it connects to the apiserver, serves metrics, contends
 //! for the `controllers` Lease and, while it leads, runs every controller over one set of
 //! caches. Losing the lease stops them all; the process then contends again.
 
 pub mod api;
-pub mod bench;
-pub mod bench_schedule;
 pub mod gc;
 pub mod image;
 pub mod ipam;

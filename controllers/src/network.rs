@@ -223,6 +223,7 @@ impl NetworkController {
                 let mut keys = BTreeSet::new();
                 for port in c.old.iter().chain(c.new.iter()) {
                     if let Some(network) = resolve_network(&by_name, port)
+                        .ok()
                         .filter(|n| meta(n.as_ref()).deletion_timestamp.is_some())
                     {
                         keys.insert(ObjectRef::of(network.as_ref()));

@@ -10,9 +10,12 @@
 //!   then among shared or external Networks and public Images, and Flavors among
 //!   cluster-scoped objects. What a name resolved to is a decision, recorded in
 //!   `status.resolved` once; a recorded reference whose object is gone or replaced (another
-//!   uid) counts as missing. Every missing reference is named in `ReferencesResolved`,
-//!   whose reason is the first one's (`FlavorNotFound`, `ImageNotFound`, `NetworkNotFound`,
-//!   `KeyPairNotFound`, …). Their appearance queues the Server again.
+//!   uid) counts as missing, one whose name has since become ambiguous stands. The rule
+//!   is [`ferro_api::resolve`]'s, the same the IPAM controller and the agent follow: a
+//!   public name held in several other projects resolves to none of them. Every missing
+//!   or ambiguous reference is named in `ReferencesResolved`, whose reason is the first
+//!   one's (`FlavorNotFound`, `ImageNotFound`, `NetworkAmbiguous`, `KeyPairNotFound`, …).
+//!   Their appearance queues the Server again.
 //! - **Phase and `Ready`** are observations derived from the Server's own status (the
 //!   scheduler's placement, the agent's `host` and `GuestRunning`, node lifecycle's
 //!   `NodeReachable`) and from the Ports, by [`phase`] and [`plan`]; `Ready`'s reason says
@@ -23,7 +26,11 @@
 
 use std::sync::Arc;
 
-use ferro_api::{Error, Kind, Object, owners, v1};
+use ferro_api::{
+    Error, Kind, Object, owners,
+    resolve::{Unresolved, resolve},
+    v1,
+};
 
 use crate::{
     api::Api,
@@ -102,7 +109,7 @@ pub struct ServerFacts<'a> {
     /// The Server.
     pub server: &'a v1::Server,
     /// Each reference of [`references`], and what it resolves to now.
-    pub references: Vec<(Kind, String, Option<Found>)>,
+    pub references: Vec<(Kind, String, Result<Found, Unresolved>)>,
     /// Per `spec.networks` entry: the Port it uses (generated or named), if it exists.
     pub ports: Vec<Option<Arc<v1::Port>>>,
 }
@@ -202,28 +209,31 @@ pub fn plan(facts: &ServerFacts<'_>) -> ServerPlan {
 
     // References: keep what was recorded; record what resolves for the first time.
     let mut resolved = Vec::new();
-    let mut missing: Vec<(Kind, String)> = Vec::new();
+    // Each missing reference: the condition reason and message it gives.
+    let mut missing: Vec<(String, String)> = Vec::new();
     for (kind, name, found) in &facts.references {
         let recorded = status
             .resolved
             .iter()
             .find(|r| r.kind == kind.name() && &r.name == name);
         match (recorded, found) {
-            (Some(r), Some(f)) if r.uid == f.uid => resolved.push(r.clone()),
+            (Some(r), Ok(f)) if r.uid == f.uid => resolved.push(r.clone()),
+            // The name became ambiguous after it resolved: the decision stands.
+            (Some(r), Err(unresolved)) if unresolved.could_mean(&r.uid) => resolved.push(r.clone()),
             (Some(r), _) => {
                 resolved.push(r.clone());
                 missing.push((
-                    *kind,
+                    not_found_reason(*kind),
                     format!("{} {name} (uid {}) is gone", kind.name(), r.uid),
                 ));
             }
-            (None, Some(f)) => resolved.push(v1::ResolvedReference {
+            (None, Ok(f)) => resolved.push(v1::ResolvedReference {
                 kind: kind.name().to_owned(),
                 name: name.clone(),
                 project: f.project.clone(),
                 uid: f.uid.clone(),
             }),
-            (None, None) => missing.push((*kind, format!("{} {name} not found", kind.name()))),
+            (None, Err(unresolved)) => missing.push((unresolved.reason(), unresolved.to_string())),
         }
     }
     let references_ok = missing.is_empty();
@@ -234,10 +244,10 @@ pub fn plan(facts: &ServerFacts<'_>) -> ServerPlan {
             "Resolved",
             format!("{} references resolved", facts.references.len()),
         ),
-        Some((kind, _)) => condition(
+        Some((reason, _)) => condition(
             REFERENCES_RESOLVED,
             false,
-            &not_found_reason(*kind),
+            reason,
             missing
                 .iter()
                 .map(|(_, m)| m.as_str())
@@ -463,11 +473,14 @@ fn referrers<O: ferro_api::Resource>(
     }
 }
 
-fn uid_of<T: ferro_api::Resource>(object: &T) -> Found {
-    Found {
-        project: meta(object).project.clone(),
-        uid: meta(object).uid.clone(),
-    }
+/// What a resolution found, as the planner records it.
+fn found<T: ferro_api::Resource>(
+    resolution: Result<Arc<T>, Unresolved>,
+) -> Result<Found, Unresolved> {
+    resolution.map(|object| Found {
+        project: meta(object.as_ref()).project.clone(),
+        uid: meta(object.as_ref()).uid.clone(),
+    })
 }
 
 impl ServerController {
@@ -518,64 +531,46 @@ impl ServerController {
         (controller, reconciler)
     }
 
-    /// Resolves one reference of a server in `project`, in the documented order.
-    fn resolve(&self, project: &str, kind: Kind, name: &str) -> Option<Found> {
+    /// Resolves one reference of a server in `project`, by [`resolve`]'s rule.
+    fn resolve(&self, project: &str, kind: Kind, name: &str) -> Result<Found, Unresolved> {
         match kind {
-            Kind::Flavor => self.flavors.get_named("", name).map(|o| uid_of(o.as_ref())),
-            Kind::Image => {
-                if let Some(own) = self.images.get_named(project, name) {
-                    return Some(uid_of(own.as_ref()));
-                }
-                let mut public: Vec<_> = self
-                    .images
-                    .by_index(IMAGE_BY_NAME, name)
-                    .into_iter()
-                    .filter(|i| {
-                        i.spec.as_ref().and_then(|s| s.visibility)
-                            == Some(v1::image_spec::Visibility::Public as i32)
-                    })
-                    .collect();
-                public.sort_by(|a, b| meta(a.as_ref()).project.cmp(&meta(b.as_ref()).project));
-                public.first().map(|i| uid_of(i.as_ref()))
-            }
-            Kind::Network => {
-                if let Some(own) = self.networks.get_named(project, name) {
-                    return Some(uid_of(own.as_ref()));
-                }
-                let mut shared: Vec<_> = self
-                    .networks
-                    .by_index(NETWORK_BY_NAME, name)
-                    .into_iter()
-                    .filter(|n| {
-                        n.spec
-                            .as_ref()
-                            .is_some_and(|s| s.shared == Some(true) || s.external == Some(true))
-                    })
-                    .collect();
-                shared.sort_by(|a, b| meta(a.as_ref()).project.cmp(&meta(b.as_ref()).project));
-                shared.first().map(|n| uid_of(n.as_ref()))
-            }
-            Kind::KeyPair => self
-                .key_pairs
-                .get_named(project, name)
-                .map(|o| uid_of(o.as_ref())),
-            Kind::SecurityGroup => self
-                .security_groups
-                .get_named(project, name)
-                .map(|o| uid_of(o.as_ref())),
-            Kind::ServerGroup => self
-                .server_groups
-                .get_named(project, name)
-                .map(|o| uid_of(o.as_ref())),
-            Kind::Volume => self
-                .volumes
-                .get_named(project, name)
-                .map(|o| uid_of(o.as_ref())),
-            Kind::Port => self
-                .ports
-                .get_named(project, name)
-                .map(|o| uid_of(o.as_ref())),
-            _ => None,
+            Kind::Flavor => found(resolve(project, name, self.flavors.get_named("", name))),
+            Kind::Image => found(resolve(
+                project,
+                name,
+                self.images.by_index(IMAGE_BY_NAME, name),
+            )),
+            Kind::Network => found(resolve(
+                project,
+                name,
+                self.networks.by_index(NETWORK_BY_NAME, name),
+            )),
+            Kind::KeyPair => found(resolve(
+                project,
+                name,
+                self.key_pairs.get_named(project, name),
+            )),
+            Kind::SecurityGroup => found(resolve(
+                project,
+                name,
+                self.security_groups.get_named(project, name),
+            )),
+            Kind::ServerGroup => found(resolve(
+                project,
+                name,
+                self.server_groups.get_named(project, name),
+            )),
+            Kind::Volume => found(resolve(
+                project,
+                name,
+                self.volumes.get_named(project, name),
+            )),
+            Kind::Port => found(resolve(project, name, self.ports.get_named(project, name))),
+            _ => Err(Unresolved::NotFound {
+                kind,
+                name: name.to_owned(),
+                project: project.to_owned(),
+            }),
         }
     }
 }
@@ -720,14 +715,14 @@ mod tests {
         })
     }
 
-    fn found(uid: &str) -> Option<Found> {
-        Some(Found {
+    fn found(uid: &str) -> Result<Found, Unresolved> {
+        Ok(Found {
             project: "p".into(),
             uid: uid.into(),
         })
     }
 
-    fn all_found(server: &v1::Server) -> Vec<(Kind, String, Option<Found>)> {
+    fn all_found(server: &v1::Server) -> Vec<(Kind, String, Result<Found, Unresolved>)> {
         references(server.spec.as_ref().unwrap())
             .into_iter()
             .map(|(k, n)| {
@@ -884,9 +879,13 @@ mod tests {
     fn missing_references_are_named_in_order() {
         let s = server(&[("net", "")], v1::ServerStatus::default());
         let mut refs = all_found(&s);
-        for (kind, _, found) in refs.iter_mut() {
+        for (kind, name, found) in refs.iter_mut() {
             if matches!(kind, Kind::Flavor | Kind::Network | Kind::KeyPair) {
-                *found = None;
+                *found = Err(Unresolved::NotFound {
+                    kind: *kind,
+                    name: name.clone(),
+                    project: "p".into(),
+                });
             }
         }
         let plan = plan(&ServerFacts {
@@ -899,7 +898,8 @@ mod tests {
         assert_eq!(references.reason, "FlavorNotFound");
         assert_eq!(
             references.message,
-            "Flavor m1 not found; KeyPair demo not found; Network net not found"
+            "Flavor m1 not found; KeyPair demo not found in project p; \
+             Network net not found in project p or among shared networks"
         );
         let resolved: Vec<&str> = plan
             .status
@@ -939,6 +939,84 @@ mod tests {
         assert!(plan.status.resolved.contains(&recorded), "never rewritten");
         assert_eq!(plan.conditions[1].reason, "ImageNotFound");
         assert_eq!(plan.conditions[1].message, "Image tiny (uid old) is gone");
+    }
+
+    fn ambiguous(kind: Kind, name: &str, uids: &[&str]) -> Result<Found, Unresolved> {
+        Err(Unresolved::Ambiguous {
+            kind,
+            name: name.into(),
+            candidates: uids
+                .iter()
+                .map(|uid| ferro_api::resolve::Candidate {
+                    project: format!("{uid}-project"),
+                    uid: (*uid).into(),
+                })
+                .collect(),
+        })
+    }
+
+    #[test]
+    fn an_ambiguous_name_is_reported_with_its_candidates() {
+        let s = server(&[("net", "")], v1::ServerStatus::default());
+        let mut refs = all_found(&s);
+        for (kind, name, found) in refs.iter_mut() {
+            if *kind == Kind::Network {
+                *found = ambiguous(*kind, name, &["a", "b"]);
+            }
+        }
+        let plan = plan(&ServerFacts {
+            server: &s,
+            references: refs,
+            ports: vec![None],
+        });
+        let references = &plan.conditions[1];
+        assert_eq!(references.reason, "NetworkAmbiguous");
+        assert_eq!(
+            references.message,
+            "Network net is ambiguous: shared networks of that name exist in projects \
+             a-project, b-project"
+        );
+        assert!(
+            plan.status.resolved.iter().all(|r| r.kind != "Network"),
+            "no candidate is picked"
+        );
+        assert_eq!(plan.status.phase, Phase::Pending as i32);
+    }
+
+    #[test]
+    fn a_recorded_reference_survives_its_name_becoming_ambiguous() {
+        let recorded = v1::ResolvedReference {
+            kind: "Image".into(),
+            name: "tiny".into(),
+            project: "a-project".into(),
+            uid: "a".into(),
+        };
+        let s = server(
+            &[],
+            v1::ServerStatus {
+                resolved: vec![recorded.clone()],
+                ..Default::default()
+            },
+        );
+        let with_image = |image: Result<Found, Unresolved>| {
+            let mut refs = all_found(&s);
+            for (kind, _, found) in refs.iter_mut() {
+                if *kind == Kind::Image {
+                    *found = image.clone();
+                }
+            }
+            plan(&ServerFacts {
+                server: &s,
+                references: refs,
+                ports: vec![],
+            })
+        };
+        let still = with_image(ambiguous(Kind::Image, "tiny", &["a", "b"]));
+        assert!(still.status.resolved.contains(&recorded));
+        assert_eq!(still.conditions[1].reason, "Resolved");
+        let gone = with_image(ambiguous(Kind::Image, "tiny", &["b", "c"]));
+        assert_eq!(gone.conditions[1].reason, "ImageNotFound");
+        assert_eq!(gone.conditions[1].message, "Image tiny (uid a) is gone");
     }
 
     #[test]

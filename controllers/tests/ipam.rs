@@ -367,3 +367,47 @@ async fn a_port_waits_for_its_network_and_fixed_addresses_are_honoured() {
     );
     controllers.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_name_held_twice_is_ambiguous_until_the_own_project_has_one() {
+    let cloud = Cloud::start().await;
+    // Everything is there before the controllers list it: a Port seen while only one of
+    // the two Networks is would resolve to that one, and decisions are final.
+    for (project, cidr) in [("blue", "10.5.0.0/24"), ("green", "10.6.0.0/24")] {
+        cloud
+            .create(&format!(
+                "apiVersion: ferro/v1\nkind: Network\nmetadata: {{name: public, project: {project}}}\nspec:\n  shared: true\n  subnets:\n  - {{name: a, cidr: {cidr}}}\n"
+            ))
+            .await;
+    }
+    cloud.port("p1", "public").await;
+    let controllers = cloud.controllers();
+    let ambiguous = eventually("NetworkAmbiguous reported", || async {
+        let port = cloud
+            .admin
+            .get_typed::<v1::Port>("default", "p1")
+            .await
+            .ok()?;
+        ready(&port)
+            .filter(|c| c.reason == "NetworkAmbiguous")
+            .cloned()
+    })
+    .await;
+    assert_eq!(
+        ambiguous.message,
+        "Network public is ambiguous: shared networks of that name exist in projects blue, green"
+    );
+    // The Port's own project wins over both.
+    let own = cloud.network("public", "10.7.0.0/24").await;
+    let port = eventually("addressed on its own project's network", || async {
+        let port = cloud
+            .admin
+            .get_typed::<v1::Port>("default", "p1")
+            .await
+            .ok()?;
+        decided(&port).then_some(port)
+    })
+    .await;
+    assert_eq!(port.status.unwrap().network_uid, uid(&own));
+    controllers.abort();
+}

@@ -104,7 +104,10 @@ async fn a_server_applied_before_its_references_converges_when_they_appear() {
     let references = condition(&waiting, "ReferencesResolved").unwrap();
     assert_eq!(
         references.message,
-        "Flavor m1 not found; Image tiny not found; KeyPair demo not found; Network private not found"
+        "Flavor m1 not found; \
+         Image tiny not found in project default or among public images; \
+         KeyPair demo not found in project default; \
+         Network private not found in project default or among shared networks"
     );
     let status = waiting.status.as_ref().unwrap();
     assert_eq!(status.phase, v1::server_status::Phase::Pending as i32);

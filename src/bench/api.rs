@@ -1,8 +1,10 @@
 //! `ferro bench api`: what the API costs on top of etcd.
 //!
-//! One run starts a real etcd (data on disk, fsync on, as `ferro up` runs it) and a real
-//! `ferro apiserver` child process, then measures:
-//! 1. raw etcd: create-if-absent transactions of 1 KiB values from 16 concurrent clients;
+//! One run starts, through the [`harness`](super::harness), a real etcd (data on disk,
+//! fsync on, as `ferro up` runs it) and a real `ferro apiserver` child process, then
+//! measures:
+//! 1. raw etcd: create-if-absent transactions of 1 KiB values from 16 concurrent clients,
+//!    on an etcd of their own;
 //! 2. Ferro: Create of 1 KiB objects from 16 concurrent API clients — throughput, its ratio
 //!    to raw etcd, p50 / p99 latency;
 //! 3. List of 10,000 objects — time, and the apiserver's peak resident memory;
@@ -11,24 +13,20 @@
 
 use std::{
     collections::HashMap,
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    path::PathBuf,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use ferro_api::{
     Kind, Object,
     client::{Client, Selection},
     v1,
 };
-use ferro_store::{
-    Compare, Store, Txn, TxnOp,
-    etcd::EtcdStore,
-    etcd_process::{EtcdOptions, EtcdProcess},
-};
 use futures::StreamExt;
+
+use super::harness::{self, ADMIN_TOKEN as TOKEN, Apiserver, Etcd, Workspace, mib};
 
 /// The knobs of the API benchmark.
 #[derive(Clone, Debug, clap::Args)]
@@ -58,35 +56,17 @@ pub struct ApiBenchArgs {
 }
 
 const VALUE_BYTES: usize = 1024;
-const TOKEN: &str = "bench-admin-token";
 
 /// Runs the benchmark and prints its figures.
 pub async fn run(args: ApiBenchArgs) -> Result<()> {
-    let work = match &args.work_dir {
-        Some(dir) => tempfile::Builder::new()
-            .prefix("ferro-bench-api-")
-            .tempdir_in(dir)?,
-        None => tempfile::Builder::new()
-            .prefix("ferro-bench-api-")
-            .tempdir_in(std::env::temp_dir())?,
-    };
+    let work = Workspace::new("api", args.work_dir.as_deref())?;
     println!(
         "ferro bench api: etcd and apiserver under {}",
         work.path().display()
     );
-    // 1. Raw etcd, on an etcd of its own: etcd 3.4 copies its read buffer, grown to the
-    //    busiest commit interval so far, on every transaction it applies, so a shared etcd
-    //    would carry the raw phase's burst into Ferro's.
-    let raw = {
-        let etcd = EtcdProcess::start(EtcdOptions::persistent(work.path().join("raw-etcd")))
-            .await
-            .context("starting etcd for the raw writes")?;
-        raw_etcd(etcd.client_url(), args.clients, args.raw_writes).await?
-    };
-    let etcd = EtcdProcess::start(EtcdOptions::persistent(work.path().join("etcd")))
-        .await
-        .context("starting etcd")?;
-    let etcd_url = etcd.client_url().to_owned();
+    // 1. Raw etcd, on an etcd of its own.
+    let raw = harness::raw_floor(work.path(), args.clients, args.raw_writes, VALUE_BYTES).await?;
+    let etcd = Etcd::start(work.path().join("etcd")).await?;
     println!(
         "raw etcd txn (create-if-absent, {} B values, {} clients): {} writes in {:.2} s = {:.0} writes/s",
         VALUE_BYTES,
@@ -96,11 +76,15 @@ pub async fn run(args: ApiBenchArgs) -> Result<()> {
         args.raw_writes as f64 / raw.as_secs_f64()
     );
 
-    let apiserver = Apiserver::start(work.path(), &etcd_url).await?;
-    let client = Client::connect_lazy(&apiserver.address, TOKEN)?;
+    let tokens = harness::token_file(work.path(), &[])?;
+    let apiserver = Apiserver::start(work.path(), &etcd, &tokens).await?;
+    let client = apiserver.admin()?;
 
     // 2. Create throughput and latency through the API.
-    let (elapsed, mut latencies) = creates(&apiserver.address, args.clients, args.objects).await?;
+    let started = Instant::now();
+    let mut latencies =
+        harness::create_all(&apiserver.address, args.clients, args.objects, object).await?;
+    let elapsed = started.elapsed();
     let ferro_rate = args.objects as f64 / elapsed.as_secs_f64();
     let raw_rate = args.raw_writes as f64 / raw.as_secs_f64();
     println!(
@@ -123,10 +107,10 @@ pub async fn run(args: ApiBenchArgs) -> Result<()> {
         bail!("listed {} objects, expected {}", items.len(), args.objects);
     }
     println!(
-        "ferro List of {} objects: {:.0} ms; apiserver peak memory {} MiB",
+        "ferro List of {} objects: {:.0} ms; apiserver peak memory {}",
         items.len(),
         listed.as_secs_f64() * 1000.0,
-        apiserver.peak_rss_kib()? / 1024
+        mib(apiserver.peak_rss_kib()?)
     );
     drop(items);
 
@@ -150,46 +134,10 @@ pub async fn run(args: ApiBenchArgs) -> Result<()> {
         millis(percentile(&mut delivery, 0.99)),
     );
     println!(
-        "apiserver peak memory over the run: {} MiB",
-        apiserver.peak_rss_kib()? / 1024
+        "apiserver peak memory over the run: {}",
+        mib(apiserver.peak_rss_kib()?)
     );
     Ok(())
-}
-
-async fn raw_etcd(url: &str, clients: usize, writes: usize) -> Result<Duration> {
-    let value = vec![b'x'; VALUE_BYTES];
-    let mut stores = Vec::new();
-    for _ in 0..clients {
-        stores.push(Arc::new(EtcdStore::connect(&[url.to_owned()]).await?));
-    }
-    let started = Instant::now();
-    let tasks: Vec<_> = stores
-        .into_iter()
-        .enumerate()
-        .map(|(c, store)| {
-            let value = value.clone();
-            tokio::spawn(async move {
-                for i in (c..writes).step_by(clients) {
-                    let key = format!("/bench/raw/{i:08}");
-                    let txn = Txn {
-                        compare: vec![Compare::absent(key.clone())],
-                        success: vec![TxnOp::Put {
-                            key,
-                            value: value.clone(),
-                            lease: None,
-                        }],
-                        failure: vec![],
-                    };
-                    store.txn(txn).await?;
-                }
-                anyhow::Ok(())
-            })
-        })
-        .collect();
-    for task in tasks {
-        task.await??;
-    }
-    Ok(started.elapsed())
 }
 
 /// An object of about 1 KiB encoded.
@@ -207,34 +155,6 @@ fn object(i: usize) -> Object {
         spec: Some(v1::SegmentIdSpec { id: (i + 1) as u32 }),
         status: None,
     })
-}
-
-async fn creates(
-    address: &str,
-    clients: usize,
-    objects: usize,
-) -> Result<(Duration, Vec<Duration>)> {
-    let started = Instant::now();
-    let tasks: Vec<_> = (0..clients)
-        .map(|c| {
-            let client = Client::connect_lazy(address, TOKEN);
-            tokio::spawn(async move {
-                let client = client?;
-                let mut latencies = Vec::new();
-                for i in (c..objects).step_by(clients) {
-                    let t = Instant::now();
-                    client.create(object(i)).await?;
-                    latencies.push(t.elapsed());
-                }
-                anyhow::Ok(latencies)
-            })
-        })
-        .collect();
-    let mut latencies = Vec::with_capacity(objects);
-    for task in tasks {
-        latencies.extend(task.await??);
-    }
-    Ok((started.elapsed(), latencies))
 }
 
 async fn deliveries(
@@ -347,65 +267,4 @@ fn percentile(values: &mut [Duration], q: f64) -> Duration {
 
 fn millis(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1000.0)
-}
-
-/// A `ferro apiserver` child process over the benchmark's etcd.
-struct Apiserver {
-    child: Child,
-    address: String,
-}
-
-impl Apiserver {
-    async fn start(work: &Path, etcd_url: &str) -> Result<Self> {
-        let tokens = work.join("tokens");
-        std::fs::write(&tokens, format!("{TOKEN} admin\n"))?;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let address = format!("127.0.0.1:{port}");
-        let log = std::fs::File::create(work.join("apiserver.log"))?;
-        let child = Command::new(std::env::current_exe()?)
-            .args(["apiserver", "--listen", &address, "--store"])
-            .arg(format!("etcd://{}", etcd_url.trim_start_matches("http://")))
-            .arg("--token-file")
-            .arg(&tokens)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .context("starting ferro apiserver")?;
-        let server = Apiserver { child, address };
-        let client = Client::connect_lazy(&server.address, TOKEN)?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while client
-            .list_page(Kind::Flavor, &Selection::all(), 1, "")
-            .await
-            .is_err()
-        {
-            if Instant::now() > deadline {
-                bail!(
-                    "the apiserver did not answer within 30 s; see {}",
-                    work.join("apiserver.log").display()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        Ok(server)
-    }
-
-    /// The process's peak resident set (VmHWM), in KiB.
-    fn peak_rss_kib(&self) -> Result<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .context("no VmHWM in /proc status")
-    }
-}
-
-impl Drop for Apiserver {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }

@@ -26,6 +26,8 @@ use anyhow::{Context, anyhow, bail};
 use ferro_api::client::{Client, Selection};
 use ferro_api::{Error as ApiError, Kind};
 
+use super::harness::{Workspace, wait_every};
+
 /// The marker the tiny guest prints when it is up.
 const MARKER: &str = "FERRO-READY";
 /// How long one boot may take before the bench gives up.
@@ -47,7 +49,7 @@ pub struct BootBenchArgs {
 /// The stack under test: `ferro up` in a scratch directory; stopped (and its data
 /// removed) on drop.
 struct Stack {
-    scratch: tempfile::TempDir,
+    scratch: Workspace,
     child: Option<Child>,
     client: Client,
 }
@@ -58,14 +60,8 @@ impl Stack {
     }
 
     async fn start() -> anyhow::Result<Stack> {
-        let base = Path::new("/dev/shm");
-        let scratch = if base.is_dir() {
-            tempfile::Builder::new()
-                .prefix("ferro-bench-")
-                .tempdir_in(base)?
-        } else {
-            tempfile::Builder::new().prefix("ferro-bench-").tempdir()?
-        };
+        let shm = Path::new("/dev/shm");
+        let scratch = Workspace::new("boot", shm.is_dir().then_some(shm))?;
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
@@ -180,16 +176,16 @@ fn process_named(pid: u32, suffix: &str) -> bool {
 
 /// Waits until `file` holds the marker; false on timeout.
 async fn wait_marker(file: &Path, timeout: Duration) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if let Ok(bytes) = std::fs::read(file)
-            && bytes.windows(MARKER.len()).any(|w| w == MARKER.as_bytes())
-        {
-            return true;
-        }
-        tokio::time::sleep(POLL).await;
-    }
-    false
+    let marked = || async {
+        let bytes = std::fs::read(file).ok()?;
+        bytes
+            .windows(MARKER.len())
+            .any(|w| w == MARKER.as_bytes())
+            .then_some(())
+    };
+    wait_every("the ready marker", timeout, POLL, marked)
+        .await
+        .is_ok()
 }
 
 fn median(values: &mut [f64]) -> f64 {
@@ -271,22 +267,26 @@ async fn ferro_delete(stack: &Stack, name: &str, dir: &Path) -> anyhow::Result<f
         .delete_key(Kind::Server, "default", name)
         .await
         .map_err(|e| anyhow!("{e}"))?;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while process_named(pid, &uid) {
-        if Instant::now() > deadline {
-            bail!("{name}'s QEMU outlived its delete");
-        }
-        tokio::time::sleep(POLL).await;
-    }
+    let timeout = Duration::from_secs(120);
+    wait_every(
+        &format!("{name}'s QEMU to end after its delete"),
+        timeout,
+        POLL,
+        || async { (!process_named(pid, &uid)).then_some(()) },
+    )
+    .await?;
     let seconds = started.elapsed().as_secs_f64();
     // Let the object go too before the next run.
-    loop {
-        match stack.client.get(Kind::Server, "default", name).await {
-            Err(ApiError::NotFound { .. }) => break,
-            _ if Instant::now() > deadline => bail!("{name} was never removed"),
-            _ => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    }
+    wait_every(
+        &format!("{name} to be removed"),
+        timeout,
+        Duration::from_millis(50),
+        || async {
+            let got = stack.client.get(Kind::Server, "default", name).await;
+            matches!(got, Err(ApiError::NotFound { .. })).then_some(())
+        },
+    )
+    .await?;
     Ok(seconds)
 }
 

@@ -366,7 +366,7 @@ impl Process {
             let network = network();
             let facts = PortFacts {
                 port: &port,
-                network: Some(&network),
+                network: Ok(&network),
                 ip_claims: ips.iter().collect(),
                 mac_claims: macs.iter().collect(),
                 exhausted_condition: false,

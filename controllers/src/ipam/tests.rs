@@ -225,7 +225,7 @@ fn plans() {
         "Ready",
         false,
         reason::NETWORK_NOT_FOUND,
-        "network net not found in project default or among shared networks",
+        "Network net not found in project default or among shared networks",
     );
     let cases = vec![
         case(
@@ -390,7 +390,7 @@ fn plans() {
     for c in cases {
         let facts = PortFacts {
             port: &c.port,
-            network: c.network.as_ref(),
+            network: resolved(c.network.as_ref()),
             ip_claims: c.ips.iter().collect(),
             mac_claims: c.macs.iter().collect(),
             exhausted_condition: false,
@@ -399,12 +399,49 @@ fn plans() {
     }
 }
 
+/// The Network a case's Port resolves to: the one given, or none of that name.
+fn resolved(network: Option<&v1::Network>) -> Result<&v1::Network, Unresolved> {
+    network.ok_or_else(|| Unresolved::NotFound {
+        kind: Kind::Network,
+        name: "net".into(),
+        project: "default".into(),
+    })
+}
+
+#[test]
+fn an_ambiguous_network_is_reported_naming_its_candidates() {
+    let p = port();
+    let candidates = ["a", "b"].map(|project| {
+        let mut n = two_subnets();
+        let m = n.metadata.get_or_insert_default();
+        m.project = project.into();
+        m.uid = format!("{project}-uid");
+        n.spec.get_or_insert_default().shared = Some(true);
+        n
+    });
+    let facts = PortFacts {
+        port: &p,
+        network: resolve(&meta(&p).project, "net", candidates.iter()),
+        ip_claims: vec![],
+        mac_claims: vec![],
+        exhausted_condition: false,
+    };
+    let PortPlan::Report(conditions) = plan(&facts) else {
+        panic!("an ambiguous network is reported");
+    };
+    assert_eq!(conditions[0].reason, reason::NETWORK_AMBIGUOUS);
+    assert_eq!(
+        conditions[0].message,
+        "Network net is ambiguous: shared networks of that name exist in projects a, b"
+    );
+}
+
 #[test]
 fn exhaustion_is_reported_on_ready_and_on_its_own_condition_when_allowed() {
     let p = port();
     let facts = PortFacts {
         port: &p,
-        network: None,
+        network: resolved(None),
         ip_claims: vec![],
         mac_claims: vec![],
         exhausted_condition: true,
@@ -450,7 +487,7 @@ fn exhaustion_is_reported_on_ready_and_on_its_own_condition_when_allowed() {
     );
     let facts = PortFacts {
         port: &p,
-        network: None,
+        network: resolved(None),
         ip_claims: vec![],
         mac_claims: vec![],
         exhausted_condition: true,
