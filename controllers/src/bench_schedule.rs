@@ -288,7 +288,7 @@ async fn run(options: &ScheduleOptions, work: &Path) -> BenchResult<ScheduleRepo
 }
 
 fn timestamp() -> prost_types::Timestamp {
-    crate::runtime::now()
+    ferro_runtime::now()
 }
 
 /// Registers each node with its own token and renews its Lease every 10 s, as the agent
@@ -322,7 +322,7 @@ async fn play_agents(address: &str, nodes: usize) -> BenchResult<tokio::task::Jo
             address: format!("127.0.1.{}", i % 250 + 1),
             ..Default::default()
         };
-        let host_ready = crate::runtime::condition("HostReady", true, "HostReady", "bench host");
+        let host_ready = ferro_runtime::condition("HostReady", true, "HostReady", "bench host");
         client
             .update_status(
                 Object::Node(v1::Node {

@@ -25,14 +25,12 @@ use ferro_api::{
     v1::{self, delete_request::Propagation},
 };
 
-use crate::{
-    api::Api,
-    runtime::{
-        Action, Caches, Controller, ObjectRef, Reconcile, ReconcileError,
-        controller::Settings,
-        metrics::Metrics,
-        reflector::{AnyStore, MetaChange},
-    },
+use crate::api::Api;
+use ferro_runtime::{
+    Action, Caches, Controller, ObjectRef, Reconcile, ReconcileError,
+    controller::Settings,
+    metrics::Metrics,
+    reflector::{AnyStore, MetaChange},
 };
 
 /// What became of one owner named by a dependent.

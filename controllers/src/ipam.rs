@@ -44,15 +44,13 @@ use std::{
 
 use ferro_api::{Error, Kind, Object, owners, v1};
 
-use crate::{
-    api::Api,
-    runtime::{
-        Action, Caches, Controller, ObjectRef, Reconcile, ReconcileError, Store, condition,
-        condition_holds, controller::Settings, controller_reference, events::Recorder, is_deleting,
-        meta, metrics::Metrics, reflector::OWNER_UID,
-    },
-};
+use crate::api::Api;
 pub use allocator::{Hints, SubnetRange, format_mac, parse_mac};
+use ferro_runtime::{
+    Action, Caches, Controller, ObjectRef, Reconcile, ReconcileError, Store, condition,
+    condition_holds, controller::Settings, controller_reference, events::Recorder, is_deleting,
+    meta, metrics::Metrics, reflector::OWNER_UID,
+};
 
 /// The label on every claim naming its holder's uid, for `ferro get ipaddresses -l …`.
 pub const OWNER_UID_LABEL: &str = "ferro.io/owner-uid";

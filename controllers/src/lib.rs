@@ -1,8 +1,7 @@
-//! Ferro controllers: the runtime (reflector, queue, leader election) and one module per
-//! controller.
+//! Ferro controllers: one module per controller, run on the shared runtime crate
+//! [`ferro_runtime`] (caches from List + Watch, the work queue, the reconciler as a tower
+//! service, leader election, finalizers, events, metrics).
 //!
-//! - [`runtime`]: caches from List + Watch, the work queue, the reconciler as a tower
-//!   service, leader election, finalizers, events, metrics.
 //! - [`ipam`]: gives Ports their MAC and addresses through claims.
 //! - [`network`]: gives Networks their segment ID; keeps a Network while Ports use it.
 //! - [`gc`]: deletes what lost its owners; foreground and orphan propagation.
@@ -25,7 +24,6 @@ pub mod image;
 pub mod ipam;
 pub mod network;
 pub mod nodelifecycle;
-pub mod runtime;
 pub mod scheduler;
 pub mod server;
 pub mod servergroup;
@@ -35,14 +33,12 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use futures::{FutureExt, future::BoxFuture};
 use tokio::task::JoinSet;
 
-use crate::{
-    api::Api,
-    runtime::{
-        Caches,
-        controller::Settings,
-        leader::{LeaderConfig, LeaderElector},
-        metrics::Metrics,
-    },
+use crate::api::Api;
+use ferro_runtime::{
+    Caches,
+    controller::Settings,
+    leader::{LeaderConfig, LeaderElector},
+    metrics::Metrics,
 };
 
 /// How the controllers run, whether elected or not.
@@ -202,7 +198,7 @@ pub async fn run(config: ControllersConfig) -> Result<(), RunError> {
             .await
             .map_err(|source| RunError::Metrics { addr, source })?;
         tracing::info!(addr = %listener.local_addr().unwrap_or(addr), "serving metrics");
-        background.spawn(runtime::metrics::serve(listener, metrics.clone()));
+        background.spawn(ferro_runtime::metrics::serve(listener, metrics.clone()));
     }
     let shutdown = config
         .shutdown
@@ -282,7 +278,7 @@ pub async fn run_controllers(api: Api, metrics: Metrics, options: Options) {
     tasks.spawn(server.run(server_reconciler));
     tasks.spawn(image.run(image_reconciler));
     tasks.spawn(groups.run(groups_reconciler));
-    tasks.spawn(runtime::events::expire(
+    tasks.spawn(ferro_runtime::events::expire(
         api.client().clone(),
         options.event_ttl,
         Duration::from_secs(60),

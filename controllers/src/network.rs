@@ -17,17 +17,17 @@ use ferro_api::{Error, Kind, Object, owners, v1};
 use crate::{
     api::Api,
     ipam::{SubnetRange, resolve_network},
-    runtime::{
-        Action, Caches, Controller, ObjectRef, Reconcile, ReconcileError, Store, condition,
-        condition_holds,
-        controller::Settings,
-        controller_reference,
-        events::Recorder,
-        finalizer::{self, Step},
-        meta,
-        metrics::Metrics,
-        reflector::OWNER_UID,
-    },
+};
+use ferro_runtime::{
+    Action, Caches, Controller, ObjectRef, Reconcile, ReconcileError, Store, condition,
+    condition_holds,
+    controller::Settings,
+    controller_reference,
+    events::Recorder,
+    finalizer::{self, Step},
+    meta,
+    metrics::Metrics,
+    reflector::OWNER_UID,
 };
 
 /// The finalizer that keeps a Network until no Port uses it.

@@ -23,12 +23,10 @@ use std::{
 
 use ferro_api::{Error, Kind, Object, owners, v1};
 
-use crate::{
-    api::Api,
-    runtime::{
-        Action, Caches, Controller, ObjectRef, Reconcile, ReconcileError, Store, condition,
-        condition_holds, controller::Settings, events::Recorder, meta, metrics::Metrics,
-    },
+use crate::api::Api;
+use ferro_runtime::{
+    Action, Caches, Controller, ObjectRef, Reconcile, ReconcileError, Store, condition,
+    condition_holds, controller::Settings, events::Recorder, meta, metrics::Metrics,
 };
 
 /// The Node condition node lifecycle owns.

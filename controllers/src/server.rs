@@ -25,13 +25,11 @@ use std::sync::Arc;
 
 use ferro_api::{Error, Kind, Object, owners, v1};
 
-use crate::{
-    api::Api,
-    runtime::{
-        Action, Caches, Controller, ObjectRef, Reconcile, ReconcileError, Store, condition,
-        condition_holds, controller::Settings, controller_reference, meta, metrics::Metrics,
-        reflector::Change,
-    },
+use crate::api::Api;
+use ferro_runtime::{
+    Action, Caches, Controller, ObjectRef, Reconcile, ReconcileError, Store, condition,
+    condition_holds, controller::Settings, controller_reference, meta, metrics::Metrics,
+    reflector::Change,
 };
 
 use v1::server_status::Phase;

@@ -1,4 +1,5 @@
-//! The controller runtime, in the shape of kube-runtime.
+//! Ferro's controller runtime, in the shape of kube-runtime: what `ferro controllers` and
+//! `ferro agent` both run their reconcilers on.
 //!
 //! - [`reflector`]: one cache per kind, filled by List and kept current by Watch; the only
 //!   copy of each object a controller process holds. Listeners and indices hang off it.

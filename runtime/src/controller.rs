@@ -236,7 +236,7 @@ impl Controller {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::runtime::ReconcileError;
+    use crate::ReconcileError;
     use ferro_api::v1;
     use std::sync::Mutex;
 
