@@ -420,6 +420,8 @@ fn register(caches: &Caches, kind: Kind) {
 }
 
 impl Reconcile for GarbageCollector {
+    type Error = ReconcileError;
+
     async fn reconcile(&self, key: ObjectRef) -> Result<Action, ReconcileError> {
         let Some(meta) = self.cached(&key) else {
             return Ok(Action::AwaitChange);

@@ -184,6 +184,8 @@ impl ImageController {
 }
 
 impl Reconcile for ImageController {
+    type Error = ReconcileError;
+
     async fn reconcile(&self, key: ObjectRef) -> Result<Action, ReconcileError> {
         let Some(image) = self.images.get(&key) else {
             return Ok(Action::AwaitChange);

@@ -1203,6 +1203,8 @@ impl IpamController {
 }
 
 impl Reconcile for IpamController {
+    type Error = ReconcileError;
+
     async fn reconcile(&self, key: ObjectRef) -> Result<Action, ReconcileError> {
         let Some(port) = self.ports.get(&key) else {
             // Gone: the garbage collector frees its claims.

@@ -410,6 +410,8 @@ impl NetworkController {
 }
 
 impl Reconcile for NetworkController {
+    type Error = ReconcileError;
+
     async fn reconcile(&self, key: ObjectRef) -> Result<Action, ReconcileError> {
         let Some(network) = self.networks.get(&key) else {
             return Ok(Action::AwaitChange);

@@ -288,6 +288,8 @@ impl NodeLifecycle {
 }
 
 impl Reconcile for NodeLifecycle {
+    type Error = ReconcileError;
+
     async fn reconcile(&self, key: ObjectRef) -> Result<Action, ReconcileError> {
         let Some(node) = self.nodes.get(&key) else {
             return Ok(Action::AwaitChange);

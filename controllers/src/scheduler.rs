@@ -417,6 +417,8 @@ impl Scheduler {
 }
 
 impl Reconcile for Scheduler {
+    type Error = ReconcileError;
+
     async fn reconcile(&self, key: ObjectRef) -> Result<Action, ReconcileError> {
         let Some(server) = self.servers.get(&key) else {
             return Ok(Action::AwaitChange);

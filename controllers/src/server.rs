@@ -579,6 +579,8 @@ impl ServerController {
 }
 
 impl Reconcile for ServerController {
+    type Error = ReconcileError;
+
     async fn reconcile(&self, key: ObjectRef) -> Result<Action, ReconcileError> {
         let Some(server) = self.servers.get(&key) else {
             return Ok(Action::AwaitChange);

@@ -80,6 +80,8 @@ impl ServerGroupController {
 }
 
 impl Reconcile for ServerGroupController {
+    type Error = ReconcileError;
+
     async fn reconcile(&self, key: ObjectRef) -> Result<Action, ReconcileError> {
         if key.kind != Kind::ServerGroup {
             return Ok(Action::AwaitChange);
