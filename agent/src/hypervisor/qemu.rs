@@ -606,6 +606,10 @@ impl QemuDriver {
 
 #[async_trait::async_trait]
 impl Hypervisor for QemuDriver {
+    async fn accel(&self) -> Accel {
+        QemuDriver::accel(self).await
+    }
+
     async fn start(&self, spec: &VmSpec) -> Result<VmStatus, HypervisorError> {
         validate_spec(spec)?;
         let uid = spec.uid.as_str();
