@@ -25,7 +25,7 @@ use tokio::task::JoinSet;
 use tower::{Service, ServiceBuilder, ServiceExt};
 
 use super::{
-    Action, Key, ObjectRef,
+    Action, Key, ObjectRef, error_chain,
     metrics::Metrics,
     predicates::{self, Predicate},
     queue::{Backoff, Outcome, WorkQueue},
@@ -314,7 +314,7 @@ impl<K: Key> Controller<K> {
                     Ok(Ok(Action::AwaitChange)) => Outcome::Success(None),
                     Ok(Err(e)) => {
                         let failures = queue.failures(&key) + 1;
-                        tracing::warn!(controller = name, key = %key, failures, error = %chain(e.as_ref()), "reconcile failed; retrying with backoff");
+                        tracing::warn!(controller = name, key = %key, failures, error = %error_chain(e.as_ref()), "reconcile failed; retrying with backoff");
                         Outcome::Failure
                     }
                     Err(_) => {
@@ -379,18 +379,6 @@ async fn resync<K: Key>(
             &[("controller", name)],
         );
     }
-}
-
-/// An error and its sources, as one line: the chain is what an operator needs.
-fn chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut line = error.to_string();
-    let mut source = error.source();
-    while let Some(e) = source {
-        line.push_str(": ");
-        line.push_str(&e.to_string());
-        source = e.source();
-    }
-    line
 }
 
 #[cfg(test)]
@@ -519,28 +507,21 @@ mod tests {
         }
     }
 
-    fn server(name: &str, uid: &str, rv: i64, power: i32, phase: i32) -> v1::Server {
-        v1::Server {
-            metadata: Some(v1::ObjectMeta {
-                name: name.into(),
-                project: "default".into(),
-                uid: uid.into(),
-                resource_version: rv,
-                ..Default::default()
-            }),
-            spec: Some(v1::ServerSpec {
-                power_state: Some(power),
-                ..Default::default()
-            }),
-            status: Some(v1::ServerStatus {
-                phase,
-                ..Default::default()
-            }),
+    /// A port with a uid and a revision; `note` is an annotation the predicates below
+    /// ignore, as a reconciler ignores its own status writes.
+    fn port_at(name: &str, uid: &str, rv: i64, note: &str) -> v1::Port {
+        let mut p = port(name, "n");
+        let meta = p.metadata.as_mut().unwrap();
+        meta.uid = uid.into();
+        meta.resource_version = rv;
+        if !note.is_empty() {
+            meta.annotations.insert("note".into(), note.into());
         }
+        p
     }
 
-    fn uid_of(s: &v1::Server) -> Option<String> {
-        Some(crate::meta(s).uid.clone()).filter(|u| !u.is_empty())
+    fn uid_of(p: &v1::Port) -> Option<String> {
+        Some(crate::meta(p).uid.clone()).filter(|u| !u.is_empty())
     }
 
     fn resyncs(metrics: &Metrics) -> f64 {
@@ -551,34 +532,34 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn keys_come_from_a_function_and_only_significant_updates_queue() {
-        let servers = Store::<v1::Server>::new();
+        let ports = Store::<v1::Port>::new();
         let settings = Settings {
             resync: None,
             ..Default::default()
         };
         let controller = Controller::new("uids", settings, Metrics::new()).reconciles_with(
-            &servers,
+            &ports,
             uid_of,
-            predicates::changed(|s: &v1::Server| s.spec.clone()),
+            predicates::changed(|p: &v1::Port| p.spec.clone()),
         );
         let recorder = Arc::new(ByUid::default());
         let run = tokio::spawn(controller.run(recorder.clone()));
-        servers.replace(vec![server("a", "u1", 1, 1, 0)], 1);
+        ports.replace(vec![port_at("a", "u1", 1, "")], 1);
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert_eq!(*recorder.seen.lock().unwrap(), ["u1"]);
-        // A status write (the reconciler's own, coming back) matters not.
-        servers.apply(server("a", "u1", 2, 1, 3));
+        // An update the predicate ignores queues nothing.
+        ports.apply(port_at("a", "u1", 2, "written"));
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert_eq!(recorder.seen.lock().unwrap().len(), 1);
-        // The name reused by a new Server while the watch was down: both uids run, the
+        // The name reused by a new object while the watch was down: both uids run, the
         // old one so that its leftovers are cleaned up.
-        servers.replace(vec![server("a", "u2", 5, 1, 0)], 5);
+        ports.replace(vec![port_at("a", "u2", 5, "")], 5);
         tokio::time::sleep(Duration::from_secs(1)).await;
         let mut seen = recorder.seen.lock().unwrap().clone();
         seen.sort();
         assert_eq!(seen, ["u1", "u1", "u2"]);
         // Deleted while the watch was down: the relist queues it.
-        servers.replace(vec![], 6);
+        ports.replace(vec![], 6);
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert_eq!(recorder.seen.lock().unwrap().last().unwrap(), "u2");
         assert_eq!(recorder.seen.lock().unwrap().len(), 4);
@@ -587,7 +568,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn resync_queues_cached_and_found_keys_and_counts_its_passes() {
-        let servers = Store::<v1::Server>::new();
+        let ports = Store::<v1::Port>::new();
         let metrics = Metrics::new();
         let settings = Settings {
             resync: Some(Duration::from_secs(10)),
@@ -595,10 +576,10 @@ mod tests {
             ..Default::default()
         };
         let controller = Controller::new("uids", settings, metrics.clone())
-            .reconciles_with(&servers, uid_of, predicates::any())
+            .reconciles_with(&ports, uid_of, predicates::any())
             .resync_with_async(|| async { vec!["orphan".to_owned()] });
         let recorder = Arc::new(ByUid::default());
-        servers.replace(vec![server("a", "u1", 1, 1, 0)], 1);
+        ports.replace(vec![port_at("a", "u1", 1, "")], 1);
         let run = tokio::spawn(controller.run(recorder.clone()));
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert_eq!(resyncs(&metrics), 1.0, "the first pass runs at start");

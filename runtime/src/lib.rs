@@ -130,6 +130,19 @@ pub enum ReconcileError {
     Retry(String),
 }
 
+/// An error and its sources on one line: the whole chain is what an operator needs, and
+/// each Display says only its own part.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 /// The metadata of a typed object, or the empty one.
 pub fn meta<T: Resource>(object: &T) -> &v1::ObjectMeta {
     static EMPTY: std::sync::OnceLock<v1::ObjectMeta> = std::sync::OnceLock::new();

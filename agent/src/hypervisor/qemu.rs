@@ -43,6 +43,7 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use ferro_runtime::error_chain;
 use serde_json::{Value, json};
 use tokio::sync::OnceCell;
 
@@ -1016,18 +1017,6 @@ fn remove_file_if_exists(path: &Path) -> Result<(), HypervisorError> {
 
 fn io(what: String) -> impl FnOnce(std::io::Error) -> HypervisorError {
     move |source| HypervisorError::Io { what, source }
-}
-
-/// An error and its sources on one line, for logs and details.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]
