@@ -1,7 +1,10 @@
 //! Reflectors: one cache per kind, filled by List and kept current by Watch.
 //!
 //! A [`Store`] holds the only copy of each object (behind an `Arc`) that a controller
-//! process keeps; every controller of the process shares it through [`Caches`]. The
+//! process keeps; every controller of the process shares it through [`Caches`]. The node
+//! agent keeps one store of its own, of the Servers bound to its node, through a
+//! [`Reflector`] with a field selection. Objects only move forward: a copy older than the
+//! cached one is ignored, so a reconciler may store what its own write returned. The
 //! reflector loop lists the kind, then watches from the list's revision, resuming from the
 //! last revision it saw (events and bookmarks) after a broken stream, and relisting only
 //! when the server answers that the revision has expired. A relist is diffed against the
