@@ -221,7 +221,11 @@ pub async fn run(config: ControllersConfig) -> Result<(), RunError> {
     leading(0.0);
     loop {
         tokio::select! {
-            _ = shutdown.clone() => return Ok(()),
+            _ = shutdown.clone() => {
+                // An acquisition dropped here may have landed already: give it back.
+                elector.release().await;
+                return Ok(());
+            }
             _ = elector.acquire() => {}
         }
         leading(1.0);
