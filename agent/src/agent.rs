@@ -131,7 +131,8 @@ pub struct AgentConfig {
     /// Where VMs and (by default) the image cache live. At most [`MAX_STATE_DIR_LEN`]
     /// bytes.
     pub state_dir: PathBuf,
-    /// Where the image cache lives; `<state_dir>/images` when unset.
+    /// Where the image cache lives; `<state_dir>/images` when unset. Read by
+    /// [`Drivers::real`].
     pub image_cache_dir: Option<PathBuf>,
     /// The node's availability zone, reported in `Node.status.zone` and given to guests.
     pub zone: String,
@@ -150,7 +151,7 @@ pub struct AgentConfig {
     pub stop_grace: Duration,
     /// How many Servers are reconciled at once.
     pub workers: usize,
-    /// Which accelerator guests get.
+    /// Which accelerator guests get. Read by [`Drivers::real`].
     pub accel: AccelPolicy,
     /// Completes when the agent should stop; never, by default.
     pub shutdown: Shutdown,
@@ -307,7 +308,7 @@ pub async fn run(config: AgentConfig, drivers: Drivers) -> anyhow::Result<()> {
         resync_period,
         stop_grace,
         workers,
-        accel,
+        accel: _,
         shutdown,
         metrics,
         metrics_addr,
@@ -321,7 +322,8 @@ pub async fn run(config: AgentConfig, drivers: Drivers) -> anyhow::Result<()> {
     let address = address.unwrap_or_else(node::default_address);
 
     let client = Client::connect_lazy(&server, &token).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let qemu = qemu_config(&vms, accel);
+    // The programs the HostReady check looks for: those of the real QEMU driver.
+    let qemu = QemuConfig::new(&vms);
     let tools = HostTools {
         qemu: qemu.qemu.clone(),
         qemu_img: qemu.qemu_img.clone(),
