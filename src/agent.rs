@@ -1,9 +1,10 @@
 //! `ferro agent`: the node agent — registers this host as a Node, renews its heartbeat,
 //! and runs the servers placed on it.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use ferro_agent::AgentConfig;
+use ferro_agent::{AgentConfig, Drivers};
 
 /// Arguments of `ferro agent`.
 #[derive(clap::Args, Debug)]
@@ -30,6 +31,9 @@ pub struct AgentArgs {
     /// The address other nodes reach this one at; found from the routing table when unset.
     #[arg(long)]
     pub address: Option<String>,
+    /// Where to serve the agent's metrics (`GET /metrics`); not served when unset.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 /// Runs `ferro agent` until SIGTERM or SIGINT; guests keep running after it exits.
@@ -40,16 +44,19 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
     config.state_dir = args.state_dir;
     config.zone = args.zone;
     config.address = args.address;
+    config.metrics_addr = args.metrics_addr;
     config.roles = ferro_agent::node::parse_roles(&args.roles).map_err(anyhow::Error::msg)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async {
+        // The real host systems: QEMU and the file image cache.
+        let drivers = Drivers::real(&config)?;
         let signal = crate::apiserver::stop_signal()?;
         let config = config.with_shutdown(async move {
             let name = signal.await;
             tracing::info!("{name}: stopping; guests keep running");
         });
-        ferro_agent::run(config).await
+        ferro_agent::run(config, drivers).await
     })
 }

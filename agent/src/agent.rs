@@ -7,15 +7,27 @@
 //! - **node status**: registers the Node, then keeps the agent's part of `Node.status`
 //!   true (capacity, allocatable, accelerator, cached images, `HostReady`, …), writing
 //!   only what changed;
-//! - **reflector** ([`crate::reflector`]): List + Watch of the Servers with
-//!   `status.node=<name>`, enqueueing the uid of each one that changes;
-//! - **resync**: every resync period, enqueues every cached Server and every VM the
-//!   driver finds on the host, so that guests that died, orphans, and anything a missed
-//!   event hid are looked at within one period;
-//! - **workers**: take uids from the [`crate::queue::WorkQueue`] — one reconcile per uid
-//!   at a time, several uids at once — and run [`crate::server::ServerReconciler`];
+//! - **servers**: the Server reconciler ([`crate::server::ServerReconciler`]) run by a
+//!   [`ferro_runtime::Controller`] keyed by Server uid: a reflector keeps a store of the
+//!   Servers with `status.node=<name>` (List + Watch), and each one that appears,
+//!   vanishes, or changes in a way that matters ([`crate::server::significant`]) is
+//!   queued — one reconcile per uid at a time, several uids at once, backing off from 1 s
+//!   after failures. Every resync period, every cached Server and every VM the
+//!   hypervisor driver lists is queued again (unless it is backing off), so that guests
+//!   that died, orphans, and anything a missed event hid are looked at within one
+//!   period; the passes are counted in `ferro_controller_resyncs_total`;
 //! - **consoles** ([`crate::console`]): the tunnel through which the apiserver asks for
-//!   serial consoles.
+//!   serial consoles;
+//! - **metrics**, when [`AgentConfig::metrics_addr`] is set: the runtime's metrics over
+//!   HTTP.
+//!
+//! The host systems are behind traits, chosen at start-up: [`run`] takes [`Drivers`]
+//! (the hypervisor and the image cache as trait objects), and [`Drivers::real`] makes
+//! the real ones, QEMU and the file image cache.
+//!
+//! Another reconciler of host objects is a file beside [`crate::server`] with its pure
+//! `plan` and its thin `apply`, a `Reconcile` impl for its key, and one registration line
+//! in [`run`] that builds its `Controller` from the stores it reads.
 //!
 //! Guests are not the agent's children: QEMU daemonizes into its own session, so
 //! stopping the agent (cleanly or with SIGKILL) leaves every guest running, and the next
@@ -33,23 +45,27 @@
 //! fit: the state directory may be at most 53 bytes long.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use ferro_api::client::Client;
+use ferro_api::client::{Client, Selection};
+use ferro_api::v1;
 use ferro_api::v1::node_status::Role;
+use ferro_runtime::controller::Settings;
+use ferro_runtime::metrics::Metrics;
+use ferro_runtime::queue::Backoff;
+use ferro_runtime::{Controller, Store, predicates, reflector::Reflector};
 use tokio::task::JoinSet;
 
 use crate::hypervisor::qemu::{AccelPolicy, QemuConfig, QemuDriver};
 use crate::hypervisor::{Accel, Hypervisor};
 use crate::images::{FileImageCache, ImageCache, error_chain};
 use crate::node::{self, HostTools, NodeReport};
-use crate::queue::{Backoff, Done, WorkQueue};
-use crate::reflector::{self, ServerCache};
-use crate::server::ServerReconciler;
+use crate::server::{self, ServerReconciler};
 
 /// Where the agent keeps its state unless told otherwise.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/ferro/agent";
@@ -60,6 +76,49 @@ pub const MAX_STATE_DIR_LEN: usize = 107 - "/vms/".len() - 36 - "/console.sock".
 
 /// A future that completes when the agent should stop.
 pub type Shutdown = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// The name of the Server reconciler's controller, in logs and metric labels.
+pub const SERVER_CONTROLLER: &str = "agent-server";
+
+/// How long one Server reconcile may take before it is abandoned and retried: long,
+/// because starting a guest may first download its image.
+const RECONCILE_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// How long running reconciles get to finish their step when the agent stops.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// The host systems the agent drives, as trait objects chosen at start-up.
+pub struct Drivers {
+    /// Runs, observes and removes VMs.
+    pub hypervisor: Arc<dyn Hypervisor>,
+    /// The node's image cache.
+    pub images: Arc<dyn ImageCache>,
+}
+
+impl Drivers {
+    /// The real drivers, placed as `config` says: QEMU with its VMs under
+    /// `<state_dir>/vms`, and the file image cache in [`AgentConfig::image_dir`].
+    pub fn real(config: &AgentConfig) -> anyhow::Result<Drivers> {
+        let state_dir = checked_state_dir(&config.state_dir)?;
+        let qemu = qemu_config(&vm_dir(&state_dir), config.accel.clone());
+        let image_dir = config
+            .image_cache_dir
+            .clone()
+            .unwrap_or_else(|| state_dir.join("images"));
+        let images = FileImageCache::open(&image_dir, &qemu.qemu_img)
+            .with_context(|| format!("cannot open the image cache in {}", image_dir.display()))?;
+        Ok(Drivers {
+            hypervisor: Arc::new(QemuDriver::new(qemu)),
+            images: Arc::new(images),
+        })
+    }
+}
+
+impl std::fmt::Debug for Drivers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Drivers").finish_non_exhaustive()
+    }
+}
 
 /// The agent's settings.
 pub struct AgentConfig {
@@ -72,7 +131,8 @@ pub struct AgentConfig {
     /// Where VMs and (by default) the image cache live. At most [`MAX_STATE_DIR_LEN`]
     /// bytes.
     pub state_dir: PathBuf,
-    /// Where the image cache lives; `<state_dir>/images` when unset.
+    /// Where the image cache lives; `<state_dir>/images` when unset. Read by
+    /// [`Drivers::real`].
     pub image_cache_dir: Option<PathBuf>,
     /// The node's availability zone, reported in `Node.status.zone` and given to guests.
     pub zone: String,
@@ -91,10 +151,16 @@ pub struct AgentConfig {
     pub stop_grace: Duration,
     /// How many Servers are reconciled at once.
     pub workers: usize,
-    /// Which accelerator guests get.
+    /// Which accelerator guests get. Read by [`Drivers::real`].
     pub accel: AccelPolicy,
     /// Completes when the agent should stop; never, by default.
     pub shutdown: Shutdown,
+    /// Where the agent's metrics are recorded: reconciles, resync passes
+    /// (`ferro_controller_resyncs_total{controller="agent-server"}`), reflector restarts.
+    /// Keep a clone to read them.
+    pub metrics: Metrics,
+    /// Where the metrics are served over HTTP (`GET /metrics`); not served when unset.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 impl AgentConfig {
@@ -122,6 +188,8 @@ impl AgentConfig {
             workers: 4,
             accel: AccelPolicy::default(),
             shutdown: Box::pin(std::future::pending()),
+            metrics: Metrics::new(),
+            metrics_addr: None,
         }
     }
 
@@ -161,6 +229,7 @@ impl std::fmt::Debug for AgentConfig {
             .field("stop_grace", &self.stop_grace)
             .field("workers", &self.workers)
             .field("accel", &self.accel)
+            .field("metrics_addr", &self.metrics_addr)
             .finish_non_exhaustive()
     }
 }
@@ -198,31 +267,9 @@ pub async fn stop_guests(state_dir: &Path, grace: Duration) -> anyhow::Result<us
     Ok(stopped)
 }
 
-/// Runs the node agent until `config.shutdown` completes. Fails only on bad settings or
-/// an unusable state directory; everything else (apiserver down, a guest that will not
-/// start) is logged and retried.
-pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
-    let AgentConfig {
-        node,
-        server,
-        token,
-        state_dir,
-        image_cache_dir,
-        zone,
-        roles,
-        address,
-        heartbeat_interval,
-        lease_duration,
-        resync_period,
-        stop_grace,
-        workers,
-        accel,
-        shutdown,
-    } = config;
-    if node.is_empty() {
-        bail!("the node needs a name");
-    }
-    let state_dir = std::path::absolute(&state_dir)
+/// The state directory as an absolute path, refused when its VM sockets would not fit.
+fn checked_state_dir(state_dir: &Path) -> anyhow::Result<PathBuf> {
+    let state_dir = std::path::absolute(state_dir)
         .with_context(|| format!("cannot resolve {}", state_dir.display()))?;
     let len = state_dir.as_os_str().len();
     if len > MAX_STATE_DIR_LEN {
@@ -232,40 +279,98 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             state_dir.display()
         );
     }
+    Ok(state_dir)
+}
+
+/// The QEMU driver's settings for VMs under `vms`.
+fn qemu_config(vms: &Path, accel: AccelPolicy) -> QemuConfig {
+    QemuConfig {
+        accel,
+        ..QemuConfig::new(vms)
+    }
+}
+
+/// Runs the node agent over `drivers` until `config.shutdown` completes. Fails only on
+/// bad settings or an unusable state directory; everything else (apiserver down, a guest
+/// that will not start) is logged and retried.
+pub async fn run(config: AgentConfig, drivers: Drivers) -> anyhow::Result<()> {
+    let AgentConfig {
+        node,
+        server,
+        token,
+        state_dir,
+        image_cache_dir: _,
+        zone,
+        roles,
+        address,
+        heartbeat_interval,
+        lease_duration,
+        resync_period,
+        stop_grace,
+        workers,
+        accel: _,
+        shutdown,
+        metrics,
+        metrics_addr,
+    } = config;
+    if node.is_empty() {
+        bail!("the node needs a name");
+    }
+    let state_dir = checked_state_dir(&state_dir)?;
     let vms = vm_dir(&state_dir);
     std::fs::create_dir_all(&vms).with_context(|| format!("cannot create {}", vms.display()))?;
-    let image_dir = image_cache_dir.unwrap_or_else(|| state_dir.join("images"));
     let address = address.unwrap_or_else(node::default_address);
 
     let client = Client::connect_lazy(&server, &token).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let qemu = QemuConfig {
-        accel,
-        ..QemuConfig::new(&vms)
-    };
+    // The programs the HostReady check looks for: those of the real QEMU driver.
+    let qemu = QemuConfig::new(&vms);
     let tools = HostTools {
         qemu: qemu.qemu.clone(),
         qemu_img: qemu.qemu_img.clone(),
         genisoimage: qemu.genisoimage.clone(),
     };
-    let driver = Arc::new(QemuDriver::new(qemu));
-    let images: Arc<dyn ImageCache> = Arc::new(
-        FileImageCache::open(&image_dir, &tools.qemu_img)
-            .with_context(|| format!("cannot open the image cache in {}", image_dir.display()))?,
-    );
-    let cache = Arc::new(ServerCache::new());
-    let queue = Arc::new(WorkQueue::new(Backoff::default()));
+    let Drivers { hypervisor, images } = drivers;
+    let servers = Store::<v1::Server>::new();
     let reconciler = Arc::new(ServerReconciler {
         client: client.clone(),
-        driver: driver.clone(),
+        driver: hypervisor.clone(),
         images: images.clone(),
-        cache: cache.clone(),
+        cache: servers.clone(),
         node: node.clone(),
         zone: zone.clone(),
         stop_grace,
     });
+    let settings = Settings {
+        concurrency: workers.max(1),
+        timeout: RECONCILE_TIMEOUT,
+        backoff: Backoff {
+            base: Duration::from_secs(1),
+            max: Duration::from_secs(60),
+        },
+        resync: Some(resync_period),
+        // VMs whose Server is gone are only found by listing the host.
+        resync_at_start: true,
+        shutdown_grace: SHUTDOWN_GRACE,
+    };
+    let vms_on_host = hypervisor.clone();
+    // One registration per reconciler: the store it reconciles, keyed and filtered, and
+    // the host objects only a resync finds.
+    let server_controller = Controller::new(SERVER_CONTROLLER, settings, metrics.clone())
+        .reconciles_with(
+            &servers,
+            server::key_of,
+            predicates::changed(server::significant),
+        )
+        .resync_with_async(move || vm_uids(vms_on_host.clone()));
     tracing::info!(node, server, state_dir = %state_dir.display(), "node agent starting");
 
     let mut tasks = JoinSet::new();
+    if let Some(addr) = metrics_addr {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot serve metrics on {addr}"))?;
+        tasks.spawn(ferro_runtime::metrics::serve(listener, metrics.clone()));
+    }
     tasks.spawn(node::heartbeat(
         client.clone(),
         node.clone(),
@@ -282,55 +387,38 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             tools,
             state_dir: state_dir.clone(),
         },
-        driver.clone(),
+        hypervisor.clone(),
         images.clone(),
         resync_period,
     ));
-    tasks.spawn(reflector::run(
-        client.clone(),
-        node.clone(),
-        cache.clone(),
-        queue.clone(),
-    ));
-    tasks.spawn(resync(
-        cache.clone(),
-        queue.clone(),
-        driver.clone(),
-        resync_period,
-    ));
+    tasks.spawn(
+        Reflector::new(client.clone(), servers.clone())
+            .with_selection(Selection::all().fields(format!("status.node={node}")))
+            .with_metrics(metrics.clone())
+            .run(),
+    );
     tasks.spawn(crate::console::run(
         client.clone(),
         node.clone(),
-        driver.clone(),
+        hypervisor.clone(),
     ));
-    let mut pool = JoinSet::new();
-    for _ in 0..workers.max(1) {
-        pool.spawn(work(queue.clone(), reconciler.clone()));
-    }
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let mut controllers = tokio::spawn(server_controller.run_until(reconciler, async {
+        let _ = stopped.await;
+    }));
 
     let mut shutdown = shutdown;
     let ended = tokio::select! {
         _ = &mut shutdown => None,
-        ended = tasks.join_next() => Some(ended),
+        ended = tasks.join_next() => Some(format!("{ended:?}")),
+        ended = &mut controllers => Some(format!("the server controller: {ended:?}")),
     };
-    queue.close();
-    if queue.running() > 0 {
-        tracing::info!(
-            running = queue.running(),
-            "letting running reconciles finish"
-        );
-    }
-    let drained = tokio::time::timeout(Duration::from_secs(10), async {
-        while pool.join_next().await.is_some() {}
-    })
-    .await;
-    if drained.is_err() {
-        tracing::warn!("reconciles still running at shutdown were dropped");
-    }
-    pool.abort_all();
+    // Stops taking keys, lets running reconciles finish their step, then drops them.
+    let _ = stop.send(());
+    let _ = controllers.await;
     tasks.abort_all();
     match ended {
-        Some(ended) => bail!("an agent task ended unexpectedly: {ended:?}"),
+        Some(ended) => bail!("an agent task ended unexpectedly: {ended}"),
         None => {
             tracing::info!(node, "node agent stopped; guests keep running");
             Ok(())
@@ -338,67 +426,15 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     }
 }
 
-/// Takes uids off the queue and reconciles them, one at a time per uid.
-async fn work(queue: Arc<WorkQueue<String>>, reconciler: Arc<ServerReconciler>) {
-    while let Some(uid) = queue.next().await {
-        // A reconcile runs in its own task so a panic fails that key, not the worker; it
-        // is aborted with the worker.
-        let run = {
-            let reconciler = reconciler.clone();
-            let uid = uid.clone();
-            tokio::spawn(async move { reconciler.reconcile(&uid).await })
-        };
-        let _abort = AbortOnDrop(run.abort_handle());
-        let done = match run.await {
-            Ok(Ok(())) => Done::Ok(None),
-            Ok(Err(e)) => {
-                tracing::warn!(uid, failures = queue.failures(&uid) + 1, error = %error_chain(&e), "reconcile failed; backing off");
-                Done::Failed
-            }
-            Err(e) => {
-                tracing::error!(uid, error = %e, "reconcile panicked");
-                Done::Failed
-            }
-        };
-        queue.done(&uid, done);
-    }
-}
-
-/// Aborts a task when dropped.
-struct AbortOnDrop(tokio::task::AbortHandle);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-/// Every period: every cached Server and every VM on the host, unless already queued or
-/// backing off. Starts once the reflector has listed.
-async fn resync(
-    cache: Arc<ServerCache>,
-    queue: Arc<WorkQueue<String>>,
-    driver: Arc<QemuDriver>,
-    period: Duration,
-) {
-    while !cache.synced() {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    loop {
-        for uid in cache.uids() {
-            queue.resync(uid);
+/// The uids of every VM the hypervisor finds on this host, for the resync: a VM whose
+/// Server is gone is found no other way.
+async fn vm_uids(hypervisor: Arc<dyn Hypervisor>) -> Vec<String> {
+    match hypervisor.list().await {
+        Ok(vms) => vms.into_iter().map(|vm| vm.uid).collect(),
+        Err(e) => {
+            tracing::warn!(error = %error_chain(&e), "listing the VMs on this host failed");
+            Vec::new()
         }
-        match driver.list().await {
-            Ok(vms) => {
-                for vm in vms {
-                    queue.resync(vm.uid);
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %error_chain(&e), "listing the VMs on this host failed")
-            }
-        }
-        tokio::time::sleep(period).await;
     }
 }
 
@@ -417,7 +453,7 @@ struct NodeBase {
 async fn keep_node_status(
     client: Client,
     base: NodeBase,
-    driver: Arc<QemuDriver>,
+    driver: Arc<dyn Hypervisor>,
     images: Arc<dyn ImageCache>,
     period: Duration,
 ) {
@@ -512,7 +548,8 @@ mod tests {
     async fn a_too_long_state_dir_is_refused_up_front() {
         let mut config = AgentConfig::new("n1", "127.0.0.1:1", "t");
         config.state_dir = PathBuf::from("/tmp").join("x".repeat(60));
-        let err = run(config).await.unwrap_err().to_string();
+        let err = Drivers::real(&config).unwrap_err().to_string();
         assert!(err.contains("unix socket paths"), "{err}");
+        assert!(!config.state_dir.exists(), "nothing was created");
     }
 }

@@ -292,6 +292,12 @@ pub trait Hypervisor: Send + Sync {
 
     /// Every VM this driver finds on the host, running or not.
     async fn list(&self) -> Result<Vec<VmStatus>, HypervisorError>;
+
+    /// The accelerator new VMs get, reported in `Node.status.accelerator`. A driver that
+    /// has no choice to make keeps this default, TCG.
+    async fn accel(&self) -> Accel {
+        Accel::Tcg
+    }
 }
 
 /// Checks the parts of a spec that every driver needs to be true.

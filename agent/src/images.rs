@@ -48,6 +48,8 @@ use std::time::{Duration, Instant};
 use ferro_api::v1;
 use ferro_api::v1::cached_image::Phase;
 use ferro_api::v1::image_spec::DiskFormat;
+// The agent's modules take it from here.
+pub(crate) use ferro_runtime::error_chain;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -1090,18 +1092,6 @@ impl ImageCache for FileImageCache {
     fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
         self.changed.subscribe()
     }
-}
-
-/// An error and its sources on one line.
-pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]

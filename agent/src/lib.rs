@@ -3,12 +3,13 @@
 //!
 //! [`run`] is the whole agent (see [`agent`] for how its tasks fit together). The parts:
 //! - [`node`]: registration, the heartbeat Lease and `Node.status`;
-//! - [`reflector`] and [`queue`]: the Servers bound to this node, and the per-uid work
-//!   queue their reconciles run from;
-//! - [`server`]: the Server reconciler, with its pure planner in [`server::plan`];
+//! - [`server`]: the Server reconciler, with its pure planner in [`server::plan`]; it
+//!   runs on the runtime the controllers share, [`ferro_runtime`] (a reflector of the
+//!   Servers bound to this node, a work queue keyed by Server uid, resync, shutdown);
 //! - [`images`]: the node's image cache;
 //! - [`console`]: serial consoles, served to the apiserver's relay;
-//! - [`hypervisor`] (QEMU) and [`configdrive`]: the external systems, behind traits.
+//! - [`hypervisor`] (QEMU) and [`configdrive`]: the external systems, behind traits;
+//!   [`run`] takes its drivers as trait objects ([`Drivers`]).
 //!
 //! The agent never trusts its own memory: every reconcile observes the host, so guests
 //! outlive the agent and a restarted agent adopts them.
@@ -19,8 +20,6 @@ pub mod console;
 pub mod hypervisor;
 pub mod images;
 pub mod node;
-pub mod queue;
-pub mod reflector;
 pub mod server;
 
-pub use agent::{AgentConfig, DEFAULT_STATE_DIR, read_token, run, stop_guests};
+pub use agent::{AgentConfig, DEFAULT_STATE_DIR, Drivers, read_token, run, stop_guests};

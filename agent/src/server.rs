@@ -46,7 +46,7 @@ use crate::hypervisor::{
     BootDisk, DirectKernel, DiskFormat, Hypervisor, HypervisorError, VmSpec, VmStatus,
 };
 use crate::images::{CachedFile, ImageCache, ImageError, ImageRef, error_chain};
-use crate::reflector::{ServerCache, uid_of};
+use ferro_runtime::{Reconcile, Store, reflector::UID};
 use plan::{Action, Applied, Desired, Failure, host_status, needs_write};
 
 /// The VM label naming the owning Server's project.
@@ -175,8 +175,8 @@ pub struct ServerReconciler {
     pub driver: Arc<dyn Hypervisor>,
     /// The node's image cache.
     pub images: Arc<dyn ImageCache>,
-    /// The Servers bound to this node.
-    pub cache: Arc<ServerCache>,
+    /// The Servers bound to this node (indexed by uid, as every store is).
+    pub cache: Store<v1::Server>,
     /// This node's name.
     pub node: String,
     /// This node's availability zone, for config drives.
@@ -197,10 +197,16 @@ impl ServerReconciler {
             .status(uid)
             .await
             .map_err(ReconcileError::Observe)?;
-        match self.cache.get(uid) {
+        match self.cached_server(uid) {
             Some(server) => self.reconcile_server(server, observed).await,
             None => self.reconcile_stray(uid, observed).await,
         }
+    }
+
+    /// The cached Server with this uid, if it is bound here.
+    fn cached_server(&self, uid: &str) -> Option<v1::Server> {
+        let found = self.cache.by_index(UID, uid).into_iter().next();
+        found.map(|server| (*server).clone())
     }
 
     async fn reconcile_server(
@@ -386,7 +392,7 @@ impl ServerReconciler {
                 {
                     // The next reconcile must see what was just written (restart counts
                     // add up from it), even before the watch delivers it.
-                    self.cache.upsert(written);
+                    self.cache.apply(written);
                 }
                 Ok(())
             }
@@ -549,6 +555,47 @@ impl ServerReconciler {
         resolve(project, name, images.iter())
             .cloned()
             .map_err(ReconcileError::ImageUnresolved)
+    }
+}
+
+/// The agent's Server reconciler as the runtime runs it: keyed by uid, and done until
+/// something changes (the periodic resync looks again anyway).
+impl Reconcile<String> for ServerReconciler {
+    type Error = ReconcileError;
+
+    async fn reconcile(&self, uid: String) -> Result<ferro_runtime::Action, ReconcileError> {
+        ServerReconciler::reconcile(self, &uid).await?;
+        Ok(ferro_runtime::Action::AwaitChange)
+    }
+}
+
+/// A Server's uid, or "" when it has none.
+pub fn uid_of(server: &v1::Server) -> &str {
+    server.metadata.as_ref().map_or("", |m| m.uid.as_str())
+}
+
+/// The key the agent queues a Server under: its uid, which also names its VM.
+pub fn key_of(server: &v1::Server) -> Option<String> {
+    Some(uid_of(server).to_owned()).filter(|uid| !uid.is_empty())
+}
+
+/// The parts of a Server whose change calls for a reconcile: spec, metadata and the
+/// placement decisions. Status written by others, and the agent's own status writes
+/// coming back through the watch, are left out.
+pub fn significant(server: &v1::Server) -> v1::Server {
+    let mut metadata = server.metadata.clone().unwrap_or_default();
+    metadata.resource_version = 0;
+    metadata.managed_keys.clear();
+    let status = server.status.as_ref().map(|s| v1::ServerStatus {
+        node: s.node.clone(),
+        flavor: s.flavor.clone(),
+        resolved: s.resolved.clone(),
+        ..Default::default()
+    });
+    v1::Server {
+        metadata: Some(metadata),
+        spec: server.spec.clone(),
+        status,
     }
 }
 
@@ -821,5 +868,39 @@ mod tests {
             failure.message,
             "image tiny: checksum mismatch: spec.checksum is sha256:aa, the bytes are sha256:bb"
         );
+    }
+
+    #[test]
+    fn only_changes_that_matter_call_for_a_reconcile() {
+        let matters = ferro_runtime::predicates::changed(significant);
+        let placed = |rv: i64, power: i32| v1::Server {
+            metadata: Some(v1::ObjectMeta {
+                name: "s".into(),
+                project: "p".into(),
+                uid: "u1".into(),
+                resource_version: rv,
+                ..Default::default()
+            }),
+            spec: Some(v1::ServerSpec {
+                power_state: Some(power),
+                ..Default::default()
+            }),
+            status: Some(v1::ServerStatus {
+                node: "n1".into(),
+                ..Default::default()
+            }),
+        };
+        // Someone's status write (or the agent's own, coming back): nothing to do.
+        let mut written = placed(2, 1);
+        written.status.as_mut().unwrap().phase = 3;
+        written.status.as_mut().unwrap().host = Some(v1::ServerHostStatus::default());
+        assert!(!matters(&placed(1, 1), &written));
+        // A spec change, or a new placement, matters.
+        assert!(matters(&placed(1, 1), &placed(3, 2)));
+        let mut moved = placed(3, 1);
+        moved.status.as_mut().unwrap().node = "n2".into();
+        assert!(matters(&placed(1, 1), &moved));
+        assert_eq!(key_of(&placed(1, 1)).as_deref(), Some("u1"));
+        assert_eq!(key_of(&v1::Server::default()), None);
     }
 }

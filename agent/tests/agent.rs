@@ -20,15 +20,18 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use common::{kill, qemu_processes, tiny_guest};
-use ferro_agent::AgentConfig;
+use ferro_agent::agent::SERVER_CONTROLLER;
 use ferro_agent::hypervisor::qemu::{AccelPolicy, QemuConfig, QemuDriver};
 use ferro_agent::hypervisor::{BootDisk, DirectKernel, DiskFormat, Hypervisor, VmSpec};
+use ferro_agent::{AgentConfig, Drivers};
 use ferro_api::auth::Tokens;
 use ferro_api::client::Client;
 use ferro_api::server::ApiServer;
 use ferro_api::v1::server_host_status::PowerState as HostPower;
 use ferro_api::v1::{self, condition::Status as ConditionStatus};
 use ferro_api::{Error, Kind, Resource};
+use ferro_runtime::controller::RESYNCS_TOTAL;
+use ferro_runtime::metrics::Metrics;
 use ferro_store::memory::MemoryStore;
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot};
@@ -131,9 +134,36 @@ struct Cloud {
 struct Agent {
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
     stop: Option<oneshot::Sender<()>>,
+    metrics: Metrics,
 }
 
 impl Agent {
+    /// One of the agent's counters for its Server controller.
+    fn counter(&self, name: &str) -> f64 {
+        self.metrics
+            .value(name, &[("controller", SERVER_CONTROLLER)])
+            .unwrap_or_default()
+    }
+
+    /// Waits until `passes` more resyncs have run and at least as many reconciles have
+    /// finished since the call: what "nothing happened over several resyncs" must wait
+    /// for, instead of a sleep that proves nothing on a loaded machine.
+    async fn wait_resyncs(&self, passes: u32) -> Result<()> {
+        let passes = f64::from(passes);
+        let resyncs = self.counter(RESYNCS_TOTAL) + passes;
+        let reconciles = self.counter("ferro_controller_reconciles_total") + passes;
+        let deadline = Instant::now() + SOON;
+        while self.counter(RESYNCS_TOTAL) < resyncs
+            || self.counter("ferro_controller_reconciles_total") < reconciles
+        {
+            if Instant::now() > deadline {
+                bail!("the agent did not resync {passes} times within {SOON:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(())
+    }
+
     /// Asks the agent to stop and waits until it has.
     async fn stop(mut self) -> Result<()> {
         if let Some(stop) = self.stop.take() {
@@ -205,9 +235,12 @@ impl Cloud {
         let config = config.with_shutdown(async {
             let _ = stopped.await;
         });
+        let metrics = config.metrics.clone();
+        let drivers = Drivers::real(&config).expect("the real drivers");
         Agent {
-            task: tokio::spawn(ferro_agent::run(config)),
+            task: tokio::spawn(ferro_agent::run(config, drivers)),
             stop: Some(stop),
+            metrics,
         }
     }
 
@@ -688,7 +721,7 @@ async fn the_agent_drives_a_server_through_its_life() -> Result<()> {
 
     // Idle resyncs write nothing.
     let before = cloud.server("web-1").await?;
-    tokio::time::sleep(RESYNC * 3).await;
+    agent.wait_resyncs(3).await?;
     let after = cloud.server("web-1").await?;
     ensure!(
         before.metadata.as_ref().unwrap().resource_version
@@ -851,7 +884,7 @@ async fn run_strategies_decide_restarts_and_orphans_are_removed() -> Result<()> 
         .await?;
     ensure!(qemu_processes(&orphan).len() == 1);
 
-    let _agent = cloud.agent();
+    let agent = cloud.agent();
     cloud.apply_tiny_images().await?;
     cloud.apply(&keypair()).await?;
     // Manual: a guest that dies stays dead, and says so.
@@ -910,7 +943,7 @@ spec:
     );
 
     // Several resyncs later, neither came back.
-    tokio::time::sleep(RESYNC * 3).await;
+    agent.wait_resyncs(3).await?;
     for name in ["manual", "once"] {
         let server = cloud.server(name).await?;
         ensure!(
@@ -1029,7 +1062,7 @@ spec: {{flavor: m1.tiny, image: tampered}}
             base = mirror.base,
         ))
         .await?;
-    let _agent = cloud.agent();
+    let agent = cloud.agent();
     cloud.bind("bios").await?;
     cloud.bind("bad").await?;
 
@@ -1129,7 +1162,7 @@ spec: {{flavor: m1.tiny, image: tampered}}
         })
         .await?;
     cloud.wait_console("bios", "boot-count=3").await?;
-    tokio::time::sleep(RESYNC * 2).await;
+    agent.wait_resyncs(2).await?;
     let log = cloud.serial_log("bios").await?;
     ensure!(
         !log.contains("boot-count=4"),

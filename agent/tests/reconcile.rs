@@ -20,7 +20,7 @@ use ferro_agent::hypervisor::memory::{MemoryHypervisor, Operation, Outcome};
 use ferro_agent::hypervisor::{Hypervisor, HypervisorError, VmState};
 use ferro_agent::images::ImageCache;
 use ferro_agent::images::memory::{FetchFault, MemoryImageCache};
-use ferro_agent::reflector::ServerCache;
+use ferro_runtime::Store;
 use ferro_agent::server::{
     LABEL_NODE, LABEL_PROJECT, LABEL_SERVER, ReconcileError, ServerReconciler,
 };
@@ -207,15 +207,16 @@ fn disk_checksum() -> String {
 /// bound to the node.
 ///
 /// This is the only place that knows how a [`ServerReconciler`] is built and how it
-/// learns of Servers: both change when the agent moves to the shared runtime.
+/// learns of Servers (a runtime [`Store`] filled from a List, as the agent's reflector
+/// fills it from List + Watch).
 struct Agent {
     reconciler: ServerReconciler,
-    servers: Arc<ServerCache>,
+    servers: Store<v1::Server>,
     client: Client,
 }
 
 fn agent(cloud: &Cloud, driver: &Arc<MemoryHypervisor>, images: &Arc<MemoryImageCache>) -> Agent {
-    let servers = Arc::new(ServerCache::new());
+    let servers = Store::<v1::Server>::new();
     let reconciler = ServerReconciler {
         client: cloud.node_client.clone(),
         driver: driver.clone(),
@@ -237,12 +238,13 @@ impl Agent {
     /// of the node's Servers up to date as the agent's watch would.
     async fn reconcile(&self, uid: &str) -> Result<(), ReconcileError> {
         let selection = Selection::all().fields(format!("status.node={NODE}"));
-        let (objects, _) = self.client.list(Kind::Server, &selection).await?;
+        let (objects, revision) = self.client.list(Kind::Server, &selection).await?;
         self.servers.replace(
             objects
                 .into_iter()
                 .filter_map(v1::Server::from_object)
                 .collect(),
+            revision,
         );
         self.reconciler.reconcile(uid).await
     }

@@ -25,14 +25,12 @@ use ferro_api::{
     v1::{self, delete_request::Propagation},
 };
 
-use crate::{
-    api::Api,
-    runtime::{
-        Action, Caches, Controller, ObjectRef, Reconcile, ReconcileError,
-        controller::Settings,
-        metrics::Metrics,
-        reflector::{AnyStore, MetaChange},
-    },
+use crate::api::Api;
+use ferro_runtime::{
+    Action, Caches, Controller, ObjectRef, Reconcile, ReconcileError,
+    controller::Settings,
+    metrics::Metrics,
+    reflector::{AnyStore, MetaChange},
 };
 
 /// What became of one owner named by a dependent.
@@ -422,6 +420,8 @@ fn register(caches: &Caches, kind: Kind) {
 }
 
 impl Reconcile for GarbageCollector {
+    type Error = ReconcileError;
+
     async fn reconcile(&self, key: ObjectRef) -> Result<Action, ReconcileError> {
         let Some(meta) = self.cached(&key) else {
             return Ok(Action::AwaitChange);

@@ -17,12 +17,10 @@ use std::sync::Arc;
 
 use ferro_api::{Error, Kind, Object, owners, v1};
 
-use crate::{
-    api::Api,
-    runtime::{
-        Action, Caches, Controller, ObjectRef, Reconcile, ReconcileError, Store, condition,
-        condition_holds, controller::Settings, meta, metrics::Metrics, reflector::UID,
-    },
+use crate::api::Api;
+use ferro_runtime::{
+    Action, Caches, Controller, ObjectRef, Reconcile, ReconcileError, Store, condition,
+    condition_holds, controller::Settings, meta, metrics::Metrics, reflector::UID,
 };
 
 use v1::{cached_image::Phase as Cached, image_status::Phase};
@@ -186,6 +184,8 @@ impl ImageController {
 }
 
 impl Reconcile for ImageController {
+    type Error = ReconcileError;
+
     async fn reconcile(&self, key: ObjectRef) -> Result<Action, ReconcileError> {
         let Some(image) = self.images.get(&key) else {
             return Ok(Action::AwaitChange);

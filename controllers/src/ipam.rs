@@ -48,15 +48,13 @@ use ferro_api::{
     v1,
 };
 
-use crate::{
-    api::Api,
-    runtime::{
-        Action, Caches, Controller, ObjectRef, Reconcile, ReconcileError, Store, condition,
-        condition_holds, controller::Settings, controller_reference, events::Recorder, is_deleting,
-        meta, metrics::Metrics, reflector::OWNER_UID,
-    },
-};
+use crate::api::Api;
 pub use allocator::{Hints, SubnetRange, format_mac, parse_mac};
+use ferro_runtime::{
+    Action, Caches, Controller, ObjectRef, Reconcile, ReconcileError, Store, condition,
+    condition_holds, controller::Settings, controller_reference, events::Recorder, is_deleting,
+    meta, metrics::Metrics, reflector::OWNER_UID,
+};
 
 /// The label on every claim naming its holder's uid, for `ferro get ipaddresses -l …`.
 pub const OWNER_UID_LABEL: &str = "ferro.io/owner-uid";
@@ -1198,6 +1196,8 @@ impl IpamController {
 }
 
 impl Reconcile for IpamController {
+    type Error = ReconcileError;
+
     async fn reconcile(&self, key: ObjectRef) -> Result<Action, ReconcileError> {
         let Some(port) = self.ports.get(&key) else {
             // Gone: the garbage collector frees its claims.

@@ -1,8 +1,7 @@
-//! Ferro controllers: the runtime (reflector, queue, leader election) and one module per
-//! controller.
+//! Ferro controllers: one module per controller, run on the shared runtime crate
+//! [`ferro_runtime`] (caches from List + Watch, the work queue, the reconciler as a tower
+//! service, leader election, finalizers, events, metrics).
 //!
-//! - [`runtime`]: caches from List + Watch, the work queue, the reconciler as a tower
-//!   service, leader election, finalizers, events, metrics.
 //! - [`ipam`]: gives Ports their MAC and addresses through claims.
 //! - [`network`]: gives Networks their segment ID; keeps a Network while Ports use it.
 //! - [`gc`]: deletes what lost its owners; foreground and orphan propagation.
@@ -21,7 +20,6 @@ pub mod image;
 pub mod ipam;
 pub mod network;
 pub mod nodelifecycle;
-pub mod runtime;
 pub mod scheduler;
 pub mod server;
 pub mod servergroup;
@@ -31,14 +29,12 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use futures::{FutureExt, future::BoxFuture};
 use tokio::task::JoinSet;
 
-use crate::{
-    api::Api,
-    runtime::{
-        Caches,
-        controller::Settings,
-        leader::{LeaderConfig, LeaderElector},
-        metrics::Metrics,
-    },
+use crate::api::Api;
+use ferro_runtime::{
+    Caches,
+    controller::Settings,
+    leader::{LeaderConfig, LeaderElector},
+    metrics::Metrics,
 };
 
 /// How the controllers run, whether elected or not.
@@ -198,7 +194,7 @@ pub async fn run(config: ControllersConfig) -> Result<(), RunError> {
             .await
             .map_err(|source| RunError::Metrics { addr, source })?;
         tracing::info!(addr = %listener.local_addr().unwrap_or(addr), "serving metrics");
-        background.spawn(runtime::metrics::serve(listener, metrics.clone()));
+        background.spawn(ferro_runtime::metrics::serve(listener, metrics.clone()));
     }
     let shutdown = config
         .shutdown
@@ -221,7 +217,11 @@ pub async fn run(config: ControllersConfig) -> Result<(), RunError> {
     leading(0.0);
     loop {
         tokio::select! {
-            _ = shutdown.clone() => return Ok(()),
+            _ = shutdown.clone() => {
+                // An acquisition dropped here may have landed already: give it back.
+                elector.release().await;
+                return Ok(());
+            }
             _ = elector.acquire() => {}
         }
         leading(1.0);
@@ -278,7 +278,7 @@ pub async fn run_controllers(api: Api, metrics: Metrics, options: Options) {
     tasks.spawn(server.run(server_reconciler));
     tasks.spawn(image.run(image_reconciler));
     tasks.spawn(groups.run(groups_reconciler));
-    tasks.spawn(runtime::events::expire(
+    tasks.spawn(ferro_runtime::events::expire(
         api.client().clone(),
         options.event_ttl,
         Duration::from_secs(60),

@@ -17,17 +17,17 @@ use ferro_api::{Error, Kind, Object, owners, v1};
 use crate::{
     api::Api,
     ipam::{SubnetRange, resolve_network},
-    runtime::{
-        Action, Caches, Controller, ObjectRef, Reconcile, ReconcileError, Store, condition,
-        condition_holds,
-        controller::Settings,
-        controller_reference,
-        events::Recorder,
-        finalizer::{self, Step},
-        meta,
-        metrics::Metrics,
-        reflector::OWNER_UID,
-    },
+};
+use ferro_runtime::{
+    Action, Caches, Controller, ObjectRef, Reconcile, ReconcileError, Store, condition,
+    condition_holds,
+    controller::Settings,
+    controller_reference,
+    events::Recorder,
+    finalizer::{self, Step},
+    meta,
+    metrics::Metrics,
+    reflector::OWNER_UID,
 };
 
 /// The finalizer that keeps a Network until no Port uses it.
@@ -411,6 +411,8 @@ impl NetworkController {
 }
 
 impl Reconcile for NetworkController {
+    type Error = ReconcileError;
+
     async fn reconcile(&self, key: ObjectRef) -> Result<Action, ReconcileError> {
         let Some(network) = self.networks.get(&key) else {
             return Ok(Action::AwaitChange);

@@ -23,12 +23,10 @@ use std::{
 
 use ferro_api::{Error, Kind, Object, owners, v1};
 
-use crate::{
-    api::Api,
-    runtime::{
-        Action, Caches, Controller, ObjectRef, Reconcile, ReconcileError, Store, condition,
-        condition_holds, controller::Settings, events::Recorder, meta, metrics::Metrics,
-    },
+use crate::api::Api;
+use ferro_runtime::{
+    Action, Caches, Controller, ObjectRef, Reconcile, ReconcileError, Store, condition,
+    condition_holds, controller::Settings, events::Recorder, meta, metrics::Metrics,
 };
 
 /// The Node condition node lifecycle owns.
@@ -290,6 +288,8 @@ impl NodeLifecycle {
 }
 
 impl Reconcile for NodeLifecycle {
+    type Error = ReconcileError;
+
     async fn reconcile(&self, key: ObjectRef) -> Result<Action, ReconcileError> {
         let Some(node) = self.nodes.get(&key) else {
             return Ok(Action::AwaitChange);

@@ -37,13 +37,11 @@ use std::{
 
 use ferro_api::{Error, Object, Resource, owners, v1};
 
-use crate::{
-    api::Api,
-    runtime::{
-        Action, Caches, Controller, ObjectRef, Reconcile, ReconcileError, Store, condition,
-        condition_holds, controller::Settings, events::Recorder, is_deleting, meta,
-        metrics::Metrics, reflector::UID,
-    },
+use crate::api::Api;
+use ferro_runtime::{
+    Action, Caches, Controller, ObjectRef, Reconcile, ReconcileError, Store, condition,
+    condition_holds, controller::Settings, events::Recorder, is_deleting, meta, metrics::Metrics,
+    reflector::UID,
 };
 
 use plan::{Amounts, Candidate, Decision, Group, Policy, Request};
@@ -218,7 +216,7 @@ impl Scheduler {
         let unplaced = servers.clone();
         let on_groups = move |_: &_| unplaced_keys(&unplaced);
         let unplaced = servers.clone();
-        let on_servers = move |c: &crate::runtime::reflector::Change<v1::Server>| {
+        let on_servers = move |c: &ferro_runtime::reflector::Change<v1::Server>| {
             // A bound server going away frees room for the ones waiting.
             let freed = c.old.as_ref().is_some_and(|s| !bound_node(s).is_empty())
                 && c.new.as_ref().is_none_or(|s| bound_node(s).is_empty());
@@ -419,6 +417,8 @@ impl Scheduler {
 }
 
 impl Reconcile for Scheduler {
+    type Error = ReconcileError;
+
     async fn reconcile(&self, key: ObjectRef) -> Result<Action, ReconcileError> {
         let Some(server) = self.servers.get(&key) else {
             return Ok(Action::AwaitChange);

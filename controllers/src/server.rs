@@ -32,13 +32,11 @@ use ferro_api::{
     v1,
 };
 
-use crate::{
-    api::Api,
-    runtime::{
-        Action, Caches, Controller, ObjectRef, Reconcile, ReconcileError, Store, condition,
-        condition_holds, controller::Settings, controller_reference, meta, metrics::Metrics,
-        reflector::Change,
-    },
+use crate::api::Api;
+use ferro_runtime::{
+    Action, Caches, Controller, ObjectRef, Reconcile, ReconcileError, Store, condition,
+    condition_holds, controller::Settings, controller_reference, meta, metrics::Metrics,
+    reflector::Change,
 };
 
 use v1::server_status::Phase;
@@ -576,6 +574,8 @@ impl ServerController {
 }
 
 impl Reconcile for ServerController {
+    type Error = ReconcileError;
+
     async fn reconcile(&self, key: ObjectRef) -> Result<Action, ReconcileError> {
         let Some(server) = self.servers.get(&key) else {
             return Ok(Action::AwaitChange);

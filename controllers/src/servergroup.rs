@@ -9,13 +9,10 @@ use std::sync::Arc;
 
 use ferro_api::{Error, Kind, Object, owners, v1};
 
-use crate::{
-    api::Api,
-    runtime::{
-        Action, Caches, Controller, ObjectRef, Reconcile, ReconcileError, Store,
-        controller::Settings, meta, metrics::Metrics,
-    },
-    scheduler::group_key,
+use crate::{api::Api, scheduler::group_key};
+use ferro_runtime::{
+    Action, Caches, Controller, ObjectRef, Reconcile, ReconcileError, Store, controller::Settings,
+    meta, metrics::Metrics,
 };
 
 /// The index of Servers by `<project>/<serverGroup>`.
@@ -83,6 +80,8 @@ impl ServerGroupController {
 }
 
 impl Reconcile for ServerGroupController {
+    type Error = ReconcileError;
+
     async fn reconcile(&self, key: ObjectRef) -> Result<Action, ReconcileError> {
         if key.kind != Kind::ServerGroup {
             return Ok(Action::AwaitChange);

@@ -43,6 +43,7 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use ferro_runtime::error_chain;
 use serde_json::{Value, json};
 use tokio::sync::OnceCell;
 
@@ -606,6 +607,10 @@ impl QemuDriver {
 
 #[async_trait::async_trait]
 impl Hypervisor for QemuDriver {
+    async fn accel(&self) -> Accel {
+        QemuDriver::accel(self).await
+    }
+
     async fn start(&self, spec: &VmSpec) -> Result<VmStatus, HypervisorError> {
         validate_spec(spec)?;
         let uid = spec.uid.as_str();
@@ -1012,18 +1017,6 @@ fn remove_file_if_exists(path: &Path) -> Result<(), HypervisorError> {
 
 fn io(what: String) -> impl FnOnce(std::io::Error) -> HypervisorError {
     move |source| HypervisorError::Io { what, source }
-}
-
-/// An error and its sources on one line, for logs and details.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]

@@ -24,7 +24,8 @@ use ferro_api::{
     server::ApiServer,
     v1::{self, resources_server::Resources},
 };
-use ferro_controllers::{Options, api::Api, run_controllers, runtime::metrics::Metrics};
+use ferro_controllers::{Options, api::Api, run_controllers};
+use ferro_runtime::metrics::Metrics;
 use ferro_store::memory::MemoryStore;
 use tonic::{Request, Response, Status};
 

@@ -1,30 +1,38 @@
-//! The controller runtime, in the shape of kube-runtime.
+//! Ferro's controller runtime, in the shape of kube-runtime: what `ferro controllers` and
+//! `ferro agent` both run their reconcilers on.
 //!
 //! - [`reflector`]: one cache per kind, filled by List and kept current by Watch; the only
 //!   copy of each object a controller process holds. Listeners and indices hang off it.
-//! - [`queue`]: a work queue of object keys that deduplicates, runs one reconcile per key at
-//!   a time, delays requeues and backs off per key after errors.
+//! - [`queue`]: a work queue of keys that deduplicates, runs one reconcile per key at a
+//!   time, delays requeues and backs off per key after errors.
 //! - [`controller`]: wires triggers (the kind itself, owned kinds, referenced kinds, a
-//!   periodic resync) into a queue and runs a reconciler over it.
+//!   periodic resync) into a queue and runs a reconciler over it, until a graceful
+//!   shutdown.
+//! - [`predicates`]: which updates of an object call for a reconcile.
 //! - [`service`]: the reconciler as a `tower::Service`, and the tracing and metrics layers.
 //! - [`leader`]: leader election over a `Lease` renewed by compare-and-swap.
 //! - [`finalizer`]: the helper that turns an object into `Apply` or `Cleanup`.
 //! - [`events`]: the Event recorder and the reaper that expires old Events.
 //! - [`metrics`]: Prometheus text metrics and the tiny HTTP endpoint serving them.
 //!
-//! Reconcilers take an object key, never a "what changed" hint, and running one twice is
-//! harmless: everything they decide is derived from the caches and the API each time.
+//! Reconcilers take a key, never a "what changed" hint, and running one twice is harmless:
+//! everything they decide is derived from the caches and the API each time.
+//!
+//! Keys are generic ([`Key`]): the controllers reconcile [`ObjectRef`]s; the node agent
+//! reconciles Server uids, because its reconciler also handles VMs on the host whose
+//! Server is gone and that only a uid names.
 
 pub mod controller;
 pub mod events;
 pub mod finalizer;
 pub mod leader;
 pub mod metrics;
+pub mod predicates;
 pub mod queue;
 pub mod reflector;
 pub mod service;
 
-use std::{fmt, time::Duration};
+use std::{fmt, hash::Hash, time::Duration};
 
 use ferro_api::{Kind, Object, Resource, v1};
 
@@ -32,7 +40,16 @@ pub use controller::Controller;
 pub use reflector::{Caches, Store};
 pub use service::Reconcile;
 
-/// The key of an object: what queues hold and reconcilers take.
+/// What a work queue holds and a reconciler takes: an [`ObjectRef`] for the controllers,
+/// a uid for the agent, or any host-side key (such as "a tap with no owner").
+pub trait Key: Clone + Eq + Hash + Ord + fmt::Debug + fmt::Display + Send + Sync + 'static {}
+
+impl<K> Key for K where
+    K: Clone + Eq + Hash + Ord + fmt::Debug + fmt::Display + Send + Sync + 'static
+{
+}
+
+/// The key of an object: what the controllers' queues hold and reconcilers take.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ObjectRef {
     /// The kind.
@@ -111,6 +128,19 @@ pub enum ReconcileError {
     /// Something the reconciler cannot proceed past, retried later.
     #[error("{0}")]
     Retry(String),
+}
+
+/// An error and its sources on one line: the whole chain is what an operator needs, and
+/// each Display says only its own part.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 /// The metadata of a typed object, or the empty one.

@@ -1,4 +1,4 @@
-//! The reconciler as a `tower::Service<ObjectRef>`, and the layers the runtime puts around it.
+//! The reconciler as a `tower::Service<K>`, and the layers the runtime puts around it.
 //!
 //! A controller implements [`Reconcile`]; [`ReconcileService`] makes it a service whose
 //! response is the [`Action`]. The runtime stacks, outermost first: [`TraceLayer`] (a span
@@ -17,16 +17,16 @@ use futures::future::BoxFuture;
 use tower::{BoxError, Layer, Service};
 use tracing::Instrument;
 
-use super::{Action, ObjectRef, ReconcileError, metrics::Metrics};
+use super::{Action, Key, ObjectRef, metrics::Metrics};
 
-/// A controller's reconcile function: bring the object with this key towards its desired
+/// A controller's reconcile function: bring what this key names towards its desired
 /// state. Running it twice must be harmless.
-pub trait Reconcile: Send + Sync + 'static {
+pub trait Reconcile<K: Key = ObjectRef>: Send + Sync + 'static {
+    /// Why a reconcile failed; the key is retried with backoff.
+    type Error: std::error::Error + Send + Sync + 'static;
+
     /// Reconciles one key.
-    fn reconcile(
-        &self,
-        key: ObjectRef,
-    ) -> impl Future<Output = Result<Action, ReconcileError>> + Send;
+    fn reconcile(&self, key: K) -> impl Future<Output = Result<Action, Self::Error>> + Send;
 }
 
 /// A [`Reconcile`] as a tower service.
@@ -45,16 +45,16 @@ impl<R> Clone for ReconcileService<R> {
     }
 }
 
-impl<R: Reconcile> Service<ObjectRef> for ReconcileService<R> {
+impl<K: Key, R: Reconcile<K>> Service<K> for ReconcileService<R> {
     type Response = Action;
-    type Error = ReconcileError;
-    type Future = BoxFuture<'static, Result<Action, ReconcileError>>;
+    type Error = R::Error;
+    type Future = BoxFuture<'static, Result<Action, R::Error>>;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, key: ObjectRef) -> Self::Future {
+    fn call(&mut self, key: K) -> Self::Future {
         let reconciler = self.0.clone();
         Box::pin(async move { reconciler.reconcile(key).await })
     }
@@ -90,9 +90,9 @@ pub struct Trace<S> {
     controller: &'static str,
 }
 
-impl<S> Service<ObjectRef> for Trace<S>
+impl<K: Key, S> Service<K> for Trace<S>
 where
-    S: Service<ObjectRef>,
+    S: Service<K>,
     S::Future: Send + 'static,
     S::Error: Into<BoxError>,
 {
@@ -104,7 +104,7 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
-    fn call(&mut self, key: ObjectRef) -> Self::Future {
+    fn call(&mut self, key: K) -> Self::Future {
         let span = tracing::debug_span!("reconcile", controller = self.controller, key = %key);
         let future = self.inner.call(key);
         Box::pin(async move { future.await.map_err(Into::into) }.instrument(span))
@@ -147,9 +147,9 @@ pub struct Measure<S> {
     metrics: Metrics,
 }
 
-impl<S> Service<ObjectRef> for Measure<S>
+impl<K, S> Service<K> for Measure<S>
 where
-    S: Service<ObjectRef>,
+    S: Service<K>,
     S::Future: Send + 'static,
     S::Response: Send + 'static,
     S::Error: Send + 'static,
@@ -162,7 +162,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, key: ObjectRef) -> Self::Future {
+    fn call(&mut self, key: K) -> Self::Future {
         let future = self.inner.call(key);
         let (controller, metrics) = (self.controller, self.metrics.clone());
         Box::pin(async move {
@@ -195,6 +195,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ReconcileError;
     use ferro_api::Kind;
     use std::time::Duration;
     use tower::{ServiceBuilder, ServiceExt};
@@ -202,6 +203,8 @@ mod tests {
     struct Sleepy;
 
     impl Reconcile for Sleepy {
+        type Error = ReconcileError;
+
         async fn reconcile(&self, key: ObjectRef) -> Result<Action, ReconcileError> {
             match key.name.as_str() {
                 "slow" => {

@@ -1,11 +1,15 @@
-//! The work queue: object keys waiting to be reconciled.
+//! The work queue: keys waiting to be reconciled, generic over the key type ([`Key`]).
 //!
 //! Its rules, as client-go's workqueue has them:
 //! - a key waiting in the queue is held once, however many times it is added;
 //! - a key being reconciled is never handed out again until `done`; adding it meanwhile
 //!   marks it dirty and it runs again right after;
 //! - `add_after` delays a key (keeping the earliest deadline when delayed twice);
-//! - a failed reconcile backs the key off exponentially; a success resets that.
+//! - a failed reconcile backs the key off exponentially; a success resets that;
+//! - [`WorkQueue::add`] is for changes and cuts a backoff short, while
+//!   [`WorkQueue::resync`] is for the periodic resync and leaves a key that waits, runs or
+//!   backs off alone;
+//! - [`WorkQueue::close`] stops handing out keys, for a graceful shutdown.
 
 use std::{
     cmp::Reverse,
@@ -16,7 +20,7 @@ use std::{
 
 use tokio::{sync::Notify, time::Instant};
 
-use super::ObjectRef;
+use super::{Key, ObjectRef};
 
 /// Exponential per-key backoff: `base`, `2·base`, `4·base`, … up to `max`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,21 +49,37 @@ impl Backoff {
     }
 }
 
-#[derive(Default)]
-struct State {
-    ready: VecDeque<ObjectRef>,
-    queued: HashSet<ObjectRef>,
-    running: HashSet<ObjectRef>,
-    dirty: HashSet<ObjectRef>,
-    delayed: BinaryHeap<Reverse<(Instant, u64, ObjectRef)>>,
-    delayed_until: HashMap<ObjectRef, Instant>,
-    failures: HashMap<ObjectRef, u32>,
+struct State<K> {
+    ready: VecDeque<K>,
+    queued: HashSet<K>,
+    running: HashSet<K>,
+    dirty: HashSet<K>,
+    delayed: BinaryHeap<Reverse<(Instant, u64, K)>>,
+    delayed_until: HashMap<K, Instant>,
+    failures: HashMap<K, u32>,
     sequence: u64,
+    closed: bool,
 }
 
-impl State {
+impl<K> Default for State<K> {
+    fn default() -> Self {
+        State {
+            ready: VecDeque::new(),
+            queued: HashSet::new(),
+            running: HashSet::new(),
+            dirty: HashSet::new(),
+            delayed: BinaryHeap::new(),
+            delayed_until: HashMap::new(),
+            failures: HashMap::new(),
+            sequence: 0,
+            closed: false,
+        }
+    }
+}
+
+impl<K: Key> State<K> {
     /// Makes a key ready unless it is already waiting; a running key turns dirty instead.
-    fn push(&mut self, key: ObjectRef) -> bool {
+    fn push(&mut self, key: K) -> bool {
         if self.running.contains(&key) {
             self.dirty.insert(key);
             return false;
@@ -90,9 +110,10 @@ impl State {
     }
 }
 
-/// A deduplicating, delaying work queue of object keys.
-pub struct WorkQueue {
-    state: Mutex<State>,
+/// A deduplicating, delaying work queue of keys: object references for the controllers,
+/// Server uids for the agent.
+pub struct WorkQueue<K = ObjectRef> {
+    state: Mutex<State<K>>,
     notify: Notify,
     backoff: Backoff,
 }
@@ -106,7 +127,7 @@ pub enum Outcome {
     Failure,
 }
 
-impl WorkQueue {
+impl<K: Key> WorkQueue<K> {
     /// An empty queue.
     pub fn new(backoff: Backoff) -> Self {
         WorkQueue {
@@ -116,19 +137,37 @@ impl WorkQueue {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State<K>> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Queues a key to run as soon as possible.
-    pub fn add(&self, key: ObjectRef) {
+    /// Queues a key to run as soon as possible: something about it changed. A key backing
+    /// off runs now; a running key runs once more after its current run.
+    pub fn add(&self, key: K) {
         if self.lock().push(key) {
-            self.notify.notify_one();
+            self.notify.notify_waiters();
+        }
+    }
+
+    /// Queues a key for the periodic resync: unlike [`WorkQueue::add`], a key already
+    /// waiting, running, or backing off after a failure is left as it is, so a resync
+    /// never retries a failing key faster than its backoff allows.
+    pub fn resync(&self, key: K) {
+        let mut state = self.lock();
+        if state.running.contains(&key)
+            || state.queued.contains(&key)
+            || (state.failures.contains_key(&key) && state.delayed_until.contains_key(&key))
+        {
+            return;
+        }
+        if state.push(key) {
+            drop(state);
+            self.notify.notify_waiters();
         }
     }
 
     /// Queues a key to run after `delay`; an earlier deadline already set wins.
-    pub fn add_after(&self, key: ObjectRef, delay: Duration) {
+    pub fn add_after(&self, key: K, delay: Duration) {
         if delay.is_zero() {
             return self.add(key);
         }
@@ -143,38 +182,45 @@ impl WorkQueue {
         state.delayed.push(Reverse((at, sequence, key)));
         drop(state);
         // The waiter may be sleeping until a later deadline.
-        self.notify.notify_one();
+        self.notify.notify_waiters();
     }
 
-    /// Waits for the next key to reconcile and marks it running.
-    pub async fn next(&self) -> ObjectRef {
+    /// Waits for the next key to reconcile and marks it running; `None` once the queue is
+    /// closed.
+    pub async fn next(&self) -> Option<K> {
         loop {
+            // Registered before the state is looked at, so a key added between the unlock
+            // below and the wait is not missed, whatever the number of consumers.
+            let notified = self.notify.notified();
+            let mut notified = std::pin::pin!(notified);
+            notified.as_mut().enable();
             let deadline = {
                 let mut state = self.lock();
+                if state.closed {
+                    return None;
+                }
                 let deadline = state.promote(Instant::now());
                 if let Some(key) = state.ready.pop_front() {
                     state.queued.remove(&key);
                     state.running.insert(key.clone());
-                    return key;
+                    return Some(key);
                 }
                 deadline
             };
-            // `notify_one` stores a permit when nobody waits, so a key added between the
-            // unlock above and this wait is not missed.
             match deadline {
                 Some(at) => {
                     tokio::select! {
-                        _ = self.notify.notified() => {}
+                        _ = &mut notified => {}
                         _ = tokio::time::sleep_until(at) => {}
                     }
                 }
-                None => self.notify.notified().await,
+                None => notified.await,
             }
         }
     }
 
     /// Marks a key no longer running, requeueing it as its outcome asks.
-    pub fn done(&self, key: ObjectRef, outcome: Outcome) {
+    pub fn done(&self, key: K, outcome: Outcome) {
         let delay = {
             let mut state = self.lock();
             state.running.remove(&key);
@@ -185,18 +231,25 @@ impl WorkQueue {
                 }
                 Outcome::Failure => {
                     let failures = state.failures.entry(key.clone()).or_default();
-                    *failures += 1;
+                    *failures = failures.saturating_add(1);
                     Some(self.backoff.delay(*failures))
                 }
             };
             if state.dirty.remove(&key) && state.push(key.clone()) {
-                self.notify.notify_one();
+                self.notify.notify_waiters();
             }
             delay
         };
         if let Some(delay) = delay {
             self.add_after(key, delay);
         }
+    }
+
+    /// Stops handing out keys: every [`WorkQueue::next`], waiting or to come, returns
+    /// `None`. Running keys may still be marked [`WorkQueue::done`].
+    pub fn close(&self) {
+        self.lock().closed = true;
+        self.notify.notify_waiters();
     }
 
     /// Keys ready to run now (plus those that changed while running).
@@ -216,7 +269,7 @@ impl WorkQueue {
     }
 
     /// How many times in a row the key has failed.
-    pub fn failures(&self, key: &ObjectRef) -> u32 {
+    pub fn failures(&self, key: &K) -> u32 {
         self.lock().failures.get(key).copied().unwrap_or_default()
     }
 }
@@ -234,6 +287,7 @@ mod tests {
         tokio::time::timeout(Duration::from_millis(1), queue.next())
             .await
             .ok()
+            .flatten()
     }
 
     #[test]
@@ -298,7 +352,7 @@ mod tests {
         q.done(key("a"), Outcome::Success(None));
         assert_eq!(q.failures(&key("a")), 0);
         q.add(key("a"));
-        let k = q.next().await;
+        let k = q.next().await.unwrap();
         q.done(k, Outcome::Failure);
         let start = Instant::now();
         q.next().await;
@@ -317,9 +371,9 @@ mod tests {
         q.add_after(key("a"), Duration::from_secs(9));
         q.add_after(key("b"), Duration::from_secs(2));
         assert_eq!(q.delayed(), 2);
-        assert_eq!(q.next().await, key("b"));
+        assert_eq!(q.next().await.unwrap(), key("b"));
         assert_eq!(start.elapsed(), Duration::from_secs(2));
-        assert_eq!(q.next().await, key("a"));
+        assert_eq!(q.next().await.unwrap(), key("a"));
         assert_eq!(start.elapsed(), Duration::from_secs(5));
         q.done(key("a"), Outcome::Success(None));
         assert_eq!(
@@ -337,7 +391,7 @@ mod tests {
         assert_eq!(next_now(&q).await, Some(key("a")));
         q.done(key("a"), Outcome::Success(Some(Duration::from_secs(1))));
         let start = Instant::now();
-        assert_eq!(q.next().await, key("a"));
+        assert_eq!(q.next().await.unwrap(), key("a"));
         assert_eq!(
             start.elapsed(),
             Duration::from_secs(1),
@@ -354,6 +408,80 @@ mod tests {
         });
         tokio::task::yield_now().await;
         q.add(key("z"));
-        assert_eq!(waiter.await.unwrap(), key("z"));
+        assert_eq!(waiter.await.unwrap(), Some(key("z")));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_resync_during_a_run_adds_nothing() {
+        let q = WorkQueue::new(Backoff::default());
+        q.add(key("a"));
+        assert_eq!(next_now(&q).await, Some(key("a")));
+        q.resync(key("a"));
+        q.done(key("a"), Outcome::Success(None));
+        assert_eq!(
+            next_now(&q).await,
+            None,
+            "unlike a change, a resync is not owed a rerun"
+        );
+        q.resync(key("a"));
+        q.resync(key("a"));
+        assert_eq!(next_now(&q).await, Some(key("a")), "an idle key resyncs");
+        assert_eq!(next_now(&q).await, None, "once");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_resync_respects_a_backoff_that_a_change_cuts_short() {
+        let q = WorkQueue::new(Backoff {
+            base: Duration::from_secs(1),
+            max: Duration::from_secs(8),
+        });
+        q.add(key("a"));
+        q.next().await;
+        q.done(key("a"), Outcome::Failure);
+        let start = Instant::now();
+        q.resync(key("a"));
+        assert_eq!(
+            next_now(&q).await,
+            None,
+            "a resync must not skip the backoff"
+        );
+        assert_eq!(q.next().await, Some(key("a")));
+        assert_eq!(start.elapsed(), Duration::from_secs(1));
+        q.done(key("a"), Outcome::Failure);
+        q.add(key("a"));
+        assert_eq!(next_now(&q).await, Some(key("a")), "a change runs at once");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn keys_of_any_type_queue_alike() {
+        let q = WorkQueue::<String>::new(Backoff::default());
+        q.add("uid-1".to_owned());
+        q.add_after("uid-2".to_owned(), Duration::from_secs(1));
+        q.add("uid-1".to_owned());
+        assert_eq!(q.next().await.as_deref(), Some("uid-1"));
+        assert_eq!(q.next().await.as_deref(), Some("uid-2"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn closing_releases_every_waiting_consumer() {
+        let q = std::sync::Arc::new(WorkQueue::<ObjectRef>::new(Backoff::default()));
+        let waiters: Vec<_> = (0..3)
+            .map(|_| {
+                let q = q.clone();
+                tokio::spawn(async move { q.next().await })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        q.add(key("a"));
+        q.close();
+        let mut got = Vec::new();
+        for waiter in waiters {
+            got.push(waiter.await.unwrap());
+        }
+        assert!(
+            got.iter().all(Option::is_none),
+            "closed before they looked: {got:?}"
+        );
+        assert_eq!(next_now(&q).await, None, "closed for good");
     }
 }

@@ -1,7 +1,10 @@
 //! Reflectors: one cache per kind, filled by List and kept current by Watch.
 //!
 //! A [`Store`] holds the only copy of each object (behind an `Arc`) that a controller
-//! process keeps; every controller of the process shares it through [`Caches`]. The
+//! process keeps; every controller of the process shares it through [`Caches`]. The node
+//! agent keeps one store of its own, of the Servers bound to its node, through a
+//! [`Reflector`] with a field selection. Objects only move forward: a copy older than the
+//! cached one is ignored, so a reconciler may store what its own write returned. The
 //! reflector loop lists the kind, then watches from the list's revision, resuming from the
 //! last revision it saw (events and bookmarks) after a broken stream, and relisting only
 //! when the server answers that the revision has expired. A relist is diffed against the
@@ -200,13 +203,22 @@ impl<T: Resource + Send + Sync> Store<T> {
         let _ = rx.wait_for(|synced| *synced).await;
     }
 
-    /// Inserts or replaces an object, as a watch event does.
+    /// Inserts or replaces an object, as a watch event does. Objects only move forward:
+    /// one older than the cached copy (a late watch event after a reconciler stored what
+    /// its own write returned) changes nothing.
     pub fn apply(&self, object: T) {
         let key = ObjectRef::of(&object);
         let new = Arc::new(object);
         let (change, listeners) = {
             let mut state = self.write();
             let rv = meta(new.as_ref()).resource_version;
+            if state
+                .objects
+                .get(&key)
+                .is_some_and(|cached| meta(cached.as_ref()).resource_version > rv)
+            {
+                return;
+            }
             state.resource_version = state.resource_version.max(rv);
             let old = state.objects.insert(key.clone(), new.clone());
             reindex(&mut state, &key, old.as_deref(), Some(new.as_ref()));
@@ -243,7 +255,9 @@ impl<T: Resource + Send + Sync> Store<T> {
         notify(&listeners, &change);
     }
 
-    /// Replaces the whole cache with a List's result, telling listeners what changed.
+    /// Replaces the whole cache with a List's result, telling listeners what changed:
+    /// what appeared, what changed and — so that a watch that was down loses nothing —
+    /// what vanished meanwhile.
     pub fn replace(&self, objects: Vec<T>, resource_version: i64) {
         let mut fresh: HashMap<ObjectRef, T> = objects
             .into_iter()
@@ -270,7 +284,11 @@ impl<T: Resource + Send + Sync> Store<T> {
             }
             for (key, object) in fresh.drain() {
                 let old = state.objects.get(&key).cloned();
-                if old.as_deref() == Some(&object) {
+                // A newer copy stored since the List was served is kept.
+                if old.as_deref().is_some_and(|cached| {
+                    cached == &object
+                        || meta(cached).resource_version > meta(&object).resource_version
+                }) {
                     continue;
                 }
                 let new = Arc::new(object);
@@ -698,5 +716,52 @@ mod tests {
             0,
             "removing nothing is no change"
         );
+    }
+
+    fn versioned(name: &str, uid: &str, rv: i64) -> v1::Port {
+        let mut p = port(name, uid, None);
+        p.metadata.as_mut().unwrap().resource_version = rv;
+        p
+    }
+
+    #[test]
+    fn objects_only_move_forward() {
+        let store = Store::<v1::Port>::new();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let c = calls.clone();
+        store.listen(move |_: &Change<v1::Port>| {
+            c.fetch_add(1, Ordering::SeqCst);
+        });
+        store.apply(versioned("a", "u1", 5));
+        // A late watch event, older than what a reconciler stored after its write.
+        store.apply(versioned("a", "u1", 4));
+        let key = ObjectRef::new(Kind::Port, "default", "a");
+        assert_eq!(meta(store.get(&key).unwrap().as_ref()).resource_version, 5);
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            1,
+            "the stale copy is no change"
+        );
+        // A List served before that write keeps the newer copy too.
+        store.replace(vec![versioned("a", "u1", 3)], 4);
+        assert_eq!(meta(store.get(&key).unwrap().as_ref()).resource_version, 5);
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn a_relist_reports_objects_that_vanished_to_listeners() {
+        let store = Store::<v1::Port>::new();
+        store.replace(vec![port("a", "u1", None), port("b", "u2", None)], 5);
+        let gone = Arc::new(Mutex::new(Vec::new()));
+        let seen = gone.clone();
+        store.listen(move |c: &Change<v1::Port>| {
+            if let (Some(old), None) = (&c.old, &c.new) {
+                seen.lock().unwrap().push(meta(old.as_ref()).uid.clone());
+            }
+        });
+        // The watch was down while a was deleted: the relist is how the listener learns.
+        store.replace(vec![port("b", "u2", None)], 9);
+        assert_eq!(*gone.lock().unwrap(), ["u1"]);
+        assert!(store.by_index(UID, "u1").is_empty());
     }
 }
