@@ -626,10 +626,163 @@ fn credentials_and_reachability_errors_are_one_clear_line() {
         .assert()
         .failure();
     assert_eq!(
-        stderr(&out).lines().count(),
-        1,
-        "stops at the first unreachable call: {}",
-        stderr(&out)
+        stderr(&out),
+        format!(
+            "error: cannot reach the apiserver at 127.0.0.1:{port}: connection refused (is `ferro up` running?)\n\
+             0 of 3 objects applied; re-run to continue\n"
+        ),
+        "stops at the first unreachable call, at once, and says how far it got"
+    );
+}
+
+/// `ferro apiserver` alone on a fixed port over a real etcd, so that it can be killed and
+/// started again under a running command.
+struct LoneApiserver {
+    listen: String,
+    store: String,
+    tokens: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl LoneApiserver {
+    fn start(dir: &Path, store: &str) -> LoneApiserver {
+        let tokens = dir.join("tokens");
+        std::fs::write(&tokens, "admin-token admin\n").unwrap();
+        let mut apiserver = LoneApiserver {
+            listen: format!("127.0.0.1:{}", free_port()),
+            store: store.to_owned(),
+            tokens,
+            log: dir.join("apiserver.log"),
+            child: None,
+        };
+        apiserver.spawn();
+        apiserver
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(ferro_bin())
+            .args([
+                "apiserver",
+                "--listen",
+                &self.listen,
+                "--store",
+                &self.store,
+            ])
+            .arg("--token-file")
+            .arg(&self.tokens)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("ferro apiserver starts");
+        self.child = Some(child);
+        let begin = Instant::now();
+        while std::net::TcpStream::connect(&self.listen).is_err() {
+            assert!(
+                begin.elapsed() < READY_TIMEOUT,
+                "the apiserver does not listen:\n{}",
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn ferro(&self) -> Command {
+        let mut command = Command::new(ferro_bin());
+        command
+            .env("FERRO_SERVER", &self.listen)
+            .env("FERRO_TOKEN", "admin-token")
+            .env("FERRO_CONFIG", "/nonexistent/ferro-config.yaml");
+        command
+    }
+}
+
+impl Drop for LoneApiserver {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+#[test]
+fn an_apply_rides_out_an_apiserver_restart() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let etcd = runtime
+        .block_on(ferro_store::etcd_process::EtcdProcess::start(
+            ferro_store::etcd_process::EtcdOptions::throwaway(),
+        ))
+        .expect("etcd starts");
+    let store = format!("etcd://127.0.0.1:{}", etcd.client_port());
+    let mut apiserver = LoneApiserver::start(dir.path(), &store);
+
+    const OBJECTS: usize = 200;
+    let manifest: String = (0..OBJECTS)
+        .map(|i| {
+            format!(
+                "apiVersion: ferro/v1\nkind: Flavor\nmetadata:\n  name: f-{i:03}\nspec:\n  vcpus: 1\n  ramMib: 512\n  diskGib: 1\n---\n"
+            )
+        })
+        .collect();
+    let file = dir.path().join("flavors.yaml");
+    std::fs::write(&file, manifest).unwrap();
+
+    let mut apply = apiserver
+        .ferro()
+        .args(["apply", "-f", path(&file)])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr_pipe = apply.stderr.take().unwrap();
+    let errors = std::thread::spawn(move || {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::io::BufReader::new(stderr_pipe), &mut text)
+            .unwrap();
+        text
+    });
+    let mut lines = std::io::BufReader::new(apply.stdout.take().unwrap()).lines();
+    let mut applied = Vec::new();
+    // A few objects in, the apiserver dies; it is back a second later on the same port.
+    for line in lines.by_ref().take(10) {
+        applied.push(line.unwrap());
+    }
+    apiserver.kill();
+    std::thread::sleep(Duration::from_secs(1));
+    apiserver.spawn();
+    applied.extend(lines.map(Result::unwrap));
+    let status = apply.wait().unwrap();
+    let errors = errors.join().unwrap();
+
+    assert!(status.success(), "apply failed:\n{errors}");
+    assert_eq!(
+        errors, "apiserver unavailable, retrying…\n",
+        "one retry line"
+    );
+    assert_eq!(applied.len(), OBJECTS, "{applied:?}");
+    let listed = apiserver.ferro().args(["get", "flavors"]).output().unwrap();
+    let table = String::from_utf8_lossy(&listed.stdout);
+    assert_eq!(
+        table.lines().filter(|l| l.starts_with("f-")).count(),
+        OBJECTS,
+        "{table}"
     );
 }
 
