@@ -648,7 +648,7 @@ struct LoneApiserver {
 impl LoneApiserver {
     fn start(dir: &Path, store: &str) -> LoneApiserver {
         let tokens = dir.join("tokens");
-        std::fs::write(&tokens, "admin-token admin\n").unwrap();
+        std::fs::write(&tokens, "admin-token admin\nnode-token system:node:n1\n").unwrap();
         let mut apiserver = LoneApiserver {
             listen: format!("127.0.0.1:{}", free_port()),
             store: store.to_owned(),
@@ -1645,4 +1645,160 @@ fn explain_and_completion_need_no_cloud() {
             "{shell}"
         );
     }
+}
+
+/// A node agent's console side, played in-process for node `n1`: the serial log of the
+/// server with uid `quiet` is empty, every other one holds `booting` and a ready line,
+/// and a followed log stays open after them.
+fn fake_console_agent(runtime: &tokio::runtime::Runtime, server: &str, quiet: String) {
+    use ferro_api::v1::{self, console_open::Mode};
+    use futures::StreamExt;
+    let _entered = runtime.enter();
+    let client = ferro_api::client::Client::connect_lazy(server, "node-token").unwrap();
+    let mut tunnel = runtime
+        .block_on(
+            client
+                .consoles()
+                .tunnel(v1::TunnelHello { node: "n1".into() }),
+        )
+        .expect("the tunnel opens")
+        .into_inner();
+    runtime.spawn(async move {
+        while let Some(Ok(open)) = tunnel.next().await {
+            let output: &[u8] = if open.server_uid == quiet {
+                b""
+            } else {
+                b"booting\r\nFERRO-READY hostname=chatty boot-count=1\r\n"
+            };
+            let mut messages = vec![v1::ConsoleData {
+                session: open.session.clone(),
+                ..Default::default()
+            }];
+            if !output.is_empty() {
+                messages.push(v1::ConsoleData {
+                    data: output.to_vec(),
+                    ..Default::default()
+                });
+            }
+            let (tx, stream) = futures::channel::mpsc::unbounded();
+            for message in messages {
+                tx.unbounded_send(message).unwrap();
+            }
+            // A log ends after what it holds; a followed one stays open.
+            let keep = (open.mode != Mode::Log as i32).then_some(tx);
+            let mut consoles = client.consoles();
+            tokio::spawn(async move {
+                let _keep = keep;
+                if let Ok(keys) = consoles.serve(stream).await {
+                    let mut keys = keys.into_inner();
+                    while keys.next().await.is_some() {}
+                }
+            });
+        }
+    });
+}
+
+#[test]
+fn an_empty_console_is_said_and_wait_follows_the_console() {
+    let dir = tempfile::tempdir().unwrap();
+    let apiserver = LoneApiserver::start(dir.path(), "memory");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let admin = {
+        let _entered = runtime.enter();
+        ferro_api::client::Client::connect_lazy(&apiserver.listen, "admin-token").unwrap()
+    };
+    let node =
+        ferro_api::codec::decode_yaml("apiVersion: ferro/v1\nkind: Node\nmetadata: {name: n1}\n")
+            .unwrap()
+            .remove(0);
+    runtime.block_on(admin.create(node)).unwrap();
+    let mut uids = Vec::new();
+    for name in ["quiet", "chatty", "unplaced"] {
+        let text = format!(
+            "apiVersion: ferro/v1\nkind: Server\nmetadata: {{name: {name}}}\nspec: {{flavor: m1.tiny, image: tiny}}\n"
+        );
+        let object = ferro_api::codec::decode_yaml(&text).unwrap().remove(0);
+        let created = runtime.block_on(admin.create(object)).unwrap();
+        uids.push(created.metadata().unwrap().uid.clone());
+        if name != "unplaced" {
+            let flavor = ferro_api::v1::FlavorSnapshot {
+                name: "m1.tiny".into(),
+                vcpus: 1,
+                ram_mib: 128,
+                ..Default::default()
+            };
+            runtime
+                .block_on(admin.bind("default", name, "n1", flavor))
+                .unwrap();
+        }
+    }
+    fake_console_agent(&runtime, &apiserver.listen, uids[0].clone());
+    let run = |args: &[&str]| {
+        assert_cmd::Command::from_std(apiserver.ferro())
+            .args(args)
+            .timeout(Duration::from_secs(60))
+            .assert()
+    };
+
+    // Nothing printed yet is said, and is not an error.
+    let out = run(&["logs", "server/quiet"]).success();
+    assert_eq!(stdout(&out), "");
+    assert_eq!(stderr(&out), "no console output yet\n");
+    let out = run(&["logs", "chatty"]).success();
+    assert!(stdout(&out).contains("FERRO-READY"), "{}", stdout(&out));
+    assert_eq!(stderr(&out), "");
+
+    // A line that is there, one that never comes, and a server with no console yet.
+    let out = run(&[
+        "wait",
+        "server/chatty",
+        "--for",
+        "console=^FERRO-READY ",
+        "--timeout",
+        "30s",
+    ])
+    .success();
+    assert_eq!(
+        stdout(&out),
+        "server/chatty console: FERRO-READY hostname=chatty boot-count=1\n"
+    );
+    let out = run(&[
+        "wait",
+        "server/chatty",
+        "--for",
+        "console=NEVER",
+        "--timeout",
+        "2s",
+    ])
+    .failure();
+    assert_eq!(
+        stderr(&out),
+        "error: timed out after 2s waiting for servers/chatty console line matching `NEVER`: \
+         last line: FERRO-READY hostname=chatty boot-count=1\n"
+    );
+    let out = run(&[
+        "wait",
+        "server/unplaced",
+        "--for",
+        "console=x",
+        "--timeout",
+        "2s",
+    ])
+    .failure();
+    assert_eq!(
+        stderr(&out),
+        "error: timed out after 2s waiting for servers/unplaced console line matching `x`: \
+         is not placed on a node yet; it has no console\n"
+    );
+    let out = run(&["wait", "server/nope", "--for", "console=x"]).failure();
+    assert_eq!(stderr(&out), "error: servers/nope not found\n");
+    let out = run(&["wait", "network/n", "--for", "console=x"]).failure();
+    assert_eq!(
+        stderr(&out),
+        "error: --for console=…: only servers have a console; `network/n` is a Network\n"
+    );
 }

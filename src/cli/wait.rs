@@ -1,5 +1,7 @@
 //! `ferro wait KIND/NAME… --for condition=Ready|condition=X=False|delete [--timeout 60s]`:
 //! block until each object meets the condition, following a watch (no polling).
+//! `ferro wait server/NAME --for console=REGEX` follows the serial console instead, until
+//! a line matches (see [`super::logs::wait_for_console`]).
 //!
 //! On a terminal a spinner shows what the object currently says about the condition; on
 //! timeout one line names what still blocks: the condition's reason and message, or, for
@@ -21,8 +23,9 @@ pub struct WaitArgs {
     /// The objects: `server/web-1 network/app-net`.
     #[arg(value_name = "KIND/NAME", required = true)]
     pub targets: Vec<String>,
-    /// What to wait for: `condition=Ready` (status True), `condition=Ready=False`, or
-    /// `delete` (the object is gone).
+    /// What to wait for: `condition=Ready` (status True), `condition=Ready=False`,
+    /// `delete` (the object is gone), or for a server `console=REGEX` (a line of its serial
+    /// console matches).
     #[arg(long = "for", value_name = "CONDITION")]
     pub condition: String,
     /// How long to wait for all of them: `30s`, `5m`, `1h`.
@@ -317,6 +320,9 @@ pub async fn wait_for(
 pub fn run(connection: &ConnectionArgs, args: WaitArgs) -> anyhow::Result<()> {
     let runtime = super::runtime()?;
     let _entered = runtime.enter();
+    if let Some(pattern) = args.condition.strip_prefix("console=") {
+        return wait_for_console(connection, &args, pattern, &runtime);
+    }
     let goal = Goal::parse(&args.condition)?;
     let timeout = parse_duration(&args.timeout)?;
     let targets = args
@@ -354,6 +360,53 @@ pub fn run(connection: &ConnectionArgs, args: WaitArgs) -> anyhow::Result<()> {
             }
             Err(WaitError::Interrupted) => return Err(anyhow!("interrupted")),
             Err(WaitError::Api(e)) => return Err(anyhow!("{}", connection.explain(&e))),
+        }
+    }
+    Ok(())
+}
+
+/// `--for console=REGEX`: follows each server's serial console until a line matches, and
+/// prints it.
+fn wait_for_console(
+    connection: &ConnectionArgs,
+    args: &WaitArgs,
+    pattern: &str,
+    runtime: &tokio::runtime::Runtime,
+) -> anyhow::Result<()> {
+    use super::logs::ConsoleWaitError;
+    let regex = regex_lite::Regex::new(pattern)
+        .map_err(|e| anyhow!("--for console={pattern}: not a regular expression: {e}"))?;
+    let timeout = parse_duration(&args.timeout)?;
+    let mut names = Vec::new();
+    for target in &args.targets {
+        let (kind, name) = parse_reference(target)?;
+        if kind != Kind::Server {
+            return Err(anyhow!(
+                "--for console=…: only servers have a console; `{target}` is a {}",
+                kind.name()
+            ));
+        }
+        names.push(name);
+    }
+    let connection = Connection::resolve(connection, args.project.as_deref())?;
+    let deadline = tokio::time::Instant::now() + timeout;
+    for name in names {
+        let found = runtime.block_on(super::logs::wait_for_console(
+            &connection,
+            &name,
+            &regex,
+            deadline,
+        ));
+        match found {
+            Ok(line) => println!("server/{name} console: {line}"),
+            Err(ConsoleWaitError::TimedOut(blocker)) => {
+                return Err(anyhow!(
+                    "timed out after {} waiting for servers/{name} console line matching `{pattern}`: {blocker}",
+                    args.timeout
+                ));
+            }
+            Err(ConsoleWaitError::Interrupted) => return Err(anyhow!("interrupted")),
+            Err(ConsoleWaitError::Failed(line)) => return Err(anyhow!("{line}")),
         }
     }
     Ok(())
