@@ -1802,3 +1802,109 @@ fn an_empty_console_is_said_and_wait_follows_the_console() {
         "error: --for console=…: only servers have a console; `network/n` is a Network\n"
     );
 }
+
+/// The Python snippet of README.md, run as written with grpcio from PyPI in a venv cached
+/// under `target/`: it lists the services through v1alpha reflection (health included),
+/// lists servers and watches with initial events, with no `.proto` file. Skipped, saying
+/// so, only when PyPI cannot be reached.
+#[test]
+fn readme_python_client_lists_services_and_watches_with_initial_events() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let snippet = readme
+        .split("```python\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("README.md has a python snippet");
+
+    let venv = root.join("target/ferro-python-client");
+    let python = venv.join("bin/python");
+    let ready = venv.join("installed");
+    if !ready.exists() {
+        let status = Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()
+            .expect("python3 runs");
+        assert!(status.success(), "python3 -m venv failed");
+        let pip = Command::new(&python)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--timeout",
+                "30",
+                "grpcio",
+                "grpcio-reflection",
+                "protobuf",
+            ])
+            .output()
+            .expect("pip runs");
+        if !pip.status.success() {
+            let reachable = std::net::ToSocketAddrs::to_socket_addrs(&("pypi.org", 443))
+                .ok()
+                .and_then(|mut addresses| addresses.next())
+                .is_some_and(|a| {
+                    std::net::TcpStream::connect_timeout(&a, Duration::from_secs(5)).is_ok()
+                });
+            if !reachable {
+                println!(
+                    "SKIPPED: PyPI is unreachable, so grpcio cannot be installed: {}",
+                    String::from_utf8_lossy(&pip.stderr)
+                        .lines()
+                        .last()
+                        .unwrap_or("")
+                );
+                return;
+            }
+            panic!(
+                "pip install failed:\n{}",
+                String::from_utf8_lossy(&pip.stderr)
+            );
+        }
+        std::fs::write(&ready, "grpcio grpcio-reflection protobuf\n").unwrap();
+    }
+
+    let cloud = Cloud::start();
+    let stack = cloud.write("stack.yaml", STACK);
+    cloud.run(&["apply", "-f", path(&stack)]).success();
+    let config = std::fs::read_to_string(cloud.config()).unwrap();
+    let token = config
+        .lines()
+        .find_map(|l| l.strip_prefix("token: "))
+        .map(|v| v.trim_matches('"').to_owned())
+        .expect("the config holds a token");
+    let script = cloud.write("client.py", snippet);
+    let out = Command::new(&python)
+        .arg(&script)
+        .env("FERRO_SERVER", &cloud.api_addr)
+        .env("FERRO_TOKEN", token)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "the snippet failed:\n{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = text.lines().collect();
+    let services: Vec<&str> = lines[0]
+        .strip_prefix("services: ")
+        .expect("services first")
+        .split(' ')
+        .collect();
+    for service in [
+        "ferro.v1.Resources",
+        "ferro.v1.Consoles",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ] {
+        assert!(services.contains(&service), "{service} missing: {text}");
+    }
+    assert_eq!(lines[1], "server web-1", "{text}");
+    assert_eq!(lines[2], "Added web-1", "{text}");
+    assert!(lines[3].starts_with("bookmark "), "{text}");
+    assert_eq!(lines.len(), 4, "{text}");
+}
