@@ -13,6 +13,7 @@ use anyhow::anyhow;
 use ferro_api::{Kind, v1};
 use futures::StreamExt;
 
+use super::wait::WaitArgs;
 use super::{Connection, ConnectionArgs, interrupted, parse_reference};
 
 /// Arguments of `ferro logs`.
@@ -120,6 +121,47 @@ fn is_transport(message: &str) -> bool {
     ]
     .iter()
     .any(|m| message.contains(m))
+}
+
+/// `ferro wait server/NAME… --for console=REGEX`: follows each server's serial console
+/// until a line matches, and prints it.
+pub fn wait_for_consoles(
+    connection: &ConnectionArgs,
+    args: &WaitArgs,
+    pattern: &str,
+    timeout: Duration,
+    runtime: &tokio::runtime::Runtime,
+) -> anyhow::Result<()> {
+    let regex = regex_lite::Regex::new(pattern)
+        .map_err(|e| anyhow!("--for console={pattern}: not a regular expression: {e}"))?;
+    let mut names = Vec::new();
+    for target in &args.targets {
+        let (kind, name) = parse_reference(target)?;
+        if kind != Kind::Server {
+            return Err(anyhow!(
+                "--for console=…: only servers have a console; `{target}` is a {}",
+                kind.name()
+            ));
+        }
+        names.push(name);
+    }
+    let connection = Connection::resolve(connection, args.project.as_deref())?;
+    let deadline = tokio::time::Instant::now() + timeout;
+    for name in names {
+        let found = runtime.block_on(wait_for_console(&connection, &name, &regex, deadline));
+        match found {
+            Ok(line) => println!("server/{name} console: {line}"),
+            Err(ConsoleWaitError::TimedOut(blocker)) => {
+                return Err(anyhow!(
+                    "timed out after {} waiting for servers/{name} console line matching `{pattern}`: {blocker}",
+                    args.timeout
+                ));
+            }
+            Err(ConsoleWaitError::Interrupted) => return Err(anyhow!("interrupted")),
+            Err(ConsoleWaitError::Failed(line)) => return Err(anyhow!("{line}")),
+        }
+    }
+    Ok(())
 }
 
 /// Why `ferro wait --for console=REGEX` ended without a matching line.

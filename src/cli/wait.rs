@@ -321,7 +321,8 @@ pub fn run(connection: &ConnectionArgs, args: WaitArgs) -> anyhow::Result<()> {
     let runtime = super::runtime()?;
     let _entered = runtime.enter();
     if let Some(pattern) = args.condition.strip_prefix("console=") {
-        return wait_for_console(connection, &args, pattern, &runtime);
+        let timeout = parse_duration(&args.timeout)?;
+        return super::logs::wait_for_consoles(connection, &args, pattern, timeout, &runtime);
     }
     let goal = Goal::parse(&args.condition)?;
     let timeout = parse_duration(&args.timeout)?;
@@ -360,53 +361,6 @@ pub fn run(connection: &ConnectionArgs, args: WaitArgs) -> anyhow::Result<()> {
             }
             Err(WaitError::Interrupted) => return Err(anyhow!("interrupted")),
             Err(WaitError::Api(e)) => return Err(anyhow!("{}", connection.explain(&e))),
-        }
-    }
-    Ok(())
-}
-
-/// `--for console=REGEX`: follows each server's serial console until a line matches, and
-/// prints it.
-fn wait_for_console(
-    connection: &ConnectionArgs,
-    args: &WaitArgs,
-    pattern: &str,
-    runtime: &tokio::runtime::Runtime,
-) -> anyhow::Result<()> {
-    use super::logs::ConsoleWaitError;
-    let regex = regex_lite::Regex::new(pattern)
-        .map_err(|e| anyhow!("--for console={pattern}: not a regular expression: {e}"))?;
-    let timeout = parse_duration(&args.timeout)?;
-    let mut names = Vec::new();
-    for target in &args.targets {
-        let (kind, name) = parse_reference(target)?;
-        if kind != Kind::Server {
-            return Err(anyhow!(
-                "--for console=…: only servers have a console; `{target}` is a {}",
-                kind.name()
-            ));
-        }
-        names.push(name);
-    }
-    let connection = Connection::resolve(connection, args.project.as_deref())?;
-    let deadline = tokio::time::Instant::now() + timeout;
-    for name in names {
-        let found = runtime.block_on(super::logs::wait_for_console(
-            &connection,
-            &name,
-            &regex,
-            deadline,
-        ));
-        match found {
-            Ok(line) => println!("server/{name} console: {line}"),
-            Err(ConsoleWaitError::TimedOut(blocker)) => {
-                return Err(anyhow!(
-                    "timed out after {} waiting for servers/{name} console line matching `{pattern}`: {blocker}",
-                    args.timeout
-                ));
-            }
-            Err(ConsoleWaitError::Interrupted) => return Err(anyhow!("interrupted")),
-            Err(ConsoleWaitError::Failed(line)) => return Err(anyhow!("{line}")),
         }
     }
     Ok(())
