@@ -693,10 +693,163 @@ fn credentials_and_reachability_errors_are_one_clear_line() {
         .assert()
         .failure();
     assert_eq!(
-        stderr(&out).lines().count(),
-        1,
-        "stops at the first unreachable call: {}",
-        stderr(&out)
+        stderr(&out),
+        format!(
+            "error: cannot reach the apiserver at 127.0.0.1:{port}: connection refused (is `ferro up` running?)\n\
+             0 of 3 objects applied; re-run to continue\n"
+        ),
+        "stops at the first unreachable call, at once, and says how far it got"
+    );
+}
+
+/// `ferro apiserver` alone on a fixed port over a real etcd, so that it can be killed and
+/// started again under a running command.
+struct LoneApiserver {
+    listen: String,
+    store: String,
+    tokens: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl LoneApiserver {
+    fn start(dir: &Path, store: &str) -> LoneApiserver {
+        let tokens = dir.join("tokens");
+        std::fs::write(&tokens, "admin-token admin\nnode-token system:node:n1\n").unwrap();
+        let mut apiserver = LoneApiserver {
+            listen: format!("127.0.0.1:{}", free_port()),
+            store: store.to_owned(),
+            tokens,
+            log: dir.join("apiserver.log"),
+            child: None,
+        };
+        apiserver.spawn();
+        apiserver
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(ferro_bin())
+            .args([
+                "apiserver",
+                "--listen",
+                &self.listen,
+                "--store",
+                &self.store,
+            ])
+            .arg("--token-file")
+            .arg(&self.tokens)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("ferro apiserver starts");
+        self.child = Some(child);
+        let begin = Instant::now();
+        while std::net::TcpStream::connect(&self.listen).is_err() {
+            assert!(
+                begin.elapsed() < READY_TIMEOUT,
+                "the apiserver does not listen:\n{}",
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn ferro(&self) -> Command {
+        let mut command = Command::new(ferro_bin());
+        command
+            .env("FERRO_SERVER", &self.listen)
+            .env("FERRO_TOKEN", "admin-token")
+            .env("FERRO_CONFIG", "/nonexistent/ferro-config.yaml");
+        command
+    }
+}
+
+impl Drop for LoneApiserver {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+#[test]
+fn an_apply_rides_out_an_apiserver_restart() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let etcd = runtime
+        .block_on(ferro_store::etcd_process::EtcdProcess::start(
+            ferro_store::etcd_process::EtcdOptions::throwaway(),
+        ))
+        .expect("etcd starts");
+    let store = format!("etcd://127.0.0.1:{}", etcd.client_port());
+    let mut apiserver = LoneApiserver::start(dir.path(), &store);
+
+    const OBJECTS: usize = 200;
+    let manifest: String = (0..OBJECTS)
+        .map(|i| {
+            format!(
+                "apiVersion: ferro/v1\nkind: Flavor\nmetadata:\n  name: f-{i:03}\nspec:\n  vcpus: 1\n  ramMib: 512\n  diskGib: 1\n---\n"
+            )
+        })
+        .collect();
+    let file = dir.path().join("flavors.yaml");
+    std::fs::write(&file, manifest).unwrap();
+
+    let mut apply = apiserver
+        .ferro()
+        .args(["apply", "-f", path(&file)])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr_pipe = apply.stderr.take().unwrap();
+    let errors = std::thread::spawn(move || {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::io::BufReader::new(stderr_pipe), &mut text)
+            .unwrap();
+        text
+    });
+    let mut lines = std::io::BufReader::new(apply.stdout.take().unwrap()).lines();
+    let mut applied = Vec::new();
+    // A few objects in, the apiserver dies; it is back a second later on the same port.
+    for line in lines.by_ref().take(10) {
+        applied.push(line.unwrap());
+    }
+    apiserver.kill();
+    std::thread::sleep(Duration::from_secs(1));
+    apiserver.spawn();
+    applied.extend(lines.map(Result::unwrap));
+    let status = apply.wait().unwrap();
+    let errors = errors.join().unwrap();
+
+    assert!(status.success(), "apply failed:\n{errors}");
+    assert_eq!(
+        errors, "apiserver unavailable, retrying…\n",
+        "one retry line"
+    );
+    assert_eq!(applied.len(), OBJECTS, "{applied:?}");
+    let listed = apiserver.ferro().args(["get", "flavors"]).output().unwrap();
+    let table = String::from_utf8_lossy(&listed.stdout);
+    assert_eq!(
+        table.lines().filter(|l| l.starts_with("f-")).count(),
+        OBJECTS,
+        "{table}"
     );
 }
 
@@ -1989,4 +2142,266 @@ fn a_yaml_bomb_is_refused_within_its_budget() {
         bomb_rss.saturating_sub(base_rss) < 10 * 1024,
         "{bomb_rss} KiB against {base_rss} KiB"
     );
+}
+
+/// A node agent's console side, played in-process for node `n1`: the serial log of the
+/// server with uid `quiet` is empty, every other one holds `booting` and a ready line,
+/// and a followed log stays open after them.
+fn fake_console_agent(runtime: &tokio::runtime::Runtime, server: &str, quiet: String) {
+    use ferro_api::v1::{self, console_open::Mode};
+    use futures::StreamExt;
+    let _entered = runtime.enter();
+    let client = ferro_api::client::Client::connect_lazy(server, "node-token").unwrap();
+    let mut tunnel = runtime
+        .block_on(
+            client
+                .consoles()
+                .tunnel(v1::TunnelHello { node: "n1".into() }),
+        )
+        .expect("the tunnel opens")
+        .into_inner();
+    runtime.spawn(async move {
+        while let Some(Ok(open)) = tunnel.next().await {
+            let output: &[u8] = if open.server_uid == quiet {
+                b""
+            } else {
+                b"booting\r\nFERRO-READY hostname=chatty boot-count=1\r\n"
+            };
+            let mut messages = vec![v1::ConsoleData {
+                session: open.session.clone(),
+                ..Default::default()
+            }];
+            if !output.is_empty() {
+                messages.push(v1::ConsoleData {
+                    data: output.to_vec(),
+                    ..Default::default()
+                });
+            }
+            let (tx, stream) = futures::channel::mpsc::unbounded();
+            for message in messages {
+                tx.unbounded_send(message).unwrap();
+            }
+            // A log ends after what it holds; a followed one stays open.
+            let keep = (open.mode != Mode::Log as i32).then_some(tx);
+            let mut consoles = client.consoles();
+            tokio::spawn(async move {
+                let _keep = keep;
+                if let Ok(keys) = consoles.serve(stream).await {
+                    let mut keys = keys.into_inner();
+                    while keys.next().await.is_some() {}
+                }
+            });
+        }
+    });
+}
+
+#[test]
+fn an_empty_console_is_said_and_wait_follows_the_console() {
+    let dir = tempfile::tempdir().unwrap();
+    let apiserver = LoneApiserver::start(dir.path(), "memory");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let admin = {
+        let _entered = runtime.enter();
+        ferro_api::client::Client::connect_lazy(&apiserver.listen, "admin-token").unwrap()
+    };
+    let node =
+        ferro_api::codec::decode_yaml("apiVersion: ferro/v1\nkind: Node\nmetadata: {name: n1}\n")
+            .unwrap()
+            .remove(0);
+    runtime.block_on(admin.create(node)).unwrap();
+    let mut uids = Vec::new();
+    for name in ["quiet", "chatty", "unplaced"] {
+        let text = format!(
+            "apiVersion: ferro/v1\nkind: Server\nmetadata: {{name: {name}}}\nspec: {{flavor: m1.tiny, image: tiny}}\n"
+        );
+        let object = ferro_api::codec::decode_yaml(&text).unwrap().remove(0);
+        let created = runtime.block_on(admin.create(object)).unwrap();
+        uids.push(created.metadata().unwrap().uid.clone());
+        if name != "unplaced" {
+            let flavor = ferro_api::v1::FlavorSnapshot {
+                name: "m1.tiny".into(),
+                vcpus: 1,
+                ram_mib: 128,
+                ..Default::default()
+            };
+            runtime
+                .block_on(admin.bind("default", name, "n1", flavor))
+                .unwrap();
+        }
+    }
+    fake_console_agent(&runtime, &apiserver.listen, uids[0].clone());
+    let run = |args: &[&str]| {
+        assert_cmd::Command::from_std(apiserver.ferro())
+            .args(args)
+            .timeout(Duration::from_secs(60))
+            .assert()
+    };
+
+    // Nothing printed yet is said, and is not an error.
+    let out = run(&["logs", "server/quiet"]).success();
+    assert_eq!(stdout(&out), "");
+    assert_eq!(stderr(&out), "no console output yet\n");
+    let out = run(&["logs", "chatty"]).success();
+    assert!(stdout(&out).contains("FERRO-READY"), "{}", stdout(&out));
+    assert_eq!(stderr(&out), "");
+
+    // A line that is there, one that never comes, and a server with no console yet.
+    let out = run(&[
+        "wait",
+        "server/chatty",
+        "--for",
+        "console=^FERRO-READY ",
+        "--timeout",
+        "30s",
+    ])
+    .success();
+    assert_eq!(
+        stdout(&out),
+        "server/chatty console: FERRO-READY hostname=chatty boot-count=1\n"
+    );
+    let out = run(&[
+        "wait",
+        "server/chatty",
+        "--for",
+        "console=NEVER",
+        "--timeout",
+        "2s",
+    ])
+    .failure();
+    assert_eq!(
+        stderr(&out),
+        "error: timed out after 2s waiting for servers/chatty console line matching `NEVER`: \
+         last line: FERRO-READY hostname=chatty boot-count=1\n"
+    );
+    let out = run(&[
+        "wait",
+        "server/unplaced",
+        "--for",
+        "console=x",
+        "--timeout",
+        "2s",
+    ])
+    .failure();
+    assert_eq!(
+        stderr(&out),
+        "error: timed out after 2s waiting for servers/unplaced console line matching `x`: \
+         is not placed on a node yet; it has no console\n"
+    );
+    let out = run(&["wait", "server/nope", "--for", "console=x"]).failure();
+    assert_eq!(stderr(&out), "error: servers/nope not found\n");
+    let out = run(&["wait", "network/n", "--for", "console=x"]).failure();
+    assert_eq!(
+        stderr(&out),
+        "error: --for console=…: only servers have a console; `network/n` is a Network\n"
+    );
+}
+
+/// The Python snippet of README.md, run as written with grpcio from PyPI in a venv cached
+/// under `target/`: it lists the services through v1alpha reflection (health included),
+/// lists servers and watches with initial events, with no `.proto` file. Skipped, saying
+/// so, only when PyPI cannot be reached.
+#[test]
+fn readme_python_client_lists_services_and_watches_with_initial_events() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let snippet = readme
+        .split("```python\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("README.md has a python snippet");
+
+    let venv = root.join("target/ferro-python-client");
+    let python = venv.join("bin/python");
+    let ready = venv.join("installed");
+    if !ready.exists() {
+        let status = Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()
+            .expect("python3 runs");
+        assert!(status.success(), "python3 -m venv failed");
+        let pip = Command::new(&python)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--timeout",
+                "30",
+                "grpcio",
+                "grpcio-reflection",
+                "protobuf",
+            ])
+            .output()
+            .expect("pip runs");
+        if !pip.status.success() {
+            let reachable = std::net::ToSocketAddrs::to_socket_addrs(&("pypi.org", 443))
+                .ok()
+                .and_then(|mut addresses| addresses.next())
+                .is_some_and(|a| {
+                    std::net::TcpStream::connect_timeout(&a, Duration::from_secs(5)).is_ok()
+                });
+            if !reachable {
+                println!(
+                    "SKIPPED: PyPI is unreachable, so grpcio cannot be installed: {}",
+                    String::from_utf8_lossy(&pip.stderr)
+                        .lines()
+                        .last()
+                        .unwrap_or("")
+                );
+                return;
+            }
+            panic!(
+                "pip install failed:\n{}",
+                String::from_utf8_lossy(&pip.stderr)
+            );
+        }
+        std::fs::write(&ready, "grpcio grpcio-reflection protobuf\n").unwrap();
+    }
+
+    let cloud = Cloud::start();
+    let stack = cloud.write("stack.yaml", STACK);
+    cloud.run(&["apply", "-f", path(&stack)]).success();
+    let config = std::fs::read_to_string(cloud.config()).unwrap();
+    let token = config
+        .lines()
+        .find_map(|l| l.strip_prefix("token: "))
+        .map(|v| v.trim_matches('"').to_owned())
+        .expect("the config holds a token");
+    let script = cloud.write("client.py", snippet);
+    let out = Command::new(&python)
+        .arg(&script)
+        .env("FERRO_SERVER", &cloud.api_addr)
+        .env("FERRO_TOKEN", token)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "the snippet failed:\n{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = text.lines().collect();
+    let services: Vec<&str> = lines[0]
+        .strip_prefix("services: ")
+        .expect("services first")
+        .split(' ')
+        .collect();
+    for service in [
+        "ferro.v1.Resources",
+        "ferro.v1.Consoles",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ] {
+        assert!(services.contains(&service), "{service} missing: {text}");
+    }
+    assert_eq!(lines[1], "server web-1", "{text}");
+    assert_eq!(lines[2], "Added web-1", "{text}");
+    assert!(lines[3].starts_with("bookmark "), "{text}");
+    assert_eq!(lines.len(), 4, "{text}");
 }

@@ -2,7 +2,20 @@
 //!
 //! It carries the bearer token on every call and turns gRPC statuses back into
 //! [`Error`](crate::Error), so callers match on `Error::NotFound` rather than status codes.
+//!
+//! With [`Client::with_retry`] it also rides out an apiserver restart: the calls that are
+//! harmless to repeat ([`Call::is_idempotent`]: Apply, Get, List, opening a Watch, Delete
+//! with a precondition) are retried on `Unavailable` with exponential backoff and jitter,
+//! for a bounded time ([`RetryPolicy`]). Create, Update, status and metadata patches and
+//! Bind are never repeated: a lost reply would make a retry fail or write twice. Retries are
+//! opt-in: controllers and agents requeue on their own, and a Lease renewal must not hide
+//! behind seconds of retries.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use backon::{ExponentialBuilder, Retryable};
 use futures::{Stream, StreamExt};
 use tonic::{
     metadata::AsciiMetadataValue,
@@ -35,6 +48,83 @@ pub struct Client {
     inner: ResourcesClient<InterceptedService<Channel, BearerToken>>,
     channel: Channel,
     token: BearerToken,
+    retry: Option<RetryPolicy>,
+    retry_hook: Option<RetryHook>,
+    /// Whether an apiserver ever answered this client: until one did, an unreachable
+    /// address is a mistake to report at once, not a restart to wait out.
+    reached: Arc<AtomicBool>,
+}
+
+/// How long and how often a [`Client`] retries an idempotent call the apiserver could not
+/// serve.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// The longest one call keeps retrying, from its first attempt.
+    pub total: Duration,
+    /// The delay before the first retry; each next one doubles, up to `max_delay`, with
+    /// jitter so that many clients do not return at once.
+    pub min_delay: Duration,
+    /// The longest delay between two attempts.
+    pub max_delay: Duration,
+}
+
+impl Default for RetryPolicy {
+    /// 30 s in all, from 100 ms to 2 s apart: long enough for an apiserver restart.
+    fn default() -> Self {
+        RetryPolicy {
+            total: Duration::from_secs(30),
+            min_delay: Duration::from_millis(100),
+            max_delay: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Told once per call that starts retrying (not once per attempt), with the error that
+/// made it retry: the CLI prints `apiserver unavailable, retrying…` from it.
+pub type RetryHook = Arc<dyn Fn(&Error) + Send + Sync>;
+
+/// The calls of the Resources service, as far as retrying them is concerned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Call {
+    /// Apply: declares a desired state; applying it twice is applying it once.
+    Apply,
+    /// Get: a read.
+    Get,
+    /// List: a read.
+    List,
+    /// Opening a Watch (the events that follow are not retried: the caller resumes from
+    /// the last revision it saw).
+    Watch,
+    /// Create: a repeat fails with AlreadyExists when the first one landed.
+    Create,
+    /// Update: a repeat fails with Conflict when the first one landed.
+    Update,
+    /// UpdateStatus: a patch of one writer's fields.
+    UpdateStatus,
+    /// PatchMetadata: a repeat could add or remove twice.
+    PatchMetadata,
+    /// Bind: a repeat fails when the first one landed.
+    Bind,
+    /// Delete, with or without a uid or revision precondition.
+    Delete {
+        /// Whether the request names the uid or revision it deletes.
+        precondition: bool,
+    },
+}
+
+impl Call {
+    /// Whether repeating the call after a lost reply is harmless: reads, Apply, opening a
+    /// Watch, and a Delete that names the object's uid or revision (a repeat finds it
+    /// gone, or being deleted, rather than deleting a namesake created meanwhile).
+    pub fn is_idempotent(self) -> bool {
+        match self {
+            Call::Apply | Call::Get | Call::List | Call::Watch => true,
+            Call::Delete { precondition } => precondition,
+            Call::Create | Call::Update | Call::UpdateStatus | Call::PatchMetadata | Call::Bind => {
+                false
+            }
+        }
+    }
 }
 
 /// The Consoles service over a [`Client`]'s connection.
@@ -98,6 +188,18 @@ impl Selection {
     }
 }
 
+/// One attempt of an RPC, as a closure [`Client::call`] can run again: each attempt
+/// clones the client (tonic's clients are cheap handles) and the request.
+macro_rules! rpc {
+    ($client:ident, $method:ident, $request:ident) => {
+        || {
+            let mut inner = $client.inner.clone();
+            let request = $request.clone();
+            async move { inner.$method(request).await }
+        }
+    };
+}
+
 fn key(kind: Kind, project: &str, name: &str) -> Option<v1::ObjectKey> {
     Some(v1::ObjectKey {
         kind: kind.name().to_owned(),
@@ -139,7 +241,77 @@ impl Client {
             inner,
             channel,
             token,
+            retry: None,
+            retry_hook: None,
+            reached: Arc::default(),
         })
+    }
+
+    /// Retries idempotent calls ([`Call::is_idempotent`]) that fail with `Unavailable`
+    /// once an apiserver has answered this client, within `policy`. An address that never
+    /// answered fails at once: a wrong address is not worth 30 s of waiting.
+    pub fn with_retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = Some(policy);
+        self
+    }
+
+    /// Calls `hook` each time a call starts retrying (see [`RetryHook`]).
+    pub fn on_retry(mut self, hook: impl Fn(&Error) + Send + Sync + 'static) -> Self {
+        self.retry_hook = Some(Arc::new(hook));
+        self
+    }
+
+    /// Runs one call, retrying it as [`Client::with_retry`] allows.
+    async fn call<T, F, Fut>(&self, call: Call, mut attempt: F) -> Result<T, Error>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, tonic::Status>>,
+    {
+        let mut once = || {
+            let fut = attempt();
+            async {
+                match fut.await {
+                    Ok(value) => {
+                        self.reached.store(true, Ordering::Relaxed);
+                        Ok(value)
+                    }
+                    Err(status) => {
+                        if crate::error::answered_by_server(&status) {
+                            self.reached.store(true, Ordering::Relaxed);
+                        }
+                        Err(Error::from(status))
+                    }
+                }
+            }
+        };
+        let policy = match self.retry {
+            Some(policy) if call.is_idempotent() => policy,
+            _ => return once().await,
+        };
+        let started = Instant::now();
+        let mut told = false;
+        let backoff = ExponentialBuilder::default()
+            .with_min_delay(policy.min_delay)
+            .with_max_delay(policy.max_delay)
+            .with_jitter()
+            .without_max_times()
+            .with_total_delay(Some(policy.total));
+        once.retry(backoff)
+            .sleep(tokio::time::sleep)
+            .when(|error| {
+                matches!(error, Error::Unavailable { .. })
+                    && self.reached.load(Ordering::Relaxed)
+                    && started.elapsed() < policy.total
+            })
+            .notify(|error, _| {
+                if !told {
+                    told = true;
+                    if let Some(hook) = &self.retry_hook {
+                        hook(error);
+                    }
+                }
+            })
+            .await
     }
 
     /// The Consoles service (logs, attach, and the agents' tunnel) on the same connection.
@@ -162,7 +334,10 @@ impl Client {
             manager: manager.to_owned(),
             dry_run,
         };
-        let response = self.inner.clone().apply(request).await?.into_inner();
+        let response = self
+            .call(Call::Apply, rpc!(self, apply, request))
+            .await?
+            .into_inner();
         let outcome = ApplyOutcome::try_from(response.outcome).unwrap_or(ApplyOutcome::Unspecified);
         Ok((
             Object::try_from(response.object.unwrap_or_default())?,
@@ -176,7 +351,8 @@ impl Client {
             object: Some(object.into()),
             dry_run: false,
         };
-        object_of(self.inner.clone().create(request).await?.into_inner())
+        let response = self.call(Call::Create, rpc!(self, create, request)).await?;
+        object_of(response.into_inner())
     }
 
     /// Creates a typed object.
@@ -190,7 +366,8 @@ impl Client {
         let request = v1::GetRequest {
             key: key(kind, project, name),
         };
-        object_of(self.inner.clone().get(request).await?.into_inner())
+        let response = self.call(Call::Get, rpc!(self, get, request)).await?;
+        object_of(response.into_inner())
     }
 
     /// Reads one typed object.
@@ -216,7 +393,10 @@ impl Client {
             limit,
             continue_token: continue_token.to_owned(),
         };
-        let response = self.inner.clone().list(request).await?.into_inner();
+        let response = self
+            .call(Call::List, rpc!(self, list, request))
+            .await?
+            .into_inner();
         Ok(Page {
             items: response
                 .items
@@ -246,12 +426,36 @@ impl Client {
         Ok((items, revision))
     }
 
-    /// Follows changes after `resource_version` (0: from now).
+    /// Follows changes after `resource_version` (0: from now; what exists already is not
+    /// sent, so List first and watch from the List's revision, or use
+    /// [`Client::watch_list`]).
     pub async fn watch(
         &self,
         kind: Kind,
         selection: &Selection,
         resource_version: i64,
+    ) -> Result<impl Stream<Item = Result<v1::WatchEvent, Error>> + Send + 'static, Error> {
+        self.open_watch(kind, selection, resource_version, false)
+            .await
+    }
+
+    /// Follows a kind from scratch in one call (`sendInitialEvents`): every object that
+    /// matches now as an Added event, then a Bookmark at the revision they were read at,
+    /// then the changes after it.
+    pub async fn watch_list(
+        &self,
+        kind: Kind,
+        selection: &Selection,
+    ) -> Result<impl Stream<Item = Result<v1::WatchEvent, Error>> + Send + 'static, Error> {
+        self.open_watch(kind, selection, 0, true).await
+    }
+
+    async fn open_watch(
+        &self,
+        kind: Kind,
+        selection: &Selection,
+        resource_version: i64,
+        send_initial_events: bool,
     ) -> Result<impl Stream<Item = Result<v1::WatchEvent, Error>> + Send + 'static, Error> {
         let request = v1::WatchRequest {
             kind: kind.name().to_owned(),
@@ -260,8 +464,12 @@ impl Client {
             label_selector: selection.labels.clone(),
             field_selector: selection.fields.clone(),
             resource_version,
+            send_initial_events,
         };
-        let stream = self.inner.clone().watch(request).await?.into_inner();
+        let stream = self
+            .call(Call::Watch, rpc!(self, watch, request))
+            .await?
+            .into_inner();
         Ok(stream.map(|item| item.map_err(Error::from)))
     }
 
@@ -272,7 +480,8 @@ impl Client {
             object: Some(object.into()),
             dry_run: false,
         };
-        object_of(self.inner.clone().update(request).await?.into_inner())
+        let response = self.call(Call::Update, rpc!(self, update, request)).await?;
+        object_of(response.into_inner())
     }
 
     /// Patches status fields and conditions as `writer`.
@@ -305,24 +514,18 @@ impl Client {
             conditions,
             resource_version,
         };
-        object_of(
-            self.inner
-                .clone()
-                .update_status(request)
-                .await?
-                .into_inner(),
-        )
+        let response = self
+            .call(Call::UpdateStatus, rpc!(self, update_status, request))
+            .await?;
+        object_of(response.into_inner())
     }
 
     /// Changes finalizers, labels, annotations or owner references.
     pub async fn patch_metadata(&self, request: v1::PatchMetadataRequest) -> Result<Object, Error> {
-        object_of(
-            self.inner
-                .clone()
-                .patch_metadata(request)
-                .await?
-                .into_inner(),
-        )
+        let response = self
+            .call(Call::PatchMetadata, rpc!(self, patch_metadata, request))
+            .await?;
+        object_of(response.into_inner())
     }
 
     /// Places a Server on a Node.
@@ -340,12 +543,20 @@ impl Client {
             flavor: Some(flavor),
             uid: String::new(),
         };
-        object_of(self.inner.clone().bind(request).await?.into_inner())
+        let response = self.call(Call::Bind, rpc!(self, bind, request)).await?;
+        object_of(response.into_inner())
     }
 
     /// Deletes an object; returns it and whether it is gone already.
     pub async fn delete(&self, request: v1::DeleteRequest) -> Result<(Object, bool), Error> {
-        let response = self.inner.clone().delete(request).await?.into_inner();
+        let call = Call::Delete {
+            precondition: !request.precondition_uid.is_empty()
+                || request.precondition_resource_version != 0,
+        };
+        let response = self
+            .call(call, rpc!(self, delete, request))
+            .await?
+            .into_inner();
         Ok((
             Object::try_from(response.object.unwrap_or_default())?,
             response.gone,

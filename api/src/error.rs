@@ -235,6 +235,14 @@ impl From<Status> for Error {
             .filter(|d| !d.reason.is_empty());
         let message = status.message().to_owned();
         let Some(detail) = detail else {
+            // The connection broke under the call (the apiserver went away mid-call): tonic
+            // reports that as `Unknown: transport error` or an HTTP/2 reset, which says
+            // nothing to a user and is as transient as a refused connection.
+            if let Some(reason) = transport_failure(&status) {
+                return Error::Unavailable {
+                    message: format!("the connection to the apiserver broke: {reason}"),
+                };
+            }
             // Not from a Ferro server (a proxy, the transport): keep the gRPC message.
             return match status.code() {
                 Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled => {
@@ -290,6 +298,38 @@ impl From<Status> for Error {
             },
         }
     }
+}
+
+/// Whether a Ferro apiserver answered with this status (rather than the transport or a
+/// proxy failing): its errors always carry an [`v1::ErrorDetail`].
+pub(crate) fn answered_by_server(status: &Status) -> bool {
+    v1::ErrorDetail::decode(status.details()).is_ok_and(|d| !d.reason.is_empty())
+}
+
+/// Why the connection failed, when `status` is the client's own report of a broken
+/// connection rather than an answer: the innermost error of its cause chain.
+fn transport_failure(status: &Status) -> Option<String> {
+    let local = std::error::Error::source(status).is_some();
+    let h2 = status.message().starts_with("h2 protocol error");
+    let broken = matches!(
+        status.code(),
+        Code::Unknown | Code::Internal | Code::Cancelled
+    ) && (local || h2);
+    if !broken {
+        return None;
+    }
+    let mut innermost: &dyn std::error::Error = status;
+    while let Some(next) = innermost.source() {
+        innermost = next;
+    }
+    let reason = innermost.to_string();
+    Some(
+        if std::ptr::addr_eq(innermost, status as &dyn std::error::Error) {
+            status.message().to_owned()
+        } else {
+            reason
+        },
+    )
 }
 
 #[cfg(test)]
@@ -349,6 +389,33 @@ mod tests {
             let back = Error::from(Status::from(error.clone()));
             assert_eq!(back, error);
         }
+    }
+
+    #[test]
+    fn a_broken_connection_is_unavailable_with_its_cause() {
+        // What tonic reports when the apiserver goes away mid-call.
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "connection reset");
+        let status = Status::from_error(Box::new(io));
+        assert_eq!(status.code(), Code::Unknown);
+        assert_eq!(
+            Error::from(status),
+            Error::Unavailable {
+                message: "the connection to the apiserver broke: connection reset".into()
+            }
+        );
+        let reset = Status::internal("h2 protocol error: stream reset");
+        assert!(matches!(Error::from(reset), Error::Unavailable { .. }));
+        // An Unknown the server sent (no cause here) stays what it was.
+        assert!(matches!(
+            Error::from(Status::unknown("odd")),
+            Error::Internal { .. }
+        ));
+        assert!(!answered_by_server(&Status::unavailable(
+            "tcp connect error"
+        )));
+        assert!(answered_by_server(&Status::from(Error::Unavailable {
+            message: "store unavailable".into()
+        })));
     }
 
     #[test]

@@ -162,12 +162,24 @@ impl ApiServer {
         health_reporter
             .set_serving::<v1::resources_server::ResourcesServer<ApiServer>>()
             .await;
-        let reflection = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(crate::DESCRIPTOR_SET)
-            .build_v1()?;
+        // Both reflection protocols: grpcurl and grpc-java speak v1, grpcio's reflection
+        // client and older tools only v1alpha. Each lists every service served here,
+        // health and both reflections included.
+        let reflection = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(crate::DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(
+                    tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+                )
+        };
+        let reflection_v1 = reflection().build_v1()?;
+        let reflection_v1alpha = reflection().build_v1alpha()?;
         tonic::transport::Server::builder()
             .add_service(health)
-            .add_service(reflection)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
             .add_service(self.consoles_service())
             .add_service(self.into_service())
             .serve_with_incoming_shutdown(
@@ -1373,6 +1385,82 @@ impl ApiServer {
     }
 
     async fn do_watch(
+        &self,
+        who: &Identity,
+        request: v1::WatchRequest,
+    ) -> Result<EncodedStream, Error> {
+        if !request.send_initial_events {
+            return self.watch_changes(who, request).await;
+        }
+        self.watch_list(who, request).await
+    }
+
+    /// A Watch with `sendInitialEvents`: every object that matches now as an Added event,
+    /// a Bookmark at the revision they were read at, then the changes after it. The
+    /// objects are read (page by page, at one revision) and the watch opened before the
+    /// first event is sent, so a failure of either is the call's error.
+    async fn watch_list(
+        &self,
+        who: &Identity,
+        request: v1::WatchRequest,
+    ) -> Result<EncodedStream, Error> {
+        if request.resource_version != 0 {
+            return Err(Error::invalid(
+                "",
+                "resourceVersion",
+                "sendInitialEvents sends what exists now; leave resourceVersion at 0",
+            ));
+        }
+        let mut list = v1::ListRequest {
+            kind: request.kind.clone(),
+            project: request.project.clone(),
+            all_projects: request.all_projects,
+            label_selector: request.label_selector.clone(),
+            field_selector: request.field_selector.clone(),
+            limit: 0,
+            continue_token: String::new(),
+        };
+        let mut page = self.do_list(who, list.clone()).await?;
+        let revision = page.resource_version;
+        let mut items = std::mem::take(&mut page.items);
+        while !page.continue_token.is_empty() {
+            list.continue_token = std::mem::take(&mut page.continue_token);
+            page = self.do_list(who, list.clone()).await?;
+            items.append(&mut page.items);
+        }
+        let changes = self
+            .watch_changes(
+                who,
+                v1::WatchRequest {
+                    resource_version: revision,
+                    send_initial_events: false,
+                    ..request
+                },
+            )
+            .await?;
+        let mut initial = Vec::with_capacity(items.len() + 1);
+        for item in items {
+            let object = Object::try_from(item)?;
+            let resource_version = object
+                .metadata()
+                .map(|m| m.resource_version)
+                .unwrap_or(revision);
+            initial.push(Ok::<_, Status>(EncodedEvent::new(&v1::WatchEvent {
+                r#type: v1::watch_event::Type::Added as i32,
+                object: Some(object.into()),
+                resource_version,
+            })));
+        }
+        initial.push(Ok(EncodedEvent::new(&v1::WatchEvent {
+            r#type: v1::watch_event::Type::Bookmark as i32,
+            object: None,
+            resource_version: revision,
+        })));
+        Ok(Box::pin(futures::stream::iter(initial).chain(changes)))
+    }
+
+    /// A Watch of the changes after `request.resource_version` (0: from now).
+    async fn watch_changes(
         &self,
         who: &Identity,
         request: v1::WatchRequest,

@@ -248,3 +248,83 @@ async fn a_stalled_watcher_is_dropped_while_the_others_continue() {
     let reason = last.as_ref().unwrap_err();
     assert!(reason.message().contains("fell behind"), "{reason:?}");
 }
+
+/// `sendInitialEvents` (Kubernetes' watch-list): the objects that match now as Added
+/// events, one Bookmark at the revision they were read at, then the changes after it —
+/// over more than one List page, with the cache and without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_with_initial_events_replays_what_exists_then_follows() {
+    for cached in [true, false] {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let (_stop, rx) = tokio::sync::oneshot::channel::<()>();
+        let mut server = ApiServer::new(store.clone(), Tokens::parse("t admin\n"));
+        if !cached {
+            server = server.without_cache();
+        }
+        tokio::spawn(server.serve(listener, async {
+            let _ = rx.await;
+        }));
+        let client = Client::connect_lazy(&address, "t").unwrap();
+        // More than one default page (500), some outside the selector.
+        const EXISTING: u32 = 520;
+        for i in 0..EXISTING {
+            let labels = if i % 2 == 0 { "pool: a" } else { "pool: b" };
+            client
+                .create(segment(&format!("vni-{i:04}"), i + 1, labels))
+                .await
+                .unwrap();
+        }
+        let selection = Selection::all().labels("pool=a");
+        let mut stream = Box::pin(
+            client
+                .watch_list(Kind::SegmentID, &selection)
+                .await
+                .unwrap(),
+        );
+        let mut names = Vec::new();
+        let bookmark = loop {
+            let event = tokio::time::timeout(PATIENCE, stream.next())
+                .await
+                .expect("an event in time")
+                .expect("stream open")
+                .unwrap();
+            match event.r#type() {
+                Type::Added => names.push(
+                    Object::try_from(event.object.unwrap())
+                        .unwrap()
+                        .name()
+                        .to_owned(),
+                ),
+                Type::Bookmark => break event.resource_version,
+                other => panic!("{other:?} before the initial events ended"),
+            }
+        };
+        let expected: Vec<String> = (0..EXISTING)
+            .filter(|i| i % 2 == 0)
+            .map(|i| format!("vni-{i:04}"))
+            .collect();
+        assert_eq!(
+            names, expected,
+            "cached={cached}: each match once, in order"
+        );
+        assert_eq!(
+            bookmark,
+            store.current_revision().await.unwrap(),
+            "cached={cached}: the bookmark is the revision the objects were read at"
+        );
+        // Then changes, and only those after the bookmark.
+        client
+            .create(segment("vni-new", 9999, "pool: a"))
+            .await
+            .unwrap();
+        let event = next_event(&mut stream).await;
+        assert_eq!(event.r#type, Type::Added as i32);
+        assert!(event.resource_version > bookmark);
+        assert_eq!(
+            Object::try_from(event.object.unwrap()).unwrap().name(),
+            "vni-new"
+        );
+    }
+}

@@ -3,7 +3,9 @@
 //! All or nothing before the first write: every document is decoded, defaulted and
 //! validated locally, exactly as the apiserver will, and a single bad document means
 //! nothing is sent. Then each object is applied in file order and the outcome printed as
-//! `server/web-1 created|configured|unchanged`.
+//! `server/web-1 created|configured|unchanged`. The client waits out an apiserver restart
+//! (saying `apiserver unavailable, retrying…` once); a failure ends with its `error:` line
+//! and how far the apply got: `41 of 201 objects applied; re-run to continue`.
 //!
 //! `--prune -l KEY=VALUE` then deletes the objects of the kinds in the manifests that carry
 //! the label, are not in the manifests, and whose label this same manager set (as
@@ -84,6 +86,9 @@ pub fn run(connection: &ConnectionArgs, args: ApplyArgs) -> anyhow::Result<()> {
         applied.insert((object.kind(), project.clone(), object.name().to_owned()));
         places.entry(object.kind()).or_default().insert(project);
     }
+    let total = documents.len();
+    let mut done = 0usize;
+    let mut stopped = false;
     for document in documents {
         let label = object_label(document.object.kind(), document.object.name());
         let result = runtime.block_on(client.apply(document.object, &args.manager, args.dry_run));
@@ -96,17 +101,22 @@ pub fn run(connection: &ConnectionArgs, args: ApplyArgs) -> anyhow::Result<()> {
                 };
                 let dry = if args.dry_run { " (dry run)" } else { "" };
                 println!("{label} {word}{dry}");
+                done += 1;
             }
             Err(error) => {
                 eprintln!("error: {}", connection.explain(&error));
                 failed = true;
                 if Connection::is_fatal(&error) {
+                    stopped = true;
                     break;
                 }
             }
         }
     }
     if failed {
+        // Apply is idempotent: say how far it got, so a re-run is the obvious next step.
+        let rest = if stopped { "; re-run to continue" } else { "" };
+        eprintln!("{done} of {total} objects applied{rest}");
         return Err(Reported.into());
     }
     if args.prune {

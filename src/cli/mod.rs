@@ -10,7 +10,8 @@
 use std::time::Duration;
 
 use anyhow::anyhow;
-use ferro_api::{Error as ApiError, Kind, client::Client};
+use ferro_api::client::{Client, RetryPolicy};
+use ferro_api::{Error as ApiError, Kind};
 
 pub mod api_resources;
 pub mod apply;
@@ -121,7 +122,13 @@ impl Connection {
             .or(context.project)
             .unwrap_or_else(|| DEFAULT_PROJECT.to_owned());
         let client = match token {
-            Some(token) => Client::connect_lazy(&server, &token).map_err(|e| e.to_string()),
+            Some(token) => Client::connect_lazy(&server, &token)
+                .map(|client| {
+                    client
+                        .with_retry(RetryPolicy::default())
+                        .on_retry(|_| retry_notice())
+                })
+                .map_err(|e| e.to_string()),
             None => Err(format!(
                 "no token: pass --token or set FERRO_TOKEN, or run `ferro up`, which writes one \
                  to {shown_path}"
@@ -187,6 +194,13 @@ impl Connection {
             ApiError::Unavailable { .. } | ApiError::Unauthenticated { .. }
         )
     }
+}
+
+/// Says once per command, on stderr, that a call waits for the apiserver to come back;
+/// the call's own error, if it never does, follows as the usual `error:` line.
+fn retry_notice() {
+    static TOLD: std::sync::Once = std::sync::Once::new();
+    TOLD.call_once(|| eprintln!("apiserver unavailable, retrying…"));
 }
 
 /// Why the apiserver cannot be reached, in a few words: the transport's message is long

@@ -6,7 +6,9 @@
 //!
 //! Then the verb watches the Server until `status.host` shows the result — the guest shut
 //! down, running, or `lastReboot` equal to the request — printing each change on the way,
-//! unless `--no-wait`. A later `ferro apply` of a manifest without `powerState` sets it
+//! unless `--no-wait`. `lastReboot` only says QEMU reset the guest; `reboot` then waits for
+//! the guest's first console line after the reset (or one matching `--console REGEX`), and
+//! says it cannot know when the guest is back when the console cannot be read. A later `ferro apply` of a manifest without `powerState` sets it
 //! back to the default, `Running`, as with any field the manifest owns.
 
 use std::time::Duration;
@@ -21,6 +23,7 @@ use ferro_api::v1::watch_event::Type as EventType;
 use ferro_api::{Error as ApiError, Kind, Object, Resource, v1};
 use futures::StreamExt;
 
+use super::logs::{ConsoleWaitError, console_length, follow_console};
 use super::{Connection, ConnectionArgs, object_label};
 
 /// Arguments of `ferro server`.
@@ -57,6 +60,10 @@ pub struct PowerArgs {
     /// Give up waiting after this long: `90s`, `5m`.
     #[arg(long, value_name = "DURATION", default_value = "120s")]
     pub timeout: String,
+    /// For reboot: the guest is back once a line its serial console prints after the reset
+    /// matches this (e.g. `login:`) [default: any line].
+    #[arg(long, value_name = "REGEX")]
+    pub console: Option<String>,
 }
 
 impl ServerAction {
@@ -234,13 +241,29 @@ pub fn run(connection: &ConnectionArgs, args: ServerArgs) -> anyhow::Result<()> 
     // The client's connection needs the runtime it is made in.
     let _entered = runtime.enter();
     let conn = Connection::resolve(connection, power.project.as_deref())?;
+    let marker = power
+        .console
+        .as_deref()
+        .map(regex_lite::Regex::new)
+        .transpose()
+        .map_err(|e| anyhow!("--console: not a regular expression: {e}"))?;
+    let deadline = tokio::time::Instant::now() + timeout;
     runtime.block_on(async {
+        // What the console held before the reset: the guest is back once it prints more.
+        let console_before = match (&args.action, power.no_wait) {
+            (ServerAction::Reboot(_), false) => Some(console_length(&conn, &name).await),
+            _ => None,
+        };
         let (goal, server) = request(&conn, &args.action, &name).await?;
         let label = object_label(Kind::Server, &name);
         if power.no_wait {
             return Ok(());
         }
-        match tokio::time::timeout(timeout, wait(&conn, &name, &goal, server)).await {
+        let waited = tokio::time::timeout(timeout, wait(&conn, &name, &goal, server)).await;
+        if let (Ok(Ok(())), Goal::Rebooted(at), Some(before)) = (&waited, &goal, console_before) {
+            return guest_back(&conn, &name, at, before, marker.as_ref(), deadline).await;
+        }
+        match waited {
             Ok(result) => result,
             Err(_) => {
                 let last = conn
@@ -257,6 +280,53 @@ pub fn run(connection: &ConnectionArgs, args: ServerArgs) -> anyhow::Result<()> 
             }
         }
     })
+}
+
+/// After the reset: waits until the guest prints a line (matching `marker`, if given) on
+/// its serial console beyond the `before` bytes it held before the reboot was asked. The
+/// agent records when QEMU reset the guest, not when the guest came back; the console is
+/// the only witness, and without one the verb says it cannot know.
+async fn guest_back(
+    conn: &Connection,
+    name: &str,
+    reset_at: &str,
+    before: Result<usize, String>,
+    marker: Option<&regex_lite::Regex>,
+    deadline: tokio::time::Instant,
+) -> anyhow::Result<()> {
+    let label = object_label(Kind::Server, name);
+    // A reboot of a guest that is down resets nothing: there is no boot to wait for.
+    let server = conn
+        .client()?
+        .get_typed::<v1::Server>(&conn.project, name)
+        .await;
+    if server.is_ok_and(|s| host(&s).power_state != HostPower::Running as i32) {
+        return Ok(());
+    }
+    let before = match before {
+        Ok(before) => before,
+        Err(why) => {
+            println!(
+                "{label}: cannot know when the guest is back; QEMU reset at {reset_at} ({why})"
+            );
+            return Ok(());
+        }
+    };
+    match follow_console(conn, name, before, marker, deadline).await {
+        Ok(line) => {
+            println!("{label}: the guest is back: {line}");
+            Ok(())
+        }
+        Err(ConsoleWaitError::TimedOut(blocker)) => bail!(
+            "{label}: QEMU reset at {reset_at}, but the guest printed {} since: {blocker}",
+            match marker {
+                Some(m) => format!("no line matching `{m}`"),
+                None => "nothing on its console".to_owned(),
+            }
+        ),
+        Err(ConsoleWaitError::Interrupted) => bail!("interrupted"),
+        Err(ConsoleWaitError::Failed(line)) => bail!("{line}"),
+    }
 }
 
 /// Records the request on the Server; returns what to wait for and the Server as written.

@@ -1,5 +1,7 @@
 //! `ferro wait KIND/NAME… --for condition=Ready|condition=X=False|delete [--timeout 60s]`:
 //! block until each object meets the condition, following a watch (no polling).
+//! `ferro wait server/NAME --for console=REGEX` follows the serial console instead, until
+//! a line matches (see [`super::logs::wait_for_console`]).
 //!
 //! On a terminal a spinner shows what the object currently says about the condition; on
 //! timeout one line names what still blocks: the condition's reason and message, or, for
@@ -21,8 +23,9 @@ pub struct WaitArgs {
     /// The objects: `server/web-1 network/app-net`.
     #[arg(value_name = "KIND/NAME", required = true)]
     pub targets: Vec<String>,
-    /// What to wait for: `condition=Ready` (status True), `condition=Ready=False`, or
-    /// `delete` (the object is gone).
+    /// What to wait for: `condition=Ready` (status True), `condition=Ready=False`,
+    /// `delete` (the object is gone), or for a server `console=REGEX` (a line of its serial
+    /// console matches).
     #[arg(long = "for", value_name = "CONDITION")]
     pub condition: String,
     /// How long to wait for all of them: `30s`, `5m`, `1h`.
@@ -317,6 +320,10 @@ pub async fn wait_for(
 pub fn run(connection: &ConnectionArgs, args: WaitArgs) -> anyhow::Result<()> {
     let runtime = super::runtime()?;
     let _entered = runtime.enter();
+    if let Some(pattern) = args.condition.strip_prefix("console=") {
+        let timeout = parse_duration(&args.timeout)?;
+        return super::logs::wait_for_consoles(connection, &args, pattern, timeout, &runtime);
+    }
     let goal = Goal::parse(&args.condition)?;
     let timeout = parse_duration(&args.timeout)?;
     let targets = args

@@ -1,0 +1,132 @@
+//! From Ready to the console, end to end, as README's walk-through goes: `ferro up` with a
+//! real etcd, `manifests/` applied as they are (only the image URLs point at the test
+//! guest built by `e2e/images/build-tiny.sh`), a real QEMU guest.
+//!
+//! `ferro wait --for console=FERRO-READY` returns once the guest prints its ready line;
+//! it and `ferro logs` print what README shows; `ferro server reboot` returns once the
+//! guest prints again after the reset, and the guest boots once more.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, ensure};
+use ferro_e2e::{Cloud, Signal, signal, tiny_guest};
+
+/// The cloud, brought down with its guests even when the test fails.
+struct Guarded(Cloud);
+
+impl Drop for Guarded {
+    fn drop(&mut self) {
+        let cloud = &mut self.0;
+        if cloud.supervisor_pid().is_some() {
+            let _ = cloud.ferro(["down", "--purge"]).output();
+            let _ = cloud.wait_supervisor_exit(Duration::from_secs(60));
+        }
+        // Only QEMUs of this cloud: their command lines name its data directory.
+        for (pid, cmdline) in cloud.processes() {
+            if cmdline.contains("qemu") {
+                signal(pid, Signal::KILL);
+            }
+        }
+    }
+}
+
+/// The lines README's walk-through shows after `$ COMMAND`, up to the next blank line.
+fn readme_sample(root: &Path, command: &str) -> anyhow::Result<Vec<String>> {
+    let readme = std::fs::read_to_string(root.join("README.md"))?;
+    let after = readme
+        .split(&format!("$ {command}\n"))
+        .nth(1)
+        .with_context(|| format!("README shows no `{command}`"))?;
+    Ok(after
+        .lines()
+        .take_while(|l| !l.trim().is_empty())
+        .map(str::to_owned)
+        .collect())
+}
+
+#[test]
+fn wait_for_the_console_and_reboot_follow_a_real_guest() -> anyhow::Result<()> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let guest = tiny_guest()?;
+    let cloud = Guarded(Cloud::start()?);
+    let cloud = &cloud.0;
+
+    // manifests/ as README applies them, with the guest where the images say it is.
+    let manifests = cloud.data_dir().join("../manifests");
+    std::fs::create_dir_all(&manifests)?;
+    for entry in std::fs::read_dir(root.join("manifests"))? {
+        let path = entry?.path();
+        let text = std::fs::read_to_string(&path)?
+            .replace(
+                "file:///var/lib/ferro/images/tiny/vmlinux",
+                &format!("file://{}", guest.kernel),
+            )
+            .replace(
+                "file:///var/lib/ferro/images/tiny/initrd.img",
+                &format!("file://{}", guest.initrd),
+            )
+            .replace(
+                "file:///var/lib/ferro/images/tiny/disk.raw",
+                &format!("file://{}", guest.disk),
+            );
+        std::fs::write(
+            manifests.join(path.file_name().context("a file name")?),
+            text,
+        )?;
+    }
+    cloud.run(["apply", "-f", manifests.to_str().context("path")?])?;
+
+    // README's commands, and what they print there. Checked at the end, so that one
+    // run also tells how the reboot went.
+    let mut readme_differs = Vec::new();
+    let out = cloud.run([
+        "wait",
+        "server/web-1",
+        "--for",
+        "console=FERRO-READY",
+        "--timeout",
+        "300s",
+    ])?;
+    ensure!(
+        out.starts_with("server/web-1 console: FERRO-READY hostname=web-1 boot-count=1 "),
+        "{out}"
+    );
+    let sample = readme_sample(&root, "ferro wait server/web-1 --for console=FERRO-READY")?;
+    if out.lines().collect::<Vec<_>>() != sample {
+        readme_differs.push(format!("README: {sample:#?}\nprinted: {out}"));
+    }
+    let log = cloud.run(["logs", "server/web-1"])?;
+    let lines: Vec<&str> = log
+        .lines()
+        .map(|l| l.trim_end_matches('\r'))
+        .filter(|l| l.contains("FERRO"))
+        .collect();
+    let sample = readme_sample(&root, "ferro logs server/web-1 | grep FERRO")?;
+    if lines != sample {
+        readme_differs.push(format!(
+            "README: {sample:#?}\nthe guest's: {lines:#?}\nwhole log:\n{log}"
+        ));
+    }
+
+    // A reboot returns once the guest prints again after the reset; it boots once more.
+    let out = cloud.run(["server", "reboot", "web-1", "--timeout", "300s"])?;
+    ensure!(out.contains("server/web-1: rebooted"), "{out}");
+    ensure!(out.contains("server/web-1: the guest is back: "), "{out}");
+    cloud.run([
+        "wait",
+        "server/web-1",
+        "--for",
+        "console=^FERRO-READY hostname=web-1 boot-count=2 ",
+        "--timeout",
+        "300s",
+    ])?;
+
+    cloud.run(["delete", "server", "web-1", "--wait", "--timeout", "120s"])?;
+    ensure!(
+        readme_differs.is_empty(),
+        "README's sample output is not what the guest prints:\n{}",
+        readme_differs.join("\n")
+    );
+    Ok(())
+}
