@@ -1169,8 +1169,9 @@ spec:
         !only.contains("Unrelated") && only.contains("LateThing"),
         "{only}"
     );
+    let late = only.lines().find(|l| l.contains("LateThing")).unwrap();
     assert!(
-        only.contains("network/app-net   the later one (x3)"),
+        late.contains("LateThing (x3) ") && late.ends_with("   network/app-net   the later one"),
         "{only}"
     );
 
@@ -2370,7 +2371,7 @@ fn readme_python_client_lists_services_and_watches_with_initial_events() {
     let config = std::fs::read_to_string(cloud.config()).unwrap();
     let token = config
         .lines()
-        .find_map(|l| l.strip_prefix("token: "))
+        .find_map(|l| l.trim_start_matches([' ', '-']).strip_prefix("token: "))
         .map(|v| v.trim_matches('"').to_owned())
         .expect("the config holds a token");
     let script = cloud.write("client.py", snippet);
@@ -2404,4 +2405,96 @@ fn readme_python_client_lists_services_and_watches_with_initial_events() {
     assert_eq!(lines[2], "Added web-1", "{text}");
     assert!(lines[3].starts_with("bookmark "), "{text}");
     assert_eq!(lines.len(), 4, "{text}");
+}
+
+/// A Network deleted while its Ports go one by one: one `DeletionWaitsForPorts` row whose
+/// reason carries the count, `ferro get events -w --for` following the bumps and nothing
+/// else.
+#[test]
+fn get_events_shows_one_row_per_repeated_event_with_its_count() {
+    let cloud = Cloud::start();
+    const PORTS: usize = 6;
+    let mut manifest = String::from(
+        "apiVersion: ferro/v1\nkind: Network\nmetadata: {name: busy}\nspec:\n  subnets:\n  - {name: a, cidr: 10.9.0.0/24}\n",
+    );
+    for i in 0..PORTS {
+        manifest.push_str(&format!(
+            "---\napiVersion: ferro/v1\nkind: Port\nmetadata: {{name: p{i}}}\nspec: {{network: busy}}\n"
+        ));
+    }
+    let file = cloud.write("busy.yaml", &manifest);
+    cloud.run(&["apply", "-f", path(&file)]).success();
+    cloud.run(&["delete", "network", "busy"]).success();
+    wait_for_describe(&cloud, "network", "busy", "DeletionWaitsForPorts");
+
+    let mut watch = Command::new(ferro_bin())
+        .args(["get", "events", "-w", "--for", "network/busy"])
+        .env("FERRO_CONFIG", cloud.config())
+        .env_remove("FERRO_SERVER")
+        .env_remove("FERRO_TOKEN")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout_pipe = watch.stdout.take().unwrap();
+    let (lines_tx, lines_rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout_pipe).lines() {
+            if lines_tx.send(line.unwrap()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut lines = Vec::new();
+    let mut until = |what: &dyn Fn(&str) -> bool| loop {
+        let line = lines_rx
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("no such line from get -w: {lines:#?}"));
+        lines.push(line.clone());
+        if what(&line) {
+            return line;
+        }
+    };
+    until(&|l| l.contains("DeletionWaitsForPorts"));
+    // Each Port gone changes what the Network waits for, and so the message.
+    for i in 0..PORTS {
+        cloud.run(&["delete", "port", &format!("p{i}")]).success();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let bumped = until(&|l| l.contains("DeletionWaitsForPorts (x"));
+    assert!(bumped.contains(" over "), "{bumped}");
+    assert!(
+        bumped.contains("(combined from similar events): deletion waits for ports"),
+        "{bumped}"
+    );
+    if let Some(pid) = i32::try_from(watch.id()).ok().and_then(Pid::from_raw) {
+        let _ = rustix::process::kill_process(pid, Signal::INT);
+    }
+    assert!(watch.wait().unwrap().success());
+    for line in lines.iter().filter(|l| !l.starts_with("LAST SEEN")) {
+        assert!(
+            line.contains("network/busy"),
+            "--for filters the watch: {lines:#?}"
+        );
+    }
+
+    cloud.wait_until_gone("network", "busy");
+    let all = stdout(&cloud.run(&["get", "events"]).success());
+    let rows: Vec<&str> = all
+        .lines()
+        .filter(|l| l.contains("DeletionWaitsForPorts"))
+        .collect();
+    assert_eq!(rows.len(), 1, "one row for the repeats: {all}");
+    let cells: Vec<&str> = rows[0].split_whitespace().collect();
+    // LAST SEEN, TYPE, then `DeletionWaitsForPorts (xN over Ds)`.
+    assert_eq!(cells[1..3], ["Normal", "DeletionWaitsForPorts"], "{all}");
+    let count: u32 = cells[3]
+        .strip_prefix("(x")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("a count: {all}"));
+    assert!(count > 1, "{all}");
+    assert_eq!(cells[4], "over", "{all}");
+    assert!(cells[5].ends_with("s)"), "{all}");
+    assert_eq!(cells[6], "network/busy", "{all}");
 }

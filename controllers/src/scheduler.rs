@@ -464,6 +464,16 @@ impl Reconcile for Scheduler {
                 match self.api.bind(&m.project, &m.name, &node, flavor).await {
                     Ok(bound) => {
                         let bound = v1::Server::from_object(bound).unwrap_or_default();
+                        self.recorder
+                            .normal(
+                                &bound,
+                                "Scheduled",
+                                &format!(
+                                    "Successfully assigned {}/{} to {node}",
+                                    m.project, m.name
+                                ),
+                            )
+                            .await;
                         let placed = condition(
                             SCHEDULED,
                             true,

@@ -127,3 +127,79 @@ async fn a_network_in_use_waits_for_its_ports() {
     .await;
     controllers.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_network_with_many_ports_is_one_event_with_a_count() {
+    let cloud = Cloud::start().await;
+    let controllers = cloud.controllers();
+    let network = cloud.network("busy", "10.30.0.0/24").await;
+    const PORTS: usize = 60;
+    for i in 0..PORTS {
+        cloud.port(&format!("p{i:03}"), "busy").await;
+    }
+    eventually("ports addressed", || async {
+        let ports = cloud.list::<v1::Port>().await;
+        (ports.len() == PORTS && ports.iter().all(decided)).then_some(())
+    })
+    .await;
+    cloud.delete(Kind::Network, "default", "busy").await;
+    eventually("the network waits for its ports", || async {
+        let network = cloud
+            .admin
+            .get_typed::<v1::Network>("default", "busy")
+            .await
+            .ok()?;
+        condition(&network, "InUse")
+            .filter(|c| c.status == v1::condition::Status::True as i32)
+            .map(|_| ())
+    })
+    .await;
+    // Each deleted Port changes what the Network waits for, and so the message.
+    for i in 0..PORTS {
+        cloud
+            .delete(Kind::Port, "default", &format!("p{i:03}"))
+            .await;
+    }
+    let waits = |events: &[v1::Event]| -> Vec<v1::EventSpec> {
+        events
+            .iter()
+            .filter_map(|e| e.spec.clone())
+            .filter(|s| {
+                s.reason == "DeletionWaitsForPorts"
+                    && s.involved_object
+                        .as_ref()
+                        .is_some_and(|o| o.uid == uid(&network))
+            })
+            .collect()
+    };
+    let event = eventually("one DeletionWaitsForPorts event counting on", || async {
+        let events = waits(&cloud.list::<v1::Event>().await);
+        assert!(events.len() <= 1, "similar events aggregate: {events:#?}");
+        events.into_iter().find(|e| e.count > 1)
+    })
+    .await;
+    eventually("the network gone", || async {
+        cloud
+            .admin
+            .get_typed::<v1::Network>("default", "busy")
+            .await
+            .is_err()
+            .then_some(())
+    })
+    .await;
+    let events = waits(&cloud.list::<v1::Event>().await);
+    assert_eq!(events.len(), 1, "{events:#?}");
+    assert!(
+        event
+            .message
+            .starts_with("(combined from similar events): deletion waits for ports"),
+        "{}",
+        event.message
+    );
+    let (first, last) = (
+        event.first_timestamp.unwrap().seconds,
+        event.last_timestamp.unwrap().seconds,
+    );
+    assert!(first <= last, "first {first} last {last}");
+    controllers.abort();
+}

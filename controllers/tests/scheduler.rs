@@ -187,6 +187,39 @@ async fn concurrent_servers_never_oversubscribe_a_node() {
         per_node,
         BTreeMap::from([("n1", 17), ("n2", 17), ("n3", 17)])
     );
+    // Each placement is told as one Scheduled event naming the node; each refused server
+    // has one NoValidHost Event, however often it was refused.
+    let events = eventually("a Scheduled event per bound server", || async {
+        let events = cloud.list::<v1::Event>().await;
+        let scheduled = events
+            .iter()
+            .filter(|e| e.spec.as_ref().is_some_and(|s| s.reason == "Scheduled"))
+            .count();
+        (scheduled == 51).then_some(events)
+    })
+    .await;
+    for s in servers.iter().filter(|s| !node_of(s).is_empty()) {
+        let expected = format!(
+            "Successfully assigned default/{} to {}",
+            name(s),
+            node_of(s)
+        );
+        assert!(
+            events.iter().any(|e| e
+                .spec
+                .as_ref()
+                .is_some_and(|e| e.reason == "Scheduled" && e.message == expected)),
+            "{expected}"
+        );
+    }
+    let mut refusals: BTreeMap<String, usize> = BTreeMap::new();
+    for spec in events.iter().filter_map(|e| e.spec.as_ref()) {
+        if spec.reason == "NoValidHost" {
+            let uid = spec.involved_object.as_ref().unwrap().uid.clone();
+            *refusals.entry(uid).or_default() += 1;
+        }
+    }
+    assert!(refusals.values().all(|n| *n == 1), "{refusals:?}");
     let refused = servers
         .iter()
         .find(|s| node_of(s).is_empty())

@@ -117,6 +117,7 @@ pub fn run(connection: &ConnectionArgs, args: GetArgs) -> anyhow::Result<()> {
             .max()
             .unwrap_or(0);
     }
+    let mut involving = None;
     if let Some(target) = &args.for_object {
         let (target_kind, target_name) = parse_reference(target)?;
         let target = runtime
@@ -124,6 +125,7 @@ pub fn run(connection: &ConnectionArgs, args: GetArgs) -> anyhow::Result<()> {
             .map_err(|e| anyhow!("{}", connection.explain(&e)))?;
         let uid = target.metadata().map(|m| m.uid.clone()).unwrap_or_default();
         objects.retain(|o| involved(o).is_some_and(|r| r.uid == uid));
+        involving = Some(uid);
     }
     if kind == Kind::Event {
         sort_events(&mut objects);
@@ -155,7 +157,7 @@ pub fn run(connection: &ConnectionArgs, args: GetArgs) -> anyhow::Result<()> {
         let mut printed_header = !objects.is_empty();
         let result = runtime.block_on(async {
             tokio::select! {
-                result = follow(client, kind, &selection, revision, &args, &mut seen, &mut printed_header) => result,
+                result = follow(client, kind, &selection, revision, &args, involving.as_deref(), &mut seen, &mut printed_header) => result,
                 _ = interrupted() => Ok(()),
             }
         });
@@ -165,17 +167,23 @@ pub fn run(connection: &ConnectionArgs, args: GetArgs) -> anyhow::Result<()> {
 }
 
 /// Prints each change after `revision` until the stream fails; relists when the
-/// revision expired, printing only what changed meanwhile.
+/// revision expired, printing only what changed meanwhile. With `involving`, only Events
+/// about the object of that uid are shown (`get events --for … -w`).
+#[allow(clippy::too_many_arguments)]
 async fn follow(
     client: &Client,
     kind: Kind,
     selection: &Selection,
     mut revision: i64,
     args: &GetArgs,
+    involving: Option<&str>,
     seen: &mut HashMap<String, i64>,
     printed_header: &mut bool,
 ) -> Result<(), ApiError> {
-    let wanted = |o: &Object| args.names.is_empty() || args.names.iter().any(|n| n == o.name());
+    let wanted = |o: &Object| {
+        (args.names.is_empty() || args.names.iter().any(|n| n == o.name()))
+            && involving.is_none_or(|uid| involved(o).is_some_and(|r| r.uid == uid))
+    };
     loop {
         let mut stream = client.watch(kind, selection, revision).await?;
         while let Some(item) = stream.next().await {
@@ -279,7 +287,25 @@ fn sort_events(events: &mut [Object]) {
     events.sort_by_key(last_seen);
 }
 
-/// The events table: LAST SEEN, TYPE, REASON, OBJECT, MESSAGE.
+/// The reason, and for a repeated event how often over how long, in kubectl's words:
+/// `DeletionWaitsForPorts (x89 over 3s)`. The count sits by the reason, not after the
+/// message, so it stays in sight however long the message is.
+fn reason_with_count(spec: &v1::EventSpec) -> String {
+    if spec.count <= 1 {
+        return spec.reason.clone();
+    }
+    match (spec.first_timestamp, spec.last_timestamp) {
+        (Some(first), Some(last)) => format!(
+            "{} (x{} over {})",
+            spec.reason,
+            spec.count,
+            table::duration(last.seconds - first.seconds)
+        ),
+        _ => format!("{} (x{})", spec.reason, spec.count),
+    }
+}
+
+/// The events table: LAST SEEN, TYPE, REASON (with the count), OBJECT, MESSAGE.
 fn render_events(events: &[Object], show_project: bool) -> String {
     let now = super::now_seconds();
     let mut header = vec![];
@@ -308,16 +334,17 @@ fn render_events(events: &[Object], show_project: bool) -> String {
                 0 => String::new(),
                 t => table::duration(now - t),
             };
-            let message = if spec.count > 1 {
-                format!("{} (x{})", spec.message, spec.count)
-            } else {
-                spec.message.clone()
-            };
             let mut row = Vec::new();
             if show_project {
                 row.push(o.project().to_owned());
             }
-            row.extend([seen, kind.to_owned(), spec.reason.clone(), object, message]);
+            row.extend([
+                seen,
+                kind.to_owned(),
+                reason_with_count(&spec),
+                object,
+                spec.message.clone(),
+            ]);
             row
         })
         .collect();
