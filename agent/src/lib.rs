@@ -22,5 +22,6 @@ pub mod node;
 pub mod queue;
 pub mod reflector;
 pub mod server;
+pub mod switch;
 
 pub use agent::{AgentConfig, DEFAULT_STATE_DIR, read_token, run, stop_guests};
