@@ -15,6 +15,11 @@
 //! (`unix:<run dir>/<bridge>.mgmt`); a set of flows is replaced in one OpenFlow bundle, so
 //! packets see either the old set or the new one.
 //!
+//! Each call reads, then writes what differs in one transaction. Calls for the same port
+//! are not coordinated with each other (the node's reconciler makes them one at a time);
+//! if two race, OVSDB's unique name index makes the second insert fail rather than
+//! duplicate the port, and the next reconcile converges.
+//!
 //! The driver is configured with a socket and a run directory, not the system's defaults,
 //! so one machine can hold a private instance per node namespace.
 

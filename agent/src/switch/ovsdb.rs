@@ -1020,6 +1020,70 @@ mod tests {
         assert_eq!(wait.to_value()["until"], "==");
     }
 
+    /// A server that sends its own `echo` first and answers `list_dbs` in two writes cut
+    /// mid-value, the way a stream may deliver it; then closes.
+    #[tokio::test]
+    async fn the_client_answers_echo_and_reads_answers_however_they_arrive() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let server = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            stream
+                .write_all(br#"{"id":"echo","method":"echo","params":["x"]}"#)
+                .await
+                .unwrap();
+            // Read until both the echo reply and the client's request have come.
+            let mut decoder = Decoder::new();
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 4096];
+            while seen.len() < 2 {
+                let n = stream.read(&mut buf).await.unwrap();
+                assert!(n > 0, "the client hung up");
+                decoder.extend(&buf[..n]);
+                while let Some(value) = decoder.next_value().unwrap() {
+                    seen.push(Message::from_value(value).unwrap());
+                }
+            }
+            let request_id = seen
+                .iter()
+                .find_map(|m| match m {
+                    Message::Request { id, method, .. } if method == "list_dbs" => Some(id.clone()),
+                    _ => None,
+                })
+                .expect("a list_dbs request");
+            let answer = format!(r#"{{"id":{request_id},"result":["Open_vSwitch"],"error":null}}"#);
+            let (first, second) = answer.split_at(answer.len() / 2);
+            stream.write_all(first.as_bytes()).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            stream.write_all(second.as_bytes()).await.unwrap();
+            seen
+        });
+        // Without an answer to its echo the server never answers: the timeout fails the test.
+        let client = OvsdbClient::connect(&path)
+            .await
+            .unwrap()
+            .with_timeout(Duration::from_secs(5));
+        assert_eq!(client.list_dbs().await.unwrap(), ["Open_vSwitch"]);
+        let seen = server.await.unwrap();
+        assert!(seen.contains(&Message::Response {
+            id: "echo".into(),
+            result: json!(["x"]),
+            error: Value::Null,
+        }));
+        // The server is gone: the next call fails at once rather than waiting.
+        let closed = client.list_dbs().await;
+        assert!(
+            matches!(
+                closed,
+                Err(OvsdbError::Closed(_)) | Err(OvsdbError::Write(_))
+            ),
+            "{closed:?}"
+        );
+        assert!(!client.is_open());
+    }
+
     #[test]
     fn reads_ovsdb_values() {
         let row = json!({
