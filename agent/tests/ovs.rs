@@ -286,6 +286,18 @@ async fn ports_carry_their_tags_kinds_and_external_ids() -> Result<()> {
         .collect();
     assert_eq!(names, ["int0"]);
     assert_eq!(lab.vsctl(&["list-ports", "br-int"])?, "int0");
+
+    // Asked for on another bridge, the port moves rather than being duplicated.
+    lab.switch.ensure_bridge("br-tun").await?;
+    let moved = PortSpec {
+        bridge: "br-tun".into(),
+        ..internal
+    };
+    lab.switch.ensure_port(&moved).await?;
+    let ports = lab.switch.list_ports().await?;
+    assert_eq!(ports.len(), 1, "{ports:?}");
+    assert!(ports[0].matches(&moved), "{ports:?}");
+    assert_eq!(lab.vsctl(&["port-to-br", "int0"])?, "br-tun");
     Ok(())
 }
 
