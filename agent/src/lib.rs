@@ -21,5 +21,6 @@ pub mod hypervisor;
 pub mod images;
 pub mod node;
 pub mod server;
+pub mod switch;
 
 pub use agent::{AgentConfig, DEFAULT_STATE_DIR, Drivers, read_token, run, stop_guests};
