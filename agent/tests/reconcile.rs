@@ -20,7 +20,6 @@ use ferro_agent::hypervisor::memory::{MemoryHypervisor, Operation, Outcome};
 use ferro_agent::hypervisor::{Hypervisor, HypervisorError, VmState};
 use ferro_agent::images::ImageCache;
 use ferro_agent::images::memory::{FetchFault, MemoryImageCache};
-use ferro_runtime::Store;
 use ferro_agent::server::{
     LABEL_NODE, LABEL_PROJECT, LABEL_SERVER, ReconcileError, ServerReconciler,
 };
@@ -31,6 +30,7 @@ use ferro_api::v1::server_host_status::PowerState as HostPower;
 use ferro_api::v1::server_spec::PowerState;
 use ferro_api::v1::{self, condition::Status as ConditionStatus};
 use ferro_api::{Error, Kind, Resource};
+use ferro_runtime::Store;
 use ferro_store::memory::MemoryStore;
 use tokio::sync::oneshot;
 

@@ -143,6 +143,15 @@ pub struct Plan {
     pub reboot_without_reset: Option<String>,
 }
 
+/// How the guest of a Server that should run ended, if the observation shows it ended.
+fn exit_of(observed: Option<&VmStatus>) -> Option<Exit> {
+    match observed.map(|vm| vm.state) {
+        Some(VmState::Crashed) => Some(Exit::Crashed(observed.and_then(|vm| vm.detail.clone()))),
+        Some(VmState::PoweredOff) => Some(Exit::PoweredOff),
+        _ => None,
+    }
+}
+
 /// Plans one reconcile of a Server's guest.
 pub fn plan(desired: &Desired, observed: Option<&VmStatus>) -> Plan {
     let mut plan = Plan::default();
@@ -158,13 +167,7 @@ pub fn plan(desired: &Desired, observed: Option<&VmStatus>) -> Plan {
     }
     match desired.power {
         PowerState::Running => {
-            plan.exit = match state {
-                Some(VmState::Crashed) => {
-                    Some(Exit::Crashed(observed.and_then(|vm| vm.detail.clone())))
-                }
-                Some(VmState::PoweredOff) => Some(Exit::PoweredOff),
-                _ => None,
-            };
+            plan.exit = exit_of(observed);
             // Crashed is a failure; a guest's own power-off is not.
             let restart = matches!(
                 (state, desired.run_strategy),
@@ -256,8 +259,16 @@ pub fn host_status(
         restart_count: previous.restart_count + u32::from(applied.restarted),
         last_reboot: applied.reboot.clone().unwrap_or(previous.last_reboot),
         observed_generation: generation,
+        // The guest may have ended between the plan's observation and this one: say how,
+        // or the status would show it down with no reason until the next resync.
         last_exit_reason: plan
             .exit
+            .clone()
+            .or_else(|| {
+                (desired.power == PowerState::Running)
+                    .then(|| exit_of(observed))
+                    .flatten()
+            })
             .as_ref()
             .map(Exit::describe)
             .unwrap_or(previous.last_exit_reason),
@@ -852,6 +863,21 @@ mod tests {
             "GuestShutdown: the guest powered itself off"
         );
         assert_eq!(guest.reason, "GuestShutdown");
+
+        // It powered off after the plan looked and before the status was written.
+        let (host, _) = status_after(
+            &s,
+            WantRunning,
+            RerunOnFailure,
+            Some(VmState::Running),
+            Some(VmState::PoweredOff),
+            Applied::default(),
+            None,
+        );
+        assert_eq!(
+            host.last_exit_reason,
+            "GuestShutdown: the guest powered itself off"
+        );
     }
 
     #[test]
