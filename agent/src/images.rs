@@ -41,6 +41,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use ferro_api::retry::{self, BackoffBuilder};
 use ferro_api::v1;
 use ferro_api::v1::cached_image::Phase;
 use ferro_api::v1::image_spec::DiskFormat;
@@ -326,8 +327,6 @@ impl Record {
 
 /// How often a download's progress is reported.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
-/// How many times one fetch reconnects after a download was cut.
-const DOWNLOAD_ATTEMPTS: u32 = 5;
 /// How many redirects a download follows.
 const MAX_REDIRECTS: u32 = 5;
 /// Staged HTTP downloads untouched for this long are removed when the cache opens.
@@ -590,7 +589,9 @@ impl FileImageCache {
         let validator = validator_path(path);
         let mut url = url;
         let mut redirects = 0;
-        let mut attempt = 0;
+        // Reconnecting after a cut, an error or a bad answer; when these run out, the
+        // fetch fails and the Image's next fetch resumes.
+        let mut retries = retry::resume_download().build();
         loop {
             let have = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
             let known = std::fs::read_to_string(&validator).ok();
@@ -598,15 +599,14 @@ impl FileImageCache {
             let response = match http::get(&url, range, known.as_deref()).await {
                 Ok(response) => response,
                 Err(e) => {
-                    attempt += 1;
-                    if attempt >= DOWNLOAD_ATTEMPTS {
+                    let Some(delay) = retries.next() else {
                         return Err(ImageError::Fetch {
                             url: image.url.clone(),
                             source: e,
                         });
-                    }
-                    tracing::info!(image = %image.display(), error = %e, attempt, "download failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+                    };
+                    tracing::info!(image = %image.display(), error = %e, ?delay, "download failed; retrying");
+                    tokio::time::sleep(delay).await;
                     continue;
                 }
             };
@@ -633,10 +633,10 @@ impl FileImageCache {
                         _ => {
                             // Not the part asked for: start over.
                             remove_if_exists(path).map_err(cache_error("restarting a download"))?;
-                            attempt += 1;
-                            if attempt >= DOWNLOAD_ATTEMPTS {
+                            let Some(delay) = retries.next() else {
                                 return Err(fail("the server sends wrong ranges".into()));
-                            }
+                            };
+                            tokio::time::sleep(delay).await;
                             continue;
                         }
                     }
@@ -650,10 +650,10 @@ impl FileImageCache {
                         return Ok(());
                     }
                     remove_if_exists(path).map_err(cache_error("restarting a download"))?;
-                    attempt += 1;
-                    if attempt >= DOWNLOAD_ATTEMPTS {
+                    let Some(delay) = retries.next() else {
                         return Err(fail("the server refuses every range".into()));
-                    }
+                    };
+                    tokio::time::sleep(delay).await;
                     continue;
                 }
                 301 | 302 | 303 | 307 | 308 => {
@@ -680,13 +680,12 @@ impl FileImageCache {
                 }
                 status => {
                     let said = format!("HTTP {status} {}", response.reason);
-                    if status >= 500 {
-                        attempt += 1;
-                        if attempt < DOWNLOAD_ATTEMPTS {
-                            tracing::info!(image = %image.display(), %said, attempt, "download failed; retrying");
-                            tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
-                            continue;
-                        }
+                    if status >= 500
+                        && let Some(delay) = retries.next()
+                    {
+                        tracing::info!(image = %image.display(), %said, ?delay, "download failed; retrying");
+                        tokio::time::sleep(delay).await;
+                        continue;
                     }
                     return Err(fail(said));
                 }
@@ -695,15 +694,14 @@ impl FileImageCache {
                 Ok(()) => return Ok(()),
                 Err(Received::Cache(e)) => return Err(e),
                 Err(Received::Cut(e)) => {
-                    attempt += 1;
-                    if attempt >= DOWNLOAD_ATTEMPTS {
+                    let Some(delay) = retries.next() else {
                         return Err(ImageError::Fetch {
                             url: image.url.clone(),
                             source: e,
                         });
-                    }
-                    tracing::info!(image = %image.display(), error = %e, attempt, "download cut; resuming");
-                    tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+                    };
+                    tracing::info!(image = %image.display(), error = %e, ?delay, "download cut; resuming");
+                    tokio::time::sleep(delay).await;
                 }
             }
         }

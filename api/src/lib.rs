@@ -17,6 +17,7 @@ pub mod encoded;
 pub mod error;
 pub mod kinds;
 pub mod owners;
+pub mod retry;
 pub mod selector;
 pub mod server;
 pub mod validation;
