@@ -610,7 +610,7 @@ impl FileImageCache {
                     continue;
                 }
             };
-            let (offset, total) = match response.status {
+            let (offset, total) = match response.status() {
                 200 => {
                     let total = response.content_length();
                     let tag = response
@@ -664,7 +664,7 @@ impl FileImageCache {
                         _ => {
                             return Err(fail(format!(
                                 "too many redirects, or a bad one, at {}",
-                                response.status
+                                response.status()
                             )));
                         }
                     };
@@ -679,7 +679,7 @@ impl FileImageCache {
                     continue;
                 }
                 status => {
-                    let said = format!("HTTP {status} {}", response.reason);
+                    let said = format!("HTTP {status} {}", response.reason());
                     if status >= 500
                         && let Some(delay) = retries.next()
                     {
@@ -735,18 +735,17 @@ impl FileImageCache {
         }
         let total = total.map(|t| t + offset);
         let mut have = offset;
-        let mut buf = vec![0u8; 1 << 16];
         let mut reported = Instant::now();
         let result = loop {
-            let n = match response.read(&mut buf).await {
-                Ok(0) => break Ok(()),
-                Ok(n) => n,
+            let data = match response.chunk().await {
+                Ok(None) => break Ok(()),
+                Ok(Some(data)) => data,
                 Err(e) => break Err(Received::Cut(e)),
             };
-            if let Err(e) = file.write_all(&buf[..n]).await {
+            if let Err(e) = file.write_all(&data).await {
                 break Err(Received::Cache(cache_error("writing a download")(e)));
             }
-            have += n as u64;
+            have += data.len() as u64;
             if reported.elapsed() >= PROGRESS_EVERY {
                 reported = Instant::now();
                 self.set_downloading(image, Some(progress(&image.url, have, total)));
@@ -1156,7 +1155,7 @@ mod tests {
         );
         assert!(matches!(
             Source::parse("http://mirror:8080/x.qcow2").unwrap(),
-            Source::Http(url) if url.port == 8080 && url.path == "/x.qcow2"
+            Source::Http(url) if url.port() == 8080 && url.path() == "/x.qcow2"
         ));
         for url in [
             "file://relative/x",
