@@ -193,31 +193,11 @@ pub fn parse_duration(text: &str) -> anyhow::Result<Duration> {
 
 /// Now, as RFC 3339 in UTC with milliseconds: `2026-11-22T21:00:00.123Z`.
 pub fn rfc3339_now() -> String {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    rfc3339(now.as_secs() as i64, now.subsec_millis())
+    rfc3339(jiff::Timestamp::now())
 }
 
-fn rfc3339(seconds: i64, millis: u32) -> String {
-    let days = seconds.div_euclid(86_400);
-    let rem = seconds.rem_euclid(86_400);
-    // Howard Hinnant's days-to-civil.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+fn rfc3339(at: jiff::Timestamp) -> String {
+    format!("{at:.3}")
 }
 
 /// Runs `ferro server …`.
@@ -410,9 +390,10 @@ mod tests {
 
     #[test]
     fn timestamps_are_rfc3339_in_utc() {
-        assert_eq!(rfc3339(0, 0), "1970-01-01T00:00:00.000Z");
-        assert_eq!(rfc3339(1_795_381_200, 123), "2026-11-22T21:00:00.123Z");
-        assert_eq!(rfc3339(951_782_400, 5), "2000-02-29T00:00:00.005Z");
+        let at = |seconds, millis| jiff::Timestamp::new(seconds, millis * 1_000_000).unwrap();
+        assert_eq!(rfc3339(at(0, 0)), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339(at(1_795_381_200, 123)), "2026-11-22T21:00:00.123Z");
+        assert_eq!(rfc3339(at(951_782_400, 5)), "2000-02-29T00:00:00.005Z");
     }
 
     #[test]
