@@ -5,15 +5,19 @@
 //! timeout one line names what still blocks: the condition's reason and message, or, for
 //! `delete`, the finalizers still present. [`wait_for`] is shared with `delete --wait`.
 
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::time::Duration;
 
 use anyhow::anyhow;
 use ferro_api::client::{Client, Selection};
 use ferro_api::{Error as ApiError, Kind, Object, v1};
 use futures::StreamExt;
+use indicatif::{ProgressBar, ProgressStyle};
 
 use super::{Connection, ConnectionArgs, interrupted, object_label, parse_reference};
+
+/// How often the spinner turns.
+const SPINNER_TICK: Duration = Duration::from_millis(120);
 
 /// Arguments of `ferro wait`.
 #[derive(clap::Args, Debug)]
@@ -183,7 +187,8 @@ pub fn parse_duration(text: &str) -> anyhow::Result<Duration> {
 pub struct Progress {
     tty: bool,
     verbose: bool,
-    frame: usize,
+    /// The spinner while one wait runs on a terminal; each wait starts its own.
+    spinner: Option<ProgressBar>,
     last: String,
 }
 
@@ -193,28 +198,35 @@ impl Progress {
         Progress {
             tty: std::io::stderr().is_terminal(),
             verbose,
-            frame: 0,
+            spinner: None,
             last: String::new(),
         }
     }
 
     fn show(&mut self, text: &str) {
+        if text == self.last {
+            return;
+        }
         if self.tty {
-            const FRAMES: [char; 10] = ['⠋', '⠙', '⠹', '⠸', '⠼', '⠴', '⠦', '⠧', '⠇', '⠏'];
-            self.frame = (self.frame + 1) % FRAMES.len();
-            let mut err = std::io::stderr();
-            let _ = write!(err, "\r\x1b[2K{} {text}", FRAMES[self.frame]);
-            let _ = err.flush();
-        } else if self.verbose && text != self.last {
+            let spinner = self.spinner.get_or_insert_with(|| {
+                // The last character is a finished spinner's, which is cleared instead.
+                let style = ProgressStyle::default_spinner().tick_chars("⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏ ");
+                let spinner = ProgressBar::new_spinner().with_style(style);
+                spinner.enable_steady_tick(SPINNER_TICK);
+                spinner
+            });
+            spinner.set_message(text.to_owned());
+        } else if self.verbose {
             eprintln!("{text}");
         }
         self.last = text.to_owned();
     }
 
     fn clear(&mut self) {
-        if self.tty {
-            let _ = write!(std::io::stderr(), "\r\x1b[2K");
+        if let Some(spinner) = self.spinner.take() {
+            spinner.finish_and_clear();
         }
+        self.last.clear();
     }
 }
 
@@ -267,14 +279,9 @@ pub async fn wait_for(
                     .watch(kind, &selection, revision)
                     .await
                     .map_err(WaitError::Api)?;
-                let mut tick = tokio::time::interval(Duration::from_millis(120));
                 loop {
                     let item = tokio::select! {
                         item = stream.next() => item,
-                        _ = tick.tick() => {
-                            progress.show(&format!("waiting for {label} {}: {blocker}", goal.describe()));
-                            continue;
-                        }
                         _ = sleep_until(deadline) => return Err(WaitError::TimedOut(blocker.clone())),
                         _ = interrupted() => return Err(WaitError::Interrupted),
                     };
