@@ -14,6 +14,7 @@ use ferro_api::{Error as ApiError, Kind, Object, v1};
 use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 
+use super::duration::{parse_duration, show_duration};
 use super::{Connection, ConnectionArgs, interrupted, object_label, parse_reference};
 
 /// How often the spinner turns.
@@ -30,8 +31,8 @@ pub struct WaitArgs {
     #[arg(long = "for", value_name = "CONDITION")]
     pub condition: String,
     /// How long to wait for all of them: `30s`, `5m`, `1h`.
-    #[arg(long, default_value = "60s", value_name = "DURATION")]
-    pub timeout: String,
+    #[arg(long, default_value = "60s", value_name = "DURATION", value_parser = parse_duration)]
+    pub timeout: Duration,
     /// The project [default: the config's project, else `default`].
     #[arg(short = 'p', long, value_name = "PROJECT")]
     pub project: Option<String>,
@@ -163,23 +164,6 @@ fn check(goal: &Goal, object: Option<&Object>) -> Result<(), String> {
             }
         }
     }
-}
-
-/// Parses `30s`, `5m`, `1h`, `250ms` or a number of seconds.
-pub fn parse_duration(text: &str) -> anyhow::Result<Duration> {
-    let bad = || anyhow!("`{text}` is not a duration: write e.g. 30s, 5m or 1h");
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let number: u64 = number.parse().map_err(|_| bad())?;
-    Ok(match unit {
-        "" | "s" => Duration::from_secs(number),
-        "ms" => Duration::from_millis(number),
-        "m" => Duration::from_secs(number * 60),
-        "h" => Duration::from_secs(number * 3600),
-        _ => return Err(bad()),
-    })
 }
 
 /// Progress shown while waiting: a spinner line on a terminal, else a line on stderr
@@ -325,7 +309,7 @@ pub fn run(connection: &ConnectionArgs, args: WaitArgs) -> anyhow::Result<()> {
     let runtime = super::runtime()?;
     let _entered = runtime.enter();
     let goal = Goal::parse(&args.condition)?;
-    let timeout = parse_duration(&args.timeout)?;
+    let timeout = args.timeout;
     let targets = args
         .targets
         .iter()
@@ -354,7 +338,7 @@ pub fn run(connection: &ConnectionArgs, args: WaitArgs) -> anyhow::Result<()> {
             Err(WaitError::TimedOut(blocker)) => {
                 return Err(anyhow!(
                     "timed out after {} waiting for {}/{name} {}: {blocker}",
-                    args.timeout,
+                    show_duration(args.timeout),
                     kind.plural(),
                     goal.describe()
                 ));
@@ -389,13 +373,5 @@ mod tests {
         assert_eq!(Goal::parse("delete").unwrap(), Goal::Deleted);
         assert!(Goal::parse("Ready").is_err());
         assert!(Goal::parse("condition=Ready=maybe").is_err());
-    }
-
-    #[test]
-    fn durations_parse() {
-        assert_eq!(parse_duration("60s").unwrap(), Duration::from_secs(60));
-        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
-        assert_eq!(parse_duration("5").unwrap(), Duration::from_secs(5));
-        assert!(parse_duration("soon").is_err());
     }
 }
