@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferro_api::client::Client;
+use ferro_api::retry::{self, BackoffBuilder};
 use ferro_api::v1::{self, console_open::Mode};
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 use tokio::sync::mpsc;
@@ -29,13 +30,15 @@ use crate::hypervisor::{Hypervisor, validate_uid};
 
 /// How often a followed log is checked for growth.
 const FOLLOW_POLL: Duration = Duration::from_millis(200);
+/// How long an apiserver without the Consoles service is left alone.
+const ASK_FOR_CONSOLES_AGAIN: Duration = Duration::from_secs(30);
 /// The most bytes in one message.
 const CHUNK: usize = 64 << 10;
 
 /// Keeps the node's tunnel open and serves every console session asked for, until
 /// cancelled. An apiserver without the Consoles service is asked again now and then.
 pub async fn run(client: Client, node: String, driver: Arc<dyn Hypervisor>) {
-    let mut retry = Duration::from_secs(1);
+    let mut backoff = retry::reconnect_to_apiserver().build();
     let mut said_unimplemented = false;
     // Sessions end with the agent: dropping this set aborts them.
     let mut sessions = tokio::task::JoinSet::new();
@@ -43,7 +46,7 @@ pub async fn run(client: Client, node: String, driver: Arc<dyn Hypervisor>) {
         let hello = v1::TunnelHello { node: node.clone() };
         match client.consoles().tunnel(hello).await {
             Ok(response) => {
-                retry = Duration::from_secs(1);
+                backoff = retry::reconnect_to_apiserver().build();
                 tracing::debug!("console tunnel open");
                 let mut opens = response.into_inner();
                 loop {
@@ -67,14 +70,16 @@ pub async fn run(client: Client, node: String, driver: Arc<dyn Hypervisor>) {
                     );
                     said_unimplemented = true;
                 }
-                retry = Duration::from_secs(30);
+                tokio::time::sleep(ASK_FOR_CONSOLES_AGAIN).await;
+                continue;
             }
             Err(status) => {
-                tracing::warn!(%status, ?retry, "opening the console tunnel failed");
-                retry = (retry * 2).min(Duration::from_secs(30));
+                tracing::warn!(%status, "opening the console tunnel failed");
             }
         }
-        tokio::time::sleep(retry).await;
+        let delay = backoff.next().unwrap_or(ASK_FOR_CONSOLES_AGAIN);
+        tracing::debug!(?delay, "reopening the console tunnel");
+        tokio::time::sleep(delay).await;
     }
 }
 

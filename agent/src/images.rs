@@ -45,6 +45,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use ferro_api::retry::{self, BackoffBuilder};
 use ferro_api::v1;
 use ferro_api::v1::cached_image::Phase;
 use ferro_api::v1::image_spec::DiskFormat;
@@ -332,8 +333,6 @@ impl Record {
 
 /// How often a download's progress is reported.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
-/// How many times one fetch reconnects after a download was cut.
-const DOWNLOAD_ATTEMPTS: u32 = 5;
 /// How many redirects a download follows.
 const MAX_REDIRECTS: u32 = 5;
 /// Staged HTTP downloads untouched for this long are removed when the cache opens.
@@ -596,7 +595,9 @@ impl FileImageCache {
         let validator = validator_path(path);
         let mut url = url;
         let mut redirects = 0;
-        let mut attempt = 0;
+        // Reconnecting after a cut, an error or a bad answer; when these run out, the
+        // fetch fails and the Image's next fetch resumes.
+        let mut retries = retry::resume_download().build();
         loop {
             let have = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
             let known = std::fs::read_to_string(&validator).ok();
@@ -604,19 +605,18 @@ impl FileImageCache {
             let response = match http::get(&url, range, known.as_deref()).await {
                 Ok(response) => response,
                 Err(e) => {
-                    attempt += 1;
-                    if attempt >= DOWNLOAD_ATTEMPTS {
+                    let Some(delay) = retries.next() else {
                         return Err(ImageError::Fetch {
                             url: image.url.clone(),
                             source: e,
                         });
-                    }
-                    tracing::info!(image = %image.display(), error = %e, attempt, "download failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+                    };
+                    tracing::info!(image = %image.display(), error = %e, ?delay, "download failed; retrying");
+                    tokio::time::sleep(delay).await;
                     continue;
                 }
             };
-            let (offset, total) = match response.status {
+            let (offset, total) = match response.status() {
                 200 => {
                     let total = response.content_length();
                     let tag = response
@@ -639,10 +639,10 @@ impl FileImageCache {
                         _ => {
                             // Not the part asked for: start over.
                             remove_if_exists(path).map_err(cache_error("restarting a download"))?;
-                            attempt += 1;
-                            if attempt >= DOWNLOAD_ATTEMPTS {
+                            let Some(delay) = retries.next() else {
                                 return Err(fail("the server sends wrong ranges".into()));
-                            }
+                            };
+                            tokio::time::sleep(delay).await;
                             continue;
                         }
                     }
@@ -656,10 +656,10 @@ impl FileImageCache {
                         return Ok(());
                     }
                     remove_if_exists(path).map_err(cache_error("restarting a download"))?;
-                    attempt += 1;
-                    if attempt >= DOWNLOAD_ATTEMPTS {
+                    let Some(delay) = retries.next() else {
                         return Err(fail("the server refuses every range".into()));
-                    }
+                    };
+                    tokio::time::sleep(delay).await;
                     continue;
                 }
                 301 | 302 | 303 | 307 | 308 => {
@@ -670,7 +670,7 @@ impl FileImageCache {
                         _ => {
                             return Err(fail(format!(
                                 "too many redirects, or a bad one, at {}",
-                                response.status
+                                response.status()
                             )));
                         }
                     };
@@ -685,14 +685,13 @@ impl FileImageCache {
                     continue;
                 }
                 status => {
-                    let said = format!("HTTP {status} {}", response.reason);
-                    if status >= 500 {
-                        attempt += 1;
-                        if attempt < DOWNLOAD_ATTEMPTS {
-                            tracing::info!(image = %image.display(), %said, attempt, "download failed; retrying");
-                            tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
-                            continue;
-                        }
+                    let said = format!("HTTP {status} {}", response.reason());
+                    if status >= 500
+                        && let Some(delay) = retries.next()
+                    {
+                        tracing::info!(image = %image.display(), %said, ?delay, "download failed; retrying");
+                        tokio::time::sleep(delay).await;
+                        continue;
                     }
                     return Err(fail(said));
                 }
@@ -701,15 +700,14 @@ impl FileImageCache {
                 Ok(()) => return Ok(()),
                 Err(Received::Cache(e)) => return Err(e),
                 Err(Received::Cut(e)) => {
-                    attempt += 1;
-                    if attempt >= DOWNLOAD_ATTEMPTS {
+                    let Some(delay) = retries.next() else {
                         return Err(ImageError::Fetch {
                             url: image.url.clone(),
                             source: e,
                         });
-                    }
-                    tracing::info!(image = %image.display(), error = %e, attempt, "download cut; resuming");
-                    tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+                    };
+                    tracing::info!(image = %image.display(), error = %e, ?delay, "download cut; resuming");
+                    tokio::time::sleep(delay).await;
                 }
             }
         }
@@ -743,18 +741,17 @@ impl FileImageCache {
         }
         let total = total.map(|t| t + offset);
         let mut have = offset;
-        let mut buf = vec![0u8; 1 << 16];
         let mut reported = Instant::now();
         let result = loop {
-            let n = match response.read(&mut buf).await {
-                Ok(0) => break Ok(()),
-                Ok(n) => n,
+            let data = match response.chunk().await {
+                Ok(None) => break Ok(()),
+                Ok(Some(data)) => data,
                 Err(e) => break Err(Received::Cut(e)),
             };
-            if let Err(e) = file.write_all(&buf[..n]).await {
+            if let Err(e) = file.write_all(&data).await {
                 break Err(Received::Cache(cache_error("writing a download")(e)));
             }
-            have += n as u64;
+            have += data.len() as u64;
             if reported.elapsed() >= PROGRESS_EVERY {
                 reported = Instant::now();
                 self.set_downloading(image, Some(progress(&image.url, have, total)));
@@ -1152,7 +1149,7 @@ mod tests {
         );
         assert!(matches!(
             Source::parse("http://mirror:8080/x.qcow2").unwrap(),
-            Source::Http(url) if url.port == 8080 && url.path == "/x.qcow2"
+            Source::Http(url) if url.port() == 8080 && url.path() == "/x.qcow2"
         ));
         for url in [
             "file://relative/x",

@@ -34,6 +34,7 @@ use tonic::Status;
 use crate::{
     Error, Kind, Object,
     encoded::EncodedEvent,
+    retry::BackoffBuilder,
     selector::{FieldSelector, LabelSelector, SelectableField, node_of},
     v1,
 };
@@ -518,12 +519,12 @@ fn deliver(watcher: &Watcher, event: &CachedEvent) -> bool {
 /// Keeps one kind's cache filled: list, watch, apply, and start over on failure.
 async fn run(store: Arc<dyn Store>, cache: Arc<KindCache>) {
     let prefix = cache.kind.prefix(None);
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = crate::retry::restart_watch().build();
     let mut ticker = tokio::time::interval(cache.options.bookmark_interval);
     loop {
         match fill(&store, &cache, &prefix).await {
             Ok(mut events) => {
-                backoff = Duration::from_millis(100);
+                backoff = crate::retry::restart_watch().build();
                 let failure = loop {
                     tokio::select! {
                         batch = events.next() => match batch {
@@ -556,8 +557,8 @@ async fn run(store: Arc<dyn Store>, cache: Arc<KindCache>) {
                 tracing::warn!(kind = %cache.kind, error = %e, "watch cache cannot list");
             }
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(5));
+        let delay = backoff.next().unwrap_or(Duration::from_secs(5));
+        tokio::time::sleep(delay).await;
     }
 }
 

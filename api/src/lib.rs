@@ -19,6 +19,7 @@ pub mod error;
 pub mod kinds;
 pub mod owners;
 pub mod resolve;
+pub mod retry;
 pub mod selector;
 pub mod server;
 pub mod validation;

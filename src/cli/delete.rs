@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use anyhow::anyhow;
 use ferro_api::{Error as ApiError, Kind, v1};
 
+use super::duration::{parse_duration, show_duration};
 use super::wait::{Goal, Progress, WaitError, wait_for};
 use super::{Connection, ConnectionArgs, Reported, manifest, object_label, parse_kind};
 
@@ -47,8 +48,8 @@ pub struct DeleteArgs {
     #[arg(long)]
     pub wait: bool,
     /// With --wait, give up after this long: `30s`, `5m` [default: no limit].
-    #[arg(long, value_name = "DURATION", requires = "wait")]
-    pub timeout: Option<String>,
+    #[arg(long, value_name = "DURATION", requires = "wait", value_parser = parse_duration)]
+    pub timeout: Option<std::time::Duration>,
     /// Remove every finalizer after requesting deletion, so the object goes at once. The
     /// cleanups they stand for do not run: host resources may be left behind.
     #[arg(long)]
@@ -100,12 +101,7 @@ pub fn run(connection: &ConnectionArgs, args: DeleteArgs) -> anyhow::Result<()> 
     };
 
     let client = connection.client()?;
-    let timeout = args
-        .timeout
-        .as_deref()
-        .map(super::wait::parse_duration)
-        .transpose()?;
-    let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+    let deadline = args.timeout.map(|t| tokio::time::Instant::now() + t);
     let propagation = match args.cascade {
         Cascade::Background => v1::delete_request::Propagation::Background,
         Cascade::Foreground => v1::delete_request::Propagation::Foreground,
@@ -177,7 +173,7 @@ pub fn run(connection: &ConnectionArgs, args: DeleteArgs) -> anyhow::Result<()> 
                         Err(WaitError::TimedOut(blocker)) => {
                             eprintln!(
                                 "error: timed out after {} waiting for {}/{name} deletion: {blocker}",
-                                args.timeout.as_deref().unwrap_or_default(),
+                                args.timeout.map(show_duration).unwrap_or_default(),
                                 kind.plural()
                             );
                             failed = true;

@@ -154,7 +154,7 @@ pub fn wait_for_consoles(
             Err(ConsoleWaitError::TimedOut(blocker)) => {
                 return Err(anyhow!(
                     "timed out after {} waiting for servers/{name} console line matching `{pattern}`: {blocker}",
-                    args.timeout
+                    super::duration::show_duration(args.timeout)
                 ));
             }
             Err(ConsoleWaitError::Interrupted) => return Err(anyhow!("interrupted")),

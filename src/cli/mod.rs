@@ -21,6 +21,7 @@ pub mod console;
 pub mod delete;
 pub mod describe;
 pub mod diff;
+pub mod duration;
 pub mod explain;
 pub mod get;
 pub mod logs;

@@ -23,6 +23,7 @@ use ferro_api::v1::watch_event::Type as EventType;
 use ferro_api::{Error as ApiError, Kind, Object, Resource, v1};
 use futures::StreamExt;
 
+use super::duration::{parse_duration, show_duration};
 use super::logs::{ConsoleWaitError, console_length, follow_console};
 use super::{Connection, ConnectionArgs, object_label};
 
@@ -58,8 +59,8 @@ pub struct PowerArgs {
     #[arg(long)]
     pub no_wait: bool,
     /// Give up waiting after this long: `90s`, `5m`.
-    #[arg(long, value_name = "DURATION", default_value = "120s")]
-    pub timeout: String,
+    #[arg(long, value_name = "DURATION", default_value = "120s", value_parser = parse_duration)]
+    pub timeout: Duration,
     /// For reboot: the guest is back once a line its serial console prints after the reset
     /// matches this (e.g. `login:`) [default: any line].
     #[arg(long, value_name = "REGEX")]
@@ -178,59 +179,19 @@ fn progress_line(server: &v1::Server) -> String {
     line
 }
 
-/// Parses `90s`, `5m`, `1h`, `500ms` or plain seconds.
-pub fn parse_duration(text: &str) -> anyhow::Result<Duration> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let number: f64 = number
-        .parse()
-        .map_err(|_| anyhow!("`{text}` is not a duration: write 90s, 5m or 1h"))?;
-    let seconds = match unit {
-        "" | "s" => number,
-        "ms" => number / 1000.0,
-        "m" => number * 60.0,
-        "h" => number * 3600.0,
-        _ => bail!("`{text}` is not a duration: write 90s, 5m or 1h"),
-    };
-    Ok(Duration::from_secs_f64(seconds))
-}
-
 /// Now, as RFC 3339 in UTC with milliseconds: `2026-11-22T21:00:00.123Z`.
 pub fn rfc3339_now() -> String {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    rfc3339(now.as_secs() as i64, now.subsec_millis())
+    rfc3339(jiff::Timestamp::now())
 }
 
-fn rfc3339(seconds: i64, millis: u32) -> String {
-    let days = seconds.div_euclid(86_400);
-    let rem = seconds.rem_euclid(86_400);
-    // Howard Hinnant's days-to-civil.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+fn rfc3339(at: jiff::Timestamp) -> String {
+    format!("{at:.3}")
 }
 
 /// Runs `ferro server …`.
 pub fn run(connection: &ConnectionArgs, args: ServerArgs) -> anyhow::Result<()> {
     let power = args.action.args().clone();
-    let timeout = parse_duration(&power.timeout)?;
+    let timeout = power.timeout;
     let name = power
         .name
         .strip_prefix("server/")
@@ -275,7 +236,7 @@ pub fn run(connection: &ConnectionArgs, args: ServerArgs) -> anyhow::Result<()> 
                 bail!(
                     "{label}: not {} within {}; last seen {last}",
                     goal.describe(),
-                    power.timeout
+                    show_duration(timeout)
                 )
             }
         }
@@ -480,19 +441,10 @@ mod tests {
 
     #[test]
     fn timestamps_are_rfc3339_in_utc() {
-        assert_eq!(rfc3339(0, 0), "1970-01-01T00:00:00.000Z");
-        assert_eq!(rfc3339(1_795_381_200, 123), "2026-11-22T21:00:00.123Z");
-        assert_eq!(rfc3339(951_782_400, 5), "2000-02-29T00:00:00.005Z");
-    }
-
-    #[test]
-    fn durations_take_units() {
-        assert_eq!(parse_duration("120s").unwrap(), Duration::from_secs(120));
-        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
-        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
-        assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
-        assert!(parse_duration("soon").is_err());
-        assert!(parse_duration("5d").is_err());
+        let at = |seconds, millis| jiff::Timestamp::new(seconds, millis * 1_000_000).unwrap();
+        assert_eq!(rfc3339(at(0, 0)), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339(at(1_795_381_200, 123)), "2026-11-22T21:00:00.123Z");
+        assert_eq!(rfc3339(at(951_782_400, 5)), "2000-02-29T00:00:00.005Z");
     }
 
     fn server(power: Option<PowerState>, host: v1::ServerHostStatus, running: bool) -> v1::Server {

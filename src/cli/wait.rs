@@ -7,15 +7,20 @@
 //! timeout one line names what still blocks: the condition's reason and message, or, for
 //! `delete`, the finalizers still present. [`wait_for`] is shared with `delete --wait`.
 
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::time::Duration;
 
 use anyhow::anyhow;
 use ferro_api::client::{Client, Selection};
 use ferro_api::{Error as ApiError, Kind, Object, v1};
 use futures::StreamExt;
+use indicatif::{ProgressBar, ProgressStyle};
 
+use super::duration::{parse_duration, show_duration};
 use super::{Connection, ConnectionArgs, interrupted, object_label, parse_reference};
+
+/// How often the spinner turns.
+const SPINNER_TICK: Duration = Duration::from_millis(120);
 
 /// Arguments of `ferro wait`.
 #[derive(clap::Args, Debug)]
@@ -29,8 +34,8 @@ pub struct WaitArgs {
     #[arg(long = "for", value_name = "CONDITION")]
     pub condition: String,
     /// How long to wait for all of them: `30s`, `5m`, `1h`.
-    #[arg(long, default_value = "60s", value_name = "DURATION")]
-    pub timeout: String,
+    #[arg(long, default_value = "60s", value_name = "DURATION", value_parser = parse_duration)]
+    pub timeout: Duration,
     /// The project [default: the config's project, else `default`].
     #[arg(short = 'p', long, value_name = "PROJECT")]
     pub project: Option<String>,
@@ -164,29 +169,13 @@ fn check(goal: &Goal, object: Option<&Object>) -> Result<(), String> {
     }
 }
 
-/// Parses `30s`, `5m`, `1h`, `250ms` or a number of seconds.
-pub fn parse_duration(text: &str) -> anyhow::Result<Duration> {
-    let bad = || anyhow!("`{text}` is not a duration: write e.g. 30s, 5m or 1h");
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let number: u64 = number.parse().map_err(|_| bad())?;
-    Ok(match unit {
-        "" | "s" => Duration::from_secs(number),
-        "ms" => Duration::from_millis(number),
-        "m" => Duration::from_secs(number * 60),
-        "h" => Duration::from_secs(number * 3600),
-        _ => return Err(bad()),
-    })
-}
-
 /// Progress shown while waiting: a spinner line on a terminal, else a line on stderr
 /// each time the blocker changes (when `verbose`).
 pub struct Progress {
     tty: bool,
     verbose: bool,
-    frame: usize,
+    /// The spinner while one wait runs on a terminal; each wait starts its own.
+    spinner: Option<ProgressBar>,
     last: String,
 }
 
@@ -196,28 +185,35 @@ impl Progress {
         Progress {
             tty: std::io::stderr().is_terminal(),
             verbose,
-            frame: 0,
+            spinner: None,
             last: String::new(),
         }
     }
 
     fn show(&mut self, text: &str) {
+        if text == self.last {
+            return;
+        }
         if self.tty {
-            const FRAMES: [char; 10] = ['⠋', '⠙', '⠹', '⠸', '⠼', '⠴', '⠦', '⠧', '⠇', '⠏'];
-            self.frame = (self.frame + 1) % FRAMES.len();
-            let mut err = std::io::stderr();
-            let _ = write!(err, "\r\x1b[2K{} {text}", FRAMES[self.frame]);
-            let _ = err.flush();
-        } else if self.verbose && text != self.last {
+            let spinner = self.spinner.get_or_insert_with(|| {
+                // The last character is a finished spinner's, which is cleared instead.
+                let style = ProgressStyle::default_spinner().tick_chars("⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏ ");
+                let spinner = ProgressBar::new_spinner().with_style(style);
+                spinner.enable_steady_tick(SPINNER_TICK);
+                spinner
+            });
+            spinner.set_message(text.to_owned());
+        } else if self.verbose {
             eprintln!("{text}");
         }
         self.last = text.to_owned();
     }
 
     fn clear(&mut self) {
-        if self.tty {
-            let _ = write!(std::io::stderr(), "\r\x1b[2K");
+        if let Some(spinner) = self.spinner.take() {
+            spinner.finish_and_clear();
         }
+        self.last.clear();
     }
 }
 
@@ -270,14 +266,9 @@ pub async fn wait_for(
                     .watch(kind, &selection, revision)
                     .await
                     .map_err(WaitError::Api)?;
-                let mut tick = tokio::time::interval(Duration::from_millis(120));
                 loop {
                     let item = tokio::select! {
                         item = stream.next() => item,
-                        _ = tick.tick() => {
-                            progress.show(&format!("waiting for {label} {}: {blocker}", goal.describe()));
-                            continue;
-                        }
                         _ = sleep_until(deadline) => return Err(WaitError::TimedOut(blocker.clone())),
                         _ = interrupted() => return Err(WaitError::Interrupted),
                     };
@@ -321,11 +312,10 @@ pub fn run(connection: &ConnectionArgs, args: WaitArgs) -> anyhow::Result<()> {
     let runtime = super::runtime()?;
     let _entered = runtime.enter();
     if let Some(pattern) = args.condition.strip_prefix("console=") {
-        let timeout = parse_duration(&args.timeout)?;
-        return super::logs::wait_for_consoles(connection, &args, pattern, timeout, &runtime);
+        return super::logs::wait_for_consoles(connection, &args, pattern, args.timeout, &runtime);
     }
     let goal = Goal::parse(&args.condition)?;
-    let timeout = parse_duration(&args.timeout)?;
+    let timeout = args.timeout;
     let targets = args
         .targets
         .iter()
@@ -354,7 +344,7 @@ pub fn run(connection: &ConnectionArgs, args: WaitArgs) -> anyhow::Result<()> {
             Err(WaitError::TimedOut(blocker)) => {
                 return Err(anyhow!(
                     "timed out after {} waiting for {}/{name} {}: {blocker}",
-                    args.timeout,
+                    show_duration(args.timeout),
                     kind.plural(),
                     goal.describe()
                 ));
@@ -389,13 +379,5 @@ mod tests {
         assert_eq!(Goal::parse("delete").unwrap(), Goal::Deleted);
         assert!(Goal::parse("Ready").is_err());
         assert!(Goal::parse("condition=Ready=maybe").is_err());
-    }
-
-    #[test]
-    fn durations_parse() {
-        assert_eq!(parse_duration("60s").unwrap(), Duration::from_secs(60));
-        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
-        assert_eq!(parse_duration("5").unwrap(), Duration::from_secs(5));
-        assert!(parse_duration("soon").is_err());
     }
 }

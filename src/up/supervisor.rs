@@ -15,6 +15,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow};
+use ferro_api::retry::{self, BackoffBuilder};
 use ferro_api::{Error as ApiError, Kind, client::Client};
 use ferro_store::Store;
 use ferro_store::etcd::EtcdStore;
@@ -28,10 +29,10 @@ use crate::process;
 const STOP_GRACE: Duration = Duration::from_secs(10);
 /// How long a child may take to serve after it starts.
 const READY_TIMEOUT: Duration = Duration::from_secs(90);
-/// The first and the longest wait before restarting a crashed child.
-const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+/// The longest wait before restarting a crashed child, should its schedule run out.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
-/// A child that ran this long before crashing restarts after [`FIRST_BACKOFF`] again.
+/// A child that ran this long before crashing starts its restart schedule
+/// ([`retry::restart_child`]) over.
 const STABLE_AFTER: Duration = Duration::from_secs(60);
 /// How often children are checked on.
 const POLL: Duration = Duration::from_millis(250);
@@ -78,7 +79,7 @@ struct Running {
     spec: ChildSpec,
     child: Option<Child>,
     started: Instant,
-    backoff: Duration,
+    backoff: retry::Backoff,
     restart_at: Option<Instant>,
 }
 
@@ -116,7 +117,7 @@ impl Supervisor {
                 spec,
                 child: Some(child),
                 started: Instant::now(),
-                backoff: FIRST_BACKOFF,
+                backoff: retry::restart_child().build(),
                 restart_at: None,
             });
             let index = self.children.len() - 1;
@@ -149,15 +150,14 @@ impl Supervisor {
                     Ok(Some(status)) => {
                         let ran = running.started.elapsed();
                         if ran >= STABLE_AFTER {
-                            running.backoff = FIRST_BACKOFF;
+                            running.backoff = retry::restart_child().build();
                         }
-                        let delay = running.backoff;
-                        running.backoff = (running.backoff * 2).min(MAX_BACKOFF);
+                        let delay = running.backoff.next().unwrap_or(MAX_BACKOFF);
                         running.child = None;
                         running.restart_at = Some(now + delay);
                         let log = self.dir.child_log(running.spec.name);
                         tracing::warn!(
-                            "{} exited ({}) after {ran:.0?}; restarting in {delay:?} (log: {})",
+                            "{} exited ({}) after {ran:.0?}; restarting in {delay:.1?} (log: {})",
                             running.spec.name,
                             describe_status(status),
                             log.display()
@@ -178,11 +178,10 @@ impl Supervisor {
                     }
                     Err(e) => {
                         let running = &mut self.children[index];
-                        let delay = running.backoff;
-                        running.backoff = (running.backoff * 2).min(MAX_BACKOFF);
+                        let delay = running.backoff.next().unwrap_or(MAX_BACKOFF);
                         running.restart_at = Some(now + delay);
                         tracing::warn!(
-                            "cannot restart {}: {e:#}; retrying in {delay:?}",
+                            "cannot restart {}: {e:#}; retrying in {delay:.1?}",
                             spec.name
                         );
                     }

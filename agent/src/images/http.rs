@@ -1,220 +1,154 @@
-//! A small HTTP/1.1 client for fetching images over `http://`: one GET per connection,
-//! with `Range` / `If-Range` so an interrupted download resumes where it stopped, and the
-//! body read as `Content-Length`, chunked, or until the server closes.
+//! Fetching images over `http://` with hyper's client: one GET per connection, with
+//! `Range` / `If-Range` so that an interrupted download resumes where it stopped. hyper
+//! reads the body (`Content-Length`, chunked, or until the server closes) and says when a
+//! connection ends before the body does; the download loop in [`super`] decides what to
+//! do about redirects, ranges and cuts.
 //!
-//! It is deliberately tiny: image mirrors speak plain HTTP/1.1 GET, and this avoids a
-//! client stack in the agent for one request shape. `https://` is not fetched yet (the
-//! agent carries no TLS stack); [`super::Source::parse`] says so.
+//! hyper, hyper-util and http-body-util are already in every Ferro binary through tonic,
+//! so this client costs no new crates. `https://` is not fetched yet: no image source
+//! needs it today, and it would bring a TLS stack into the agent; [`super::Source::parse`]
+//! says so.
 
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpStream;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper::body::{Body as _, Incoming};
+use hyper::{Request, Uri, header};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
 
-/// How long connecting, or any one read, may take.
+/// How long connecting, the response's head, or any one piece of its body may take.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(60);
-/// The most header bytes a response may have.
-const MAX_HEADER_BYTES: usize = 64 << 10;
 
-/// An `http://` URL, split.
+/// An `http://` URL: an absolute URI with a host and no user info.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HttpUrl {
-    /// The host name or address (IPv6 without brackets).
-    pub host: String,
-    /// The port, 80 unless given.
-    pub port: u16,
-    /// The path and query, starting with `/`.
-    pub path: String,
-}
+pub struct HttpUrl(Uri);
 
 impl HttpUrl {
     /// Parses `http://host[:port][/path]`; `None` for anything else.
     pub fn parse(url: &str) -> Option<HttpUrl> {
-        let rest = url.strip_prefix("http://")?;
-        let (authority, path) = match rest.find(['/', '?']) {
-            Some(i) => (&rest[..i], &rest[i..]),
-            None => (rest, "/"),
-        };
-        let path = if path.starts_with('?') {
-            format!("/{path}")
-        } else {
-            path.to_owned()
-        };
-        if authority.is_empty() || authority.contains('@') {
+        let uri: Uri = url.parse().ok()?;
+        if uri.scheme_str() != Some("http") {
             return None;
         }
-        let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
-            let (host, after) = v6.split_once(']')?;
-            let port = match after.strip_prefix(':') {
-                Some(p) => p.parse().ok()?,
-                None if after.is_empty() => 80,
-                None => return None,
-            };
-            (host.to_owned(), port)
-        } else {
-            match authority.rsplit_once(':') {
-                Some((host, port)) => (host.to_owned(), port.parse().ok()?),
-                None => (authority.to_owned(), 80),
-            }
-        };
-        if host.is_empty() || path.contains([' ', '\r', '\n']) {
+        let authority = uri.authority()?;
+        // The `http` crate keeps a port it cannot read as a number, as no port at all.
+        let after_host = authority.as_str().get(authority.host().len()..);
+        let bad_port = after_host != Some("") && authority.port_u16().is_none();
+        if authority.host().is_empty() || authority.as_str().contains('@') || bad_port {
             return None;
         }
-        Some(HttpUrl { host, port, path })
+        Some(HttpUrl(uri))
     }
 
-    /// The `Host` header's value.
-    fn host_header(&self) -> String {
-        let host = if self.host.contains(':') {
-            format!("[{}]", self.host)
-        } else {
-            self.host.clone()
-        };
-        if self.port == 80 {
-            host
-        } else {
-            format!("{host}:{}", self.port)
-        }
+    /// The host name or address (IPv6 in brackets).
+    pub fn host(&self) -> &str {
+        self.0.host().unwrap_or_default()
     }
 
-    /// Resolves a `Location` header against this URL.
+    /// The port, 80 unless given.
+    pub fn port(&self) -> u16 {
+        self.0.port_u16().unwrap_or(80)
+    }
+
+    /// The path and query, starting with `/`.
+    pub fn path(&self) -> &str {
+        self.0.path_and_query().map_or("/", |p| p.as_str())
+    }
+
+    /// Resolves a `Location` header against this URL. The `http` crate parses URIs but
+    /// does not resolve references; the three shapes servers send are handled here
+    /// rather than bringing in the `url` crate (and its IDNA tables) for it.
     pub fn join(&self, location: &str) -> Option<String> {
         if location.contains("://") {
             return Some(location.to_owned());
         }
+        let authority = self.0.authority()?;
         if location.starts_with('/') {
-            return Some(format!("http://{}{location}", self.host_header()));
+            return Some(format!("http://{authority}{location}"));
         }
-        let dir = match self.path.rfind('/') {
-            Some(i) => &self.path[..=i],
+        let path = self.0.path();
+        let dir = match path.rfind('/') {
+            Some(i) => &path[..=i],
             None => "/",
         };
-        Some(format!("http://{}{dir}{location}", self.host_header()))
+        Some(format!("http://{authority}{dir}{location}"))
     }
 }
 
 /// A response whose body has not been read yet.
 pub struct Response {
-    /// The status code.
-    pub status: u16,
-    /// The reason phrase.
-    pub reason: String,
-    headers: Vec<(String, String)>,
-    body: Body,
-    stream: BufReader<TcpStream>,
-}
-
-enum Body {
-    Length(u64),
-    Chunked { left: u64, done: bool },
-    UntilClose,
+    head: hyper::http::response::Parts,
+    body: Incoming,
 }
 
 impl Response {
-    /// A header's value (the first of that name, case-insensitive).
+    /// The status code.
+    pub fn status(&self) -> u16 {
+        self.head.status.as_u16()
+    }
+
+    /// The reason phrase: the server's own, or the standard one for the status.
+    pub fn reason(&self) -> String {
+        match self.head.extensions.get::<hyper::ext::ReasonPhrase>() {
+            Some(said) => String::from_utf8_lossy(said.as_bytes()).into_owned(),
+            None => self
+                .head
+                .status
+                .canonical_reason()
+                .unwrap_or_default()
+                .to_owned(),
+        }
+    }
+
+    /// A header's value (the first of that name), if it is text.
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        self.head.headers.get(name)?.to_str().ok()
     }
 
     /// The body's length, when the server said it.
     pub fn content_length(&self) -> Option<u64> {
-        match self.body {
-            Body::Length(n) => Some(n),
-            _ => None,
-        }
+        self.body.size_hint().exact()
     }
 
-    /// Reads the next piece of the body into `buf`; 0 at its end. A connection that ends
-    /// before the body does is an `UnexpectedEof` error.
-    pub async fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+    /// The next piece of the body; `None` at its end. A connection that ends before the
+    /// body does is an `UnexpectedEof` error, one that stalls a `TimedOut` error.
+    pub async fn chunk(&mut self) -> std::io::Result<Option<Bytes>> {
         loop {
-            match &mut self.body {
-                Body::Length(0) => return Ok(0),
-                Body::Length(left) => {
-                    let want = buf.len().min(usize::try_from(*left).unwrap_or(usize::MAX));
-                    let n = timed(self.stream.read(&mut buf[..want])).await?;
-                    if n == 0 {
-                        return Err(eof("the connection closed before the body ended"));
-                    }
-                    *left -= n as u64;
-                    return Ok(n);
-                }
-                Body::UntilClose => return timed(self.stream.read(buf)).await,
-                Body::Chunked { done: true, .. } => return Ok(0),
-                Body::Chunked { left: 0, done } => {
-                    let line = read_line(&mut self.stream).await?;
-                    let size = line.split(';').next().unwrap_or("").trim();
-                    let size = u64::from_str_radix(size, 16).map_err(|_| {
-                        std::io::Error::new(
-                            std::io::ErrorKind::InvalidData,
-                            format!("bad chunk size {line:?}"),
-                        )
-                    })?;
-                    if size == 0 {
-                        // Trailers, then the empty line.
-                        while !read_line(&mut self.stream).await?.is_empty() {}
-                        *done = true;
-                    } else if let Body::Chunked { left, .. } = &mut self.body {
-                        *left = size;
-                    }
-                }
-                Body::Chunked { left, .. } => {
-                    let want = buf.len().min(usize::try_from(*left).unwrap_or(usize::MAX));
-                    let n = timed(self.stream.read(&mut buf[..want])).await?;
-                    if n == 0 {
-                        return Err(eof("the connection closed inside a chunk"));
-                    }
-                    *left -= n as u64;
-                    if *left == 0 {
-                        // The CRLF after the chunk's data.
-                        let rest = read_line(&mut self.stream).await?;
-                        if !rest.is_empty() {
-                            return Err(std::io::Error::new(
-                                std::io::ErrorKind::InvalidData,
-                                "a chunk is longer than it said",
-                            ));
-                        }
-                    }
-                    return Ok(n);
-                }
+            let frame = match timed(self.body.frame()).await? {
+                None => return Ok(None),
+                Some(frame) => frame.map_err(body_error)?,
+            };
+            // Trailers carry nothing a download needs.
+            if let Ok(data) = frame.into_data()
+                && !data.is_empty()
+            {
+                return Ok(Some(data));
             }
         }
     }
 }
 
-fn eof(what: &str) -> std::io::Error {
-    std::io::Error::new(std::io::ErrorKind::UnexpectedEof, what.to_owned())
+fn body_error(e: hyper::Error) -> std::io::Error {
+    let kind = if e.is_incomplete_message() {
+        std::io::ErrorKind::UnexpectedEof
+    } else if e.is_timeout() {
+        std::io::ErrorKind::TimedOut
+    } else {
+        std::io::ErrorKind::Other
+    };
+    std::io::Error::new(kind, e)
 }
 
-async fn timed<T>(io: impl Future<Output = std::io::Result<T>>) -> std::io::Result<T> {
+async fn timed<T>(io: impl Future<Output = T>) -> std::io::Result<T> {
     tokio::time::timeout(IO_TIMEOUT, io).await.map_err(|_| {
         std::io::Error::new(
             std::io::ErrorKind::TimedOut,
             format!("no data for {IO_TIMEOUT:?}"),
         )
-    })?
-}
-
-/// One header line without its CRLF.
-async fn read_line(stream: &mut BufReader<TcpStream>) -> std::io::Result<String> {
-    let mut line = Vec::new();
-    let n = timed(
-        (&mut *stream)
-            .take(MAX_HEADER_BYTES as u64)
-            .read_until(b'\n', &mut line),
-    )
-    .await?;
-    if n == 0 || !line.ends_with(b"\n") {
-        return Err(eof("the connection closed inside the headers"));
-    }
-    while line.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
-        line.pop();
-    }
-    String::from_utf8(line)
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "headers not UTF-8"))
+    })
 }
 
 /// Sends one GET and reads the response's head. `range_from` asks for the bytes from that
@@ -225,88 +159,39 @@ pub async fn get(
     range_from: Option<u64>,
     if_range: Option<&str>,
 ) -> std::io::Result<Response> {
-    let stream = timed(TcpStream::connect((url.host.as_str(), url.port))).await?;
-    stream.set_nodelay(true)?;
-    let mut request = format!(
-        "GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: ferro-agent\r\nAccept: */*\r\n\
-         Accept-Encoding: identity\r\nConnection: close\r\n",
-        url.path,
-        url.host_header()
-    );
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(IO_TIMEOUT));
+    connector.set_nodelay(true);
+    // One request per connection: downloads are few and long, and a pooled connection
+    // the server has since closed would only fail the next one.
+    let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(0)
+        // Some mirrors (and proxies) still match header names case-sensitively.
+        .http1_title_case_headers(true)
+        .build(connector);
+    let mut request = Request::get(url.0.clone())
+        .header(header::USER_AGENT, "ferro-agent")
+        .header(header::ACCEPT, "*/*")
+        .header(header::ACCEPT_ENCODING, "identity");
     if let Some(from) = range_from {
-        request.push_str(&format!("Range: bytes={from}-\r\n"));
+        request = request.header(header::RANGE, format!("bytes={from}-"));
         if let Some(validator) = if_range {
-            request.push_str(&format!("If-Range: {validator}\r\n"));
+            request = request.header(header::IF_RANGE, validator);
         }
     }
-    request.push_str("\r\n");
-    let mut stream = BufReader::with_capacity(1 << 16, stream);
-    timed(stream.get_mut().write_all(request.as_bytes())).await?;
-
-    let status_line = read_line(&mut stream).await?;
-    let mut parts = status_line.splitn(3, ' ');
-    let version = parts.next().unwrap_or_default();
-    let status = parts.next().and_then(|s| s.parse::<u16>().ok());
-    let (true, Some(status)) = (version.starts_with("HTTP/1."), status) else {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("not an HTTP/1.x response: {status_line:?}"),
-        ));
-    };
-    let reason = parts.next().unwrap_or_default().to_owned();
-    let mut headers = Vec::new();
-    let mut total = 0;
-    loop {
-        let line = read_line(&mut stream).await?;
-        if line.is_empty() {
-            break;
-        }
-        total += line.len();
-        if total > MAX_HEADER_BYTES {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                "response headers too large",
-            ));
-        }
-        if let Some((name, value)) = line.split_once(':') {
-            headers.push((name.trim().to_owned(), value.trim().to_owned()));
-        }
-    }
-    let find = |name: &str| {
-        headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    };
-    let body =
-        if find("transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked")) {
-            Body::Chunked {
-                left: 0,
-                done: false,
-            }
-        } else if let Some(length) = find("content-length") {
-            Body::Length(length.parse().map_err(|_| {
-                std::io::Error::new(
-                    std::io::ErrorKind::InvalidData,
-                    format!("bad Content-Length {length:?}"),
-                )
-            })?)
-        } else if status == 204 || status == 304 {
-            Body::Length(0)
-        } else {
-            Body::UntilClose
-        };
-    Ok(Response {
-        status,
-        reason,
-        headers,
-        body,
-        stream,
-    })
+    let request = request
+        .body(Empty::new())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let response = timed(client.request(request))
+        .await?
+        .map_err(std::io::Error::other)?;
+    let (head, body) = response.into_parts();
+    Ok(Response { head, body })
 }
 
 /// The first byte and the total of a `Content-Range: bytes FIRST-LAST/TOTAL` (or
-/// `bytes */TOTAL`) header; the total is `None` when the server wrote `*`.
+/// `bytes */TOTAL`) header; the total is `None` when the server wrote `*`. hyper leaves
+/// header values to the caller, and this one is too small to take a crate for.
 pub fn content_range(value: &str) -> Option<(Option<u64>, Option<u64>)> {
     let spec = value.trim().strip_prefix("bytes")?.trim();
     let (range, total) = spec.split_once('/')?;
@@ -327,24 +212,22 @@ mod tests {
 
     #[test]
     fn urls_split_into_host_port_and_path() {
+        let url = HttpUrl::parse("http://mirror.example:8080/img/a.qcow2?x=1").unwrap();
         assert_eq!(
-            HttpUrl::parse("http://mirror.example:8080/img/a.qcow2?x=1").unwrap(),
-            HttpUrl {
-                host: "mirror.example".into(),
-                port: 8080,
-                path: "/img/a.qcow2?x=1".into()
-            }
+            (url.host(), url.port(), url.path()),
+            ("mirror.example", 8080, "/img/a.qcow2?x=1")
         );
         let bare = HttpUrl::parse("http://127.0.0.1").unwrap();
-        assert_eq!((bare.port, bare.path.as_str()), (80, "/"));
+        assert_eq!((bare.port(), bare.path()), (80, "/"));
         let v6 = HttpUrl::parse("http://[::1]:81/a").unwrap();
-        assert_eq!((v6.host.as_str(), v6.port), ("::1", 81));
+        assert_eq!((v6.host(), v6.port()), ("[::1]", 81));
         for bad in [
             "https://x/y",
             "http://",
             "http://user@x/y",
             "http://x:port/y",
             "http://x/a b",
+            "/relative",
         ] {
             assert_eq!(HttpUrl::parse(bad), None, "{bad}");
         }
