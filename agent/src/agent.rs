@@ -53,6 +53,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use ferro_api::client::{Client, Selection};
+use ferro_api::retry::{self, BackoffBuilder};
 use ferro_api::v1;
 use ferro_api::v1::node_status::Role;
 use ferro_runtime::controller::Settings;
@@ -457,11 +458,11 @@ async fn keep_node_status(
     images: Arc<dyn ImageCache>,
     period: Duration,
 ) {
-    let mut retry = Duration::from_millis(500);
+    let mut delays = retry::reconnect_to_apiserver().build();
     while let Err(e) = node::register(&client, &base.name).await {
-        tracing::warn!(error = %e, ?retry, "registering the node failed");
-        tokio::time::sleep(retry).await;
-        retry = (retry * 2).min(Duration::from_secs(10));
+        let delay = delays.next().unwrap_or(Duration::from_secs(10));
+        tracing::warn!(error = %e, ?delay, "registering the node failed");
+        tokio::time::sleep(delay).await;
     }
     let accelerator = match driver.accel().await {
         Accel::Kvm => "KVM",

@@ -24,6 +24,7 @@ use std::{
 use ferro_api::{
     Error, Kind, Object, Resource,
     client::{Client, Selection},
+    retry::{self, BackoffBuilder},
     v1::{self, watch_event::Type},
 };
 use futures::StreamExt;
@@ -420,9 +421,6 @@ pub struct Reflector<T> {
     metrics: Option<Metrics>,
 }
 
-/// The longest pause between attempts to reach an unreachable apiserver.
-const MAX_RETRY_DELAY: Duration = Duration::from_secs(5);
-
 impl<T: Resource + Send + Sync> Reflector<T> {
     /// A reflector of every object of `T`'s kind into `store`.
     pub fn new(client: Client, store: Store<T>) -> Self {
@@ -461,7 +459,11 @@ impl<T: Resource + Send + Sync> Reflector<T> {
         let kind = T::KIND;
         let mut revision = 0i64;
         let mut must_list = true;
-        let mut delay = Duration::from_millis(100);
+        // Pauses between failed attempts, from Ferro's one policy; a success starts over.
+        let mut delays = retry::restart_watch().build();
+        let pause = |delays: &mut retry::Backoff| {
+            tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(5)))
+        };
         loop {
             if must_list {
                 match self.client.list(kind, &self.selection).await {
@@ -470,14 +472,13 @@ impl<T: Resource + Send + Sync> Reflector<T> {
                         self.store.replace(typed, rv);
                         revision = rv;
                         must_list = false;
-                        delay = Duration::from_millis(100);
+                        delays = retry::restart_watch().build();
                         tracing::debug!(kind = %kind, revision, "listed");
                     }
                     Err(e) => {
                         tracing::warn!(kind = %kind, error = %e, "list failed; retrying");
                         self.count("list-error");
-                        tokio::time::sleep(delay).await;
-                        delay = (delay * 2).min(MAX_RETRY_DELAY);
+                        pause(&mut delays).await;
                         continue;
                     }
                 }
@@ -492,8 +493,7 @@ impl<T: Resource + Send + Sync> Reflector<T> {
                 Err(e) => {
                     tracing::warn!(kind = %kind, error = %e, "watch failed; retrying");
                     self.count("watch-error");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(MAX_RETRY_DELAY);
+                    pause(&mut delays).await;
                     continue;
                 }
             };
@@ -501,7 +501,7 @@ impl<T: Resource + Send + Sync> Reflector<T> {
             while let Some(item) = stream.next().await {
                 match item {
                     Ok(event) => {
-                        delay = Duration::from_millis(100);
+                        delays = retry::restart_watch().build();
                         revision = revision.max(event.resource_version);
                         self.handle(event);
                     }
@@ -519,8 +519,7 @@ impl<T: Resource + Send + Sync> Reflector<T> {
                     }
                 }
             }
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(MAX_RETRY_DELAY);
+            pause(&mut delays).await;
         }
     }
 
