@@ -85,7 +85,8 @@ impl ImageRef {
         }
     }
 
-    fn display(&self) -> String {
+    /// `project/name`, for messages.
+    pub fn display(&self) -> String {
         format!("{}/{}", self.project, self.name)
     }
 }
@@ -106,6 +107,9 @@ pub struct CachedFile {
     pub size_bytes: u64,
     /// The disk size a guest sees, in bytes.
     pub virtual_size_bytes: u64,
+    /// How long fetching it took, when this call fetched it; `None` when the cache
+    /// already had it.
+    pub fetched_in: Option<std::time::Duration>,
 }
 
 /// Why an image could not be cached.
@@ -551,6 +555,7 @@ impl FileImageCache {
             source_format: info.format,
             size_bytes: size,
             virtual_size_bytes: info.virtual_size,
+            fetched_in: None,
         })
     }
 
@@ -1005,11 +1010,16 @@ impl ImageCache for FileImageCache {
                 source_format: record.format.clone(),
                 size_bytes: record.size_bytes,
                 virtual_size_bytes: record.virtual_size_bytes,
+                fetched_in: None,
             });
         }
         tracing::info!(image = %image.display(), url = %image.url, "fetching image");
         self.set_downloading(image, Some(format!("fetching {}", image.url)));
-        let fetched = self.fetch(image).await;
+        let began = std::time::Instant::now();
+        let fetched = self.fetch(image).await.map(|file| CachedFile {
+            fetched_in: Some(began.elapsed()),
+            ..file
+        });
         let record = match &fetched {
             Ok(file) => {
                 let converted = file.format != file.source_format;

@@ -242,6 +242,7 @@ impl MemoryImageCache {
             source_format: source.format.clone(),
             size_bytes: source.size_bytes,
             virtual_size_bytes: source.virtual_size_bytes,
+            fetched_in: Some(std::time::Duration::ZERO),
         })
     }
 }
@@ -255,7 +256,10 @@ impl ImageCache for MemoryImageCache {
             ..
         }) = self.state().records.get(&image.uid)
         {
-            return Ok(file.clone());
+            return Ok(CachedFile {
+                fetched_in: None,
+                ..file.clone()
+            });
         }
         self.state().fetches.push(image.uid.clone());
         self.changed.send_modify(|n| *n += 1);
