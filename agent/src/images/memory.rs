@@ -354,7 +354,17 @@ mod tests {
                 .ends_with(checksum.strip_prefix("sha256:").unwrap())
         );
         assert!(changes.has_changed().unwrap());
-        assert_eq!(cache.ensure(&img).await.unwrap(), file);
+        // Fetched the first time; answered from the record, as such, the second.
+        assert!(file.fetched_in.is_some());
+        let again = cache.ensure(&img).await.unwrap();
+        assert_eq!(again.fetched_in, None);
+        assert_eq!(
+            again,
+            CachedFile {
+                fetched_in: None,
+                ..file
+            }
+        );
         assert_eq!(cache.fetches(), ["u1"]);
 
         let report = cache.report();
