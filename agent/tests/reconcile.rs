@@ -563,6 +563,72 @@ async fn a_restarted_agent_records_adopted_once_and_nothing_else() -> Result<()>
 }
 
 #[tokio::test]
+async fn a_node_bumps_its_own_events_and_no_others() -> Result<()> {
+    let cloud = Cloud::start().await?;
+    let event = |name: &str, component: &str| v1::Event {
+        metadata: Some(v1::ObjectMeta {
+            name: name.into(),
+            project: PROJECT.into(),
+            ..Default::default()
+        }),
+        spec: Some(v1::EventSpec {
+            involved_object: Some(v1::OwnerReference {
+                kind: "Server".into(),
+                name: "web-1".into(),
+                project: PROJECT.into(),
+                ..Default::default()
+            }),
+            r#type: v1::event_spec::Type::Normal as i32,
+            reason: "Scheduled".into(),
+            message: "placed".into(),
+            count: 1,
+            reporting_component: component.into(),
+            ..Default::default()
+        }),
+        status: None,
+    };
+    let bump = |mut event: v1::Event, component: &str| {
+        let spec = event.spec.get_or_insert_with(Default::default);
+        spec.count += 1;
+        spec.reporting_component = component.into();
+        event
+    };
+    cloud
+        .admin
+        .create(event("theirs", "scheduler").into_object())
+        .await?;
+    cloud
+        .node_client
+        .create(event("mine", &event_component(NODE)).into_object())
+        .await?;
+    let theirs = cloud
+        .node_client
+        .get_typed::<v1::Event>(PROJECT, "theirs")
+        .await?;
+    let mine = cloud
+        .node_client
+        .get_typed::<v1::Event>(PROJECT, "mine")
+        .await?;
+
+    for attempt in [
+        bump(theirs.clone(), "scheduler"),
+        bump(theirs, &event_component(NODE)),
+        bump(mine.clone(), &event_component(OTHER_NODE)),
+    ] {
+        let result = cloud.node_client.update(attempt.into_object()).await;
+        ensure!(
+            matches!(result, Err(Error::PermissionDenied { .. })),
+            "{result:?}"
+        );
+    }
+    cloud
+        .node_client
+        .update(bump(mine, &event_component(NODE)).into_object())
+        .await?;
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_bound_server_boots_with_what_it_asks_for() -> Result<()> {
     let cloud = Cloud::start().await?;
     let (driver, images) = doubles();
