@@ -263,13 +263,11 @@ impl ServerReconciler {
             && observed.as_ref().is_some_and(VmStatus::is_alive)
             && self.seen.insert(&uid)
         {
-            let pid = observed.as_ref().and_then(|vm| vm.pid).unwrap_or_default();
-            self.normal(
-                &server,
-                "Adopted",
-                &format!("found the guest running (pid {pid}) on node {}", self.node),
-            )
-            .await;
+            let message = match observed.as_ref().and_then(|vm| vm.pid) {
+                Some(pid) => format!("found the guest running (pid {pid}) on node {}", self.node),
+                None => format!("found the guest running on node {}", self.node),
+            };
+            self.normal(&server, "Adopted", &message).await;
         }
         let mut applied = Applied::default();
         let result = self
