@@ -57,6 +57,7 @@ use ferro_api::retry::{self, BackoffBuilder};
 use ferro_api::v1;
 use ferro_api::v1::node_status::Role;
 use ferro_runtime::controller::Settings;
+use ferro_runtime::events::Recorder;
 use ferro_runtime::metrics::Metrics;
 use ferro_runtime::queue::Backoff;
 use ferro_runtime::{Controller, Store, predicates, reflector::Reflector};
@@ -340,6 +341,8 @@ pub async fn run(config: AgentConfig, drivers: Drivers) -> anyhow::Result<()> {
         node: node.clone(),
         zone: zone.clone(),
         stop_grace,
+        recorder: Recorder::new(client.clone(), crate::server::event_component(&node)),
+        seen: Default::default(),
     });
     let settings = Settings {
         concurrency: workers.max(1),

@@ -86,7 +86,8 @@ impl ImageRef {
         }
     }
 
-    fn display(&self) -> String {
+    /// `project/name`, for messages.
+    pub fn display(&self) -> String {
         format!("{}/{}", self.project, self.name)
     }
 }
@@ -107,6 +108,9 @@ pub struct CachedFile {
     pub size_bytes: u64,
     /// The disk size a guest sees, in bytes.
     pub virtual_size_bytes: u64,
+    /// How long fetching it took, when this call fetched it; `None` when the cache
+    /// already had it.
+    pub fetched_in: Option<std::time::Duration>,
 }
 
 /// Why an image could not be cached.
@@ -550,6 +554,7 @@ impl FileImageCache {
             source_format: info.format,
             size_bytes: size,
             virtual_size_bytes: info.virtual_size,
+            fetched_in: None,
         })
     }
 
@@ -1002,11 +1007,16 @@ impl ImageCache for FileImageCache {
                 source_format: record.format.clone(),
                 size_bytes: record.size_bytes,
                 virtual_size_bytes: record.virtual_size_bytes,
+                fetched_in: None,
             });
         }
         tracing::info!(image = %image.display(), url = %image.url, "fetching image");
         self.set_downloading(image, Some(format!("fetching {}", image.url)));
-        let fetched = self.fetch(image).await;
+        let began = std::time::Instant::now();
+        let fetched = self.fetch(image).await.map(|file| CachedFile {
+            fetched_in: Some(began.elapsed()),
+            ..file
+        });
         let record = match &fetched {
             Ok(file) => {
                 let converted = file.format != file.source_format;
@@ -1206,7 +1216,15 @@ mod tests {
         let twin = image("u2", f.source("twin.raw", &bytes), String::new(), None);
         assert_eq!(f.cache.ensure(&twin).await.unwrap().path, file.path);
         std::fs::remove_file(f.dir.path().join("disk.raw")).unwrap();
-        assert_eq!(f.cache.ensure(&img).await.unwrap(), file);
+        assert!(file.fetched_in.is_some());
+        let again = f.cache.ensure(&img).await.unwrap();
+        assert_eq!(
+            again,
+            CachedFile {
+                fetched_in: None,
+                ..file
+            }
+        );
         assert_eq!(f.cache.report().len(), 2);
     }
 
@@ -1495,7 +1513,14 @@ mod tests {
         assert_eq!(report[0].message, "converted from vmdk to qcow2");
         // Answered from the record from now on, with the converted file.
         drop(server);
-        assert_eq!(f.cache.ensure(&img).await.unwrap(), file);
+        let again = f.cache.ensure(&img).await.unwrap();
+        assert_eq!(
+            again,
+            CachedFile {
+                fetched_in: None,
+                ..file
+            }
+        );
     }
 
     #[tokio::test]

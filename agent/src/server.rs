@@ -29,23 +29,35 @@
 //! - **Boot**: an Image with a `kernel` boots it directly (with its ramdisk and command
 //!   line); an Image without one is a bootable disk (what cloud images are), which the
 //!   firmware (SeaBIOS) boots.
+//! - **Events** about the Server tell its life on this node, each recorded where its
+//!   action was applied and derived from the plan and what was observed, never from a
+//!   remembered history, so a restarted agent replays nothing: `ImagePulled` (size and
+//!   time) or `ImageCached`, `Created` (a new VM), `Started`, `Stopped`, `Rebooted`,
+//!   `Crashed` (Warning) or `PoweredOff` when the guest ended by itself — recorded when
+//!   `status.host` does not say so yet —, `Adopted` for a running guest this process
+//!   finds for the first time (the one event that needs memory: the uids seen), and on
+//!   delete `Deleted`. A failed action is a Warning named by its reason (`StartFailed`,
+//!   `ImageNotFound`, …); a deletion waiting on a guest that cannot be destroyed is
+//!   `DeletionBlocked`.
 
 pub mod plan;
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ferro_api::client::{Client, Selection};
 use ferro_api::resolve::{Unresolved, resolve};
 use ferro_api::v1::image_spec::DiskFormat as ImageFormat;
+use ferro_api::v1::server_host_status::PowerState as HostPower;
 use ferro_api::{Error, Kind, Resource, auth, owners, v1};
 
 use crate::configdrive::ConfigDrive;
 use crate::hypervisor::{
-    BootDisk, DirectKernel, DiskFormat, Hypervisor, HypervisorError, VmSpec, VmStatus,
+    BootDisk, DirectKernel, DiskFormat, Hypervisor, HypervisorError, StopOutcome, VmSpec, VmStatus,
 };
 use crate::images::{CachedFile, ImageCache, ImageError, ImageRef, error_chain};
+use ferro_runtime::events::Recorder;
 use ferro_runtime::{Reconcile, Store, reflector::UID};
 use plan::{Action, Applied, Desired, Failure, host_status, needs_write};
 
@@ -183,6 +195,36 @@ pub struct ServerReconciler {
     pub zone: String,
     /// How long a guest gets to power off after the ACPI button before it is forced.
     pub stop_grace: Duration,
+    /// Records the Events of each Server's life on this node.
+    pub recorder: Recorder,
+    /// The guests this process has seen running or started.
+    pub seen: SeenGuests,
+}
+
+/// The uids of the guests one agent process has started or found running: a guest found
+/// running that is not among them was adopted (the agent restarted under it).
+#[derive(Debug, Default)]
+pub struct SeenGuests(Mutex<HashSet<String>>);
+
+impl SeenGuests {
+    /// Marks `uid` seen; true when it was not yet.
+    fn insert(&self, uid: &str) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(uid.to_owned())
+    }
+
+    /// Forgets `uid` (its guest is gone).
+    fn remove(&self, uid: &str) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).remove(uid);
+    }
+}
+
+/// The component an agent's Events name: `agent/<node>`, which the apiserver also checks
+/// before it lets a node bump an Event.
+pub fn event_component(node: &str) -> String {
+    auth::agent_component(node)
 }
 
 impl ServerReconciler {
@@ -217,8 +259,27 @@ impl ServerReconciler {
         let uid = uid_of(&server).to_owned();
         let desired = Desired::of(&server);
         let plan = plan::plan(&desired, observed.as_ref());
+        if !desired.deleting
+            && observed.as_ref().is_some_and(VmStatus::is_alive)
+            && self.seen.insert(&uid)
+        {
+            let message = match observed.as_ref().and_then(|vm| vm.pid) {
+                Some(pid) => format!("found the guest running (pid {pid}) on node {}", self.node),
+                None => format!("found the guest running on node {}", self.node),
+            };
+            self.normal(&server, "Adopted", &message).await;
+        }
         let mut applied = Applied::default();
-        let result = self.apply(&server, &plan, &mut applied).await;
+        let result = self
+            .apply(&server, &plan, observed.as_ref(), &mut applied)
+            .await;
+        if let Err(e) = &result {
+            let reason = match e {
+                ReconcileError::Destroy(_) | ReconcileError::StillPresent(_) => "DeletionBlocked",
+                e => e.reason(),
+            };
+            self.warning(&server, reason, &error_chain(e)).await;
+        }
         if desired.deleting {
             return result;
         }
@@ -247,10 +308,12 @@ impl ServerReconciler {
         &self,
         server: &v1::Server,
         plan: &plan::Plan,
+        observed: Option<&VmStatus>,
         applied: &mut Applied,
     ) -> Result<(), ReconcileError> {
         let uid = uid_of(server);
         let name = display(server);
+        self.record_exit(server, plan).await;
         for action in &plan.actions {
             match action {
                 Action::Start => {
@@ -260,17 +323,28 @@ impl ServerReconciler {
                         .start(&spec)
                         .await
                         .map_err(ReconcileError::Start)?;
+                    self.seen.insert(uid);
                     applied.restarted = plan.restart;
-                    if plan.restart {
+                    if observed.is_none() {
+                        let message = format!(
+                            "created the guest on node {}: {} vCPUs, {} MiB",
+                            self.node, spec.vcpus, spec.memory_mib
+                        );
+                        self.normal(server, "Created", &message).await;
+                    }
+                    let message = if plan.restart {
                         let why = plan
                             .exit
                             .as_ref()
                             .map(plan::Exit::describe)
                             .unwrap_or_default();
                         tracing::info!(server = %name, pid = started.pid, %why, "restarted the guest");
+                        format!("restarted the guest after {why}")
                     } else {
                         tracing::info!(server = %name, pid = started.pid, "started the guest");
-                    }
+                        "started the guest".to_owned()
+                    };
+                    self.normal(server, "Started", &message).await;
                 }
                 Action::Stop => {
                     let outcome = self
@@ -279,6 +353,17 @@ impl ServerReconciler {
                         .await
                         .map_err(ReconcileError::Stop)?;
                     tracing::info!(server = %name, ?outcome, "stopped the guest");
+                    let message = match outcome {
+                        StopOutcome::AlreadyStopped => "the guest was not running".to_owned(),
+                        StopOutcome::Graceful => {
+                            "the guest powered off after the ACPI power button".to_owned()
+                        }
+                        StopOutcome::Forced => format!(
+                            "the guest did not power off within {}s of the ACPI power button; ended it",
+                            self.stop_grace.as_secs()
+                        ),
+                    };
+                    self.normal(server, "Stopped", &message).await;
                 }
                 Action::Reset(request) => {
                     self.driver
@@ -287,10 +372,19 @@ impl ServerReconciler {
                         .map_err(ReconcileError::Reset)?;
                     applied.reboot = Some(request.clone());
                     tracing::info!(server = %name, %request, "reset the guest");
+                    let message = format!("reset the guest, as asked at {request}");
+                    self.normal(server, "Rebooted", &message).await;
                 }
                 Action::Destroy => {
                     self.destroy(uid).await?;
+                    self.seen.remove(uid);
                     tracing::info!(server = %name, "destroyed the guest and its files");
+                    let was = observed.map_or_else(
+                        || "gone".to_owned(),
+                        |vm| format!("{:?}", vm.state).to_lowercase(),
+                    );
+                    let message = format!("destroyed the guest ({was}) and its files");
+                    self.normal(server, "Deleted", &message).await;
                 }
                 Action::RemoveFinalizer => {
                     self.remove_finalizer(server).await?;
@@ -302,6 +396,40 @@ impl ServerReconciler {
             applied.reboot = Some(request.clone());
         }
         Ok(())
+    }
+
+    /// Records a Normal event about `server`. The recording future is boxed: it is large,
+    /// and inlined at every step it would make each reconcile's future as large.
+    async fn normal(&self, server: &v1::Server, reason: &str, message: &str) {
+        Box::pin(self.recorder.normal(server, reason, message)).await;
+    }
+
+    /// Records a Warning event about `server` (boxed as [`Self::normal`] is).
+    async fn warning(&self, server: &v1::Server, reason: &str, message: &str) {
+        Box::pin(self.recorder.warning(server, reason, message)).await;
+    }
+
+    /// Records how the guest ended by itself, when the plan found it so and `status.host`
+    /// does not say so yet: read from the Server, so each exit is told once.
+    async fn record_exit(&self, server: &v1::Server, plan: &plan::Plan) {
+        let Some(exit) = &plan.exit else { return };
+        let recorded = server
+            .status
+            .as_ref()
+            .and_then(|s| s.host.as_ref())
+            .map(|h| h.power_state)
+            .and_then(|p| HostPower::try_from(p).ok());
+        if matches!(recorded, Some(HostPower::Crashed | HostPower::Shutdown)) {
+            return;
+        }
+        match exit {
+            plan::Exit::Crashed(_) => {
+                self.warning(server, "Crashed", &exit.describe()).await;
+            }
+            plan::Exit::PoweredOff => {
+                self.normal(server, "PoweredOff", &exit.describe()).await;
+            }
+        }
     }
 
     async fn destroy(&self, uid: &str) -> Result<(), ReconcileError> {
@@ -499,13 +627,13 @@ impl ServerReconciler {
             },
         };
         check_bootable(&image)?;
-        let disk = self.cached(&image).await?;
+        let disk = self.cached(server, &image).await?;
         let kernel = match &kernel {
-            Some(k) => Some(self.cached(k).await?),
+            Some(k) => Some(self.cached(server, k).await?),
             None => None,
         };
         let initrd = match &ramdisk {
-            Some(r) => Some(self.cached(r).await?),
+            Some(r) => Some(self.cached(server, r).await?),
             None => None,
         };
         let boot = BootFiles {
@@ -518,15 +646,38 @@ impl ServerReconciler {
         vm_spec(server, &boot, key, &self.node, &self.zone)
     }
 
-    async fn cached(&self, image: &v1::Image) -> Result<CachedFile, ReconcileError> {
+    /// An Image's file from the node's cache, and the event saying whether it had to be
+    /// fetched for `server`.
+    async fn cached(
+        &self,
+        server: &v1::Server,
+        image: &v1::Image,
+    ) -> Result<CachedFile, ReconcileError> {
         let image = ImageRef::of(image);
-        self.images
+        let file = self
+            .images
             .ensure(&image)
             .await
             .map_err(|source| ReconcileError::Image {
                 name: image.name.clone(),
                 source,
-            })
+            })?;
+        match file.fetched_in {
+            Some(took) => {
+                let message = format!(
+                    "pulled image {} ({} bytes) in {:.1}s",
+                    image.display(),
+                    file.size_bytes,
+                    took.as_secs_f64()
+                );
+                self.normal(server, "ImagePulled", &message).await;
+            }
+            None => {
+                let message = format!("image {} is already on the node", image.display());
+                self.normal(server, "ImageCached", &message).await;
+            }
+        }
+        Ok(file)
     }
 
     async fn get_image(&self, project: &str, name: &str) -> Result<v1::Image, ReconcileError> {
@@ -746,6 +897,7 @@ mod tests {
             source_format: format.into(),
             size_bytes: virtual_size,
             virtual_size_bytes: virtual_size,
+            fetched_in: None,
         }
     }
 

@@ -21,7 +21,7 @@ use ferro_agent::hypervisor::{Hypervisor, HypervisorError, VmState};
 use ferro_agent::images::ImageCache;
 use ferro_agent::images::memory::{FetchFault, MemoryImageCache};
 use ferro_agent::server::{
-    LABEL_NODE, LABEL_PROJECT, LABEL_SERVER, ReconcileError, ServerReconciler,
+    LABEL_NODE, LABEL_PROJECT, LABEL_SERVER, ReconcileError, ServerReconciler, event_component,
 };
 use ferro_api::auth::{AGENT_FINALIZER, Tokens};
 use ferro_api::client::{Client, Selection};
@@ -31,6 +31,7 @@ use ferro_api::v1::server_spec::PowerState;
 use ferro_api::v1::{self, condition::Status as ConditionStatus};
 use ferro_api::{Error, Kind, Resource};
 use ferro_runtime::Store;
+use ferro_runtime::events::Recorder;
 use ferro_store::memory::MemoryStore;
 use tokio::sync::oneshot;
 
@@ -225,6 +226,8 @@ fn agent(cloud: &Cloud, driver: &Arc<MemoryHypervisor>, images: &Arc<MemoryImage
         node: NODE.to_owned(),
         zone: "zone-a".to_owned(),
         stop_grace: Duration::from_secs(30),
+        recorder: Recorder::new(cloud.node_client.clone(), event_component(NODE)),
+        seen: Default::default(),
     };
     Agent {
         reconciler,
@@ -396,7 +399,234 @@ async fn assert_settled(
     Ok(())
 }
 
+/// The occurrences of the Events about one object, by series: reason → (type, count).
+/// Similar occurrences fold into one Event whose count goes up, so what happened in a
+/// step is what grew since the step before.
+struct EventLog {
+    uid: String,
+    seen: BTreeMap<String, u32>,
+}
+
+impl EventLog {
+    fn of(uid: &str) -> EventLog {
+        EventLog {
+            uid: uid.to_owned(),
+            seen: BTreeMap::new(),
+        }
+    }
+
+    /// The reasons recorded since the last call (each as often as it recurred), sorted;
+    /// Warnings are marked `!`.
+    async fn new_reasons(&mut self, cloud: &Cloud) -> Result<Vec<String>> {
+        let (objects, _) = cloud.admin.list(Kind::Event, &Selection::all()).await?;
+        let mut now = BTreeMap::new();
+        for event in objects.into_iter().filter_map(v1::Event::from_object) {
+            let spec = event.spec.unwrap_or_default();
+            if spec.involved_object.as_ref().map(|o| o.uid.as_str()) != Some(self.uid.as_str()) {
+                continue;
+            }
+            ensure!(
+                spec.reporting_component == "scheduler"
+                    || spec.reporting_component == event_component(NODE),
+                "{}",
+                spec.reporting_component
+            );
+            let warning = spec.r#type == v1::event_spec::Type::Warning as i32;
+            let reason = format!("{}{}", spec.reason, if warning { "!" } else { "" });
+            *now.entry(reason).or_insert(0) += spec.count.max(1);
+        }
+        let mut grown = Vec::new();
+        for (reason, count) in &now {
+            let before = self.seen.get(reason).copied().unwrap_or(0);
+            grown.extend(std::iter::repeat_n(
+                reason.clone(),
+                count.saturating_sub(before) as usize,
+            ));
+        }
+        self.seen = now;
+        grown.sort();
+        Ok(grown)
+    }
+
+    /// Asserts that exactly `expected` (any order within the step) was recorded.
+    async fn expect(&mut self, cloud: &Cloud, step: &str, expected: &[&str]) -> Result<()> {
+        let mut expected: Vec<String> = expected.iter().map(|r| (*r).to_owned()).collect();
+        expected.sort();
+        let got = self.new_reasons(cloud).await?;
+        ensure!(
+            got == expected,
+            "{step}: recorded {got:?}, expected {expected:?}"
+        );
+        Ok(())
+    }
+}
+
 // ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_servers_life_is_told_in_events_once_each() -> Result<()> {
+    let cloud = Cloud::start().await?;
+    let (driver, images) = doubles();
+    let agent = agent(&cloud, &driver, &images);
+    let uid = cloud.create_server("web-1", "").await?;
+    let mut log = EventLog::of(&uid);
+
+    agent.reconcile(&uid).await?;
+    log.expect(&cloud, "create", &["ImagePulled", "Created", "Started"])
+        .await?;
+    agent.reconcile(&uid).await?;
+    log.expect(&cloud, "a settled reconcile", &[]).await?;
+
+    cloud
+        .edit_server("web-1", |s| {
+            s.power_state = Some(PowerState::Stopped as i32)
+        })
+        .await?;
+    agent.reconcile(&uid).await?;
+    agent.reconcile(&uid).await?;
+    log.expect(&cloud, "stop", &["Stopped"]).await?;
+
+    cloud
+        .edit_server("web-1", |s| {
+            s.power_state = Some(PowerState::Running as i32)
+        })
+        .await?;
+    agent.reconcile(&uid).await?;
+    agent.reconcile(&uid).await?;
+    log.expect(&cloud, "start", &["ImageCached", "Started"])
+        .await?;
+
+    let mut server = cloud.server("web-1").await?;
+    server
+        .metadata
+        .get_or_insert_with(Default::default)
+        .annotations
+        .insert(
+            "ferro.io/reboot-requested-at".into(),
+            "2026-12-07T01:00:00Z".into(),
+        );
+    cloud.admin.update(server.into_object()).await?;
+    agent.reconcile(&uid).await?;
+    agent.reconcile(&uid).await?;
+    log.expect(&cloud, "reboot", &["Rebooted"]).await?;
+
+    driver.crash(&uid, "qemu: terminating on signal 9");
+    agent.reconcile(&uid).await?;
+    agent.reconcile(&uid).await?;
+    log.expect(&cloud, "crash", &["Crashed!", "ImageCached", "Started"])
+        .await?;
+
+    cloud.delete_server("web-1").await?;
+    agent.reconcile(&uid).await?;
+    ensure!(cloud.server_is_gone("web-1").await?);
+    log.expect(&cloud, "delete", &["Deleted"]).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_guest_left_down_by_its_run_strategy_is_told_once() -> Result<()> {
+    let cloud = Cloud::start().await?;
+    let (driver, images) = doubles();
+    let agent = agent(&cloud, &driver, &images);
+    let uid = cloud
+        .create_server("manual", "  runStrategy: Manual\n")
+        .await?;
+    agent.reconcile(&uid).await?;
+    let mut log = EventLog::of(&uid);
+    log.new_reasons(&cloud).await?;
+
+    driver.crash(&uid, "qemu: terminating on signal 9");
+    agent.reconcile(&uid).await?;
+    agent.reconcile(&uid).await?;
+    agent.reconcile(&uid).await?;
+    log.expect(&cloud, "crash", &["Crashed!"]).await
+}
+
+#[tokio::test]
+async fn a_restarted_agent_records_adopted_once_and_nothing_else() -> Result<()> {
+    let cloud = Cloud::start().await?;
+    let (driver, images) = doubles();
+    let uid = cloud.create_server("web-1", "").await?;
+    agent(&cloud, &driver, &images).reconcile(&uid).await?;
+    let mut log = EventLog::of(&uid);
+    log.new_reasons(&cloud).await?;
+
+    let driver = Arc::new(driver.restart());
+    let images = Arc::new(MemoryImageCache::new());
+    let agent = agent(&cloud, &driver, &images);
+    for _ in 0..3 {
+        for result in agent.resync(&driver).await {
+            ensure!(result.1.is_ok(), "{result:?}");
+        }
+    }
+    log.expect(&cloud, "adoption", &["Adopted"]).await
+}
+
+#[tokio::test]
+async fn a_node_bumps_its_own_events_and_no_others() -> Result<()> {
+    let cloud = Cloud::start().await?;
+    let event = |name: &str, component: &str| v1::Event {
+        metadata: Some(v1::ObjectMeta {
+            name: name.into(),
+            project: PROJECT.into(),
+            ..Default::default()
+        }),
+        spec: Some(v1::EventSpec {
+            involved_object: Some(v1::OwnerReference {
+                kind: "Server".into(),
+                name: "web-1".into(),
+                project: PROJECT.into(),
+                ..Default::default()
+            }),
+            r#type: v1::event_spec::Type::Normal as i32,
+            reason: "Scheduled".into(),
+            message: "placed".into(),
+            count: 1,
+            reporting_component: component.into(),
+            ..Default::default()
+        }),
+        status: None,
+    };
+    let bump = |mut event: v1::Event, component: &str| {
+        let spec = event.spec.get_or_insert_with(Default::default);
+        spec.count += 1;
+        spec.reporting_component = component.into();
+        event
+    };
+    cloud
+        .admin
+        .create(event("theirs", "scheduler").into_object())
+        .await?;
+    cloud
+        .node_client
+        .create(event("mine", &event_component(NODE)).into_object())
+        .await?;
+    let theirs = cloud
+        .node_client
+        .get_typed::<v1::Event>(PROJECT, "theirs")
+        .await?;
+    let mine = cloud
+        .node_client
+        .get_typed::<v1::Event>(PROJECT, "mine")
+        .await?;
+
+    for attempt in [
+        bump(theirs.clone(), "scheduler"),
+        bump(theirs, &event_component(NODE)),
+        bump(mine.clone(), &event_component(OTHER_NODE)),
+    ] {
+        let result = cloud.node_client.update(attempt.into_object()).await;
+        ensure!(
+            matches!(result, Err(Error::PermissionDenied { .. })),
+            "{result:?}"
+        );
+    }
+    cloud
+        .node_client
+        .update(bump(mine, &event_component(NODE)).into_object())
+        .await?;
+    Ok(())
+}
 
 #[tokio::test]
 async fn a_bound_server_boots_with_what_it_asks_for() -> Result<()> {
@@ -686,7 +916,7 @@ async fn a_create_that_fails_at_each_step_converges_once_the_cause_is_gone() -> 
     ensure!(
         guest_running(&server)
             .message
-            .contains("image tiny not found"),
+            .contains("Image tiny not found"),
         "{:?}",
         guest_running(&server)
     );

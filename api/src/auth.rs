@@ -17,6 +17,12 @@ use crate::{Error, Kind, owners};
 /// files before the object disappears.
 pub const AGENT_FINALIZER: &str = "ferro.io/agent";
 
+/// The `reportingComponent` of the Events a node's agent records: `agent/<node>`. A node
+/// may bump (update) exactly the Events that name it, stored and written.
+pub fn agent_component(node: &str) -> String {
+    format!("agent/{node}")
+}
+
 /// The prefix of node identities.
 pub const NODE_PREFIX: &str = "system:node:";
 
@@ -150,6 +156,9 @@ pub struct Request<'a> {
     pub writer: Option<&'a str>,
     /// For PatchMetadata: whether it changes only finalizers, and which.
     pub finalizers_only: Option<&'a [String]>,
+    /// For an Update of an Event: the `reportingComponent` that both the stored Event and
+    /// the update name (`None` when they differ).
+    pub reporter: Option<&'a str>,
 }
 
 impl<'a> Request<'a> {
@@ -162,6 +171,7 @@ impl<'a> Request<'a> {
             bound_node: None,
             writer: None,
             finalizers_only: None,
+            reporter: None,
         }
     }
 }
@@ -213,6 +223,8 @@ fn node_may(node: &str, r: &Request<'_>) -> bool {
         (Verb::Create, Kind::Node) => r.name == node,
         (Verb::Create | Verb::Update, Kind::Lease) => r.name == format!("node-{node}"),
         (Verb::Create, Kind::Event) => true,
+        // Bumping the count of its own Events; never another component's.
+        (Verb::Update, Kind::Event) => r.reporter == Some(agent_component(node).as_str()),
         (Verb::UpdateStatus, Kind::Node) => r.name == node && r.writer == Some(owners::AGENT),
         (Verb::UpdateStatus, Kind::Server | Kind::Port | Kind::Router | Kind::Volume) => {
             bound_here && r.writer == Some(owners::AGENT)
@@ -274,6 +286,7 @@ mod tests {
             bound_node: bound,
             writer,
             finalizers_only: None,
+            reporter: None,
         };
         let allowed = [
             Request::new(Verb::Read, Kind::Server, ""),
@@ -290,6 +303,11 @@ mod tests {
                 bound_node: Some("n1"),
                 writer: None,
                 finalizers_only: Some(&finalizer),
+                reporter: None,
+            },
+            Request {
+                reporter: Some("agent/n1"),
+                ..Request::new(Verb::Update, Kind::Event, "web-1-0a1b")
             },
         ];
         for r in &allowed {
@@ -319,7 +337,18 @@ mod tests {
                 bound_node: Some("n1"),
                 writer: None,
                 finalizers_only: Some(&other),
+                reporter: None,
             },
+            // Another node's Event, a controller's, or one whose reporter would change.
+            Request {
+                reporter: Some("agent/n2"),
+                ..Request::new(Verb::Update, Kind::Event, "web-1-0a1b")
+            },
+            Request {
+                reporter: Some("scheduler"),
+                ..Request::new(Verb::Update, Kind::Event, "web-1-0a1b")
+            },
+            Request::new(Verb::Update, Kind::Event, "web-1-0a1b"),
         ];
         for r in &refused {
             let err = a.authorize(&n1, r).unwrap_err();

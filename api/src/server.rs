@@ -881,13 +881,30 @@ impl ApiServer {
             project: wanted.project().to_owned(),
             name: wanted.name().to_owned(),
         };
-        self.authorizer
-            .authorize(who, &auth::Request::new(Verb::Update, kind, &key.name))?;
+        let reporter = event_reporter(&wanted);
+        self.authorizer.authorize(
+            who,
+            &auth::Request {
+                reporter: reporter.as_deref(),
+                ..auth::Request::new(Verb::Update, kind, &key.name)
+            },
+        )?;
         let dry_run = request.dry_run;
         let display = key.display();
         let mut final_object = None;
         let (object, _, _) = self
             .modify(&key, |current| {
+                if kind == Kind::Event {
+                    // Who may bump an Event depends on who reported it: check the stored one.
+                    let stored = event_reporter(&current).filter(|r| Some(r) == reporter.as_ref());
+                    self.authorizer.authorize(
+                        who,
+                        &auth::Request {
+                            reporter: stored.as_deref(),
+                            ..auth::Request::new(Verb::Update, kind, &key.name)
+                        },
+                    )?;
+                }
                 let current_rv = current.metadata().map(|m| m.resource_version).unwrap_or_default();
                 if expected != 0 && expected != current_rv {
                     return Err(Error::Conflict {
@@ -991,6 +1008,7 @@ impl ApiServer {
                     bound_node: bound.as_deref(),
                     writer: Some(&request.writer),
                     finalizers_only: None,
+                    reporter: None,
                 };
                 self.authorizer.authorize(who, &access)?;
                 let rv = current
@@ -1046,6 +1064,7 @@ impl ApiServer {
                     bound_node: bound.as_deref(),
                     writer: None,
                     finalizers_only: finalizers_only.then_some(touched.as_slice()),
+                    reporter: None,
                 };
                 self.authorizer.authorize(who, &access)?;
                 let rv = current
@@ -1719,6 +1738,14 @@ impl Resources for ApiServer {
     async fn delete(&self, request: Request<v1::DeleteRequest>) -> Reply<v1::DeleteResponse> {
         let who = self.identity(&request).map_err(Status::from)?;
         reply(self.do_delete(&who, request.into_inner()).await)
+    }
+}
+
+/// An Event's `reportingComponent`; `None` for other kinds.
+fn event_reporter(object: &Object) -> Option<String> {
+    match object {
+        Object::Event(e) => e.spec.as_ref().map(|s| s.reporting_component.clone()),
+        _ => None,
     }
 }
 

@@ -242,6 +242,7 @@ impl MemoryImageCache {
             source_format: source.format.clone(),
             size_bytes: source.size_bytes,
             virtual_size_bytes: source.virtual_size_bytes,
+            fetched_in: Some(std::time::Duration::ZERO),
         })
     }
 }
@@ -255,7 +256,10 @@ impl ImageCache for MemoryImageCache {
             ..
         }) = self.state().records.get(&image.uid)
         {
-            return Ok(file.clone());
+            return Ok(CachedFile {
+                fetched_in: None,
+                ..file.clone()
+            });
         }
         self.state().fetches.push(image.uid.clone());
         self.changed.send_modify(|n| *n += 1);
@@ -350,7 +354,17 @@ mod tests {
                 .ends_with(checksum.strip_prefix("sha256:").unwrap())
         );
         assert!(changes.has_changed().unwrap());
-        assert_eq!(cache.ensure(&img).await.unwrap(), file);
+        // Fetched the first time; answered from the record, as such, the second.
+        assert!(file.fetched_in.is_some());
+        let again = cache.ensure(&img).await.unwrap();
+        assert_eq!(again.fetched_in, None);
+        assert_eq!(
+            again,
+            CachedFile {
+                fetched_in: None,
+                ..file
+            }
+        );
         assert_eq!(cache.fetches(), ["u1"]);
 
         let report = cache.report();
