@@ -373,6 +373,9 @@ pub async fn run(config: AgentConfig, drivers: Drivers) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot serve metrics on {addr}"))?;
+        // Port 0 picks a free port: the log line is how to find it.
+        let bound = listener.local_addr().unwrap_or(addr);
+        tracing::info!(addr = %bound, "serving metrics");
         tasks.spawn(ferro_runtime::metrics::serve(listener, metrics.clone()));
     }
     tasks.spawn(node::heartbeat(

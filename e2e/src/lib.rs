@@ -291,6 +291,44 @@ impl Cloud {
         self.scratch.path().join("ferro-up.log")
     }
 
+    /// How many periodic resyncs this cloud's agent has run, from its metrics (served on
+    /// the loopback port its log names: `ferro up` starts it with `--metrics-addr
+    /// 127.0.0.1:0`). Tests that must show that nothing happens wait for resyncs instead
+    /// of sleeping, so they fail if no resync ran at all.
+    pub fn agent_resyncs(&self) -> anyhow::Result<u64> {
+        let log = std::fs::read_to_string(self.data_dir.join("log/agent.log"))?;
+        let line = log
+            .lines()
+            .rev()
+            .find(|l| l.contains("serving metrics"))
+            .ok_or_else(|| anyhow!("the agent's log names no metrics address"))?;
+        let start = line
+            .find("127.0.0.1:")
+            .ok_or_else(|| anyhow!("no loopback address in {line:?}"))?;
+        let port: String = line[start + "127.0.0.1:".len()..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        let mut socket = std::net::TcpStream::connect(("127.0.0.1", port.parse::<u16>()?))?;
+        std::io::Write::write_all(&mut socket, b"GET /metrics HTTP/1.0\r\n\r\n")?;
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut socket, &mut text)?;
+        let sample = "ferro_controller_resyncs_total{controller=\"agent-server\"} ";
+        Ok(text
+            .lines()
+            .find_map(|l| l.strip_prefix(sample))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .map_or(0, |v| v as u64))
+    }
+
+    /// Waits until the agent has run `count` more periodic resyncs than now.
+    pub fn wait_agent_resyncs(&self, count: u64, timeout: Duration) -> anyhow::Result<()> {
+        let start = self.agent_resyncs()?;
+        wait_for(&format!("{count} agent resyncs"), timeout, || {
+            Ok((self.agent_resyncs()? >= start + count).then_some(()))
+        })
+    }
+
     /// What `ferro up` printed, and the end of its children's logs, for failure messages.
     pub fn up_output(&self) -> String {
         let mut out = std::fs::read_to_string(self.up_log()).unwrap_or_default();

@@ -255,7 +255,8 @@ spec: {{flavor: m1.tiny, image: tiny}}
     let out = cloud.run(["server", "reboot", "power"])?;
     ensure!(out.contains("server/power: rebooted"), "{out}");
     wait_serial(cloud, "FERRO-READY hostname=power boot-count=3")?;
-    std::thread::sleep(Duration::from_secs(15));
+    // Two resyncs later (each reconciles the Server again), still one boot more.
+    cloud.wait_agent_resyncs(2, Duration::from_secs(60))?;
     ensure!(
         !serial_log(cloud).contains("boot-count=4"),
         "the reboot happened more than once"

@@ -261,7 +261,14 @@ fn servers_boot_survive_restarts_and_go_away() -> anyhow::Result<()> {
         .trim()
         .parse()?;
     signal(agent_pid, Signal::KILL);
-    std::thread::sleep(Duration::from_secs(2));
+    wait_for("the killed agent gone", SOON, || {
+        let status = std::fs::read_to_string(format!("/proc/{agent_pid}/stat")).unwrap_or_default();
+        // Gone, or a zombie its supervisor has yet to reap.
+        Ok((status.is_empty() || status.contains(") Z ")).then_some(()))
+    })?;
+    for uid in &uids {
+        ensure!(qemus(uid).len() == 1, "a guest died with its agent: {uid}");
+    }
     cloud.kill_supervisor()?;
     let left = wait_for("ferro up's children gone", SOON, || {
         let left: Vec<_> = cloud

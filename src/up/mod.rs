@@ -153,6 +153,9 @@ pub fn children(
             path(dir.tokens()),
             "--state-dir".into(),
             path(dir.agent()),
+            // On a free loopback port, named in its log (`serving metrics addr=…`).
+            "--metrics-addr".into(),
+            "127.0.0.1:0".into(),
         ],
         ready: Readiness::Lease {
             address: args.api_addr.clone(),
