@@ -1195,6 +1195,25 @@ impl IpamController {
     }
 }
 
+impl IpamController {
+    /// Registers (`wait`) or withdraws a Port among those queued again when an address
+    /// claim of the Network goes away.
+    fn wait_on(&self, network_uid: &str, key: &ObjectRef, wait: bool) {
+        let mut waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+        if wait {
+            waiting
+                .entry(network_uid.to_owned())
+                .or_default()
+                .insert(key.clone());
+        } else if let Some(keys) = waiting.get_mut(network_uid) {
+            keys.remove(key);
+            if keys.is_empty() {
+                waiting.remove(network_uid);
+            }
+        }
+    }
+}
+
 impl Reconcile for IpamController {
     type Error = ReconcileError;
 
@@ -1204,6 +1223,17 @@ impl Reconcile for IpamController {
             return Ok(Action::AwaitChange);
         };
         let network = resolve_network(&self.networks, &port);
+        // An undecided Port waits on its Network before its hints are read, not after the
+        // verdict: a claim freed while this reconcile runs then queues the Port again (it
+        // runs once more right after), where registering afterwards would miss that wakeup
+        // and leave the Port reported exhausted beside a free address until the recheck.
+        let network_uid = match &network {
+            Ok(network) if !is_decided(&port) => Some(meta(network.as_ref()).uid.clone()),
+            _ => None,
+        };
+        if let Some(network_uid) = &network_uid {
+            self.wait_on(network_uid, &key, true);
+        }
         let uid = port_uid(&port);
         let ip_claims = self.ip_claims.by_index(OWNER_UID, uid);
         let mac_claims = self.mac_claims.by_index(OWNER_UID, uid);
@@ -1214,20 +1244,23 @@ impl Reconcile for IpamController {
             mac_claims: mac_claims.iter().map(|c| c.as_ref()).collect(),
             exhausted_condition: self.exhausted_condition,
         };
-        match run_port(&self.backend, &self.hints, &facts).await? {
+        let executed = run_port(&self.backend, &self.hints, &facts).await?;
+        let waits_on = match &executed {
+            Executed::Blocked { waits_on, .. } => waits_on.as_deref(),
+            _ => None,
+        };
+        if let Some(network_uid) = waits_on {
+            self.wait_on(network_uid, &key, true);
+        }
+        if let Some(network_uid) = network_uid.as_deref()
+            && waits_on != Some(network_uid)
+        {
+            self.wait_on(network_uid, &key, false);
+        }
+        match executed {
             Executed::Blocked {
-                condition,
-                written,
-                waits_on,
+                condition, written, ..
             } => {
-                if let Some(network_uid) = waits_on {
-                    self.waiting
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .entry(network_uid)
-                        .or_default()
-                        .insert(key);
-                }
                 if written {
                     self.recorder
                         .warning(port.as_ref(), &condition.reason, &condition.message)

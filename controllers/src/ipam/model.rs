@@ -2,8 +2,9 @@
 //!
 //! The model keeps Ports and claims with the apiserver's rules that matter here: claims are
 //! create-if-absent, status writes guarded by a resourceVersion fail when it is stale, a
-//! status write lands on whatever object has the name now. Every model call first yields
-//! once, so each reconcile is a sequence of steps the test interleaves as it pleases.
+//! status write lands on whatever object has the name now, every write (deletes included)
+//! advances the revision. Every model call first yields once, so each reconcile is a
+//! sequence of steps the test interleaves as it pleases.
 //!
 //! Several controller processes run the real [`run_port`] with their own hints and their
 //! own view of the world, refreshed only when the test says so (an arbitrarily stale
@@ -136,13 +137,23 @@ impl World {
             .collect()
     }
 
+    fn delete_port(&mut self, index: usize) {
+        if self.ports.remove(&format!("p{index}")).is_some() {
+            self.bump();
+        }
+    }
+
     /// The garbage collector: claims whose owner is gone.
     fn collect_garbage(&mut self) {
         let live = self.live_uids();
+        let before = self.ip_claims.len() + self.mac_claims.len();
         self.ip_claims
             .retain(|_, c| owner_of(c.metadata.as_ref()).is_some_and(|o| live.contains(&o)));
         self.mac_claims
             .retain(|_, c| owner_of(c.metadata.as_ref()).is_some_and(|o| live.contains(&o)));
+        if self.ip_claims.len() + self.mac_claims.len() != before {
+            self.bump();
+        }
     }
 }
 
@@ -221,6 +232,7 @@ impl IpamBackend for ModelApi {
                     .is_some_and(|c| meta(c).uid == claim.uid)
                 {
                     w.ip_claims.remove(&claim.name);
+                    w.bump();
                 }
             }
             _ => {
@@ -229,6 +241,7 @@ impl IpamBackend for ModelApi {
                     .is_some_and(|c| meta(c).uid == claim.uid)
                 {
                     w.mac_claims.remove(&claim.name);
+                    w.bump();
                 }
             }
         }
@@ -553,7 +566,7 @@ proptest! {
         for op in ops {
             match op {
                 Op::Create(i) => world.lock().unwrap().create_port(i),
-                Op::Delete(i) => { world.lock().unwrap().ports.remove(&format!("p{i}")); }
+                Op::Delete(i) => world.lock().unwrap().delete_port(i),
                 Op::CollectGarbage => world.lock().unwrap().collect_garbage(),
                 Op::Reconcile { process, port } => processes[process].reconcile(&api, &format!("p{port}")),
                 Op::Step { process, slot } => processes[process].step(slot),
@@ -563,7 +576,12 @@ proptest! {
             check_recorded(&world.lock().unwrap())?;
         }
         // Settle: the survivors finish what they started, garbage is collected, then one
-        // process reconciles every Port until nothing changes.
+        // process reconciles every Port until nothing changes, as the leader's wakeups and
+        // resyncs would. "Nothing changes" is judged by the revision, so every write of the
+        // model advances it, deletes included: a pass whose only effect is releasing a
+        // decided Port's extra claims frees addresses that a Port reported exhausted earlier
+        // in that pass may now take (the controller requeues it when a claim of its Network
+        // goes away), and the next pass must run.
         for process in &mut processes {
             process.finish();
         }
