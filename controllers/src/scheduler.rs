@@ -464,16 +464,15 @@ impl Reconcile for Scheduler {
                 match self.api.bind(&m.project, &m.name, &node, flavor).await {
                     Ok(bound) => {
                         let bound = v1::Server::from_object(bound).unwrap_or_default();
-                        self.recorder
-                            .normal(
-                                &bound,
-                                "Scheduled",
-                                &format!(
-                                    "Successfully assigned {}/{} to {node}",
-                                    m.project, m.name
-                                ),
-                            )
-                            .await;
+                        // Told in the background: the next bind need not wait for the
+                        // diary, which is best effort anyway.
+                        let recorder = self.recorder.clone();
+                        let told = bound.clone();
+                        let message =
+                            format!("Successfully assigned {}/{} to {node}", m.project, m.name);
+                        tokio::spawn(async move {
+                            recorder.normal(&told, "Scheduled", &message).await;
+                        });
                         let placed = condition(
                             SCHEDULED,
                             true,
