@@ -12,6 +12,7 @@ packages=(
   syslinux syslinux-common mtools dosfstools fdisk # the test guest's BIOS-bootable disk
   cloud-init                 # tests read our config drives with cloud-init's own reader
   openvswitch-switch dnsmasq-base nftables iproute2 ethtool
+  python3-venv               # tests run README's grpcio snippet from a venv
 )
 
 missing=()
