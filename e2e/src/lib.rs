@@ -510,6 +510,40 @@ pub struct TinyGuest {
     pub cmdline: String,
 }
 
+impl TinyGuest {
+    /// The Images a Server boots the test guest from: `tiny` (its disk, booted directly
+    /// with the kernel `tiny-kernel` and the ramdisk `tiny-initrd`), as YAML documents
+    /// for `ferro apply`, ending with a newline so that `---` and more documents follow.
+    pub fn image_manifests(&self) -> String {
+        format!(
+            r#"apiVersion: ferro/v1
+kind: Image
+metadata: {{name: tiny-kernel}}
+spec: {{source: {{url: "file://{kernel}"}}, diskFormat: Kernel}}
+---
+apiVersion: ferro/v1
+kind: Image
+metadata: {{name: tiny-initrd}}
+spec: {{source: {{url: "file://{initrd}"}}, diskFormat: Ramdisk}}
+---
+apiVersion: ferro/v1
+kind: Image
+metadata: {{name: tiny}}
+spec:
+  source: {{url: "file://{disk}"}}
+  diskFormat: Raw
+  kernel: tiny-kernel
+  ramdisk: tiny-initrd
+  kernelCommandLine: "{cmdline}"
+"#,
+            kernel = self.kernel,
+            initrd = self.initrd,
+            disk = self.disk,
+            cmdline = self.cmdline,
+        )
+    }
+}
+
 /// Builds the test guest (or finds it in its cache, `$FERRO_IMAGE_CACHE` or
 /// `target/ferro-images`) and returns where its artefacts are.
 pub fn tiny_guest() -> anyhow::Result<TinyGuest> {

@@ -171,35 +171,13 @@ fn scenario(cloud: &Cloud, guest: &TinyGuest) -> anyhow::Result<()> {
         &manifest,
         format!(
             r#"
-apiVersion: ferro/v1
-kind: Image
-metadata: {{name: tiny-kernel}}
-spec: {{source: {{url: "file://{kernel}"}}, diskFormat: Kernel}}
----
-apiVersion: ferro/v1
-kind: Image
-metadata: {{name: tiny-initrd}}
-spec: {{source: {{url: "file://{initrd}"}}, diskFormat: Ramdisk}}
----
-apiVersion: ferro/v1
-kind: Image
-metadata: {{name: tiny}}
-spec:
-  source: {{url: "file://{disk}"}}
-  diskFormat: Raw
-  kernel: tiny-kernel
-  ramdisk: tiny-initrd
-  kernelCommandLine: "{cmdline}"
----
+{images}---
 apiVersion: ferro/v1
 kind: Server
 metadata: {{name: power}}
 spec: {{flavor: m1.tiny, image: tiny}}
 "#,
-            kernel = guest.kernel,
-            initrd = guest.initrd,
-            disk = guest.disk,
-            cmdline = guest.cmdline,
+            images = guest.image_manifests(),
         ),
     )?;
     cloud.run(["apply", "-f", manifest.to_str().unwrap()])?;

@@ -144,26 +144,7 @@ spec:
         )
     };
     format!(
-        r#"apiVersion: ferro/v1
-kind: Image
-metadata: {{name: tiny-kernel}}
-spec: {{source: {{url: "file://{kernel}"}}, diskFormat: Kernel}}
----
-apiVersion: ferro/v1
-kind: Image
-metadata: {{name: tiny-initrd}}
-spec: {{source: {{url: "file://{initrd}"}}, diskFormat: Ramdisk}}
----
-apiVersion: ferro/v1
-kind: Image
-metadata: {{name: tiny}}
-spec:
-  source: {{url: "file://{disk}"}}
-  diskFormat: Raw
-  kernel: tiny-kernel
-  ramdisk: tiny-initrd
-  kernelCommandLine: "{cmdline}"
----
+        r#"{images}---
 apiVersion: ferro/v1
 kind: KeyPair
 metadata: {{name: alice}}
@@ -180,10 +161,7 @@ kind: Server
 metadata: {{name: big}}
 spec: {{flavor: huge, image: tiny}}
 {web}{manual}{late}"#,
-        kernel = guest.kernel,
-        initrd = guest.initrd,
-        disk = guest.disk,
-        cmdline = guest.cmdline,
+        images = guest.image_manifests(),
         web = server("web-1", "tiny", "Always"),
         manual = server("manual", "tiny", "Manual"),
         late = server("late", "later", "Always"),
