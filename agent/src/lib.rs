@@ -22,5 +22,6 @@ pub mod images;
 pub mod node;
 pub mod server;
 pub mod switch;
+pub mod wiring;
 
 pub use agent::{AgentConfig, DEFAULT_STATE_DIR, Drivers, read_token, run, stop_guests};
