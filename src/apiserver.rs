@@ -30,6 +30,10 @@ pub struct ApiserverArgs {
     /// The token file: one `TOKEN IDENTITY` per line.
     #[arg(long, value_name = "FILE")]
     pub token_file: PathBuf,
+    /// The MTU of the network between nodes: a Network's MTU may be at most this less
+    /// VXLAN's 50 bytes (an external network's, this much).
+    #[arg(long, default_value_t = ferro_api::validation::DEFAULT_UNDERLAY_MTU, value_name = "BYTES")]
+    pub underlay_mtu: u32,
 }
 
 /// Where the apiserver keeps objects.
@@ -74,6 +78,13 @@ pub fn run(args: ApiserverArgs) -> anyhow::Result<()> {
 }
 
 async fn serve(args: ApiserverArgs) -> anyhow::Result<()> {
+    if args.underlay_mtu < 1280 {
+        anyhow::bail!(
+            "--underlay-mtu {} is below IPv6's minimum of 1280",
+            args.underlay_mtu
+        );
+    }
+    ferro_api::validation::set_underlay_mtu(args.underlay_mtu);
     let tokens = Tokens::load(&args.token_file)
         .with_context(|| format!("cannot read the token file {}", args.token_file.display()))?;
     let store: Arc<dyn Store> = match &args.store {

@@ -154,6 +154,8 @@ pub struct Request<'a> {
     pub bound_node: Option<&'a str>,
     /// For UpdateStatus: the writer.
     pub writer: Option<&'a str>,
+    /// For UpdateStatus: the node the object is bound to after the write.
+    pub next_node: Option<&'a str>,
     /// For PatchMetadata: whether it changes only finalizers, and which.
     pub finalizers_only: Option<&'a [String]>,
     /// For an Update of an Event: the `reportingComponent` that both the stored Event and
@@ -170,6 +172,7 @@ impl<'a> Request<'a> {
             name,
             bound_node: None,
             writer: None,
+            next_node: None,
             finalizers_only: None,
             reporter: None,
         }
@@ -226,7 +229,14 @@ fn node_may(node: &str, r: &Request<'_>) -> bool {
         // Bumping the count of its own Events; never another component's.
         (Verb::Update, Kind::Event) => r.reporter == Some(agent_component(node).as_str()),
         (Verb::UpdateStatus, Kind::Node) => r.name == node && r.writer == Some(owners::AGENT),
-        (Verb::UpdateStatus, Kind::Server | Kind::Port | Kind::Router | Kind::Volume) => {
+        // A Port is bound by the agent that plugs it: it may claim an unbound Port for
+        // itself, and write or release its own, never bind one to another node.
+        (Verb::UpdateStatus, Kind::Port) => {
+            let unbound = r.bound_node.is_none_or(str::is_empty);
+            let stays_here_or_goes = r.next_node.is_none_or(|n| n.is_empty() || n == node);
+            (bound_here || unbound) && stays_here_or_goes && r.writer == Some(owners::AGENT)
+        }
+        (Verb::UpdateStatus, Kind::Server | Kind::Router | Kind::Volume) => {
             bound_here && r.writer == Some(owners::AGENT)
         }
         (Verb::PatchMetadata, Kind::Server | Kind::Port | Kind::Router | Kind::Volume) => {
@@ -285,8 +295,14 @@ mod tests {
             name,
             bound_node: bound,
             writer,
+            next_node: None,
             finalizers_only: None,
             reporter: None,
+        };
+        let port = |bound, next| Request {
+            bound_node: bound,
+            next_node: next,
+            ..status(Kind::Port, "p", None, Some(owners::AGENT))
         };
         let allowed = [
             Request::new(Verb::Read, Kind::Server, ""),
@@ -296,12 +312,18 @@ mod tests {
             Request::new(Verb::Create, Kind::Event, "x"),
             status(Kind::Node, "n1", None, Some(owners::AGENT)),
             status(Kind::Server, "s", Some("n1"), Some(owners::AGENT)),
+            // Claiming an unbound Port, keeping it, and releasing it.
+            port(None, Some("n1")),
+            port(Some(""), Some("n1")),
+            port(Some("n1"), Some("n1")),
+            port(Some("n1"), Some("")),
             Request {
                 verb: Verb::PatchMetadata,
                 kind: Kind::Server,
                 name: "s",
                 bound_node: Some("n1"),
                 writer: None,
+                next_node: None,
                 finalizers_only: Some(&finalizer),
                 reporter: None,
             },
@@ -330,12 +352,17 @@ mod tests {
                 Some(owners::SERVER_CONTROLLER),
             ),
             status(Kind::Network, "net", None, Some(owners::AGENT)),
+            // Another node's Port, or binding one to another node.
+            port(Some("n2"), Some("n1")),
+            port(None, Some("n2")),
+            port(Some("n1"), Some("n2")),
             Request {
                 verb: Verb::PatchMetadata,
                 kind: Kind::Server,
                 name: "s",
                 bound_node: Some("n1"),
                 writer: None,
+                next_node: None,
                 finalizers_only: Some(&other),
                 reporter: None,
             },

@@ -93,9 +93,10 @@ pub fn table(kind: Kind) -> &'static [Ownership] {
                     "images",
                     "address",
                     "agentVersion",
-                    "accelerator"
+                    "accelerator",
+                    "networkDriver"
                 ],
-                ["HostReady"],
+                ["HostReady", "NetworkReady"],
             ),
             own!(NODE_LIFECYCLE, [], ["Ready"]),
         ],

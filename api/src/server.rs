@@ -1001,12 +1001,15 @@ impl ApiServer {
         let (object, _, _) = self
             .modify(&key, |current| {
                 let bound = node_of(&current);
+                let next = patch_status(&current, &incoming, &request.fields, &request.conditions)?;
+                let next_node = node_of(&next);
                 let access = auth::Request {
                     verb: Verb::UpdateStatus,
                     kind: key.kind,
                     name: &key.name,
                     bound_node: bound.as_deref(),
                     writer: Some(&request.writer),
+                    next_node: next_node.as_deref(),
                     finalizers_only: None,
                     reporter: None,
                 };
@@ -1024,7 +1027,6 @@ impl ApiServer {
                         ),
                     });
                 }
-                let next = patch_status(&current, &incoming, &request.fields, &request.conditions)?;
                 Ok(if next == current {
                     Change::Unchanged(current)
                 } else {
@@ -1063,6 +1065,7 @@ impl ApiServer {
                     name: &key.name,
                     bound_node: bound.as_deref(),
                     writer: None,
+                    next_node: None,
                     finalizers_only: finalizers_only.then_some(touched.as_slice()),
                     reporter: None,
                 };

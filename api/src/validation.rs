@@ -38,6 +38,7 @@ mod syntax;
 #[cfg(test)]
 mod tests;
 
+pub use network::{DEFAULT_UNDERLAY_MTU, VXLAN_OVERHEAD, set_underlay_mtu};
 pub use ssh::ssh_fingerprint;
 
 /// The largest object accepted, in bytes of its protobuf encoding.

@@ -18,8 +18,32 @@ use crate::v1::{
 
 /// The MTU a Network gets unless told otherwise: 1500 less VXLAN's 50 bytes.
 const DEFAULT_MTU: u32 = 1450;
-/// The MTUs a Network may have: IPv4's minimum to jumbo frames.
-const MTU_RANGE: std::ops::RangeInclusive<u32> = 576..=9000;
+/// The smallest MTU a Network may have: IPv4's minimum.
+const MIN_MTU: u32 = 576;
+/// What VXLAN adds to each guest frame on the underlay: outer Ethernet, IPv4, UDP and
+/// VXLAN headers.
+pub const VXLAN_OVERHEAD: u32 = 50;
+/// The underlay MTU unless the apiserver is told otherwise (`--underlay-mtu`).
+pub const DEFAULT_UNDERLAY_MTU: u32 = 1500;
+
+static UNDERLAY_MTU: std::sync::atomic::AtomicU32 =
+    std::sync::atomic::AtomicU32::new(DEFAULT_UNDERLAY_MTU);
+
+/// Sets the MTU of the nodes' underlay, which bounds every Network's MTU: a tenant
+/// network's frames travel in VXLAN, so it may be at most the underlay's less
+/// [`VXLAN_OVERHEAD`]; an external network's travel as they are.
+pub fn set_underlay_mtu(mtu: u32) {
+    UNDERLAY_MTU.store(mtu, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn max_mtu(external: bool) -> u32 {
+    let underlay = UNDERLAY_MTU.load(std::sync::atomic::Ordering::Relaxed);
+    if external {
+        underlay
+    } else {
+        underlay.saturating_sub(VXLAN_OVERHEAD)
+    }
+}
 /// The prefix lengths a subnet may have: room for a gateway and a host at least, and not
 /// absurdly large.
 const IPV4_PREFIX: std::ops::RangeInclusive<u8> = 8..=30;
@@ -47,16 +71,22 @@ fn default_gateway(cidr: &str) -> Option<IpAddr> {
 
 pub(super) fn check_network(spec: &NetworkSpec, out: &mut Violations) {
     let path = FieldPath::spec();
+    let external = spec.external.unwrap_or(false);
+    let max = max_mtu(external);
     if let Some(mtu) = spec.mtu
-        && !MTU_RANGE.contains(&mtu)
+        && !(MIN_MTU..=max).contains(&mtu)
     {
+        let why = if external {
+            format!("the underlay's MTU is {max}")
+        } else {
+            format!(
+                "VXLAN needs {VXLAN_OVERHEAD} of the underlay's {} bytes",
+                max + VXLAN_OVERHEAD
+            )
+        };
         out.add(
             &path.field("mtu"),
-            format!(
-                "must be between {} and {}",
-                MTU_RANGE.start(),
-                MTU_RANGE.end()
-            ),
+            format!("must be between {MIN_MTU} and {max} ({why})"),
         );
     }
 
@@ -582,10 +612,11 @@ mod tests {
         let cases: Vec<(String, Vec<&str>)> = vec![
             (one_subnet("dhcp: true"), vec![]),
             (full, vec![]),
-            ("{mtu: 9000, external: true, shared: true, subnets: [{name: v6, cidr: \"fd00:1::/64\"}, {name: v4, cidr: 10.0.0.0/8}]}".into(), vec![]),
+            ("{mtu: 1500, external: true, shared: true, subnets: [{name: v6, cidr: \"fd00:1::/64\"}, {name: v4, cidr: 10.0.0.0/8}]}".into(), vec![]),
             ("{}".into(), vec![]),
-            ("{mtu: 575}".into(), vec!["spec.mtu: must be between 576 and 9000"]),
-            ("{mtu: 9001}".into(), vec!["spec.mtu: must be between 576 and 9000"]),
+            ("{mtu: 575}".into(), vec!["spec.mtu: must be between 576 and 1450 (VXLAN needs 50 of the underlay's 1500 bytes)"]),
+            ("{mtu: 1451}".into(), vec!["spec.mtu: must be between 576 and 1450 (VXLAN needs 50 of the underlay's 1500 bytes)"]),
+            ("{mtu: 1501, external: true}".into(), vec!["spec.mtu: must be between 576 and 1500 (the underlay's MTU is 1500)"]),
             ("{subnets: [{cidr: 10.0.1.0/24}]}".into(), vec!["spec.subnets[0].name: required"]),
             (
                 "{subnets: [{name: A, cidr: 10.0.1.0/24}]}".into(),
@@ -683,7 +714,7 @@ mod tests {
                 // Every violation, subnet by subnet, each in field order.
                 "{mtu: 1, subnets: [{name: a, cidr: 10.0.1.0/24, gateway: 10.9.9.9, dnsNameservers: [x]}, {cidr: 10.0.1.128/25}]}".into(),
                 vec![
-                    "spec.mtu: must be between 576 and 9000",
+                    "spec.mtu: must be between 576 and 1450 (VXLAN needs 50 of the underlay's 1500 bytes)",
                     "spec.subnets[0].gateway: 10.9.9.9 is outside 10.0.1.0/24",
                     "spec.subnets[0].dnsNameservers[0]: `x` is not an IP address",
                     "spec.subnets[1].name: required",
