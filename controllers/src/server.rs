@@ -259,6 +259,8 @@ pub fn plan(facts: &ServerFacts<'_>) -> ServerPlan {
     let mut ports = Vec::new();
     let mut addresses = Vec::new();
     let mut waiting: Vec<String> = Vec::new();
+    // Addressed Ports the server's node has not plugged in yet.
+    let mut unbound: Vec<String> = Vec::new();
     let mut conflict: Option<String> = None;
     for (index, entry) in spec.networks.iter().enumerate() {
         let generated = entry.port.is_empty();
@@ -293,6 +295,10 @@ pub fn plan(facts: &ServerFacts<'_>) -> ServerPlan {
                     .map(|s| s.network.clone())
                     .unwrap_or_default();
                 if port_ready(&port) {
+                    if !status.node.is_empty() && !(pstatus.bound && pstatus.node == status.node)
+                    {
+                        unbound.push(name.clone());
+                    }
                     addresses.push(v1::NetworkAddresses {
                         network,
                         port: name.clone(),
@@ -318,7 +324,7 @@ pub fn plan(facts: &ServerFacts<'_>) -> ServerPlan {
     };
 
     let phase = phase(server, references_ok, ports_ok);
-    let ready = ready_condition(server, phase, &references, &ports_ready);
+    let ready = ready_condition(server, phase, &references, &ports_ready, &unbound);
     let wanted = v1::ServerStatus {
         phase: phase as i32,
         addresses,
@@ -349,6 +355,7 @@ fn ready_condition(
     phase: Phase,
     references: &v1::Condition,
     ports: &v1::Condition,
+    unbound: &[String],
 ) -> v1::Condition {
     let spec = server.spec.clone().unwrap_or_default();
     let status = server.status.clone().unwrap_or_default();
@@ -372,6 +379,15 @@ fn ready_condition(
         _ if ports.status != v1::condition::Status::True as i32 => {
             not(&ports.reason, ports.message.clone())
         }
+        // A guest whose NICs lead nowhere does not serve yet.
+        Phase::Running if !unbound.is_empty() => not(
+            "PortsNotBound",
+            format!(
+                "waiting for node {} to plug in port {}",
+                status.node,
+                unbound.join(", ")
+            ),
+        ),
         Phase::Running => condition(
             "Ready",
             true,
@@ -710,6 +726,9 @@ mod tests {
                 } else {
                     vec![]
                 },
+                // A ready port here is also plugged in on the test server's node.
+                node: if ready { "n1".into() } else { String::new() },
+                bound: ready,
                 ..Default::default()
             }),
         })
@@ -868,7 +887,7 @@ mod tests {
         );
         s.spec.as_mut().unwrap().power_state = Some(v1::server_spec::PowerState::Stopped as i32);
         let holds = cond("X", Status::True, "");
-        let ready = ready_condition(&s, Phase::Stopped, &holds, &holds);
+        let ready = ready_condition(&s, Phase::Stopped, &holds, &holds, &[]);
         assert_eq!(
             (ready.status, ready.reason.as_str()),
             (Status::False as i32, "Stopped")
@@ -1060,6 +1079,20 @@ mod tests {
         assert_eq!(done.status.addresses[1].ips, ["10.0.0.5"]);
         assert_eq!(done.status.phase, Phase::Running as i32);
         assert_eq!(done.conditions[0].status, Status::True as i32);
+        // Addressed but not yet plugged in by the node: running, not Ready.
+        let mut loose = (*port("web-2", "su", true)).clone();
+        loose.status.as_mut().unwrap().bound = false;
+        let unplugged = plan(&facts(vec![
+            Some(port("web-0", "su", true)),
+            Some(port("mine", "", true)),
+            Some(Arc::new(loose)),
+        ]));
+        assert_eq!(unplugged.status.phase, Phase::Running as i32);
+        assert_eq!(unplugged.conditions[0].reason, "PortsNotBound");
+        assert_eq!(
+            unplugged.conditions[0].message,
+            "waiting for node n1 to plug in port web-2"
+        );
         // A generated name taken by someone else's port is reported, not taken over.
         let taken = plan(&facts(vec![
             Some(port("web-0", "other", true)),
