@@ -33,6 +33,61 @@ use ferro_runtime::{
 /// The finalizer that keeps a Network until no Port uses it.
 pub const NETWORK_FINALIZER: &str = "ferro.io/network-in-use";
 
+/// The `deviceOwner` of the Port a Network's DHCP server answers from.
+pub const DHCP_DEVICE_OWNER: &str = "network:dhcp";
+
+/// The name of a Network's DHCP Port, in the Network's project.
+pub fn dhcp_port_name(network: &str) -> String {
+    format!("{network}-dhcp")
+}
+
+/// The Port a Network's DHCP server needs: an address on every subnet that has DHCP, owned
+/// by the Network; `None` when no subnet has DHCP. A node with the network role wires it
+/// into a `qdhcp-<network-uid>` namespace and runs dnsmasq on it, as Neutron's DHCP agent
+/// does with its `network:dhcp` port.
+pub fn wanted_dhcp_port(network: &v1::Network) -> Option<v1::Port> {
+    let m = meta(network);
+    let spec = network.spec.clone().unwrap_or_default();
+    let fixed_ips: Vec<v1::FixedIp> = spec
+        .subnets
+        .iter()
+        .filter(|s| s.dhcp.unwrap_or(true))
+        .map(|s| v1::FixedIp {
+            subnet: s.name.clone(),
+            ip_address: String::new(),
+        })
+        .collect();
+    if fixed_ips.is_empty() {
+        return None;
+    }
+    Some(v1::Port {
+        metadata: Some(v1::ObjectMeta {
+            name: dhcp_port_name(&m.name),
+            project: m.project.clone(),
+            owner_references: vec![controller_reference(network, false)],
+            ..Default::default()
+        }),
+        spec: Some(v1::PortSpec {
+            network: m.name.clone(),
+            fixed_ips,
+            device_owner: DHCP_DEVICE_OWNER.to_owned(),
+            port_security: Some(false),
+            ..Default::default()
+        }),
+        status: None,
+    })
+}
+
+/// Whether a Port is the DHCP Port this Network made (named and owned as such).
+fn is_own_dhcp_port(network: &v1::Network, port: &v1::Port) -> bool {
+    let m = meta(network);
+    meta(port).name == dhcp_port_name(&m.name)
+        && meta(port)
+            .owner_references
+            .iter()
+            .any(|r| r.controller && r.uid == m.uid)
+}
+
 /// The name of the claim of a VNI.
 pub fn segment_claim_name(vni: u32) -> String {
     format!("vni-{vni}")
@@ -218,6 +273,8 @@ impl NetworkController {
         let controller = Controller::new("network", settings, metrics.clone())
             .reconciles(&networks)
             .owns(&segments, Kind::Network)
+            // Its DHCP Port, deleted by hand, is made again.
+            .owns(&ports, Kind::Network)
             .watches(&ports, move |c| {
                 // A Port going away may let a Network finish deleting.
                 let mut keys = BTreeSet::new();
@@ -242,11 +299,15 @@ impl NetworkController {
         (controller, reconciler)
     }
 
-    /// The Ports attached to a Network: recorded on it, or naming it in its own project.
+    /// The Ports attached to a Network: recorded on it, or naming it in its own project;
+    /// the Network's own DHCP Port is not counted.
     fn ports_using(&self, network: &v1::Network) -> Vec<String> {
         let m = meta(network);
         let mut names: BTreeSet<String> = BTreeSet::new();
         for port in self.ports.by_index(PORT_BY_NETWORK_UID, &m.uid) {
+            if is_own_dhcp_port(network, &port) {
+                continue;
+            }
             names.insert(format!(
                 "{}/{}",
                 meta(port.as_ref()).project,
@@ -262,7 +323,7 @@ impl NetworkController {
                 .as_ref()
                 .map(|s| s.network_uid.as_str())
                 .unwrap_or_default();
-            if recorded.is_empty() || recorded == m.uid {
+            if (recorded.is_empty() || recorded == m.uid) && !is_own_dhcp_port(network, &port) {
                 names.insert(format!(
                     "{}/{}",
                     meta(port.as_ref()).project,
@@ -316,8 +377,46 @@ impl NetworkController {
         ))
     }
 
+    /// Creates the Network's DHCP Port when a subnet has DHCP, and deletes it when none
+    /// has (or the Network is going).
+    async fn keep_dhcp_port(
+        &self,
+        network: &v1::Network,
+        wanted: Option<v1::Port>,
+    ) -> Result<(), ReconcileError> {
+        let m = meta(network);
+        let name = dhcp_port_name(&m.name);
+        let existing = self.ports.get_named(&m.project, &name);
+        match (wanted, existing) {
+            (Some(port), None) => match self.api.create(Object::Port(port)).await {
+                Ok(_) | Err(Error::AlreadyExists { .. }) => {}
+                Err(e) => return Err(e.into()),
+            },
+            (None, Some(port)) if is_own_dhcp_port(network, &port) => {
+                let request = v1::DeleteRequest {
+                    key: Some(v1::ObjectKey {
+                        kind: Kind::Port.name().into(),
+                        project: m.project.clone(),
+                        name,
+                    }),
+                    precondition_uid: meta(port.as_ref()).uid.clone(),
+                    ..Default::default()
+                };
+                match self.api.delete(request).await {
+                    Ok(_) | Err(Error::NotFound { .. } | Error::Conflict { .. }) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            // Present as wanted, or a Port of that name that is someone else's: left alone.
+            _ => {}
+        }
+        Ok(())
+    }
+
     async fn apply(&self, network: &v1::Network) -> Result<Action, ReconcileError> {
         let uid = &meta(network).uid;
+        self.keep_dhcp_port(network, wanted_dhcp_port(network))
+            .await?;
         let claims = self.segments.by_index(OWNER_UID, uid);
         let facts = NetworkFacts {
             network,
@@ -423,6 +522,16 @@ impl Reconcile for NetworkController {
             Step::Cleanup(cleanup) => {
                 let ports = self.ports_using(&network);
                 if ports.is_empty() {
+                    // The DHCP Port goes first; its deletion queues this Network again.
+                    self.keep_dhcp_port(&network, None).await?;
+                    let m = meta(network.as_ref());
+                    if self
+                        .ports
+                        .get_named(&m.project, &dhcp_port_name(&m.name))
+                        .is_some_and(|p| is_own_dhcp_port(&network, &p))
+                    {
+                        return Ok(Action::AwaitChange);
+                    }
                     cleanup.finish().await?;
                     return Ok(Action::AwaitChange);
                 }
@@ -603,6 +712,24 @@ mod tests {
             assert_eq!(released, case.release, "{}", case.what);
             assert_eq!(plan.write, case.write, "{}", case.what);
         }
+    }
+
+    #[test]
+    fn the_dhcp_port_asks_for_an_address_on_each_dhcp_subnet_only() {
+        let mut net = network(&[("a", "10.0.1.0/24"), ("b", "10.0.2.0/24")], None);
+        net.metadata.as_mut().unwrap().uid = "nu".into();
+        net.spec.as_mut().unwrap().subnets[1].dhcp = Some(false);
+        let port = wanted_dhcp_port(&net).expect("subnet a has DHCP");
+        let m = port.metadata.as_ref().unwrap();
+        assert_eq!(m.name, format!("{}-dhcp", meta(&net).name));
+        assert!(m.owner_references[0].controller && m.owner_references[0].uid == "nu");
+        let spec = port.spec.as_ref().unwrap();
+        assert_eq!(spec.device_owner, DHCP_DEVICE_OWNER);
+        let subnets: Vec<&str> = spec.fixed_ips.iter().map(|f| f.subnet.as_str()).collect();
+        assert_eq!(subnets, ["a"]);
+        assert!(is_own_dhcp_port(&net, &port));
+        net.spec.as_mut().unwrap().subnets[0].dhcp = Some(false);
+        assert!(wanted_dhcp_port(&net).is_none(), "no subnet has DHCP");
     }
 
     #[test]

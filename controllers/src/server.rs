@@ -295,8 +295,7 @@ pub fn plan(facts: &ServerFacts<'_>) -> ServerPlan {
                     .map(|s| s.network.clone())
                     .unwrap_or_default();
                 if port_ready(&port) {
-                    if !status.node.is_empty() && !(pstatus.bound && pstatus.node == status.node)
-                    {
+                    if !status.node.is_empty() && !(pstatus.bound && pstatus.node == status.node) {
                         unbound.push(name.clone());
                     }
                     addresses.push(v1::NetworkAddresses {

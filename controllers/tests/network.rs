@@ -203,3 +203,59 @@ async fn deleting_a_network_with_many_ports_is_one_event_with_a_count() {
     assert!(first <= last, "first {first} last {last}");
     controllers.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dhcp_network_gets_its_dhcp_port_which_goes_with_it() {
+    let cloud = Cloud::start().await;
+    let controllers = cloud.controllers();
+    let network = cloud.dhcp_network("lan", "10.40.0.0/24").await;
+    let port = eventually("the DHCP port addressed", || async {
+        let port = cloud
+            .admin
+            .get_typed::<v1::Port>("default", "lan-dhcp")
+            .await
+            .ok()?;
+        decided(&port).then_some(port)
+    })
+    .await;
+    let spec = port.spec.as_ref().unwrap();
+    assert_eq!(
+        spec.device_owner,
+        ferro_controllers::network::DHCP_DEVICE_OWNER
+    );
+    assert_eq!(spec.network, "lan");
+    // Deleted by hand, it comes back.
+    cloud.delete(Kind::Port, "default", "lan-dhcp").await;
+    eventually("a new DHCP port", || async {
+        let again = cloud
+            .admin
+            .get_typed::<v1::Port>("default", "lan-dhcp")
+            .await
+            .ok()?;
+        (uid(&again) != uid(&port)).then_some(())
+    })
+    .await;
+    // It does not hold the network: deleting the network takes it along.
+    cloud.delete(Kind::Network, "default", "lan").await;
+    eventually(
+        "the network, its DHCP port and every claim gone",
+        || async {
+            let gone = cloud
+                .admin
+                .get_typed::<v1::Network>("default", "lan")
+                .await
+                .is_err();
+            let ports = cloud.list::<v1::Port>().await.len();
+            let ips = cloud.list::<v1::IpAddress>().await.len();
+            let segments = cloud
+                .list::<v1::SegmentId>()
+                .await
+                .iter()
+                .filter(|c| owner_uid(*c) == uid(&network))
+                .count();
+            (gone && ports == 0 && ips == 0 && segments == 0).then_some(())
+        },
+    )
+    .await;
+    controllers.abort();
+}

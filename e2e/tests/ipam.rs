@@ -1,6 +1,8 @@
 //! IPAM end to end: `ferro up` with a real etcd runs the controllers; a network from
 //! `manifests/` and ports applied through the CLI get their addresses (visible in
 //! `ferro get ports -o wide`), each held by a claim; deleting the ports removes the claims.
+//! The network's own DHCP Port (`private-dhcp`, made by the network controller) holds one
+//! address and MAC besides.
 
 use std::{collections::HashSet, net::Ipv4Addr, path::Path, time::Duration};
 
@@ -51,7 +53,10 @@ fn ports_get_addresses_and_their_claims_go_with_them() -> anyhow::Result<()> {
         "three addressed ports in `ferro get ports -o wide`",
         WAIT,
         || {
-            let rows = table(&cloud.run(["get", "ports", "-o", "wide"])?);
+            let rows: Vec<_> = table(&cloud.run(["get", "ports", "-o", "wide"])?)
+                .into_iter()
+                .filter(|r| r["NAME"].starts_with("e2e-port-"))
+                .collect();
             let addressed = rows
                 .iter()
                 .filter(|r| !r["ADDRESSES"].is_empty() && !r["MAC"].is_empty())
@@ -85,14 +90,26 @@ fn ports_get_addresses_and_their_claims_go_with_them() -> anyhow::Result<()> {
     wait_for("one claim per address and MAC", WAIT, || {
         let ips = table(&cloud.run(["get", "ipaddresses"])?).len();
         let macs = table(&cloud.run(["get", "macaddresses"])?).len();
-        Ok((ips == 3 && macs == 3).then_some(()))
+        Ok((ips == 4 && macs == 4).then_some(()))
     })?;
+    let dhcp = table(&cloud.run(["get", "port", "private-dhcp", "-o", "wide"])?);
+    assert!(
+        dhcp.len() == 1 && !dhcp[0]["ADDRESSES"].is_empty(),
+        "the network's DHCP port is addressed: {dhcp:?}"
+    );
 
     cloud.run(["delete", "-f", ports.to_str().context("path")?])?;
     wait_for("the claims gone with their ports", WAIT, || {
         let ips = table(&cloud.run(["get", "ipaddresses"])?).len();
         let macs = table(&cloud.run(["get", "macaddresses"])?).len();
-        Ok((ips == 0 && macs == 0).then_some(()))
+        Ok((ips == 1 && macs == 1).then_some(()))
+    })?;
+    // Deleting the network takes its DHCP port and the last claims with it.
+    cloud.run(["delete", "-f", network.to_str().context("path")?])?;
+    wait_for("the network, its DHCP port and claims gone", WAIT, || {
+        let ports = table(&cloud.run(["get", "ports"])?).len();
+        let ips = table(&cloud.run(["get", "ipaddresses"])?).len();
+        Ok((ports == 0 && ips == 0).then_some(()))
     })?;
     Ok(())
 }

@@ -175,7 +175,19 @@ impl Cloud {
         self.admin.create(object).await.expect("create")
     }
 
+    /// A Network with one subnet and no DHCP, so that the only Ports on it are the
+    /// test's own (a DHCP subnet gets the network's DHCP Port: see [`Cloud::dhcp_network`]).
     pub async fn network(&self, name: &str, cidr: &str) -> v1::Network {
+        let object = self
+            .create(&format!(
+                "apiVersion: ferro/v1\nkind: Network\nmetadata: {{name: {name}}}\nspec:\n  subnets:\n  - {{name: a, cidr: {cidr}, dhcp: false}}\n"
+            ))
+            .await;
+        v1::Network::from_object(object).unwrap()
+    }
+
+    /// A Network with one subnet that has DHCP.
+    pub async fn dhcp_network(&self, name: &str, cidr: &str) -> v1::Network {
         let object = self
             .create(&format!(
                 "apiVersion: ferro/v1\nkind: Network\nmetadata: {{name: {name}}}\nspec:\n  subnets:\n  - {{name: a, cidr: {cidr}}}\n"
