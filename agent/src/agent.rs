@@ -487,6 +487,8 @@ async fn keep_node_status(
                     capacity,
                     images: images.report(),
                     host_ready: node::check_host(&base.tools, &base.state_dir),
+                    network_driver: String::new(),
+                    network_ready: None,
                 };
                 match node::sync_status(&client, &report).await {
                     Ok(true) => tracing::debug!("node status written"),

@@ -219,6 +219,11 @@ pub struct NodeReport {
     pub images: Vec<v1::CachedImage>,
     /// The `HostReady` condition.
     pub host_ready: v1::Condition,
+    /// The network driver, `ovs` or `linuxbridge`; empty when the node wires no networks.
+    pub network_driver: String,
+    /// The `NetworkReady` condition: whether the driver has what it needs; `None` until
+    /// the network reconciler has looked.
+    pub network_ready: Option<v1::Condition>,
 }
 
 /// The status fields the agent owns, in the order of the owner table.
@@ -232,6 +237,7 @@ pub const NODE_FIELDS: &[&str] = &[
     "address",
     "agentVersion",
     "accelerator",
+    "networkDriver",
 ];
 
 impl NodeReport {
@@ -248,7 +254,15 @@ impl NodeReport {
             address: self.address.clone(),
             agent_version: env!("CARGO_PKG_VERSION").to_owned(),
             accelerator: self.accelerator.clone(),
+            network_driver: self.network_driver.clone(),
         }
+    }
+
+    /// The conditions the agent owns, as they should be.
+    pub fn conditions(&self) -> Vec<v1::Condition> {
+        std::iter::once(self.host_ready.clone())
+            .chain(self.network_ready.clone())
+            .collect()
     }
 
     /// Whether `current` (a Node's status) differs from this report in any field or
@@ -264,10 +278,10 @@ impl NodeReport {
         if mine != self.status() {
             return true;
         }
-        !current
-            .conditions
+        !self
+            .conditions()
             .iter()
-            .any(|c| same_condition(c, &self.host_ready))
+            .all(|mine| current.conditions.iter().any(|c| same_condition(c, mine)))
     }
 }
 
@@ -318,7 +332,7 @@ pub async fn sync_status(client: &Client, report: &NodeReport) -> Result<bool, E
             patch.into_object(),
             owners::AGENT,
             NODE_FIELDS,
-            vec![report.host_ready.clone()],
+            report.conditions(),
         )
         .await?;
     Ok(true)
@@ -479,6 +493,13 @@ mod tests {
             },
             images: vec![],
             host_ready: condition(HOST_READY, ConditionStatus::True, "HostReady", "ok".into()),
+            network_driver: "ovs".into(),
+            network_ready: Some(condition(
+                "NetworkReady",
+                ConditionStatus::True,
+                "DriverReady",
+                "ovs".into(),
+            )),
         }
     }
 
@@ -492,6 +513,7 @@ mod tests {
         written.last_transition_time = Some(prost_types::Timestamp::default());
         stored.conditions = vec![
             written,
+            report.network_ready.clone().unwrap(),
             condition("Ready", ConditionStatus::True, "Heartbeat", "".into()),
         ];
         assert!(!report.differs_from(Some(&stored)));
@@ -505,6 +527,9 @@ mod tests {
         let mut unready = report.clone();
         unready.host_ready.status = ConditionStatus::False as i32;
         assert!(unready.differs_from(Some(&stored)));
+        let mut network = report.clone();
+        network.network_ready.as_mut().unwrap().status = ConditionStatus::False as i32;
+        assert!(network.differs_from(Some(&stored)));
         let mut zone = report;
         zone.zone = "zone-b".into();
         assert!(zone.differs_from(Some(&stored)));

@@ -1,0 +1,3 @@
+//! The node's network reconciler: tenant networks, their ports and DHCP on this node.
+
+pub mod plan;

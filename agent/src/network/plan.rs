@@ -1,0 +1,673 @@
+//! What the network of one node should be, from the API alone: [`desired`]. Pure.
+//!
+//! A node wires:
+//! - the Ports of the Servers placed on it (`status.ports`), each as a tap named from the
+//!   Port's uid, plugged into its Network;
+//! - on a node with the network role, the DHCP Port of each Network whose DHCP it serves
+//!   ([`dhcp_node`]), as a veth into a `qdhcp-<network-uid>` namespace where dnsmasq
+//!   answers;
+//! - every Network one of those Ports is on, with tunnels to exactly the other nodes that
+//!   have a Port of the same Network bound (`Port.status.node`), as l2population does.
+//!
+//! A Port this node should wire but cannot yet (no address, no segment, its Network being
+//! deleted) is [`Desired::waiting`], with the reason its `Bound` condition gives.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use ferro_api::v1;
+use ferro_api::v1::node_status::Role;
+use ipnet::IpNet;
+use sha2::Digest;
+
+use crate::wiring::{NetworkWiring, PortWiring, device_name};
+
+/// The `deviceOwner` of a Network's DHCP Port (made by the network controller).
+pub const DHCP_DEVICE_OWNER: &str = "network:dhcp";
+/// The `deviceOwner` prefix of a Server's Ports: `compute:<server>`.
+pub const COMPUTE_DEVICE_OWNER: &str = "compute:";
+/// The prefix of a guest's tap and of a DHCP veth's host end.
+pub const TAP_PREFIX: &str = "tap";
+/// The prefix of a DHCP veth's end inside its namespace.
+pub const NS_DEVICE_PREFIX: &str = "ns-";
+/// The prefix of a Network's DHCP namespace.
+pub const DHCP_NAMESPACE_PREFIX: &str = "qdhcp-";
+
+/// The name of a Network's DHCP namespace: `qdhcp-<network-uid>`, as Neutron names it.
+pub fn dhcp_namespace(network_uid: &str) -> String {
+    format!("{DHCP_NAMESPACE_PREFIX}{network_uid}")
+}
+
+/// The host device of a Port: `tap` + the start of its uid.
+pub fn tap_name(port_uid: &str) -> String {
+    device_name(TAP_PREFIX, port_uid)
+}
+
+/// What the API says one node's network should be.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Facts {
+    /// This node's name.
+    pub node: String,
+    /// This node's tunnel endpoint.
+    pub local_ip: Option<IpAddr>,
+    /// The Servers placed on this node.
+    pub servers: Vec<Arc<v1::Server>>,
+    /// Every Port.
+    pub ports: Vec<Arc<v1::Port>>,
+    /// Every Network.
+    pub networks: Vec<Arc<v1::Network>>,
+    /// Every Node.
+    pub nodes: Vec<Arc<v1::Node>>,
+}
+
+/// Where a wanted Port's device lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Place {
+    /// A guest's tap.
+    Guest,
+    /// A veth into the Network's DHCP namespace; the end inside gets the Port's MAC and
+    /// addresses.
+    Dhcp {
+        /// The namespace.
+        namespace: String,
+        /// The veth's end inside it.
+        inner: String,
+        /// The Port's addresses with their subnets' prefix lengths.
+        addresses: Vec<IpNet>,
+    },
+}
+
+/// A Port this node wires.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WantedPort {
+    /// Project and name, for the status write.
+    pub project: String,
+    /// Its name.
+    pub name: String,
+    /// How it is plugged.
+    pub wiring: PortWiring,
+    /// Its device's place.
+    pub place: Place,
+    /// The MTU of its network.
+    pub mtu: u32,
+}
+
+/// One host entry of a DHCP server.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct DhcpHost {
+    /// The Port's MAC.
+    pub mac: String,
+    /// Its address.
+    pub ip: IpAddr,
+    /// The name it is given.
+    pub hostname: String,
+}
+
+/// One subnet a DHCP server serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DhcpSubnet {
+    /// The subnet's name.
+    pub name: String,
+    /// Its range.
+    pub cidr: IpNet,
+    /// Its gateway, if it has one.
+    pub gateway: Option<IpAddr>,
+    /// DNS servers handed out.
+    pub dns: Vec<IpAddr>,
+    /// Extra routes (destination, next hop).
+    pub routes: Vec<(IpNet, IpAddr)>,
+}
+
+/// The DHCP server of one Network on this node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DhcpWant {
+    /// The Network's uid.
+    pub network_uid: String,
+    /// Its namespace.
+    pub namespace: String,
+    /// The interface inside it.
+    pub interface: String,
+    /// The MTU handed out.
+    pub mtu: u32,
+    /// The subnets with DHCP.
+    pub subnets: Vec<DhcpSubnet>,
+    /// Every addressed Port of the Network, one entry per address.
+    pub hosts: Vec<DhcpHost>,
+}
+
+/// Why a Port this node should wire is not wired yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Waiting {
+    /// Project and name, for the status write.
+    pub project: String,
+    /// Its name.
+    pub name: String,
+    /// The `Bound` condition's reason.
+    pub reason: &'static str,
+    /// And its message.
+    pub message: String,
+}
+
+/// What one node's network should be.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Desired {
+    /// Networks to wire, by uid.
+    pub networks: BTreeMap<String, NetworkWiring>,
+    /// Ports to wire, by uid.
+    pub ports: BTreeMap<String, WantedPort>,
+    /// DHCP servers to run, by Network uid.
+    pub dhcp: BTreeMap<String, DhcpWant>,
+    /// Ports this node should wire but cannot yet, by uid.
+    pub waiting: BTreeMap<String, Waiting>,
+}
+
+fn uid_of<T: ferro_api::Resource>(object: &T) -> &str {
+    object
+        .metadata()
+        .map(|m| m.uid.as_str())
+        .unwrap_or_default()
+}
+
+fn holds(conditions: &[v1::Condition], kind: &str) -> bool {
+    conditions
+        .iter()
+        .any(|c| c.r#type == kind && c.status == v1::condition::Status::True as i32)
+}
+
+/// Whether a Node can serve DHCP: the network role, a heartbeat, and a working network
+/// driver.
+fn serves_networks(node: &v1::Node) -> bool {
+    let Some(status) = &node.status else {
+        return false;
+    };
+    status.roles.contains(&(Role::Network as i32))
+        && holds(&status.conditions, "Ready")
+        && !status
+            .conditions
+            .iter()
+            .any(|c| c.r#type == "NetworkReady" && c.status == v1::condition::Status::False as i32)
+}
+
+/// The node that serves a Network's DHCP among `candidates`: the highest-random-weight
+/// choice (rendezvous hashing) over the Network's uid, so every node computes the same
+/// one without a write, and a node that leaves moves only its own networks.
+pub fn dhcp_node<'a>(network_uid: &str, candidates: &[&'a str]) -> Option<&'a str> {
+    candidates.iter().copied().max_by_key(|node| {
+        let digest = sha2::Sha256::digest(format!("{network_uid}/{node}").as_bytes());
+        <[u8; 8]>::try_from(&digest[..8])
+            .map(u64::from_be_bytes)
+            .unwrap_or(0)
+    })
+}
+
+/// What this node's network should be. See the module notes.
+pub fn desired(facts: &Facts) -> Desired {
+    let mut out = Desired::default();
+    let networks: BTreeMap<&str, &v1::Network> = facts
+        .networks
+        .iter()
+        .map(|n| (uid_of(n.as_ref()), n.as_ref()))
+        .collect();
+    let addresses: BTreeMap<&str, IpAddr> = facts
+        .nodes
+        .iter()
+        .filter_map(|n| {
+            let address = n.status.as_ref()?.address.parse().ok()?;
+            Some((n.metadata.as_ref()?.name.as_str(), address))
+        })
+        .collect();
+    let by_name: BTreeMap<(&str, &str), &v1::Port> = facts
+        .ports
+        .iter()
+        .filter_map(|p| {
+            let m = p.metadata.as_ref()?;
+            Some(((m.project.as_str(), m.name.as_str()), p.as_ref()))
+        })
+        .collect();
+
+    // Which Ports are this node's: its Servers' and the DHCP Ports it serves.
+    let mut mine: Vec<(&v1::Port, Option<&v1::Server>)> = Vec::new();
+    for server in &facts.servers {
+        let Some(m) = &server.metadata else { continue };
+        for name in server.status.iter().flat_map(|s| &s.ports) {
+            if let Some(port) = by_name.get(&(m.project.as_str(), name.as_str())) {
+                mine.push((port, Some(server.as_ref())));
+            }
+        }
+    }
+    let me_serving = facts
+        .nodes
+        .iter()
+        .any(|n| n.metadata.as_ref().is_some_and(|m| m.name == facts.node) && serves_networks(n));
+    let candidates: Vec<&str> = facts
+        .nodes
+        .iter()
+        .filter(|n| serves_networks(n))
+        .filter_map(|n| n.metadata.as_ref().map(|m| m.name.as_str()))
+        .collect();
+    if me_serving {
+        for port in &facts.ports {
+            let spec = port.spec.clone().unwrap_or_default();
+            let network_uid = port
+                .status
+                .as_ref()
+                .map(|s| s.network_uid.as_str())
+                .unwrap_or_default();
+            if spec.device_owner == DHCP_DEVICE_OWNER
+                && !network_uid.is_empty()
+                && dhcp_node(network_uid, &candidates) == Some(facts.node.as_str())
+            {
+                mine.push((port.as_ref(), None));
+            }
+        }
+    }
+
+    for (port, server) in mine {
+        let m = port.metadata.clone().unwrap_or_default();
+        let status = port.status.clone().unwrap_or_default();
+        let wait = |reason: &'static str, message: String| Waiting {
+            project: m.project.clone(),
+            name: m.name.clone(),
+            reason,
+            message,
+        };
+        if m.uid.is_empty() {
+            continue;
+        }
+        let Some(network) = networks.get(status.network_uid.as_str()).copied() else {
+            out.waiting.insert(
+                m.uid.clone(),
+                wait(
+                    "NetworkPending",
+                    "the port's network is not known yet".into(),
+                ),
+            );
+            continue;
+        };
+        let net_meta = network.metadata.clone().unwrap_or_default();
+        let segment_id = network.status.as_ref().map(|s| s.segment_id).unwrap_or(0);
+        let problem = if net_meta.deletion_timestamp.is_some() {
+            Some(wait(
+                "NetworkDeleting",
+                format!("network {} is being deleted", net_meta.name),
+            ))
+        } else if segment_id == 0 {
+            Some(wait(
+                "SegmentPending",
+                format!("network {} has no segment ID yet", net_meta.name),
+            ))
+        } else if status.mac.is_empty() || status.addresses.is_empty() {
+            Some(wait(
+                "AddressPending",
+                "the port has no address yet".to_owned(),
+            ))
+        } else if facts.local_ip.is_none() {
+            Some(wait(
+                "NoTunnelEndpoint",
+                format!("node {} has no underlay address", facts.node),
+            ))
+        } else {
+            None
+        };
+        if let Some(waiting) = problem {
+            out.waiting.insert(m.uid.clone(), waiting);
+            continue;
+        }
+        let spec = network.spec.clone().unwrap_or_default();
+        let mtu = spec.mtu.unwrap_or(1450);
+        let place = match server {
+            Some(_) => Place::Guest,
+            None => Place::Dhcp {
+                namespace: dhcp_namespace(&net_meta.uid),
+                inner: device_name(NS_DEVICE_PREFIX, &m.uid),
+                addresses: prefixed(&status.addresses, &spec.subnets),
+            },
+        };
+        out.networks
+            .entry(net_meta.uid.clone())
+            .or_insert_with(|| NetworkWiring {
+                uid: net_meta.uid.clone(),
+                segment_id,
+                mtu,
+                local_ip: facts.local_ip.expect("checked above"),
+                peers: BTreeSet::new(),
+            });
+        if let Place::Dhcp {
+            namespace, inner, ..
+        } = &place
+        {
+            out.dhcp.insert(
+                net_meta.uid.clone(),
+                DhcpWant {
+                    network_uid: net_meta.uid.clone(),
+                    namespace: namespace.clone(),
+                    interface: inner.clone(),
+                    mtu,
+                    subnets: dhcp_subnets(&spec.subnets),
+                    hosts: Vec::new(),
+                },
+            );
+        }
+        out.ports.insert(
+            m.uid.clone(),
+            WantedPort {
+                project: m.project.clone(),
+                name: m.name.clone(),
+                wiring: PortWiring {
+                    uid: m.uid.clone(),
+                    network_uid: net_meta.uid.clone(),
+                    device: tap_name(&m.uid),
+                    mac: status.mac.clone(),
+                    server_uid: server.map(|s| uid_of(s).to_owned()),
+                },
+                place,
+                mtu,
+            },
+        );
+    }
+
+    // Tunnels: to every other node with a bound Port on a Network wired here; DHCP hosts:
+    // every addressed Port of a Network served here.
+    for port in &facts.ports {
+        let Some(status) = &port.status else { continue };
+        if let Some(network) = out.networks.get_mut(&status.network_uid)
+            && status.bound
+            && status.node != facts.node
+            && let Some(address) = addresses.get(status.node.as_str())
+            && Some(*address) != facts.local_ip
+        {
+            network.peers.insert(*address);
+        }
+        if let Some(dhcp) = out.dhcp.get_mut(&status.network_uid)
+            && !status.mac.is_empty()
+        {
+            let spec = port.spec.clone().unwrap_or_default();
+            let name = port
+                .metadata
+                .as_ref()
+                .map(|m| m.name.as_str())
+                .unwrap_or("");
+            for address in &status.addresses {
+                let Ok(ip) = address.ip.parse::<IpAddr>() else {
+                    continue;
+                };
+                let hostname = match spec.device_owner.strip_prefix(COMPUTE_DEVICE_OWNER) {
+                    Some(server) if !server.is_empty() => server.to_owned(),
+                    _ if spec.device_owner == DHCP_DEVICE_OWNER => format!("dhcp-{name}"),
+                    _ => host_name(ip),
+                };
+                dhcp.hosts.push(DhcpHost {
+                    mac: status.mac.clone(),
+                    ip,
+                    hostname,
+                });
+            }
+        }
+    }
+    for dhcp in out.dhcp.values_mut() {
+        dhcp.hosts.sort();
+    }
+    out
+}
+
+/// Neutron's name for a host without one: `host-10-0-1-5`.
+fn host_name(ip: IpAddr) -> String {
+    format!("host-{}", ip.to_string().replace(['.', ':'], "-"))
+}
+
+/// A Port's addresses with the prefix lengths of their subnets.
+fn prefixed(addresses: &[v1::PortAddress], subnets: &[v1::Subnet]) -> Vec<IpNet> {
+    addresses
+        .iter()
+        .filter_map(|a| {
+            let subnet = subnets.iter().find(|s| s.name == a.subnet)?;
+            let cidr: IpNet = subnet.cidr.parse().ok()?;
+            IpNet::new(a.ip.parse().ok()?, cidr.prefix_len()).ok()
+        })
+        .collect()
+}
+
+/// The subnets a DHCP server serves: those with DHCP on.
+fn dhcp_subnets(subnets: &[v1::Subnet]) -> Vec<DhcpSubnet> {
+    subnets
+        .iter()
+        .filter(|s| s.dhcp.unwrap_or(true))
+        .filter_map(|s| {
+            Some(DhcpSubnet {
+                name: s.name.clone(),
+                cidr: s.cidr.parse().ok()?,
+                gateway: s.gateway.as_deref().and_then(|g| g.parse().ok()),
+                dns: s
+                    .dns_nameservers
+                    .iter()
+                    .filter_map(|d| d.parse().ok())
+                    .collect(),
+                routes: s
+                    .host_routes
+                    .iter()
+                    .filter_map(|r| Some((r.destination.parse().ok()?, r.nexthop.parse().ok()?)))
+                    .collect(),
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(name: &str, uid: &str) -> Option<v1::ObjectMeta> {
+        Some(v1::ObjectMeta {
+            name: name.into(),
+            project: "p".into(),
+            uid: uid.into(),
+            ..Default::default()
+        })
+    }
+
+    fn node(name: &str, address: &str, network_role: bool) -> Arc<v1::Node> {
+        let mut roles = vec![Role::Compute as i32];
+        if network_role {
+            roles.push(Role::Network as i32);
+        }
+        Arc::new(v1::Node {
+            metadata: meta(name, &format!("uid-{name}")),
+            status: Some(v1::NodeStatus {
+                address: address.into(),
+                roles,
+                conditions: vec![ferro_runtime::condition("Ready", true, "Heartbeat", "")],
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+    }
+
+    fn network(name: &str, uid: &str, segment: u32) -> Arc<v1::Network> {
+        Arc::new(v1::Network {
+            metadata: meta(name, uid),
+            spec: Some(v1::NetworkSpec {
+                mtu: Some(1450),
+                subnets: vec![v1::Subnet {
+                    name: "v4".into(),
+                    cidr: "10.0.0.0/24".into(),
+                    gateway: Some("10.0.0.1".into()),
+                    dhcp: Some(true),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            status: Some(v1::NetworkStatus {
+                segment_id: segment,
+                ..Default::default()
+            }),
+        })
+    }
+
+    fn port(
+        name: &str,
+        uid: &str,
+        net: &str,
+        owner: &str,
+        ip: &str,
+        bound_on: &str,
+    ) -> Arc<v1::Port> {
+        Arc::new(v1::Port {
+            metadata: meta(name, uid),
+            spec: Some(v1::PortSpec {
+                network: "n".into(),
+                device_owner: owner.into(),
+                ..Default::default()
+            }),
+            status: Some(v1::PortStatus {
+                network_uid: net.into(),
+                mac: format!("fa:16:3e:00:00:{}", &uid[uid.len() - 2..]),
+                addresses: vec![v1::PortAddress {
+                    subnet: "v4".into(),
+                    ip: ip.into(),
+                }],
+                node: bound_on.into(),
+                bound: !bound_on.is_empty(),
+                ..Default::default()
+            }),
+        })
+    }
+
+    fn server(name: &str, uid: &str, ports: &[&str]) -> Arc<v1::Server> {
+        Arc::new(v1::Server {
+            metadata: meta(name, uid),
+            status: Some(v1::ServerStatus {
+                node: "n1".into(),
+                ports: ports.iter().map(|p| (*p).to_owned()).collect(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+    }
+
+    fn facts() -> Facts {
+        Facts {
+            node: "n1".into(),
+            local_ip: Some("198.18.0.11".parse().unwrap()),
+            servers: vec![server("web", "s-web", &["web-0"])],
+            ports: vec![
+                port("web-0", "port-01", "net-a", "compute:web", "10.0.0.5", ""),
+                // Another node's guest on the same network, and one on another network.
+                port("db-0", "port-02", "net-a", "compute:db", "10.0.0.6", "n2"),
+                port("x-0", "port-03", "net-b", "compute:x", "10.0.0.5", "n3"),
+                port(
+                    "a-dhcp",
+                    "port-04",
+                    "net-a",
+                    DHCP_DEVICE_OWNER,
+                    "10.0.0.2",
+                    "",
+                ),
+            ],
+            networks: vec![network("a", "net-a", 101), network("b", "net-b", 102)],
+            nodes: vec![
+                node("n1", "198.18.0.11", true),
+                node("n2", "198.18.0.12", false),
+                node("n3", "198.18.0.13", false),
+            ],
+        }
+    }
+
+    #[test]
+    fn a_node_wires_its_guests_ports_with_tunnels_to_exactly_the_nodes_sharing_a_network() {
+        let desired = desired(&facts());
+        let net = &desired.networks["net-a"];
+        assert_eq!(net.segment_id, 101);
+        assert_eq!(net.peers, BTreeSet::from(["198.18.0.12".parse().unwrap()]));
+        assert!(!desired.networks.contains_key("net-b"), "no port of b here");
+        let web = &desired.ports["port-01"];
+        assert_eq!(web.wiring.device, "tapport01");
+        assert_eq!(web.wiring.server_uid.as_deref(), Some("s-web"));
+        assert_eq!(web.place, Place::Guest);
+        assert!(desired.waiting.is_empty());
+    }
+
+    #[test]
+    fn the_only_network_node_serves_dhcp_with_a_host_entry_per_addressed_port() {
+        let wanted = desired(&facts());
+        let dhcp = &wanted.dhcp["net-a"];
+        assert_eq!(dhcp.namespace, "qdhcp-net-a");
+        assert_eq!(dhcp.interface, "ns-port04");
+        let hosts: Vec<(&str, String)> = dhcp
+            .hosts
+            .iter()
+            .map(|h| (h.hostname.as_str(), h.ip.to_string()))
+            .collect();
+        assert_eq!(
+            hosts,
+            [
+                ("web", "10.0.0.5".to_owned()),
+                ("db", "10.0.0.6".to_owned()),
+                ("dhcp-a-dhcp", "10.0.0.2".to_owned())
+            ]
+        );
+        let Place::Dhcp { addresses, .. } = &wanted.ports["port-04"].place else {
+            panic!("the DHCP port lives in its namespace");
+        };
+        assert_eq!(addresses, &["10.0.0.2/24".parse::<IpNet>().unwrap()]);
+        // A compute-only node serves none.
+        let mut other = facts();
+        other.node = "n2".into();
+        other.servers.clear();
+        assert!(desired(&other).dhcp.is_empty());
+    }
+
+    #[test]
+    fn ports_that_cannot_be_wired_yet_say_why() {
+        type Change = Box<dyn Fn(&mut Facts)>;
+        let cases: [(&str, Change, &str); 4] = [
+            (
+                "no segment",
+                Box::new(|f| f.networks[0] = network("a", "net-a", 0)),
+                "SegmentPending",
+            ),
+            (
+                "network deleting",
+                Box::new(|f| {
+                    let mut n = (*network("a", "net-a", 101)).clone();
+                    n.metadata.as_mut().unwrap().deletion_timestamp = Some(Default::default());
+                    f.networks[0] = Arc::new(n);
+                }),
+                "NetworkDeleting",
+            ),
+            (
+                "network unknown",
+                Box::new(|f| f.networks.clear()),
+                "NetworkPending",
+            ),
+            (
+                "no underlay",
+                Box::new(|f| f.local_ip = None),
+                "NoTunnelEndpoint",
+            ),
+        ];
+        for (what, change, reason) in cases {
+            let mut f = facts();
+            change(&mut f);
+            let desired = desired(&f);
+            assert!(!desired.ports.contains_key("port-01"), "{what}");
+            assert_eq!(desired.waiting["port-01"].reason, reason, "{what}");
+        }
+    }
+
+    #[test]
+    fn dhcp_placement_is_stable_and_moves_only_the_networks_of_a_node_that_leaves() {
+        let nets: Vec<String> = (0..64).map(|i| format!("net-{i}")).collect();
+        let three = ["n1", "n2", "n3"];
+        let two = ["n1", "n2"];
+        for net in &nets {
+            let before = dhcp_node(net, &three).unwrap();
+            assert_eq!(dhcp_node(net, &three), Some(before), "stable");
+            let after = dhcp_node(net, &two).unwrap();
+            if before != "n3" {
+                assert_eq!(after, before, "{net} moved though its node stayed");
+            }
+        }
+        assert_eq!(dhcp_node("net-0", &[]), None);
+    }
+}
