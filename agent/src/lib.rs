@@ -19,6 +19,7 @@ pub mod configdrive;
 pub mod console;
 pub mod hypervisor;
 pub mod images;
+pub mod links;
 pub mod network;
 pub mod node;
 pub mod server;
