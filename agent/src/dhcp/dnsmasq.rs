@@ -286,11 +286,17 @@ pub fn served_network(argv: &[String], root: &Path) -> Option<String> {
 
 /// The command line of a live process (not a zombie), word by word.
 fn process_argv(pid: u32) -> Option<Vec<String>> {
+    process_info(pid).map(|(_, argv)| argv)
+}
+
+/// The parent and the command line of a live process (not a zombie).
+fn process_info(pid: u32) -> Option<(u32, Vec<String>)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The state follows the parenthesised command name, which may itself hold spaces.
-    let state = stat
-        .rsplit_once(')')
-        .and_then(|(_, rest)| rest.split_whitespace().next());
+    // The state and the parent follow the parenthesised command name, which may itself
+    // hold spaces.
+    let mut fields = stat.rsplit_once(')')?.1.split_whitespace();
+    let state = fields.next();
+    let ppid: u32 = fields.next()?.parse().ok()?;
     if matches!(state, Some("Z" | "X") | None) {
         return None;
     }
@@ -302,7 +308,7 @@ fn process_argv(pid: u32) -> Option<Vec<String>> {
     if argv.last().is_some_and(String::is_empty) {
         argv.pop();
     }
-    Some(argv)
+    Some((ppid, argv))
 }
 
 /// Whether process `pid` runs in network namespace `namespace` (by the namespace's inode).
@@ -372,9 +378,11 @@ impl DnsmasqDhcp {
         ServerFiles::new(self.root.join(network_uid))
     }
 
-    /// Every dnsmasq of ours running on the host, by network uid.
+    /// Every dnsmasq of ours running on the host, by network uid. A process forked by a
+    /// server (dnsmasq forks one per DNS-over-TCP connection) carries its parent's
+    /// command line and is not a server of its own.
     fn running_servers(&self) -> Result<BTreeMap<String, Vec<u32>>, DhcpError> {
-        let mut found: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+        let mut processes: BTreeMap<String, Vec<(u32, u32)>> = BTreeMap::new();
         let entries = std::fs::read_dir("/proc").map_err(io("list /proc".to_owned()))?;
         for entry in entries.flatten() {
             let Some(pid) = entry
@@ -384,12 +392,24 @@ impl DnsmasqDhcp {
             else {
                 continue;
             };
-            if let Some(uid) = process_argv(pid).and_then(|argv| served_network(&argv, &self.root))
+            if let Some((ppid, argv)) = process_info(pid)
+                && let Some(uid) = served_network(&argv, &self.root)
             {
-                found.entry(uid).or_default().push(pid);
+                processes.entry(uid).or_default().push((pid, ppid));
             }
         }
-        Ok(found)
+        Ok(processes
+            .into_iter()
+            .map(|(uid, found)| {
+                let pids: Vec<u32> = found.iter().map(|(pid, _)| *pid).collect();
+                let servers = found
+                    .iter()
+                    .filter(|(_, ppid)| !pids.contains(ppid))
+                    .map(|(pid, _)| *pid)
+                    .collect();
+                (uid, servers)
+            })
+            .collect())
     }
 
     /// Whether `pid` is the server of `network_uid` now.
