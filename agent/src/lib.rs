@@ -17,6 +17,7 @@
 pub mod agent;
 pub mod configdrive;
 pub mod console;
+pub mod dhcp;
 pub mod hypervisor;
 pub mod images;
 pub mod links;
