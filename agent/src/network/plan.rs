@@ -21,6 +21,10 @@ use ferro_api::v1::node_status::Role;
 use ipnet::IpNet;
 use sha2::Digest;
 
+use crate::dhcp::{
+    DEFAULT_DOMAIN, DEFAULT_LEASE_TIME, DhcpHost, DhcpServer, DhcpSubnet, HostRoute,
+    qdhcp_namespace,
+};
 use crate::wiring::{NetworkWiring, PortWiring, device_name};
 
 /// The `deviceOwner` of a Network's DHCP Port (made by the network controller).
@@ -31,13 +35,8 @@ pub const COMPUTE_DEVICE_OWNER: &str = "compute:";
 pub const TAP_PREFIX: &str = "tap";
 /// The prefix of a DHCP veth's end inside its namespace.
 pub const NS_DEVICE_PREFIX: &str = "ns-";
-/// The prefix of a Network's DHCP namespace.
+/// The prefix of a Network's DHCP namespace (see [`qdhcp_namespace`]).
 pub const DHCP_NAMESPACE_PREFIX: &str = "qdhcp-";
-
-/// The name of a Network's DHCP namespace: `qdhcp-<network-uid>`, as Neutron names it.
-pub fn dhcp_namespace(network_uid: &str) -> String {
-    format!("{DHCP_NAMESPACE_PREFIX}{network_uid}")
-}
 
 /// The host device of a Port: `tap` + the start of its uid.
 pub fn tap_name(port_uid: &str) -> String {
@@ -93,49 +92,6 @@ pub struct WantedPort {
     pub mtu: u32,
 }
 
-/// One host entry of a DHCP server.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-pub struct DhcpHost {
-    /// The Port's MAC.
-    pub mac: String,
-    /// Its address.
-    pub ip: IpAddr,
-    /// The name it is given.
-    pub hostname: String,
-}
-
-/// One subnet a DHCP server serves.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DhcpSubnet {
-    /// The subnet's name.
-    pub name: String,
-    /// Its range.
-    pub cidr: IpNet,
-    /// Its gateway, if it has one.
-    pub gateway: Option<IpAddr>,
-    /// DNS servers handed out.
-    pub dns: Vec<IpAddr>,
-    /// Extra routes (destination, next hop).
-    pub routes: Vec<(IpNet, IpAddr)>,
-}
-
-/// The DHCP server of one Network on this node.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DhcpWant {
-    /// The Network's uid.
-    pub network_uid: String,
-    /// Its namespace.
-    pub namespace: String,
-    /// The interface inside it.
-    pub interface: String,
-    /// The MTU handed out.
-    pub mtu: u32,
-    /// The subnets with DHCP.
-    pub subnets: Vec<DhcpSubnet>,
-    /// Every addressed Port of the Network, one entry per address.
-    pub hosts: Vec<DhcpHost>,
-}
-
 /// Why a Port this node should wire is not wired yet.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Waiting {
@@ -157,7 +113,7 @@ pub struct Desired {
     /// Ports to wire, by uid.
     pub ports: BTreeMap<String, WantedPort>,
     /// DHCP servers to run, by Network uid.
-    pub dhcp: BTreeMap<String, DhcpWant>,
+    pub dhcp: BTreeMap<String, DhcpServer>,
     /// Ports this node should wire but cannot yet, by uid.
     pub waiting: BTreeMap<String, Waiting>,
 }
@@ -319,7 +275,7 @@ pub fn desired(facts: &Facts) -> Desired {
         let place = match server {
             Some(_) => Place::Guest,
             None => Place::Dhcp {
-                namespace: dhcp_namespace(&net_meta.uid),
+                namespace: qdhcp_namespace(&net_meta.uid),
                 inner: device_name(NS_DEVICE_PREFIX, &m.uid),
                 addresses: prefixed(&status.addresses, &spec.subnets),
             },
@@ -339,11 +295,12 @@ pub fn desired(facts: &Facts) -> Desired {
         {
             out.dhcp.insert(
                 net_meta.uid.clone(),
-                DhcpWant {
+                DhcpServer {
                     network_uid: net_meta.uid.clone(),
                     namespace: namespace.clone(),
                     interface: inner.clone(),
                     mtu,
+                    domain: DEFAULT_DOMAIN.to_owned(),
                     subnets: dhcp_subnets(&spec.subnets),
                     hosts: Vec::new(),
                 },
@@ -406,7 +363,7 @@ pub fn desired(facts: &Facts) -> Desired {
         }
     }
     for dhcp in out.dhcp.values_mut() {
-        dhcp.hosts.sort();
+        dhcp.hosts.sort_by(|a, b| (&a.mac, a.ip).cmp(&(&b.mac, b.ip)));
     }
     out
 }
@@ -435,19 +392,24 @@ fn dhcp_subnets(subnets: &[v1::Subnet]) -> Vec<DhcpSubnet> {
         .filter(|s| s.dhcp.unwrap_or(true))
         .filter_map(|s| {
             Some(DhcpSubnet {
-                name: s.name.clone(),
                 cidr: s.cidr.parse().ok()?,
                 gateway: s.gateway.as_deref().and_then(|g| g.parse().ok()),
-                dns: s
+                dns_servers: s
                     .dns_nameservers
                     .iter()
                     .filter_map(|d| d.parse().ok())
                     .collect(),
-                routes: s
+                host_routes: s
                     .host_routes
                     .iter()
-                    .filter_map(|r| Some((r.destination.parse().ok()?, r.nexthop.parse().ok()?)))
+                    .filter_map(|r| {
+                        Some(HostRoute {
+                            destination: r.destination.parse().ok()?,
+                            nexthop: r.nexthop.parse().ok()?,
+                        })
+                    })
                     .collect(),
+                lease_time: DEFAULT_LEASE_TIME,
             })
         })
         .collect()
