@@ -63,11 +63,15 @@ use ferro_runtime::queue::Backoff;
 use ferro_runtime::{Controller, Store, predicates, reflector::Reflector};
 use tokio::task::JoinSet;
 
+use crate::dhcp::Dhcp;
 use crate::hypervisor::qemu::{AccelPolicy, QemuConfig, QemuDriver};
 use crate::hypervisor::{Accel, Hypervisor};
 use crate::images::{FileImageCache, ImageCache, error_chain};
+use crate::links::Links;
+use crate::network::{NODE_KEY, NetworkHealth, NetworkReconciler};
 use crate::node::{self, HostTools, NodeReport};
 use crate::server::{self, ServerReconciler};
+use crate::wiring::NetworkDriver;
 
 /// Where the agent keeps its state unless told otherwise.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/ferro/agent";
@@ -95,6 +99,19 @@ pub struct Drivers {
     pub hypervisor: Arc<dyn Hypervisor>,
     /// The node's image cache.
     pub images: Arc<dyn ImageCache>,
+    /// What wires tenant networks; `None` on a node that wires none (its Servers' Ports
+    /// then wait, and say so).
+    pub network: Option<NetworkDrivers>,
+}
+
+/// The host systems the network reconciler drives.
+pub struct NetworkDrivers {
+    /// Wires networks and ports: Open vSwitch or Linux bridges.
+    pub driver: Arc<dyn NetworkDriver>,
+    /// Taps, veths and namespaces.
+    pub links: Arc<dyn Links>,
+    /// The DHCP servers.
+    pub dhcp: Arc<dyn Dhcp>,
 }
 
 impl Drivers {
@@ -112,6 +129,7 @@ impl Drivers {
         Ok(Drivers {
             hypervisor: Arc::new(QemuDriver::new(qemu)),
             images: Arc::new(images),
+            network: None,
         })
     }
 }
@@ -331,13 +349,19 @@ pub async fn run(config: AgentConfig, drivers: Drivers) -> anyhow::Result<()> {
         qemu_img: qemu.qemu_img.clone(),
         genisoimage: qemu.genisoimage.clone(),
     };
-    let Drivers { hypervisor, images } = drivers;
+    let Drivers {
+        hypervisor,
+        images,
+        network,
+    } = drivers;
     let servers = Store::<v1::Server>::new();
+    let ports = Store::<v1::Port>::new();
     let reconciler = Arc::new(ServerReconciler {
         client: client.clone(),
         driver: hypervisor.clone(),
         images: images.clone(),
         cache: servers.clone(),
+        ports: ports.clone(),
         node: node.clone(),
         zone: zone.clone(),
         stop_grace,
@@ -365,7 +389,9 @@ pub async fn run(config: AgentConfig, drivers: Drivers) -> anyhow::Result<()> {
             server::key_of,
             predicates::changed(server::significant),
         )
-        .resync_with_async(move || vm_uids(vms_on_host.clone()));
+        .resync_with_async(move || vm_uids(vms_on_host.clone()))
+        // A Server's Ports being plugged in (or out) is what its guest waits for.
+        .watches(&ports, server::servers_of_port(servers.clone()));
     tracing::info!(node, server, state_dir = %state_dir.display(), "node agent starting");
 
     let mut tasks = JoinSet::new();
@@ -384,6 +410,62 @@ pub async fn run(config: AgentConfig, drivers: Drivers) -> anyhow::Result<()> {
         heartbeat_interval,
         lease_duration,
     ));
+    let health = NetworkHealth::default();
+    let network_controller = network.map(|network| {
+        let networks = Store::<v1::Network>::new();
+        let nodes = Store::<v1::Node>::new();
+        tasks.spawn(
+            Reflector::new(client.clone(), networks.clone())
+                .with_metrics(metrics.clone())
+                .run(),
+        );
+        tasks.spawn(
+            Reflector::new(client.clone(), nodes.clone())
+                .with_metrics(metrics.clone())
+                .run(),
+        );
+        let reconciler = Arc::new(NetworkReconciler {
+            client: client.clone(),
+            node: node.clone(),
+            local_ip: address.parse().ok(),
+            driver: network.driver,
+            links: network.links,
+            dhcp: network.dhcp,
+            servers: servers.clone(),
+            ports: ports.clone(),
+            networks: networks.clone(),
+            nodes: nodes.clone(),
+            health: health.clone(),
+        });
+        let key = || vec![NODE_KEY.to_owned()];
+        let controller = Controller::<String>::new(
+            crate::network::NETWORK_CONTROLLER,
+            Settings {
+                // One key for the whole node: one pass at a time.
+                concurrency: 1,
+                timeout: Duration::from_secs(300),
+                ..settings
+            },
+            metrics.clone(),
+        )
+        .watches(&servers, move |_| key())
+        .watches(&ports, move |c| {
+            let matters = match (c.old.as_deref(), c.new.as_deref()) {
+                (Some(old), Some(new)) => crate::network::port_matters(old, new),
+                _ => true,
+            };
+            if matters { key() } else { Vec::new() }
+        })
+        .watches(&networks, move |_| key())
+        .watches(&nodes, move |_| key())
+        .resync_with(key);
+        (controller, reconciler)
+    });
+    tasks.spawn(
+        Reflector::new(client.clone(), ports.clone())
+            .with_metrics(metrics.clone())
+            .run(),
+    );
     tasks.spawn(keep_node_status(
         client.clone(),
         NodeBase {
@@ -393,6 +475,7 @@ pub async fn run(config: AgentConfig, drivers: Drivers) -> anyhow::Result<()> {
             address,
             tools,
             state_dir: state_dir.clone(),
+            health,
         },
         hypervisor.clone(),
         images.clone(),
@@ -409,19 +492,34 @@ pub async fn run(config: AgentConfig, drivers: Drivers) -> anyhow::Result<()> {
         node.clone(),
         hypervisor.clone(),
     ));
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let mut controllers = tokio::spawn(server_controller.run_until(reconciler, async {
-        let _ = stopped.await;
-    }));
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let stopped_too = stopped.clone();
+    let mut controllers = tokio::spawn(async move {
+        let network = async move {
+            if let Some((controller, reconciler)) = network_controller {
+                let mut stopped = stopped_too;
+                controller
+                    .run_until(reconciler, async move {
+                        let _ = stopped.wait_for(|s| *s).await;
+                    })
+                    .await;
+            }
+        };
+        let mut stopped = stopped;
+        let servers = server_controller.run_until(reconciler, async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        });
+        tokio::join!(servers, network);
+    });
 
     let mut shutdown = shutdown;
     let ended = tokio::select! {
         _ = &mut shutdown => None,
         ended = tasks.join_next() => Some(format!("{ended:?}")),
-        ended = &mut controllers => Some(format!("the server controller: {ended:?}")),
+        ended = &mut controllers => Some(format!("the controllers: {ended:?}")),
     };
     // Stops taking keys, lets running reconciles finish their step, then drops them.
-    let _ = stop.send(());
+    let _ = stop.send(true);
     let _ = controllers.await;
     tasks.abort_all();
     match ended {
@@ -453,6 +551,7 @@ struct NodeBase {
     address: String,
     tools: HostTools,
     state_dir: PathBuf,
+    health: NetworkHealth,
 }
 
 /// Registers the Node, then keeps its status true: every period, and whenever the image
@@ -487,8 +586,8 @@ async fn keep_node_status(
                     capacity,
                     images: images.report(),
                     host_ready: node::check_host(&base.tools, &base.state_dir),
-                    network_driver: String::new(),
-                    network_ready: None,
+                    network_driver: base.health.get().map(|h| h.0).unwrap_or_default(),
+                    network_ready: base.health.get().map(|h| h.1),
                 };
                 match node::sync_status(&client, &report).await {
                     Ok(true) => tracing::debug!("node status written"),

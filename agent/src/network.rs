@@ -1,3 +1,536 @@
 //! The node's network reconciler: tenant networks, their ports and DHCP on this node.
+//!
+//! One reconcile looks at the whole node, as OVN's controller does: [`plan::desired`]
+//! says from the caches what the node's network should be; the reconciler then observes
+//! the host — what the [`NetworkDriver`] has wired, the taps and veths ([`Links`]), the
+//! `qdhcp-…` namespaces and the dnsmasq servers ([`Dhcp`]) — and mends every difference:
+//! it makes what is missing, replugs what drifted, and removes what nobody owns any more
+//! (a tap whose Port is gone, a namespace whose Network is gone). It never trusts its own
+//! memory, so a restarted agent adopts everything an earlier one wired without touching
+//! it: devices and flows stay, and traffic between guests keeps flowing.
+//!
+//! Every change of a Port, Network, Node or of this node's Servers queues the one key
+//! [`NODE_KEY`], so bursts of changes coalesce into one pass; the resync queues it too.
+//!
+//! What it writes back: each Port it wires gets `status.node` (this node), `bound` and a
+//! `Bound` condition saying what it is waiting for, if anything; a Port it no longer
+//! wires is released. The node's `NetworkReady` condition says whether the driver has
+//! what it needs ([`NetworkHealth`]).
+//!
+//! Host devices Ferro makes are recognised by name *and* alias: a tap or veth named
+//! `tap<uid prefix>` whose alias is that uid. A device without that pair is not Ferro's
+//! and is never removed, so the agent can share a host with other tools.
 
 pub mod plan;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+
+use ferro_api::client::Client;
+use ferro_api::{Object, owners, v1};
+use ferro_runtime::{Action, Reconcile, Store, condition};
+
+use crate::dhcp::Dhcp;
+use crate::links::{Address, LinkKind, Links, VethPeer};
+use crate::wiring::{NetworkDriver, Observed, WiringError};
+use plan::{DHCP_NAMESPACE_PREFIX, Desired, Facts, Place, TAP_PREFIX, WantedPort, tap_name};
+
+/// The one key the network reconciler is queued under: it reconciles the whole node.
+pub const NODE_KEY: &str = "node";
+
+/// The name of the network reconciler's controller, in logs and metric labels.
+pub const NETWORK_CONTROLLER: &str = "agent-network";
+
+/// The condition on a Port that says whether it is plugged in.
+pub const BOUND: &str = "Bound";
+
+/// The Node condition that says whether the network driver works.
+pub const NETWORK_READY: &str = "NetworkReady";
+
+/// What the node status task reports about networking: the driver's name and the last
+/// `NetworkReady` condition, shared between the reconciler and that task.
+#[derive(Debug, Clone, Default)]
+pub struct NetworkHealth(Arc<Mutex<Option<(String, v1::Condition)>>>);
+
+impl NetworkHealth {
+    /// The driver and its condition, once the reconciler has looked.
+    pub fn get(&self) -> Option<(String, v1::Condition)> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn set(&self, driver: &str, condition: v1::Condition) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some((driver.to_owned(), condition));
+    }
+}
+
+/// Why a network reconcile failed.
+#[derive(Debug, thiserror::Error)]
+pub enum NetworkError {
+    /// The network driver failed.
+    #[error("network driver")]
+    Wiring(#[from] WiringError),
+    /// A link or namespace operation failed.
+    #[error("links")]
+    Links(#[from] crate::links::LinksError),
+    /// The DHCP seam failed.
+    #[error("dhcp")]
+    Dhcp(#[from] crate::dhcp::DhcpError),
+    /// An API call failed.
+    #[error("API")]
+    Api(#[from] ferro_api::Error),
+    /// Some steps failed; the others were carried out.
+    #[error("{} of the node's network steps failed; first: {}", .0.len(), .0[0])]
+    Steps(Vec<String>),
+}
+
+/// Reconciles this node's networks. See the module notes.
+pub struct NetworkReconciler {
+    /// The API, with the node's token.
+    pub client: Client,
+    /// This node's name.
+    pub node: String,
+    /// This node's tunnel endpoint.
+    pub local_ip: Option<IpAddr>,
+    /// Wires networks and ports.
+    pub driver: Arc<dyn NetworkDriver>,
+    /// Taps, veths and namespaces, in the agent's own namespace.
+    pub links: Arc<dyn Links>,
+    /// The DHCP servers.
+    pub dhcp: Arc<dyn Dhcp>,
+    /// The Servers bound to this node.
+    pub servers: Store<v1::Server>,
+    /// Every Port.
+    pub ports: Store<v1::Port>,
+    /// Every Network.
+    pub networks: Store<v1::Network>,
+    /// Every Node.
+    pub nodes: Store<v1::Node>,
+    /// Where `NetworkReady` is published for the Node's status.
+    pub health: NetworkHealth,
+}
+
+/// What the host has, as far as this reconciler cares.
+struct Host {
+    wired: Observed,
+    /// Ferro's devices in the agent's namespace: name → owning Port uid (from the alias).
+    devices: BTreeMap<String, String>,
+    /// Every device name in the agent's namespace.
+    names: BTreeSet<String>,
+    /// The `qdhcp-…` namespaces.
+    namespaces: BTreeSet<String>,
+    /// The DHCP servers found, by Network uid.
+    dhcp: BTreeSet<String>,
+}
+
+impl NetworkReconciler {
+    fn facts(&self) -> Facts {
+        Facts {
+            node: self.node.clone(),
+            local_ip: self.local_ip,
+            servers: self.servers.list(),
+            ports: self.ports.list(),
+            networks: self.networks.list(),
+            nodes: self.nodes.list(),
+        }
+    }
+
+    async fn observe(&self) -> Result<Host, NetworkError> {
+        let wired = self.driver.observe().await?;
+        let mut devices = BTreeMap::new();
+        let mut names = BTreeSet::new();
+        for link in self.links.list_links().await? {
+            names.insert(link.name.clone());
+            let ours = matches!(link.kind, LinkKind::Tun | LinkKind::Veth)
+                && link
+                    .alias
+                    .as_deref()
+                    .is_some_and(|uid| !uid.is_empty() && tap_name(uid) == link.name);
+            if ours && let Some(uid) = link.alias {
+                devices.insert(link.name, uid);
+            }
+        }
+        let namespaces = self
+            .links
+            .list_namespaces()
+            .await?
+            .into_iter()
+            .filter(|n| n.starts_with(DHCP_NAMESPACE_PREFIX))
+            .collect();
+        let dhcp = self
+            .dhcp
+            .list()
+            .await?
+            .into_iter()
+            .map(|d| d.network_uid)
+            .collect();
+        Ok(Host {
+            wired,
+            devices,
+            names,
+            namespaces,
+            dhcp,
+        })
+    }
+
+    /// One pass over the whole node.
+    pub async fn reconcile_node(&self) -> Result<Action, NetworkError> {
+        let driver = self.driver.kind().as_str();
+        if let Err(e) = self.driver.prepare().await {
+            let message = crate::images::error_chain(&e);
+            self.health.set(
+                driver,
+                condition(NETWORK_READY, false, "DriverUnavailable", message.clone()),
+            );
+            tracing::warn!(error = %message, "the network driver is not usable");
+            return Ok(Action::Requeue(std::time::Duration::from_secs(30)));
+        }
+        self.health.set(
+            driver,
+            condition(
+                NETWORK_READY,
+                true,
+                "DriverReady",
+                format!("{driver} wires tenant networks"),
+            ),
+        );
+        let desired = plan::desired(&self.facts());
+        let host = self.observe().await?;
+        let mut failed = Vec::new();
+        self.converge(&desired, &host, &mut failed).await;
+        // What is bound is what the driver reports after the changes.
+        let wired = self.driver.observe().await?;
+        self.write_bindings(&desired, &wired, &mut failed).await;
+        if failed.is_empty() {
+            Ok(Action::AwaitChange)
+        } else {
+            Err(NetworkError::Steps(failed))
+        }
+    }
+
+    async fn converge(&self, desired: &Desired, host: &Host, failed: &mut Vec<String>) {
+        let mut note = |what: String, e: &dyn std::error::Error| {
+            let chain = crate::images::error_chain(e);
+            tracing::warn!(error = %chain, "{what} failed");
+            failed.push(format!("{what}: {chain}"));
+        };
+        // Networks first: ports plug into them.
+        for (uid, network) in &desired.networks {
+            let same =
+                host.wired.networks.get(uid).is_some_and(|w| {
+                    w.segment_id == network.segment_id && w.peers == network.peers
+                });
+            if !same && let Err(e) = self.driver.ensure_network(network).await {
+                note(format!("wiring network {uid}"), &e);
+            }
+        }
+        for (uid, port) in &desired.ports {
+            if !desired.networks.contains_key(&port.wiring.network_uid) {
+                continue;
+            }
+            if let Err(e) = self.ensure_device(port, host).await {
+                note(format!("making the device of port {uid}"), &e);
+                continue;
+            }
+            let plugged = host.wired.ports.get(uid).is_some_and(|w| {
+                w.attached
+                    && w.network_uid == port.wiring.network_uid
+                    && w.device == port.wiring.device
+            });
+            // A device made just now (deleted by hand, say) is plugged again.
+            let fresh = !host.names.contains(&port.wiring.device);
+            if (!plugged || fresh)
+                && let Err(e) = self.driver.plug(&port.wiring).await
+            {
+                note(format!("plugging port {uid}"), &e);
+            }
+        }
+        for (uid, server) in &desired.dhcp {
+            if let Err(e) = self.dhcp.ensure(server).await {
+                note(format!("the DHCP server of network {uid}"), &e);
+            }
+        }
+        // Then everything nobody wants any more.
+        for uid in host.wired.ports.keys() {
+            if !desired.ports.contains_key(uid)
+                && let Err(e) = self.driver.unplug(uid).await
+            {
+                note(format!("unplugging port {uid}"), &e);
+            }
+        }
+        let wanted_devices: BTreeSet<&str> = desired
+            .ports
+            .values()
+            .map(|p| p.wiring.device.as_str())
+            .collect();
+        for device in host.devices.keys() {
+            if !wanted_devices.contains(device.as_str())
+                && let Err(e) = self.links.delete_link(device).await
+            {
+                note(format!("removing device {device}"), &e);
+            }
+        }
+        for uid in &host.dhcp {
+            if !desired.dhcp.contains_key(uid)
+                && let Err(e) = self.dhcp.remove(uid).await
+            {
+                note(format!("removing the DHCP server of network {uid}"), &e);
+            }
+        }
+        let wanted_namespaces: BTreeSet<&str> = desired
+            .dhcp
+            .values()
+            .map(|d| d.namespace.as_str())
+            .collect();
+        for namespace in &host.namespaces {
+            if !wanted_namespaces.contains(namespace.as_str())
+                && let Err(e) = self.links.delete_namespace(namespace).await
+            {
+                note(format!("removing namespace {namespace}"), &e);
+            }
+        }
+        for uid in host.wired.networks.keys() {
+            if !desired.networks.contains_key(uid)
+                && let Err(e) = self.driver.remove_network(uid).await
+            {
+                note(format!("unwiring network {uid}"), &e);
+            }
+        }
+    }
+
+    /// Makes a Port's host device as it should be: a tap for a guest, or a veth into the
+    /// DHCP namespace with the Port's MAC and addresses on its inner end.
+    async fn ensure_device(&self, port: &WantedPort, host: &Host) -> Result<(), NetworkError> {
+        let device = &port.wiring.device;
+        let uid = &port.wiring.uid;
+        let known = host.devices.get(device) == Some(uid);
+        match &port.place {
+            Place::Guest => {
+                if !known {
+                    self.links.ensure_tap(device).await?;
+                }
+            }
+            Place::Dhcp {
+                namespace,
+                inner,
+                addresses,
+            } => {
+                if !host.namespaces.contains(namespace) {
+                    self.links.create_namespace(namespace).await?;
+                }
+                let inside = self.links.namespace(namespace);
+                if !known || inside.link(inner).await?.is_none() {
+                    // A half-made pair (one end lost) is made again whole.
+                    if host.names.contains(device) {
+                        self.links.delete_link(device).await?;
+                    }
+                    self.links
+                        .ensure_veth(
+                            device,
+                            &VethPeer {
+                                name: inner.clone(),
+                                namespace: Some(namespace.clone()),
+                            },
+                        )
+                        .await?;
+                }
+                self.ensure_inner(port, inside.as_ref(), inner, addresses)
+                    .await?;
+            }
+        }
+        if !known {
+            self.links.set_alias(device, Some(uid)).await?;
+            self.links.set_mtu(device, port.mtu).await?;
+        }
+        self.links.set_up(device, true).await?;
+        Ok(())
+    }
+
+    /// The end of a DHCP veth inside its namespace: MAC, MTU, addresses, up, and `lo` up.
+    async fn ensure_inner(
+        &self,
+        port: &WantedPort,
+        inside: &dyn Links,
+        inner: &str,
+        addresses: &[ipnet::IpNet],
+    ) -> Result<(), NetworkError> {
+        let link = inside
+            .link(inner)
+            .await?
+            .ok_or_else(|| crate::links::LinksError::NoSuchDevice(inner.to_owned()))?;
+        let mac: crate::links::MacAddress = port.wiring.mac.parse()?;
+        if link.mac != Some(mac) {
+            inside.set_mac(inner, mac).await?;
+        }
+        if link.mtu != port.mtu {
+            inside.set_mtu(inner, port.mtu).await?;
+        }
+        let wanted: BTreeSet<Address> = addresses
+            .iter()
+            .map(|a| Address {
+                ip: a.addr(),
+                prefix_len: a.prefix_len(),
+            })
+            .collect();
+        let found: BTreeSet<Address> = inside
+            .list_addresses(inner)
+            .await?
+            .into_iter()
+            .filter(|a| !a.ip.is_ipv6() || !is_link_local(a.ip))
+            .collect();
+        for address in wanted.difference(&found) {
+            inside.add_address(inner, *address).await?;
+        }
+        for address in found.difference(&wanted) {
+            inside.delete_address(inner, *address).await?;
+        }
+        if self.driver.needs_tx_checksum_off() && inside.tx_checksum(inner).await? {
+            inside.disable_tx_checksum(inner).await?;
+        }
+        if !link.up {
+            inside.set_up(inner, true).await?;
+        }
+        inside.set_up("lo", true).await?;
+        Ok(())
+    }
+
+    /// Writes `status.node`, `bound` and `Bound` of every Port this node wires, waits for
+    /// or has released; only where they differ from the cache.
+    async fn write_bindings(&self, desired: &Desired, wired: &Observed, failed: &mut Vec<String>) {
+        let mut writes: Vec<(String, String, String, bool, v1::Condition)> = Vec::new();
+        for (uid, port) in &desired.ports {
+            let attached = wired
+                .ports
+                .get(uid)
+                .is_some_and(|w| w.attached && w.network_uid == port.wiring.network_uid);
+            let bound = if attached {
+                condition(
+                    BOUND,
+                    true,
+                    "Plugged",
+                    format!(
+                        "plugged in on node {} as {} ({})",
+                        self.node,
+                        port.wiring.device,
+                        self.driver.kind()
+                    ),
+                )
+            } else {
+                condition(
+                    BOUND,
+                    false,
+                    "Plugging",
+                    format!("plugging in on node {}", self.node),
+                )
+            };
+            writes.push((
+                port.project.clone(),
+                port.name.clone(),
+                self.node.clone(),
+                attached,
+                bound,
+            ));
+        }
+        for waiting in desired.waiting.values() {
+            let bound = condition(BOUND, false, waiting.reason, waiting.message.clone());
+            writes.push((
+                waiting.project.clone(),
+                waiting.name.clone(),
+                self.node.clone(),
+                false,
+                bound,
+            ));
+        }
+        for port in self.ports.list() {
+            let Some(m) = &port.metadata else { continue };
+            let status = port.status.clone().unwrap_or_default();
+            if status.node == self.node
+                && !desired.ports.contains_key(&m.uid)
+                && !desired.waiting.contains_key(&m.uid)
+            {
+                let released = condition(
+                    BOUND,
+                    false,
+                    "Unbound",
+                    format!("no longer plugged in on node {}", self.node),
+                );
+                writes.push((
+                    m.project.clone(),
+                    m.name.clone(),
+                    String::new(),
+                    false,
+                    released,
+                ));
+            }
+        }
+        for (project, name, node, bound, cond) in writes {
+            let Some(current) = self.ports.get_named(&project, &name) else {
+                continue;
+            };
+            let status = current.status.clone().unwrap_or_default();
+            let same = status.node == node
+                && status.bound == bound
+                && status.conditions.iter().any(|c| {
+                    c.r#type == cond.r#type
+                        && c.status == cond.status
+                        && c.reason == cond.reason
+                        && c.message == cond.message
+                });
+            if same {
+                continue;
+            }
+            let object = Object::Port(v1::Port {
+                metadata: current.metadata.clone(),
+                spec: None,
+                status: Some(v1::PortStatus {
+                    node,
+                    bound,
+                    ..Default::default()
+                }),
+            });
+            match self
+                .client
+                .update_status(object, owners::AGENT, &["node", "bound"], vec![cond])
+                .await
+            {
+                Ok(_) | Err(ferro_api::Error::NotFound { .. }) => {}
+                Err(e) => failed.push(format!("writing the binding of port {project}/{name}: {e}")),
+            }
+        }
+    }
+}
+
+fn is_link_local(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) == 0xfe80,
+        IpAddr::V4(v4) => v4.is_link_local(),
+    }
+}
+
+impl Reconcile<String> for NetworkReconciler {
+    type Error = NetworkError;
+
+    async fn reconcile(&self, _key: String) -> Result<Action, NetworkError> {
+        self.reconcile_node().await
+    }
+}
+
+/// Whether a Port changed in a way that matters to some node's wiring: anything but its
+/// conditions and revision.
+pub fn port_matters(old: &v1::Port, new: &v1::Port) -> bool {
+    let strip = |p: &v1::Port| {
+        let mut p = p.clone();
+        if let Some(m) = p.metadata.as_mut() {
+            m.resource_version = 0;
+            m.managed_keys.clear();
+        }
+        if let Some(s) = p.status.as_mut() {
+            s.conditions.clear();
+        }
+        p
+    };
+    strip(old) != strip(new)
+}
+
+/// The device-name prefix the reconciler owns, re-exported for tools that list them.
+pub const DEVICE_PREFIX: &str = TAP_PREFIX;

@@ -54,7 +54,8 @@ use ferro_api::{Error, Kind, Resource, auth, owners, v1};
 
 use crate::configdrive::ConfigDrive;
 use crate::hypervisor::{
-    BootDisk, DirectKernel, DiskFormat, Hypervisor, HypervisorError, StopOutcome, VmSpec, VmStatus,
+    BootDisk, DirectKernel, DiskFormat, Hypervisor, HypervisorError, Nic, StopOutcome, VmSpec,
+    VmStatus,
 };
 use crate::images::{CachedFile, ImageCache, ImageError, ImageRef, error_chain};
 use ferro_runtime::events::Recorder;
@@ -189,6 +190,8 @@ pub struct ServerReconciler {
     pub images: Arc<dyn ImageCache>,
     /// The Servers bound to this node (indexed by uid, as every store is).
     pub cache: Store<v1::Server>,
+    /// Every Port: a guest's NICs are its Server's Ports once this node plugged them in.
+    pub ports: Store<v1::Port>,
     /// This node's name.
     pub node: String,
     /// This node's availability zone, for config drives.
@@ -218,6 +221,31 @@ impl SeenGuests {
     /// Forgets `uid` (its guest is gone).
     fn remove(&self, uid: &str) {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).remove(uid);
+    }
+}
+
+/// Maps a change of a Port to the Servers on this node that list it (by uid, the Server
+/// reconciler's key): a guest waits for its Ports to be plugged in before it starts.
+pub fn servers_of_port(
+    servers: Store<v1::Server>,
+) -> impl Fn(&ferro_runtime::reflector::Change<v1::Port>) -> Vec<String> + Send + Sync + 'static {
+    move |change| {
+        let mut keys = Vec::new();
+        for port in change.old.iter().chain(change.new.iter()) {
+            let Some(m) = &port.metadata else { continue };
+            for server in servers.list() {
+                let Some(sm) = &server.metadata else { continue };
+                let lists = sm.project == m.project
+                    && server
+                        .status
+                        .as_ref()
+                        .is_some_and(|s| s.ports.contains(&m.name));
+                if lists && !keys.contains(&sm.uid) {
+                    keys.push(sm.uid.clone());
+                }
+            }
+        }
+        keys
     }
 }
 
@@ -287,7 +315,16 @@ impl ServerReconciler {
             Ok(observed) => observed,
             Err(e) => return result.and(Err(ReconcileError::Observe(e))),
         };
-        let failure = result.as_ref().err().map(ReconcileError::failure);
+        let failure = result
+            .as_ref()
+            .err()
+            .map(ReconcileError::failure)
+            .or_else(|| {
+                applied.waiting.clone().map(|message| Failure {
+                    reason: "WaitingForPorts".to_owned(),
+                    message,
+                })
+            });
         let (host, guest) = host_status(
             &server,
             &desired,
@@ -317,7 +354,15 @@ impl ServerReconciler {
         for action in &plan.actions {
             match action {
                 Action::Start => {
-                    let spec = self.prepare(server).await?;
+                    let nics = match self.nics(server) {
+                        Ok(nics) => nics,
+                        Err(waiting) => {
+                            applied.waiting = Some(waiting);
+                            continue;
+                        }
+                    };
+                    let mut spec = self.prepare(server).await?;
+                    spec.nics = nics;
                     let started = self
                         .driver
                         .start(&spec)
@@ -396,6 +441,55 @@ impl ServerReconciler {
             applied.reboot = Some(request.clone());
         }
         Ok(())
+    }
+
+    /// The guest's NICs: its Server's Ports in order, each once this node has plugged it
+    /// in (`status.node` here and `bound`); otherwise what the start waits for.
+    fn nics(&self, server: &v1::Server) -> Result<Vec<Nic>, String> {
+        let project = server
+            .metadata
+            .as_ref()
+            .map(|m| m.project.as_str())
+            .unwrap_or_default();
+        let status = server.status.clone().unwrap_or_default();
+        let wanted = server.spec.as_ref().map_or(0, |s| s.networks.len());
+        if status.ports.len() < wanted {
+            return Err(format!(
+                "waiting for the server's {wanted} ports to be created"
+            ));
+        }
+        let mut nics = Vec::new();
+        let mut unplugged = Vec::new();
+        for name in &status.ports {
+            match self.ports.get_named(project, name) {
+                Some(port)
+                    if port
+                        .status
+                        .as_ref()
+                        .is_some_and(|s| s.bound && s.node == self.node && !s.mac.is_empty()) =>
+                {
+                    let uid = port.metadata.as_ref().map(|m| m.uid.as_str()).unwrap_or("");
+                    nics.push(Nic {
+                        tap: crate::network::plan::tap_name(uid),
+                        mac: port
+                            .status
+                            .as_ref()
+                            .map(|s| s.mac.clone())
+                            .unwrap_or_default(),
+                    });
+                }
+                _ => unplugged.push(name.as_str()),
+            }
+        }
+        if unplugged.is_empty() {
+            Ok(nics)
+        } else {
+            Err(format!(
+                "waiting for node {} to plug in port {}",
+                self.node,
+                unplugged.join(", ")
+            ))
+        }
     }
 
     /// Records a Normal event about `server`. The recording future is boxed: it is large,

@@ -223,6 +223,7 @@ fn agent(cloud: &Cloud, driver: &Arc<MemoryHypervisor>, images: &Arc<MemoryImage
         driver: driver.clone(),
         images: images.clone(),
         cache: servers.clone(),
+        ports: Store::new(),
         node: NODE.to_owned(),
         zone: "zone-a".to_owned(),
         stop_grace: Duration::from_secs(30),

@@ -363,7 +363,8 @@ pub fn desired(facts: &Facts) -> Desired {
         }
     }
     for dhcp in out.dhcp.values_mut() {
-        dhcp.hosts.sort_by(|a, b| (&a.mac, a.ip).cmp(&(&b.mac, b.ip)));
+        dhcp.hosts
+            .sort_by(|a, b| (&a.mac, a.ip).cmp(&(&b.mac, b.ip)));
     }
     out
 }

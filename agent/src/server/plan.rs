@@ -208,6 +208,8 @@ pub struct Applied {
     pub restarted: bool,
     /// This reboot request was performed.
     pub reboot: Option<String>,
+    /// The start waits for this (its Ports to be plugged in), said in a sentence.
+    pub waiting: Option<String>,
 }
 
 /// Why a reconcile could not converge, for the `GuestRunning` condition.
@@ -813,7 +815,7 @@ mod tests {
             Some(VmState::Running),
             Applied {
                 restarted: true,
-                reboot: None,
+                ..Applied::default()
             },
             None,
         );
