@@ -357,7 +357,8 @@ pub(crate) mod tests {
 
     #[test]
     fn validation_names_the_field_at_fault() {
-        let cases: Vec<(&str, Box<dyn Fn(&mut DhcpServer)>)> = vec![
+        type Breakage = Box<dyn Fn(&mut DhcpServer)>;
+        let cases: Vec<(&str, Breakage)> = vec![
             ("network_uid", Box::new(|s| s.network_uid = "../etc".into())),
             ("namespace", Box::new(|s| s.namespace = "a/b".into())),
             (
