@@ -249,7 +249,10 @@ impl Agent {
     async fn pass(&self, cloud: &Cloud) -> Result<()> {
         async fn fill<T: Resource + Send + Sync>(client: &Client, store: &Store<T>) -> Result<()> {
             let (objects, revision) = client.list(T::KIND, &Selection::all()).await?;
-            store.replace(objects.into_iter().filter_map(T::from_object).collect(), revision);
+            store.replace(
+                objects.into_iter().filter_map(T::from_object).collect(),
+                revision,
+            );
             Ok(())
         }
         fill(&cloud.admin, &self.reconciler.servers).await?;

@@ -150,7 +150,19 @@ pub fn request_of(flavor: &v1::FlavorSpec, server: &v1::ServerSpec) -> Request {
             })
             .collect(),
         group: None,
+        needs_networks: !server.networks.is_empty(),
     }
+}
+
+/// Whether a node wires tenant networks: its agent runs a network driver whose
+/// `NetworkReady` condition is not False.
+pub fn node_networking(node: &v1::Node) -> bool {
+    node.status.as_ref().is_some_and(|s| {
+        !s.network_driver.is_empty()
+            && !s.conditions.iter().any(|c| {
+                c.r#type == "NetworkReady" && c.status == v1::condition::Status::False as i32
+            })
+    })
 }
 
 /// The scheduler's view of a server group policy.
@@ -345,6 +357,7 @@ impl Scheduler {
             let allocatable = status.allocatable.unwrap_or_default();
             candidates.push(Candidate {
                 ready: node_ready(&node),
+                networking: node_networking(&node),
                 unschedulable: spec.unschedulable,
                 zone: status.zone,
                 hypervisor: status.hypervisor,

@@ -37,6 +37,7 @@ async fn node(cloud: &Cloud, name: &str, zone: &str, ram_mib: u64, lease_seconds
             disk_gib: 100,
         }),
         hypervisor: "QEMU".into(),
+        network_driver: "ovs".into(),
         zone: zone.into(),
         ..Default::default()
     };
@@ -60,7 +61,13 @@ async fn node(cloud: &Cloud, name: &str, zone: &str, ram_mib: u64, lease_seconds
         .update_status(
             object,
             owners::AGENT,
-            &["capacity", "allocatable", "hypervisor", "zone"],
+            &[
+                "capacity",
+                "allocatable",
+                "hypervisor",
+                "zone",
+                "networkDriver",
+            ],
             vec![host_ready],
         )
         .await

@@ -38,6 +38,7 @@ async fn node(cloud: &Cloud, name: &str) {
             capacity: Some(resources),
             allocatable: Some(resources),
             hypervisor: "QEMU".into(),
+            network_driver: "ovs".into(),
             zone: "az1".into(),
             ..Default::default()
         }),
@@ -53,7 +54,13 @@ async fn node(cloud: &Cloud, name: &str) {
         .update_status(
             object,
             owners::AGENT,
-            &["capacity", "allocatable", "hypervisor", "zone"],
+            &[
+                "capacity",
+                "allocatable",
+                "hypervisor",
+                "zone",
+                "networkDriver",
+            ],
             vec![host_ready],
         )
         .await

@@ -214,6 +214,7 @@ async fn play_agents(address: &str, nodes: usize) -> Result<tokio::task::JoinSet
             capacity: Some(resources),
             allocatable: Some(resources),
             hypervisor: "QEMU".into(),
+            network_driver: "ovs".into(),
             zone: "az1".into(),
             roles: vec![v1::node_status::Role::Compute as i32],
             address: format!("127.0.1.{}", i % 250 + 1),
@@ -245,6 +246,7 @@ async fn play_agents(address: &str, nodes: usize) -> Result<tokio::task::JoinSet
                     "zone",
                     "roles",
                     "address",
+                    "networkDriver",
                 ],
                 vec![host_ready],
             )

@@ -27,6 +27,8 @@ pub struct Request {
     pub aggregates: BTreeMap<String, String>,
     /// The server group's policy and where its members are.
     pub group: Option<Group>,
+    /// Whether the server has networks, so its node must be able to wire them.
+    pub needs_networks: bool,
 }
 
 /// A server group as the scheduler sees it.
@@ -72,6 +74,8 @@ pub struct Candidate {
     pub allocatable: Amounts,
     /// What servers bound to it (or being bound) already take.
     pub used: Amounts,
+    /// Whether it wires tenant networks: it runs a network driver that has what it needs.
+    pub networking: bool,
 }
 
 /// An amount of each resource.
@@ -133,6 +137,8 @@ pub enum Rejection {
     NotReady,
     /// Cordoned.
     Unschedulable,
+    /// The server has networks and the node cannot wire them.
+    NoNetworking,
     /// Another hypervisor kind.
     HypervisorMismatch,
     /// Another availability zone.
@@ -157,6 +163,7 @@ impl Rejection {
         match self {
             Rejection::NotReady => "not ready",
             Rejection::Unschedulable => "unschedulable",
+            Rejection::NoNetworking => "no working network driver",
             Rejection::HypervisorMismatch => "hypervisor mismatch",
             Rejection::ZoneMismatch => "zone mismatch",
             Rejection::AggregateMismatch => "aggregate mismatch",
@@ -194,6 +201,9 @@ pub fn filter(request: &Request, node: &Candidate, settings: &Settings) -> Optio
     }
     if node.unschedulable {
         return Some(Rejection::Unschedulable);
+    }
+    if request.needs_networks && !node.networking {
+        return Some(Rejection::NoNetworking);
     }
     if !request.hypervisor.is_empty() && !request.hypervisor.eq_ignore_ascii_case(&node.hypervisor)
     {
@@ -364,6 +374,27 @@ mod tests {
                     ..node("a")
                 },
                 Some(Rejection::Unschedulable),
+            ),
+            (
+                "networks on a node that cannot wire them",
+                Request {
+                    needs_networks: true,
+                    ..small()
+                },
+                node("a"),
+                Some(Rejection::NoNetworking),
+            ),
+            (
+                "networks on a node that wires them",
+                Request {
+                    needs_networks: true,
+                    ..small()
+                },
+                Candidate {
+                    networking: true,
+                    ..node("a")
+                },
+                None,
             ),
             (
                 "hypervisor",
