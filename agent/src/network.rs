@@ -34,7 +34,10 @@ use ferro_runtime::{Action, Reconcile, Store, condition};
 use crate::dhcp::Dhcp;
 use crate::links::{Address, LinkKind, Links, VethPeer};
 use crate::wiring::{NetworkDriver, Observed, WiringError};
-use plan::{DHCP_NAMESPACE_PREFIX, Desired, Facts, Place, TAP_PREFIX, WantedPort, tap_name};
+use plan::{
+    DHCP_NAMESPACE_PREFIX, Desired, Facts, PROBE_NAMESPACE_PREFIX, Place, TAP_PREFIX, WantedPort,
+    tap_name,
+};
 
 /// The one key the network reconciler is queued under: it reconciles the whole node.
 pub const NODE_KEY: &str = "node";
@@ -117,7 +120,7 @@ struct Host {
     devices: BTreeMap<String, String>,
     /// Every device name in the agent's namespace.
     names: BTreeSet<String>,
-    /// The `qdhcp-…` namespaces.
+    /// The `qdhcp-…` and `qprobe-…` namespaces.
     namespaces: BTreeSet<String>,
     /// The DHCP servers found, by Network uid.
     dhcp: BTreeSet<String>,
@@ -155,7 +158,9 @@ impl NetworkReconciler {
             .list_namespaces()
             .await?
             .into_iter()
-            .filter(|n| n.starts_with(DHCP_NAMESPACE_PREFIX))
+            .filter(|n| {
+                n.starts_with(DHCP_NAMESPACE_PREFIX) || n.starts_with(PROBE_NAMESPACE_PREFIX)
+            })
             .collect();
         let dhcp = self
             .dhcp
@@ -310,7 +315,7 @@ impl NetworkReconciler {
                     self.links.ensure_tap(device).await?;
                 }
             }
-            Place::Dhcp {
+            Place::Namespace {
                 namespace,
                 inner,
                 addresses,

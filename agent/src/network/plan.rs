@@ -6,6 +6,11 @@
 //! - on a node with the network role, the DHCP Port of each Network whose DHCP it serves
 //!   ([`dhcp_node`]), as a veth into a `qdhcp-<network-uid>` namespace where dnsmasq
 //!   answers;
+//! - the probe Ports placed on it: a Port with `deviceOwner: network:probe` and the
+//!   annotation [`PROBE_NODE_ANNOTATION`] naming this node is wired as a veth into a
+//!   `qprobe-<port-uid>` namespace holding its MAC and addresses — a machine on the
+//!   network without a guest, as Neutron's debug probes are; benchmarks and tests use
+//!   them as the fake machines of Neutron's fullstack tests;
 //! - every Network one of those Ports is on, with tunnels to exactly the other nodes that
 //!   have a Port of the same Network bound (`Port.status.node`), as l2population does.
 //!
@@ -37,6 +42,17 @@ pub const TAP_PREFIX: &str = "tap";
 pub const NS_DEVICE_PREFIX: &str = "ns-";
 /// The prefix of a Network's DHCP namespace (see [`qdhcp_namespace`]).
 pub const DHCP_NAMESPACE_PREFIX: &str = "qdhcp-";
+/// The `deviceOwner` of a probe Port.
+pub const PROBE_DEVICE_OWNER: &str = "network:probe";
+/// The annotation that places a probe Port on a node.
+pub const PROBE_NODE_ANNOTATION: &str = "ferro.io/probe-node";
+/// The prefix of a probe Port's namespace.
+pub const PROBE_NAMESPACE_PREFIX: &str = "qprobe-";
+
+/// The namespace of a probe Port: `qprobe-<port-uid>`.
+pub fn probe_namespace(port_uid: &str) -> String {
+    format!("{PROBE_NAMESPACE_PREFIX}{port_uid}")
+}
 
 /// The host device of a Port: `tap` + the start of its uid.
 pub fn tap_name(port_uid: &str) -> String {
@@ -65,9 +81,9 @@ pub struct Facts {
 pub enum Place {
     /// A guest's tap.
     Guest,
-    /// A veth into the Network's DHCP namespace; the end inside gets the Port's MAC and
-    /// addresses.
-    Dhcp {
+    /// A veth into a namespace (the Network's DHCP namespace, or a probe's); the end
+    /// inside gets the Port's MAC and addresses.
+    Namespace {
         /// The namespace.
         namespace: String,
         /// The veth's end inside it.
@@ -157,6 +173,17 @@ pub fn dhcp_node<'a>(network_uid: &str, candidates: &[&'a str]) -> Option<&'a st
     })
 }
 
+/// What a Port wired on this node is for.
+#[derive(Debug, Clone, Copy)]
+enum Use<'a> {
+    /// A NIC of this Server.
+    Guest(&'a v1::Server),
+    /// The address of its Network's DHCP server.
+    Dhcp,
+    /// A probe.
+    Probe,
+}
+
 /// What this node's network should be. See the module notes.
 pub fn desired(facts: &Facts) -> Desired {
     let mut out = Desired::default();
@@ -182,13 +209,13 @@ pub fn desired(facts: &Facts) -> Desired {
         })
         .collect();
 
-    // Which Ports are this node's: its Servers' and the DHCP Ports it serves.
-    let mut mine: Vec<(&v1::Port, Option<&v1::Server>)> = Vec::new();
+    // Which Ports are this node's: its Servers', the DHCP Ports it serves, its probes.
+    let mut mine: Vec<(&v1::Port, Use)> = Vec::new();
     for server in &facts.servers {
         let Some(m) = &server.metadata else { continue };
         for name in server.status.iter().flat_map(|s| &s.ports) {
             if let Some(port) = by_name.get(&(m.project.as_str(), name.as_str())) {
-                mine.push((port, Some(server.as_ref())));
+                mine.push((port, Use::Guest(server.as_ref())));
             }
         }
     }
@@ -214,12 +241,25 @@ pub fn desired(facts: &Facts) -> Desired {
                 && !network_uid.is_empty()
                 && dhcp_node(network_uid, &candidates) == Some(facts.node.as_str())
             {
-                mine.push((port.as_ref(), None));
+                mine.push((port.as_ref(), Use::Dhcp));
             }
         }
     }
+    for port in &facts.ports {
+        let probe = port
+            .spec
+            .as_ref()
+            .is_some_and(|s| s.device_owner == PROBE_DEVICE_OWNER);
+        let here = port
+            .metadata
+            .as_ref()
+            .is_some_and(|m| m.annotations.get(PROBE_NODE_ANNOTATION) == Some(&facts.node));
+        if probe && here {
+            mine.push((port.as_ref(), Use::Probe));
+        }
+    }
 
-    for (port, server) in mine {
+    for (port, usage) in mine {
         let m = port.metadata.clone().unwrap_or_default();
         let status = port.status.clone().unwrap_or_default();
         let wait = |reason: &'static str, message: String| Waiting {
@@ -272,13 +312,15 @@ pub fn desired(facts: &Facts) -> Desired {
         }
         let spec = network.spec.clone().unwrap_or_default();
         let mtu = spec.mtu.unwrap_or(1450);
-        let place = match server {
-            Some(_) => Place::Guest,
-            None => Place::Dhcp {
-                namespace: qdhcp_namespace(&net_meta.uid),
-                inner: device_name(NS_DEVICE_PREFIX, &m.uid),
-                addresses: prefixed(&status.addresses, &spec.subnets),
-            },
+        let in_namespace = |namespace: String| Place::Namespace {
+            namespace,
+            inner: device_name(NS_DEVICE_PREFIX, &m.uid),
+            addresses: prefixed(&status.addresses, &spec.subnets),
+        };
+        let (place, server) = match usage {
+            Use::Guest(server) => (Place::Guest, Some(server)),
+            Use::Dhcp => (in_namespace(qdhcp_namespace(&net_meta.uid)), None),
+            Use::Probe => (in_namespace(probe_namespace(&m.uid)), None),
         };
         out.networks
             .entry(net_meta.uid.clone())
@@ -289,9 +331,12 @@ pub fn desired(facts: &Facts) -> Desired {
                 local_ip: facts.local_ip.expect("checked above"),
                 peers: BTreeSet::new(),
             });
-        if let Place::Dhcp {
-            namespace, inner, ..
-        } = &place
+        if let (
+            Use::Dhcp,
+            Place::Namespace {
+                namespace, inner, ..
+            },
+        ) = (usage, &place)
         {
             out.dhcp.insert(
                 net_meta.uid.clone(),
@@ -569,7 +614,7 @@ mod tests {
                 ("dhcp-a-dhcp", "10.0.0.2".to_owned())
             ]
         );
-        let Place::Dhcp { addresses, .. } = &wanted.ports["port-04"].place else {
+        let Place::Namespace { addresses, .. } = &wanted.ports["port-04"].place else {
             panic!("the DHCP port lives in its namespace");
         };
         assert_eq!(addresses, &["10.0.0.2/24".parse::<IpNet>().unwrap()]);
@@ -578,6 +623,49 @@ mod tests {
         other.node = "n2".into();
         other.servers.clear();
         assert!(desired(&other).dhcp.is_empty());
+    }
+
+    #[test]
+    fn a_probe_port_is_wired_into_its_own_namespace_on_the_node_it_names() {
+        let mut f = facts();
+        let mut probe = (*port(
+            "p-1",
+            "port-09",
+            "net-a",
+            PROBE_DEVICE_OWNER,
+            "10.0.0.9",
+            "",
+        ))
+        .clone();
+        probe
+            .metadata
+            .as_mut()
+            .unwrap()
+            .annotations
+            .insert(PROBE_NODE_ANNOTATION.into(), "n1".into());
+        f.ports.push(Arc::new(probe.clone()));
+        let wanted = desired(&f);
+        let Place::Namespace {
+            namespace, inner, ..
+        } = &wanted.ports["port-09"].place
+        else {
+            panic!("a probe lives in a namespace");
+        };
+        assert_eq!(
+            (namespace.as_str(), inner.as_str()),
+            ("qprobe-port-09", "ns-port09")
+        );
+        assert!(!wanted.dhcp.contains_key("port-09"));
+        // On another node it is not this one's.
+        probe
+            .metadata
+            .as_mut()
+            .unwrap()
+            .annotations
+            .insert(PROBE_NODE_ANNOTATION.into(), "n2".into());
+        f.ports.pop();
+        f.ports.push(Arc::new(probe));
+        assert!(!desired(&f).ports.contains_key("port-09"));
     }
 
     #[test]
