@@ -18,8 +18,12 @@
 //! what it needs ([`NetworkHealth`]).
 //!
 //! Host devices Ferro makes are recognised by name *and* alias: a tap or veth named
-//! `tap<uid prefix>` whose alias is that uid. A device without that pair is not Ferro's
-//! and is never removed, so the agent can share a host with other tools.
+//! `tap<uid prefix>` whose alias is that uid — for a veth into a namespace, the uid, `@`
+//! and the namespace (`<port-uid>@qdhcp-<network-uid>`). A device without that pair is
+//! not Ferro's and is never removed, so the agent can share a host with other tools. A
+//! `qdhcp-…`/`qprobe-…` namespace is this node's only when one of its devices names it:
+//! namespaces are global to a machine, and under `ferro up --nodes N` (or beside another
+//! cloud's agent) the namespaces of other nodes are listed too and must be left alone.
 
 pub mod plan;
 
@@ -116,7 +120,8 @@ pub struct NetworkReconciler {
 /// What the host has, as far as this reconciler cares.
 struct Host {
     wired: Observed,
-    /// Ferro's devices in the agent's namespace: name → owning Port uid (from the alias).
+    /// Ferro's devices in the agent's namespace: name → their alias (the owning Port's
+    /// uid, with `@<namespace>` for a veth into one).
     devices: BTreeMap<String, String>,
     /// Every device name in the agent's namespace.
     names: BTreeSet<String>,
@@ -145,12 +150,12 @@ impl NetworkReconciler {
         for link in self.links.list_links().await? {
             names.insert(link.name.clone());
             let ours = matches!(link.kind, LinkKind::Tun | LinkKind::Veth)
-                && link
-                    .alias
-                    .as_deref()
-                    .is_some_and(|uid| !uid.is_empty() && tap_name(uid) == link.name);
-            if ours && let Some(uid) = link.alias {
-                devices.insert(link.name, uid);
+                && link.alias.as_deref().is_some_and(|alias| {
+                    let (uid, _) = split_alias(alias);
+                    !uid.is_empty() && tap_name(uid) == link.name
+                });
+            if ours && let Some(alias) = link.alias {
+                devices.insert(link.name, alias);
             }
         }
         let namespaces = self
@@ -282,13 +287,20 @@ impl NetworkReconciler {
                 note(format!("removing the DHCP server of network {uid}"), &e);
             }
         }
+        // Only the namespaces this node's devices lead into are its own.
+        let mine: BTreeSet<&str> = host
+            .devices
+            .values()
+            .filter_map(|alias| split_alias(alias).1)
+            .collect();
         let wanted_namespaces: BTreeSet<&str> = desired
             .dhcp
             .values()
             .map(|d| d.namespace.as_str())
             .collect();
         for namespace in &host.namespaces {
-            if !wanted_namespaces.contains(namespace.as_str())
+            if mine.contains(namespace.as_str())
+                && !wanted_namespaces.contains(namespace.as_str())
                 && let Err(e) = self.links.delete_namespace(namespace).await
             {
                 note(format!("removing namespace {namespace}"), &e);
@@ -308,7 +320,11 @@ impl NetworkReconciler {
     async fn ensure_device(&self, port: &WantedPort, host: &Host) -> Result<(), NetworkError> {
         let device = &port.wiring.device;
         let uid = &port.wiring.uid;
-        let known = host.devices.get(device) == Some(uid);
+        let alias = match &port.place {
+            Place::Guest => uid.clone(),
+            Place::Namespace { namespace, .. } => format!("{uid}@{namespace}"),
+        };
+        let known = host.devices.get(device) == Some(&alias);
         match &port.place {
             Place::Guest => {
                 if !known {
@@ -344,7 +360,7 @@ impl NetworkReconciler {
             }
         }
         if !known {
-            self.links.set_alias(device, Some(uid)).await?;
+            self.links.set_alias(device, Some(&alias)).await?;
             self.links.set_mtu(device, port.mtu).await?;
         }
         self.links.set_up(device, true).await?;
@@ -502,6 +518,14 @@ impl NetworkReconciler {
                 Err(e) => failed.push(format!("writing the binding of port {project}/{name}: {e}")),
             }
         }
+    }
+}
+
+/// A device alias as the uid of the Port it belongs to and the namespace its peer is in.
+fn split_alias(alias: &str) -> (&str, Option<&str>) {
+    match alias.split_once('@') {
+        Some((uid, namespace)) => (uid, Some(namespace)),
+        None => (alias, None),
     }
 }
 

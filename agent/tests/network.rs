@@ -402,10 +402,29 @@ async fn drift_is_mended_orphans_removed_and_a_restart_changes_nothing() -> Resu
     agent.links.ensure_tap(&tap_name(stray)).await?;
     agent.links.set_alias(&tap_name(stray), Some(stray)).await?;
     agent.links.ensure_tap("tapsomeoneelse").await?;
+    // A stray DHCP namespace of this node (its veth names it), and one of another node.
+    let stray_port = "5eedc0de-0000-4000-8000-000000000001";
+    let stray_ns = format!("qdhcp-{stray}");
+    agent.links.create_namespace(&stray_ns).await?;
     agent
         .links
-        .create_namespace(&format!("qdhcp-{stray}"))
+        .ensure_veth(
+            &tap_name(stray_port),
+            &ferro_agent::links::VethPeer {
+                name: "ns-5eedc0de000".into(),
+                namespace: Some(stray_ns.clone()),
+            },
+        )
         .await?;
+    agent
+        .links
+        .set_alias(
+            &tap_name(stray_port),
+            Some(&format!("{stray_port}@{stray_ns}")),
+        )
+        .await?;
+    let elsewhere = "qdhcp-0badc0de-0000-4000-8000-00000000e15e";
+    agent.links.create_namespace(elsewhere).await?;
     agent.dhcp.preload(&ferro_agent::dhcp::DhcpServer {
         network_uid: stray.into(),
         ..agent
@@ -419,12 +438,12 @@ async fn drift_is_mended_orphans_removed_and_a_restart_changes_nothing() -> Resu
     agent.pass(&cloud).await?;
     assert!(agent.links.link(&tap_name(stray)).await?.is_none());
     assert!(agent.links.link("tapsomeoneelse").await?.is_some());
+    assert!(agent.links.link(&tap_name(stray_port)).await?.is_none());
+    let namespaces = agent.links.list_namespaces().await?;
+    assert!(!namespaces.contains(&stray_ns), "{namespaces:?}");
     assert!(
-        !agent
-            .links
-            .list_namespaces()
-            .await?
-            .contains(&format!("qdhcp-{stray}"))
+        namespaces.iter().any(|n| n == elsewhere),
+        "another node's namespace stays"
     );
     assert!(
         agent
