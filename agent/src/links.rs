@@ -326,6 +326,10 @@ pub trait Links: Send + Sync {
     /// made).
     async fn list_addresses(&self, device: &str) -> Result<Vec<Address>, LinksError>;
 
+    /// Every address in the namespace, with the device it is on (to find, say, the device
+    /// holding a node's tunnel endpoint address).
+    async fn list_all_addresses(&self) -> Result<Vec<(String, Address)>, LinksError>;
+
     /// Adds an address to a device. `Ok` if present.
     async fn add_address(&self, device: &str, address: Address) -> Result<(), LinksError>;
 

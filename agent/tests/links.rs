@@ -429,6 +429,16 @@ async fn addresses_and_the_default_route() -> Result<()> {
     }
     let found = node.list_addresses("ns-1").await?;
     assert!(found.contains(&v4) && found.contains(&v6), "{found:?}");
+    let everywhere = node.list_all_addresses().await?;
+    assert!(
+        everywhere.contains(&("ns-1".to_owned(), v4)),
+        "{everywhere:?}"
+    );
+    assert!(
+        everywhere
+            .iter()
+            .any(|(device, a)| device == "lo" && a.ip.is_loopback())
+    );
     let shown = ip_in(&ns, &["addr", "show", "dev", "ns-1"])?;
     assert!(shown.contains("inet 10.0.0.2/24"), "{shown}");
     assert!(shown.contains("inet6 fd00:feed::2/64"), "{shown}");

@@ -914,6 +914,25 @@ impl Links for NetlinkLinks {
         Ok(addresses)
     }
 
+    async fn list_all_addresses(&self) -> Result<Vec<(String, Address)>, LinksError> {
+        let session = self.session().await?;
+        let names = index_names(&session.dump().await?);
+        let messages: Vec<AddressMessage> = session
+            .handle
+            .address()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(failed("list addresses"))?;
+        let mut addresses: Vec<(String, Address)> = messages
+            .iter()
+            .filter_map(|m| Some((names.get(&m.header.index)?.clone(), message_address(m)?)))
+            .collect();
+        addresses.sort();
+        Ok(addresses)
+    }
+
     async fn add_address(&self, device: &str, address: Address) -> Result<(), LinksError> {
         let session = self.session().await?;
         let index = session.index(device).await?;
