@@ -443,18 +443,13 @@ async fn two_networks_with_one_cidr_across_two_nodes() -> Result<()> {
         let node_links = lab.host.namespace(&lab.nodes[node]);
         node_links.delete_link(&machine.port.device).await?;
     }
-    for node in 0..2 {
+    for (node, before) in before.iter().enumerate() {
         for network in [NETWORK_A, NETWORK_B] {
             lab.drivers[node].remove_network(network).await?;
             lab.drivers[node].remove_network(network).await?;
         }
         assert_eq!(lab.drivers[node].observe().await?, Observed::default());
-        assert_eq!(
-            ip_links(&lab.nodes[node])?,
-            before[node],
-            "node {}",
-            node + 1
-        );
+        assert_eq!(&ip_links(&lab.nodes[node])?, before, "node {}", node + 1);
     }
     Ok(())
 }
