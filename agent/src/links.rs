@@ -19,12 +19,14 @@
 //! value already set is `Ok`. Callers observe ([`Links::list_links`]) before they act, and
 //! do not remember what they made.
 //!
-//! The real driver, `netlink::NetlinkLinks`, speaks rtnetlink, with the few calls
+//! The real driver, [`netlink::NetlinkLinks`], speaks rtnetlink, with the few calls
 //! netlink cannot make (creating a tap, turning TX checksum offload off, creating a
 //! namespace) made by system calls in one small module. [`memory::MemoryLinks`] is the
 //! in-memory double for unit tests without root.
 
+mod ioctl;
 pub mod memory;
+pub mod netlink;
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -324,14 +326,18 @@ pub trait Links: Send + Sync {
     /// made).
     async fn list_addresses(&self, device: &str) -> Result<Vec<Address>, LinksError>;
 
+    /// Every address in the namespace, with the device it is on (to find, say, the device
+    /// holding a node's tunnel endpoint address).
+    async fn list_all_addresses(&self) -> Result<Vec<(String, Address)>, LinksError>;
+
     /// Adds an address to a device. `Ok` if present.
     async fn add_address(&self, device: &str, address: Address) -> Result<(), LinksError>;
 
     /// Deletes an address from a device. `Ok` if absent.
     async fn delete_address(&self, device: &str, address: Address) -> Result<(), LinksError>;
 
-    /// Adds a default route via `gateway` (IPv4 or IPv6, by the gateway's family). `Ok` if
-    /// a default route via that gateway exists.
+    /// Makes the default route (IPv4 or IPv6, by the gateway's family) go via `gateway`,
+    /// replacing one via another gateway; `Ok` if it does already.
     async fn add_default_route(&self, gateway: IpAddr) -> Result<(), LinksError>;
 }
 

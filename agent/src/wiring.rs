@@ -20,6 +20,7 @@
 //! port is plugged by (a guest's tap, the host end of a veth into a namespace) is made by
 //! the caller, through `Links`, before [`NetworkDriver::plug`].
 
+pub mod linuxbridge;
 pub mod memory;
 
 use std::collections::{BTreeMap, BTreeSet};

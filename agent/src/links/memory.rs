@@ -461,6 +461,16 @@ impl Links for MemoryLinks {
             .collect())
     }
 
+    async fn list_all_addresses(&self) -> Result<Vec<(String, Address)>, LinksError> {
+        let mut host = self.read()?;
+        Ok(host
+            .space(&self.target)
+            .devices
+            .iter()
+            .flat_map(|(name, d)| d.addresses.iter().map(move |a| (name.clone(), *a)))
+            .collect())
+    }
+
     async fn add_address(&self, device: &str, address: Address) -> Result<(), LinksError> {
         let mut host = self.begin(format!("add_address {device} {address}"))?;
         host.device(&self.target, device)?.addresses.insert(address);
