@@ -21,6 +21,7 @@
 //! the caller, through `Links`, before [`NetworkDriver::plug`].
 
 pub mod memory;
+pub mod ovs;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
