@@ -551,8 +551,9 @@ impl OvsWiring {
                     .map_err(switch_error)?;
             }
         }
-        // br-tun is Ferro's: flows of networks without a record (and OVS's own NORMAL
-        // flow) go.
+        // br-tun is Ferro's: flows of networks without a record go. (OVS's own NORMAL
+        // flow, cookie 0, was replaced by the node's table 0 drop; OVS refuses to delete
+        // by cookie 0.)
         let known: BTreeSet<FlowCookie> = state
             .records
             .keys()
@@ -563,7 +564,7 @@ impl OvsWiring {
             .tunnel_flows
             .iter()
             .map(|f| f.cookie)
-            .filter(|c| !known.contains(c))
+            .filter(|c| c.0 != 0 && !known.contains(c))
             .collect();
         for cookie in strays {
             self.switch
