@@ -60,6 +60,9 @@
 //! local tunnel address on a device of one of its own bridges (typically `br-phy`, holding
 //! the underlay NIC); with the kernel datapath any device of the host will do. Making that
 //! bridge is the node's set-up, not this driver's (see `tests/ovs_wiring.rs`).
+//!
+//! The driver does not set MTUs: the devices it plugs are the caller's, made with the
+//! network's MTU, and OVS ports take their device's.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -207,7 +210,7 @@ struct NodeState {
     integration_flows: Vec<Flow>,
     /// `br-tun`'s flows (empty without the bridge).
     tunnel_flows: Vec<Flow>,
-    /// Which of the two bridges exist.
+    /// Whether both `br-int` and `br-tun` exist.
     has_bridges: bool,
 }
 
