@@ -1459,4 +1459,87 @@ mod tests {
         assert_eq!(record(&switch, "net-a").unwrap().vlan, 1);
         assert_eq!(record(&switch, "net-b").unwrap().vlan, 2);
     }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Ensure { network: usize, peers: Vec<bool> },
+        Remove { network: usize },
+        Restart,
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        prop_oneof![
+            3 => (0..4usize, proptest::collection::vec(any::<bool>(), 3))
+                .prop_map(|(network, peers)| Op::Ensure { network, peers }),
+            1 => (0..4usize).prop_map(|network| Op::Remove { network }),
+            1 => Just(Op::Restart),
+        ]
+    }
+
+    proptest::proptest! {
+        /// Whatever the order of calls and restarts: no two networks ever hold one local
+        /// VLAN, a network keeps its VLAN for as long as it is wired, and the tunnels are
+        /// exactly the peers of the networks that are left.
+        #[test]
+        fn local_vlans_stay_unique_and_stable_and_tunnels_follow_peers(
+            ops in proptest::collection::vec(op(), 1..24)
+        ) {
+            let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            runtime.block_on(async {
+                const PEERS: [&str; 3] = ["198.18.0.2", "198.18.0.3", "198.18.0.4"];
+                let switch = MemorySwitch::default();
+                let mut wiring = OvsWiring::new(Arc::new(switch.clone()));
+                wiring.prepare().await.unwrap();
+                let mut wanted: BTreeMap<String, BTreeSet<IpAddr>> = BTreeMap::new();
+                let mut vlans: BTreeMap<String, u16> = BTreeMap::new();
+                for op in ops {
+                    match op {
+                        Op::Ensure { network: n, peers: chosen } => {
+                            let remote: Vec<&str> = PEERS
+                                .iter()
+                                .zip(&chosen)
+                                .filter(|(_, on)| **on)
+                                .map(|(p, _)| *p)
+                                .collect();
+                            let uid = format!("net-{n}");
+                            wiring
+                                .ensure_network(&network(&uid, 100 + n as u32, &remote))
+                                .await
+                                .unwrap();
+                            wanted.insert(uid, peers(&remote));
+                        }
+                        Op::Remove { network: n } => {
+                            let uid = format!("net-{n}");
+                            wiring.remove_network(&uid).await.unwrap();
+                            wanted.remove(&uid);
+                            vlans.remove(&uid);
+                        }
+                        Op::Restart => {
+                            wiring = OvsWiring::new(Arc::new(switch.restart()));
+                        }
+                    }
+                    let observed = wiring.observe().await.unwrap();
+                    let peers_observed: BTreeMap<_, _> = observed
+                        .networks
+                        .iter()
+                        .map(|(uid, n)| (uid.clone(), n.peers.clone()))
+                        .collect();
+                    assert_eq!(peers_observed, wanted);
+                    let mut held = BTreeSet::new();
+                    for uid in wanted.keys() {
+                        let vlan = record(&switch, uid).unwrap().vlan;
+                        assert!(held.insert(vlan), "VLAN {vlan} held twice");
+                        assert_eq!(*vlans.entry(uid.clone()).or_insert(vlan), vlan, "{uid} moved");
+                    }
+                    let needed: BTreeSet<String> = wanted
+                        .values()
+                        .flatten()
+                        .map(|ip| tunnel_port_name(*ip))
+                        .collect();
+                    assert_eq!(tunnels(&switch), needed);
+                }
+            });
+        }
+    }
 }
