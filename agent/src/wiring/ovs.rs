@@ -26,7 +26,8 @@
 //! | 22    | anything else               | `drop`                                           | node    |
 //!
 //! `br-int` has one flow, `NORMAL`, under the node cookie. Ports are named by their
-//! OpenFlow numbers in flows, as `ovs-ofctl` prints them back, so a flow set read back is
+//! OpenFlow numbers in flows and `set_tunnel` is written `load:…->NXM_NX_TUN_ID[]`, as
+//! `ovs-ofctl` prints them back, so a flow set read back is
 //! compared with the planned one as text and rewritten only when it differs: re-running a
 //! call that finds everything in place touches no flow.
 //!
@@ -964,7 +965,13 @@ mod tests {
     #[tokio::test]
     async fn prepare_makes_the_bridges_patch_and_base_flows() {
         let (switch, wiring) = driver().await;
-        assert_eq!(switch.bridges(), [INTEGRATION_BRIDGE, TUNNEL_BRIDGE]);
+        let bridges = switch.list_bridges().await.unwrap();
+        let names: Vec<_> = bridges.iter().map(|b| b.name.as_str()).collect();
+        assert_eq!(names, [INTEGRATION_BRIDGE, TUNNEL_BRIDGE]);
+        assert!(
+            bridges.iter().all(|b| b.datapath_type == "netdev"),
+            "{bridges:?}"
+        );
         assert_eq!(
             switch.port(PATCH_TO_TUNNELS).unwrap().kind,
             PortKind::Patch {
