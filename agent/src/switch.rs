@@ -130,6 +130,12 @@ pub enum PortKind {
         /// The local underlay address to send from (`options:local_ip`).
         local_ip: Option<IpAddr>,
     },
+    /// One end of a patch between two bridges of the same switch (`type=patch`), as
+    /// `patch-tun` on `br-int` and `patch-int` on `br-tun`.
+    Patch {
+        /// The port at the other end (`options:peer`).
+        peer: String,
+    },
     /// Any other OVS interface type, as found on the switch (never made by Ferro).
     Other {
         /// The interface's `type`.
@@ -146,6 +152,7 @@ impl PortKind {
             PortKind::System => "",
             PortKind::Internal => "internal",
             PortKind::Vxlan { .. } => "vxlan",
+            PortKind::Patch { .. } => "patch",
             PortKind::Other { interface_type, .. } => interface_type,
         }
     }
@@ -168,6 +175,7 @@ impl PortKind {
                 }
                 options
             }
+            PortKind::Patch { peer } => BTreeMap::from([("peer".to_owned(), peer.clone())]),
             PortKind::Other { options, .. } => options.clone(),
         }
     }
@@ -203,6 +211,9 @@ impl PortKind {
                 })();
                 parsed.unwrap_or_else(|| other(options))
             }
+            "patch" if options.len() == 1 && options.contains_key("peer") => PortKind::Patch {
+                peer: options["peer"].clone(),
+            },
             _ => other(options),
         }
     }
@@ -368,6 +379,16 @@ pub trait Switch: Send + Sync {
     /// Every bridge on the switch.
     async fn list_bridges(&self) -> Result<Vec<BridgeInfo>, SwitchError>;
 
+    /// Changes some of a bridge's `external_ids` in one step: a key with a value is set,
+    /// a key with `None` is removed; keys not named are kept. This is where a driver keeps
+    /// node-wide records that must outlive it (Ferro's local VLAN of each network).
+    /// Fails with [`SwitchError::NoSuchBridge`] if the bridge is missing.
+    async fn update_bridge_external_ids(
+        &self,
+        bridge: &str,
+        changes: &BTreeMap<String, Option<String>>,
+    ) -> Result<BridgeInfo, SwitchError>;
+
     /// Makes the port exist as `spec` says: adds it, moves it from another bridge, or
     /// corrects its kind, tag and `external_ids`. Fails with
     /// [`SwitchError::NoSuchBridge`] if the bridge is missing.
@@ -430,10 +451,11 @@ pub fn validate_port_spec(spec: &PortSpec) -> Result<(), SwitchError> {
             key: TunnelKey::Vni(vni),
             ..
         } if *vni >= 1 << 24 => return Err(invalid("kind.key", "a VNI is below 2^24")),
+        PortKind::Patch { peer } => validate_interface_name("kind.peer", peer)?,
         PortKind::Other { .. } => {
             return Err(invalid(
                 "kind",
-                "Ferro only makes system, internal and vxlan ports",
+                "Ferro only makes system, internal, vxlan and patch ports",
             ));
         }
         _ => {}
@@ -544,6 +566,13 @@ mod tests {
             ..port()
         };
         assert_eq!(rejected_field(vni), "kind.key");
+        let patch = PortSpec {
+            kind: PortKind::Patch {
+                peer: "patch int".into(),
+            },
+            ..port()
+        };
+        assert_eq!(rejected_field(patch), "kind.peer");
         let bridge = PortSpec {
             bridge: "br int".into(),
             ..port()
@@ -587,8 +616,13 @@ mod tests {
             PortKind::from_interface("internal", BTreeMap::new()),
             PortKind::Internal
         );
+        let patch = PortKind::Patch {
+            peer: "patch-int".into(),
+        };
+        assert_eq!(patch.interface_type(), "patch");
+        assert_eq!(PortKind::from_interface("patch", patch.options()), patch);
         assert!(matches!(
-            PortKind::from_interface("patch", BTreeMap::from([("peer".into(), "x".into())])),
+            PortKind::from_interface("patch", BTreeMap::new()),
             PortKind::Other { .. }
         ));
     }

@@ -22,6 +22,7 @@
 
 pub mod linuxbridge;
 pub mod memory;
+pub mod ovs;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;

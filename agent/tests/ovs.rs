@@ -544,3 +544,72 @@ async fn an_instance_starts_once_and_stops_by_pid() -> Result<()> {
     assert_eq!(names, ["br-int"]);
     Ok(())
 }
+
+#[tokio::test]
+async fn patch_ports_join_bridges_and_bridges_keep_records() -> Result<()> {
+    let lab = Lab::new().await?;
+    for (bridge, name, peer) in [
+        ("br-int", "patch-tun", "patch-int"),
+        ("br-tun", "patch-int", "patch-tun"),
+    ] {
+        lab.switch.ensure_bridge(bridge).await?;
+        let spec = PortSpec {
+            bridge: bridge.into(),
+            name: name.into(),
+            kind: PortKind::Patch { peer: peer.into() },
+            tag: None,
+            external_ids: BTreeMap::new(),
+        };
+        let port = lab.switch.ensure_port(&spec).await?;
+        assert!(port.matches(&spec), "{port:?}");
+        assert_eq!(lab.vsctl(&["get", "Interface", name, "type"])?, "patch");
+        assert_eq!(
+            lab.vsctl(&["get", "Interface", name, "options:peer"])?,
+            peer
+        );
+    }
+
+    // Once both ends exist, the userspace datapath takes them up.
+    let ports = lab.switch.list_ports().await?;
+    assert_eq!(ports.len(), 2);
+    for port in ports {
+        assert!(port.ofport.is_some() && port.error.is_none(), "{port:?}");
+    }
+
+    let changes = |pairs: &[(&str, Option<&str>)]| -> BTreeMap<String, Option<String>> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), v.map(str::to_owned)))
+            .collect()
+    };
+    lab.switch
+        .update_bridge_external_ids(
+            "br-int",
+            &changes(&[("ferro-a", Some("1")), ("ferro-b", Some("2"))]),
+        )
+        .await?;
+    let bridge = lab
+        .switch
+        .update_bridge_external_ids(
+            "br-int",
+            &changes(&[("ferro-a", None), ("ferro-b", Some("3"))]),
+        )
+        .await?;
+    assert_eq!(
+        bridge.external_ids,
+        BTreeMap::from([("ferro-b".to_owned(), "3".to_owned())])
+    );
+    assert_eq!(
+        lab.vsctl(&["get", "Bridge", "br-int", "external_ids"])?,
+        r#"{ferro-b="3"}"#
+    );
+    let missing = lab
+        .switch
+        .update_bridge_external_ids("br-nope", &changes(&[("a", None)]))
+        .await;
+    assert!(
+        matches!(missing, Err(SwitchError::NoSuchBridge(_))),
+        "{missing:?}"
+    );
+    Ok(())
+}

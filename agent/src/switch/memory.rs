@@ -35,6 +35,8 @@ pub enum Operation {
     RemoveBridge,
     /// [`Switch::list_bridges`].
     ListBridges,
+    /// [`Switch::update_bridge_external_ids`].
+    UpdateBridgeExternalIds,
     /// [`Switch::ensure_port`].
     EnsurePort,
     /// [`Switch::remove_port`].
@@ -374,6 +376,30 @@ impl Switch for MemorySwitch {
         })
     }
 
+    async fn update_bridge_external_ids(
+        &self,
+        bridge: &str,
+        changes: &BTreeMap<String, Option<String>>,
+    ) -> Result<BridgeInfo, SwitchError> {
+        self.call(Operation::UpdateBridgeExternalIds, bridge, |state| {
+            validate_bridge_name(bridge)?;
+            if changes.keys().any(String::is_empty) {
+                return Err(super::invalid("external_ids", "keys must not be empty"));
+            }
+            let name = bridge;
+            let bridge = state.bridge_mut(name)?;
+            let before = bridge.external_ids.clone();
+            for (key, value) in changes {
+                match value {
+                    Some(value) => bridge.external_ids.insert(key.clone(), value.clone()),
+                    None => bridge.external_ids.remove(key),
+                };
+            }
+            let changed = bridge.external_ids != before;
+            Ok((bridge_info(name, bridge), changed))
+        })
+    }
+
     async fn ensure_port(&self, spec: &PortSpec) -> Result<PortInfo, SwitchError> {
         self.call(Operation::EnsurePort, &spec.name, |state| {
             validate_port_spec(spec)?;
@@ -645,6 +671,42 @@ mod tests {
                 (Operation::RemoveBridge, "br-int".to_owned()),
             ]
         );
+    }
+
+    #[tokio::test]
+    async fn bridge_external_ids_are_set_and_removed_by_key() {
+        let switch = MemorySwitch::default();
+        let changes = |pairs: &[(&str, Option<&str>)]| -> BTreeMap<String, Option<String>> {
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), v.map(str::to_owned)))
+                .collect()
+        };
+        assert!(matches!(
+            switch
+                .update_bridge_external_ids("br-int", &changes(&[("a", Some("1"))]))
+                .await,
+            Err(SwitchError::NoSuchBridge(_))
+        ));
+        switch.ensure_bridge("br-int").await.unwrap();
+        switch
+            .update_bridge_external_ids("br-int", &changes(&[("a", Some("1")), ("b", Some("2"))]))
+            .await
+            .unwrap();
+        let bridge = switch
+            .update_bridge_external_ids("br-int", &changes(&[("a", None), ("b", Some("3"))]))
+            .await
+            .unwrap();
+        assert_eq!(
+            bridge.external_ids,
+            BTreeMap::from([("b".to_owned(), "3".to_owned())])
+        );
+        switch.take_journal();
+        switch
+            .update_bridge_external_ids("br-int", &changes(&[("a", None), ("b", Some("3"))]))
+            .await
+            .unwrap();
+        assert!(switch.changes().is_empty());
     }
 
     #[tokio::test]

@@ -629,6 +629,50 @@ impl Switch for OvsSwitch {
         Ok(bridges)
     }
 
+    async fn update_bridge_external_ids(
+        &self,
+        bridge: &str,
+        changes: &BTreeMap<String, Option<String>>,
+    ) -> Result<BridgeInfo, SwitchError> {
+        validate_bridge_name(bridge)?;
+        if changes.keys().any(String::is_empty) {
+            return Err(super::invalid("external_ids", "keys must not be empty"));
+        }
+        let snapshot = self.snapshot().await?;
+        let row = snapshot
+            .bridge(bridge)
+            .ok_or_else(|| SwitchError::NoSuchBridge(bridge.to_owned()))?;
+        let unchanged = changes
+            .iter()
+            .all(|(key, value)| row.external_ids.get(key) == value.as_ref());
+        if !changes.is_empty() && !unchanged {
+            // A map `insert` keeps a key that is there, so every named key goes first.
+            let keys = ovsdb::set(changes.keys().map(|k| Value::from(k.as_str())));
+            let set: BTreeMap<String, String> = changes
+                .iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.clone()?)))
+                .collect();
+            self.transact(&[
+                Op::Mutate {
+                    table: "Bridge".into(),
+                    conditions: by_uuid(&row.uuid),
+                    mutations: vec![Mutation::delete("external_ids", keys)],
+                },
+                Op::Mutate {
+                    table: "Bridge".into(),
+                    conditions: by_uuid(&row.uuid),
+                    mutations: vec![Mutation::insert("external_ids", ovsdb::string_map(&set))],
+                },
+            ])
+            .await?;
+        }
+        self.snapshot()
+            .await?
+            .bridge(bridge)
+            .map(Self::bridge_info)
+            .ok_or_else(|| SwitchError::Unexpected(format!("bridge {bridge} vanished")))
+    }
+
     async fn ensure_port(&self, spec: &PortSpec) -> Result<PortInfo, SwitchError> {
         validate_port_spec(spec)?;
         let snapshot = self.snapshot().await?;
