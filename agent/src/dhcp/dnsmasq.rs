@@ -133,17 +133,23 @@ pub fn command_line(server: &DhcpServer, files: &ServerFiles) -> Vec<String> {
     args
 }
 
-/// The hosts file: one `MAC,IP,hostname` line per fixed address (IPv6 in brackets), sorted
-/// so that the same hosts in another order write the same file and cause no reload.
+/// The hosts file: one `MAC,IP,hostname` line per fixed address (IPv6 in brackets; no
+/// hostname when it is not a DNS label), sorted so that the same hosts in another order
+/// write the same file and cause no reload.
 pub fn hosts_file(server: &DhcpServer) -> String {
     let mut lines: Vec<String> = server
         .hosts
         .iter()
         .map(|host| {
             let mac = host.mac.to_ascii_lowercase();
-            match host.ip {
-                std::net::IpAddr::V4(ip) => format!("{mac},{ip},{}\n", host.hostname),
-                std::net::IpAddr::V6(ip) => format!("{mac},[{ip}],{}\n", host.hostname),
+            let address = match host.ip {
+                std::net::IpAddr::V4(ip) => ip.to_string(),
+                std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+            };
+            if super::is_hostname(&host.hostname) {
+                format!("{mac},{address},{}\n", host.hostname)
+            } else {
+                format!("{mac},{address}\n")
             }
         })
         .collect();
@@ -786,6 +792,16 @@ mod tests {
                 "fa:16:3e:00:00:01,10.0.1.5,web-1\n\
                  fa:16:3e:00:00:01,[2001:db8:1::5],web-1\n\
                  fa:16:3e:00:00:02,10.0.1.6,db-1\n",
+            ),
+            (
+                vec![
+                    host("fa:16:3e:00:00:03", "10.0.1.7", "db_1"),
+                    host("fa:16:3e:00:00:04", "10.0.1.8", "a,b"),
+                    host("fa:16:3e:00:00:05", "10.0.1.9", ""),
+                ],
+                "fa:16:3e:00:00:03,10.0.1.7\n\
+                 fa:16:3e:00:00:04,10.0.1.8\n\
+                 fa:16:3e:00:00:05,10.0.1.9\n",
             ),
         ];
         for (hosts, expected) in cases {
