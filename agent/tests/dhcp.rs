@@ -566,3 +566,26 @@ async fn a_dual_stack_server_starts_and_serves_ipv4() -> Result<()> {
     assert!(!log.contains("bad "), "dnsmasq rejected a line:\n{log}");
     Ok(())
 }
+
+/// A deleted Port's address handed to a new Port: the old lease must not keep the new
+/// guest waiting until it expires.
+#[tokio::test]
+async fn an_address_moved_to_a_new_mac_is_served_at_once() -> Result<()> {
+    let lab = Lab::new()?;
+    let driver = lab.driver()?;
+    driver.ensure(&lab.server()).await?;
+    assert_eq!(lab.expect_lease().await?["ip"], "10.77.1.5");
+
+    let mut server = lab.server();
+    server.hosts[0].mac = STRANGER_MAC.into();
+    server.hosts[0].hostname = "web-2".into();
+    assert_eq!(driver.ensure(&server).await?, Change::Restart);
+    lab.set_client_mac(STRANGER_MAC)?;
+    let lease = lab.expect_lease().await?;
+    assert_eq!(
+        (lease["ip"].as_str(), lease["hostname"].as_str()),
+        ("10.77.1.5", "web-2")
+    );
+    assert_eq!(driver.ensure(&server).await?, Change::Nothing);
+    Ok(())
+}
