@@ -94,7 +94,7 @@ pub struct HostRoute {
 pub struct DhcpHost {
     /// The Port's MAC, `aa:bb:cc:dd:ee:ff`.
     pub mac: String,
-    /// One of the Port's fixed addresses, in one of the subnets served.
+    /// One of the Port's fixed addresses; one outside the subnets served is left out.
     pub ip: IpAddr,
     /// The guest's hostname, which also resolves to `ip` in the domain. A name that is not
     /// a DNS label (empty, or with dots, underscores, commas…) is left out and the guest
@@ -190,6 +190,9 @@ pub enum DhcpError {
 }
 
 /// Runs and keeps a DHCP server per network on this node. See the module notes.
+///
+/// Calls for different networks may run at once; calls for one network must not overlap
+/// (the reconciler's queue runs one key at a time).
 #[async_trait]
 pub trait Dhcp: Send + Sync {
     /// Makes the network's server run as `server` says: starts it, tells it to re-read

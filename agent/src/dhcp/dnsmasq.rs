@@ -137,13 +137,15 @@ pub fn command_line(server: &DhcpServer, files: &ServerFiles) -> Vec<String> {
     args
 }
 
-/// The hosts file: one `MAC,IP,hostname` line per fixed address (IPv6 in brackets; no
-/// hostname when it is not a DNS label), sorted so that the same hosts in another order
-/// write the same file and cause no reload.
+/// The hosts file: one `MAC,IP,hostname` line per fixed address in a served subnet (IPv6
+/// in brackets; no hostname when it is not a DNS label), sorted so that the same hosts in
+/// another order write the same file and cause no reload. An address on a subnet without
+/// DHCP is left out rather than given to dnsmasq to puzzle over.
 pub fn hosts_file(server: &DhcpServer) -> String {
     let mut lines: Vec<String> = server
         .hosts
         .iter()
+        .filter(|host| server.subnets.iter().any(|s| s.cidr.contains(&host.ip)))
         .map(|host| {
             let mac = host.mac.to_ascii_lowercase();
             let address = match host.ip {
@@ -863,9 +865,23 @@ mod tests {
                  fa:16:3e:00:00:04,10.0.1.8\n\
                  fa:16:3e:00:00:05,10.0.1.9\n",
             ),
+            (
+                vec![
+                    host("fa:16:3e:00:00:06", "10.0.2.6", "on-a-subnet-without-dhcp"),
+                    host("fa:16:3e:00:00:06", "2001:db8:2::6", "elsewhere"),
+                ],
+                "",
+            ),
         ];
         for (hosts, expected) in cases {
             let mut input = server();
+            input.subnets.push(DhcpSubnet {
+                cidr: "2001:db8:1::/64".parse().unwrap(),
+                gateway: None,
+                dns_servers: vec![],
+                host_routes: vec![],
+                lease_time: Duration::from_secs(86_400),
+            });
             input.hosts = hosts;
             assert_eq!(hosts_file(&input), expected);
         }
