@@ -396,7 +396,7 @@ fn write_atomically(path: &Path, contents: &str) -> Result<(), DhcpError> {
     std::fs::rename(&staging, path).map_err(io(format!("rename to {}", path.display())))
 }
 
-/// Makes a directory (and its parents) world-searchable.
+/// Makes a directory (and any missing parents) and opens it to be searched by others.
 fn make_searchable_dir(dir: &Path) -> Result<(), DhcpError> {
     std::fs::create_dir_all(dir).map_err(io(format!("create {}", dir.display())))?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
