@@ -522,3 +522,70 @@ async fn a_server_that_cannot_start_says_why() -> Result<()> {
     ));
     Ok(())
 }
+
+/// No DHCPv6 client here may run (busybox has no udhcpc6; dhclient rewrites /etc), so this
+/// shows only that dnsmasq takes an IPv6 range and bracketed hosts, and that the IPv4
+/// guest of a dual-stack network is still served.
+#[tokio::test]
+async fn a_dual_stack_server_starts_and_serves_ipv4() -> Result<()> {
+    let lab = Lab::new()?;
+    run(
+        "ip",
+        &[
+            "-n",
+            &lab.qdhcp,
+            "addr",
+            "add",
+            "2001:db8:77::2/64",
+            "dev",
+            "dhcp0",
+            "nodad",
+        ],
+    )?;
+    let driver = lab.driver()?;
+    let mut server = lab.server();
+    server.subnets.push(DhcpSubnet {
+        cidr: "2001:db8:77::/64".parse().unwrap(),
+        gateway: Some("2001:db8:77::1".parse().unwrap()),
+        dns_servers: vec!["2001:db8::53".parse().unwrap()],
+        host_routes: vec![],
+        lease_time: DEFAULT_LEASE_TIME,
+    });
+    server.hosts.push(DhcpHost {
+        mac: GUEST_MAC.into(),
+        ip: "2001:db8:77::5".parse().unwrap(),
+        hostname: "web-1".into(),
+    });
+    assert_eq!(driver.ensure(&server).await?, Change::Start);
+    assert_eq!(lab.expect_lease().await?["ip"], "10.77.1.5");
+    let log = std::fs::read_to_string(lab.server_dir().join("dnsmasq.log"))?;
+    assert!(
+        log.contains("DHCPv6, static leases only on 2001:db8:77::"),
+        "{log}"
+    );
+    assert!(!log.contains("bad "), "dnsmasq rejected a line:\n{log}");
+    Ok(())
+}
+
+/// A deleted Port's address handed to a new Port: the old lease must not keep the new
+/// guest waiting until it expires.
+#[tokio::test]
+async fn an_address_moved_to_a_new_mac_is_served_at_once() -> Result<()> {
+    let lab = Lab::new()?;
+    let driver = lab.driver()?;
+    driver.ensure(&lab.server()).await?;
+    assert_eq!(lab.expect_lease().await?["ip"], "10.77.1.5");
+
+    let mut server = lab.server();
+    server.hosts[0].mac = STRANGER_MAC.into();
+    server.hosts[0].hostname = "web-2".into();
+    assert_eq!(driver.ensure(&server).await?, Change::Restart);
+    lab.set_client_mac(STRANGER_MAC)?;
+    let lease = lab.expect_lease().await?;
+    assert_eq!(
+        (lease["ip"].as_str(), lease["hostname"].as_str()),
+        ("10.77.1.5", "web-2")
+    );
+    assert_eq!(driver.ensure(&server).await?, Change::Nothing);
+    Ok(())
+}

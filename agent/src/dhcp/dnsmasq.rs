@@ -12,7 +12,11 @@
 //! What [`Dhcp::ensure`] does follows from comparing what should be with what is
 //! ([`classify`]): the running process's own command line (read back from `/proc`, and its
 //! network namespace, compared by inode), and the hosts and options files on disk. Hosts
-//! and options are re-read on SIGHUP; everything else needs a restart.
+//! and options are re-read on SIGHUP; everything else needs a restart. So does a lease
+//! that holds a host's address for another MAC (a deleted Port's address given to a new
+//! one): dnsmasq keeps leases in memory and would not serve the new guest until the old
+//! lease expired, so the lease is dropped from the file while dnsmasq is stopped
+//! ([`prune_leases`]).
 //!
 //! dnsmasq drops root (to `nobody`) after start-up and re-reads its files on SIGHUP as that
 //! user, so the files are world-readable and every directory above them must be searchable
@@ -133,17 +137,25 @@ pub fn command_line(server: &DhcpServer, files: &ServerFiles) -> Vec<String> {
     args
 }
 
-/// The hosts file: one `MAC,IP,hostname` line per fixed address (IPv6 in brackets), sorted
-/// so that the same hosts in another order write the same file and cause no reload.
+/// The hosts file: one `MAC,IP,hostname` line per fixed address in a served subnet (IPv6
+/// in brackets; no hostname when it is not a DNS label), sorted so that the same hosts in
+/// another order write the same file and cause no reload. An address on a subnet without
+/// DHCP is left out rather than given to dnsmasq to puzzle over.
 pub fn hosts_file(server: &DhcpServer) -> String {
     let mut lines: Vec<String> = server
         .hosts
         .iter()
+        .filter(|host| server.subnets.iter().any(|s| s.cidr.contains(&host.ip)))
         .map(|host| {
             let mac = host.mac.to_ascii_lowercase();
-            match host.ip {
-                std::net::IpAddr::V4(ip) => format!("{mac},{ip},{}\n", host.hostname),
-                std::net::IpAddr::V6(ip) => format!("{mac},[{ip}],{}\n", host.hostname),
+            let address = match host.ip {
+                std::net::IpAddr::V4(ip) => ip.to_string(),
+                std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+            };
+            if super::is_hostname(&host.hostname) {
+                format!("{mac},{address},{}\n", host.hostname)
+            } else {
+                format!("{mac},{address}\n")
             }
         })
         .collect();
@@ -247,13 +259,17 @@ pub struct Found {
     pub hosts: Option<String>,
     /// The options file on disk, if any.
     pub options: Option<String>,
+    /// Whether the lease file holds a lease that keeps a host from its address
+    /// ([`prune_leases`]).
+    pub stale_leases: bool,
 }
 
-/// What must be done to go from `found` to `desired`.
+/// What must be done to go from `found` to `desired`. A stale lease is a restart: dnsmasq
+/// keeps its leases in memory and reads the lease file only when it starts.
 pub fn classify(desired: &Rendered, found: &Found) -> Change {
     match found.running.as_slice() {
         [] => Change::Start,
-        [one] if one.in_namespace && one.args == desired.args => {
+        [one] if one.in_namespace && one.args == desired.args && !found.stale_leases => {
             let same_files = found.hosts.as_deref() == Some(desired.hosts.as_str())
                 && found.options.as_deref() == Some(desired.options.as_str());
             if same_files {
@@ -264,6 +280,41 @@ pub fn classify(desired: &Rendered, found: &Found) -> Change {
         }
         _ => Change::Restart,
     }
+}
+
+/// The lease file without the IPv4 leases that hold a host's address for another MAC, or
+/// `None` when there is none. Such a lease is left by a deleted Port whose address went to
+/// a new Port: dnsmasq will not hand a configured address to its host while another client
+/// holds a lease on it ("not using configured address … because it is leased to …"), so
+/// the new guest would get nothing until the old lease expired. Lines are
+/// `expiry MAC IP hostname client-id`; DHCPv6 lines (which carry an IAID, not a MAC) and
+/// anything else are kept as they are.
+pub fn prune_leases(leases: &str, server: &DhcpServer) -> Option<String> {
+    let owners: BTreeMap<std::net::IpAddr, String> = server
+        .hosts
+        .iter()
+        .map(|host| (host.ip, host.mac.to_ascii_lowercase()))
+        .collect();
+    let mut pruned = false;
+    let mut kept = String::new();
+    for line in leases.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let held_for_another = match fields.as_slice() {
+            [_, mac, ip, ..] if super::is_mac(mac) => ip
+                .parse::<std::net::Ipv4Addr>()
+                .ok()
+                .and_then(|ip| owners.get(&std::net::IpAddr::V4(ip)))
+                .is_some_and(|owner| *owner != mac.to_ascii_lowercase()),
+            _ => false,
+        };
+        if held_for_another {
+            pruned = true;
+        } else {
+            kept.push_str(line);
+            kept.push('\n');
+        }
+    }
+    pruned.then_some(kept)
 }
 
 /// The network a process serves, if it is a dnsmasq started by a driver with its
@@ -345,7 +396,7 @@ fn write_atomically(path: &Path, contents: &str) -> Result<(), DhcpError> {
     std::fs::rename(&staging, path).map_err(io(format!("rename to {}", path.display())))
 }
 
-/// Makes a directory (and its parents) world-searchable.
+/// Makes a directory (and any missing parents) and opens it to be searched by others.
 fn make_searchable_dir(dir: &Path) -> Result<(), DhcpError> {
     std::fs::create_dir_all(dir).map_err(io(format!("create {}", dir.display())))?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
@@ -447,11 +498,27 @@ impl DnsmasqDhcp {
                 })
             })
             .collect();
+        let leases = read_optional(&files.leases())?.unwrap_or_default();
         Ok(Found {
             running,
             hosts: read_optional(&files.hosts())?,
             options: read_optional(&files.options())?,
+            stale_leases: prune_leases(&leases, server).is_some(),
         })
+    }
+
+    /// Drops the leases that keep hosts from their addresses; only while dnsmasq is
+    /// stopped, since it rewrites the file from memory.
+    fn prune_lease_file(&self, server: &DhcpServer, files: &ServerFiles) -> Result<(), DhcpError> {
+        let leases = read_optional(&files.leases())?.unwrap_or_default();
+        if let Some(kept) = prune_leases(&leases, server) {
+            tracing::info!(
+                network_uid = server.network_uid,
+                "dropping leases on addresses that moved to another MAC"
+            );
+            write_atomically(&files.leases(), &kept)?;
+        }
+        Ok(())
     }
 
     /// Makes the network's directory and checks that dnsmasq, once it has dropped root,
@@ -626,6 +693,7 @@ impl Dhcp for DnsmasqDhcp {
                 let pids: Vec<u32> = found.running.iter().map(|r| r.pid).collect();
                 self.stop(uid, &pids).await?;
                 self.write_files(&files, &desired, &found)?;
+                self.prune_lease_file(server, &files)?;
                 let pid = self.start(server, &files, &desired).await?;
                 tracing::info!(network_uid = uid, pid, ?change, "dnsmasq started");
             }
@@ -787,9 +855,33 @@ mod tests {
                  fa:16:3e:00:00:01,[2001:db8:1::5],web-1\n\
                  fa:16:3e:00:00:02,10.0.1.6,db-1\n",
             ),
+            (
+                vec![
+                    host("fa:16:3e:00:00:03", "10.0.1.7", "db_1"),
+                    host("fa:16:3e:00:00:04", "10.0.1.8", "a,b"),
+                    host("fa:16:3e:00:00:05", "10.0.1.9", ""),
+                ],
+                "fa:16:3e:00:00:03,10.0.1.7\n\
+                 fa:16:3e:00:00:04,10.0.1.8\n\
+                 fa:16:3e:00:00:05,10.0.1.9\n",
+            ),
+            (
+                vec![
+                    host("fa:16:3e:00:00:06", "10.0.2.6", "on-a-subnet-without-dhcp"),
+                    host("fa:16:3e:00:00:06", "2001:db8:2::6", "elsewhere"),
+                ],
+                "",
+            ),
         ];
         for (hosts, expected) in cases {
             let mut input = server();
+            input.subnets.push(DhcpSubnet {
+                cidr: "2001:db8:1::/64".parse().unwrap(),
+                gateway: None,
+                dns_servers: vec![],
+                host_routes: vec![],
+                lease_time: Duration::from_secs(86_400),
+            });
             input.hosts = hosts;
             assert_eq!(hosts_file(&input), expected);
         }
@@ -880,6 +972,7 @@ mod tests {
                 running,
                 hosts: hosts.map(str::to_owned),
                 options: options.map(str::to_owned),
+                stale_leases: false,
             };
         let mut other_mtu = server();
         other_mtu.mtu = 1500;
@@ -931,9 +1024,49 @@ mod tests {
                 ),
                 Change::Restart,
             ),
+            (
+                "a lease holds a host's address for another MAC",
+                Found {
+                    stale_leases: true,
+                    ..on_disk(vec![running(args, true)], Some(hosts), Some(options))
+                },
+                Change::Restart,
+            ),
         ];
         for (name, found, expected) in cases {
             assert_eq!(classify(&desired, &found), expected, "{name}");
+        }
+    }
+
+    #[test]
+    fn leases_holding_a_host_address_for_another_mac_are_pruned() {
+        // The server's one host is fa:16:3e:00:00:01 at 10.0.1.5.
+        let own = "1796705923 fa:16:3e:00:00:01 10.0.1.5 web-1 01:fa:16:3e:00:00:01";
+        let moved = "1796705923 fa:16:3e:00:00:09 10.0.1.5 old-1 01:fa:16:3e:00:00:09";
+        let unrelated = "1796705923 fa:16:3e:00:00:08 10.0.1.8 gone *";
+        let duid = "duid 00:01:00:01:2c:4f:3a:10:fa:16:3e:00:00:01";
+        let v6 = "1796705923 1039 2001:db8:1::5 web-1 00:03:00:01:fa:16:3e:00:00:01";
+        let cases = [
+            ("empty", String::new(), None),
+            ("own lease", format!("{own}\n"), None),
+            (
+                "an address leased to another MAC",
+                format!("{moved}\n{unrelated}\n"),
+                Some(format!("{unrelated}\n")),
+            ),
+            (
+                "MACs compare without case",
+                format!("{}\n", own.replace("fa:16:3e", "FA:16:3E")),
+                None,
+            ),
+            (
+                "DHCPv6 lines are kept",
+                format!("{moved}\n{duid}\n{v6}\n"),
+                Some(format!("{duid}\n{v6}\n")),
+            ),
+        ];
+        for (name, leases, expected) in cases {
+            assert_eq!(prune_leases(&leases, &server()), expected, "{name}");
         }
     }
 

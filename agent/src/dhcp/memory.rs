@@ -125,6 +125,8 @@ impl Dhcp for MemoryDhcp {
                         .collect(),
                     hosts: Some(was.hosts),
                     options: Some(was.options),
+                    // No leases are modelled.
+                    stale_leases: false,
                 }
             }
         };
