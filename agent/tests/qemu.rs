@@ -844,7 +844,7 @@ async fn nics_are_hot_plugged_and_unplugged_and_survive_a_cold_restart() -> Resu
         console.contains(&format!("FERRO-NIC eth0 {}", nic_a.mac)),
         "{console}"
     );
-    ensure!(host.driver.nics(&uid).await? == [nic_a.clone()]);
+    ensure!(host.driver.nics(&uid).await? == std::slice::from_ref(&nic_a));
     ensure!(tap_a.attached() && !tap_b.attached());
 
     // Hot-plug: the guest finds the NIC within a few seconds, QEMU lists it, and the
@@ -900,7 +900,7 @@ async fn nics_are_hot_plugged_and_unplugged_and_survive_a_cold_restart() -> Resu
         unplugging.elapsed().as_millis()
     );
     wait_for_console(&log, from, "FERRO-NIC-GONE eth0").await?;
-    ensure!(host.driver.nics(&uid).await? == [nic_b.clone()]);
+    ensure!(host.driver.nics(&uid).await? == std::slice::from_ref(&nic_b));
     ensure!(!tap_a.attached(), "QEMU still holds {}", tap_a.0);
     ensure!(
         Path::new(&format!("/sys/class/net/{}", tap_a.0)).exists(),

@@ -1996,9 +1996,10 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(commands(&fake), ["device_del", "netdev_del"]);
-        let fake_now = fake.lock().unwrap();
-        assert!(fake_now.devices.is_empty() && fake_now.netdevs.is_empty());
-        drop(fake_now);
+        {
+            let fake = fake.lock().unwrap();
+            assert!(fake.devices.is_empty() && fake.netdevs.is_empty());
+        }
         // Nothing there: nothing to do.
         unplug_nic(&qmp, timeout, timeout, "vm1", "p1", || true)
             .await
