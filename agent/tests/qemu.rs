@@ -869,9 +869,10 @@ async fn nics_are_hot_plugged_and_unplugged_and_survive_a_cold_restart() -> Resu
         recorded.nics == [nic_a.clone(), nic_b.clone()],
         "{recorded:?}"
     );
-    // Asked again, nothing changes.
+    // Asked again, nothing changes; a restarted agent reads the same from QEMU.
     host.driver.attach_nic(&uid, &nic_b).await?;
     ensure!(host.driver.nics(&uid).await?.len() == 2);
+    ensure!(host.second_driver().nics(&uid).await? == [nic_a.clone(), nic_b.clone()]);
 
     // A cold restart from the recorded spec brings both back, in that order.
     ensure!(host.driver.stop(&uid, Duration::from_secs(60)).await? == StopOutcome::Graceful);
@@ -910,10 +911,16 @@ async fn nics_are_hot_plugged_and_unplugged_and_survive_a_cold_restart() -> Resu
     ensure!(recorded.nics == [nic_b.clone()], "{recorded:?}");
     host.driver.detach_nic(&uid, &nic_a.id).await?;
 
-    // The freed port takes the NIC again.
+    // The freed port takes the NIC again, hot-plugged this time, and lets it go again.
     let from = log_len(&log);
     host.driver.attach_nic(&uid, &nic_a).await?;
     wait_for_console(&log, from, &format!("FERRO-NIC eth0 {}", nic_a.mac)).await?;
-    ensure!(host.driver.nics(&uid).await?.len() == 2);
+    ensure!(host.driver.nics(&uid).await? == [nic_a.clone(), nic_b.clone()]);
+    let from = log_len(&log);
+    host.driver.detach_nic(&uid, &nic_a.id).await?;
+    wait_for_console(&log, from, "FERRO-NIC-GONE eth0").await?;
+    ensure!(host.driver.nics(&uid).await? == std::slice::from_ref(&nic_b));
+    let recorded = host.driver.recorded_spec(&uid).context("vm.json")?;
+    ensure!(recorded.nics == [nic_b.clone()], "{recorded:?}");
     destroy_and_check(&host.driver, &uid).await
 }
