@@ -186,11 +186,6 @@ pub struct VmStatus {
     pub labels: BTreeMap<String, String>,
 }
 
-/// The most NICs one VM can have: each sits on a PCIe root port of its own (so that every
-/// one of them can be unplugged), and the driver has this many ports to give, spare
-/// hot-plug ports included.
-pub const MAX_NICS: usize = 15;
-
 impl VmStatus {
     /// Whether the hypervisor process is alive.
     pub fn is_alive(&self) -> bool {
@@ -200,6 +195,11 @@ impl VmStatus {
         )
     }
 }
+
+/// The most NICs one VM can have: each sits on a PCIe root port of its own (so that every
+/// one of them can be unplugged), and the driver has this many ports to give, spare
+/// hot-plug ports included.
+pub const MAX_NICS: usize = 15;
 
 /// How [`Hypervisor::stop`] ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -395,6 +395,9 @@ pub fn validate_spec(spec: &VmSpec) -> Result<(), HypervisorError> {
         if spec.nics[..i].iter().any(|other| other.id == nic.id) {
             return invalid("nics.id", "NIC ids must be unique");
         }
+        if spec.nics[..i].iter().any(|other| other.tap == nic.tap) {
+            return invalid("nics.tap", "a tap backs one NIC");
+        }
     }
     Ok(())
 }
@@ -573,6 +576,13 @@ mod tests {
                 ..spec()
             }),
             "nics.id"
+        );
+        assert_eq!(
+            rejected_field(VmSpec {
+                nics: vec![nic("p1"), nic("p2")],
+                ..spec()
+            }),
+            "nics.tap"
         );
         assert_eq!(
             rejected_field(VmSpec {

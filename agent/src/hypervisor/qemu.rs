@@ -350,7 +350,7 @@ impl QemuDriver {
         Ok(booted)
     }
 
-    /// A QMP session with VM `uid`, for operations the trait does not cover (hot-plug).
+    /// A QMP session with VM `uid`, for operations the trait does not cover.
     /// QEMU serves one QMP client at a time: drop it promptly.
     pub async fn qmp(&self, uid: &str) -> Result<Qmp, HypervisorError> {
         validate_uid(uid)?;
