@@ -14,10 +14,11 @@
 //! writes it and packs it with `genisoimage`.
 
 use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use serde_json::json;
+use serde_json::{Value, json};
 
 /// What goes on a server's config drive.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -34,78 +35,159 @@ pub struct ConfigDrive {
     pub public_keys: BTreeMap<String, String>,
     /// User data, passed through untouched (a cloud-config, a script, …).
     pub user_data: Option<Vec<u8>>,
-    /// The guest's network layout.
-    pub network_data: NetworkData,
+    /// The guest's network layout, rendered as OpenStack's `network_data.json`; without
+    /// one the file lists no links, networks or services.
+    pub network: Option<NetworkData>,
 }
 
-/// OpenStack's `network_data.json`: the NICs, the networks on them and services such as DNS.
+/// What a guest needs to configure its NICs without DHCP: the agent's network
+/// reconciler fills it from the Server's Ports, their addresses and Networks, and
+/// [`NetworkData::to_json`] lays it out as OpenStack's `network_data.json`, which
+/// cloud-init reads.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct NetworkData {
-    /// The guest's NICs.
-    pub links: Vec<NetworkLink>,
-    /// How each NIC is configured.
-    pub networks: Vec<NetworkConfig>,
-    /// Services such as DNS servers.
-    pub services: Vec<NetworkService>,
+    /// The guest's NICs, in the order the guest finds them.
+    pub nics: Vec<GuestNic>,
+    /// DNS servers for the whole guest (`services` at the top level).
+    pub dns_servers: Vec<IpAddr>,
 }
 
-/// A guest NIC in `network_data.json`.
+/// One NIC of the guest: a Port.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NetworkLink {
-    /// The link's id, referred to by [`NetworkConfig::link`] (e.g. the port's uid).
-    pub id: String,
-    /// Always `phy` for a virtio NIC.
-    #[serde(rename = "type")]
-    pub kind: String,
+pub struct GuestNic {
+    /// The Port's uid (`vif_id`).
+    pub port_uid: String,
+    /// The tap on the host, `tap<port-uid-prefix>`: the link's id, as Nova names links.
+    pub tap: String,
     /// The NIC's MAC address, `aa:bb:cc:dd:ee:ff`.
-    pub ethernet_mac_address: String,
-    /// The MTU, when the network has one.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mac: String,
+    /// The network's MTU, when it has one.
     pub mtu: Option<u32>,
+    /// The Port's fixed addresses, each on one Network.
+    pub addresses: Vec<GuestAddress>,
 }
 
-/// How one link is addressed.
+/// A fixed address of a Port, with what the guest needs to use it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NetworkConfig {
-    /// This entry's id.
-    pub id: String,
-    /// `ipv4`, `ipv4_dhcp`, `ipv6`, `ipv6_dhcp` or `ipv6_slaac`.
-    #[serde(rename = "type")]
-    pub kind: String,
-    /// The [`NetworkLink::id`] this applies to.
-    pub link: String,
-    /// The uid of the Ferro network.
-    pub network_id: String,
-    /// The fixed address, for static types.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub ip_address: Option<String>,
-    /// The netmask, for static types (`255.255.255.0`).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub netmask: Option<String>,
-    /// Routes, for static types.
-    #[serde(default)]
-    pub routes: Vec<NetworkRoute>,
+pub struct GuestAddress {
+    /// The uid of the Network the address is on (`network_id`).
+    pub network_uid: String,
+    /// The address.
+    pub address: IpAddr,
+    /// The subnet's prefix length.
+    pub prefix_len: u8,
+    /// The subnet's gateway: the default route through this address.
+    pub gateway: Option<IpAddr>,
+    /// The subnet's host routes.
+    pub routes: Vec<GuestRoute>,
+    /// The subnet's DNS servers.
+    pub dns_servers: Vec<IpAddr>,
 }
 
-/// A route in `network_data.json`.
+/// A route to a destination network through a next hop.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NetworkRoute {
-    /// Destination network (`0.0.0.0` for the default route).
-    pub network: String,
-    /// Destination netmask.
-    pub netmask: String,
-    /// Next hop.
-    pub gateway: String,
+pub struct GuestRoute {
+    /// The destination network.
+    pub destination: IpAddr,
+    /// The destination's prefix length.
+    pub prefix_len: u8,
+    /// The next hop.
+    pub gateway: IpAddr,
 }
 
-/// A service in `network_data.json`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NetworkService {
-    /// `dns`.
-    #[serde(rename = "type")]
-    pub kind: String,
-    /// The service's address.
-    pub address: String,
+impl NetworkData {
+    /// The `network_data.json` document (OpenStack's layout, as Nova writes it):
+    ///
+    /// - `links`: one per NIC, `{id: <tap>, vif_id: <port uid>, type: "phy",
+    ///   ethernet_mac_address, mtu}`;
+    /// - `networks`: one per address, `{id: "network<n>", type: "ipv4" | "ipv6", link,
+    ///   ip_address, netmask, routes: [{network, netmask, gateway}], network_id,
+    ///   services}`, the gateway as the default route (`0.0.0.0/0.0.0.0` or `::/::`);
+    /// - `services`: `{type: "dns", address}` per DNS server.
+    pub fn to_json(&self) -> Value {
+        let dns = |servers: &[IpAddr]| -> Vec<Value> {
+            servers
+                .iter()
+                .map(|a| json!({ "type": "dns", "address": a.to_string() }))
+                .collect()
+        };
+        let links: Vec<Value> = self
+            .nics
+            .iter()
+            .map(|nic| {
+                json!({
+                    "id": nic.tap,
+                    "vif_id": nic.port_uid,
+                    "type": "phy",
+                    "ethernet_mac_address": nic.mac,
+                    "mtu": nic.mtu,
+                })
+            })
+            .collect();
+        let mut networks = Vec::new();
+        for nic in &self.nics {
+            for address in &nic.addresses {
+                let default_route = address.gateway.map(|gateway| {
+                    let any = match gateway {
+                        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                        IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+                    };
+                    route_json(any, 0, gateway)
+                });
+                let routes: Vec<Value> = default_route
+                    .into_iter()
+                    .chain(
+                        address
+                            .routes
+                            .iter()
+                            .map(|r| route_json(r.destination, r.prefix_len, r.gateway)),
+                    )
+                    .collect();
+                networks.push(json!({
+                    "id": format!("network{}", networks.len()),
+                    "type": if address.address.is_ipv4() { "ipv4" } else { "ipv6" },
+                    "link": nic.tap,
+                    "ip_address": address.address.to_string(),
+                    "netmask": netmask(address.address, address.prefix_len).to_string(),
+                    "routes": routes,
+                    "network_id": address.network_uid,
+                    "services": dns(&address.dns_servers),
+                }));
+            }
+        }
+        json!({
+            "links": links,
+            "networks": networks,
+            "services": dns(&self.dns_servers),
+        })
+    }
+}
+
+fn route_json(destination: IpAddr, prefix_len: u8, gateway: IpAddr) -> Value {
+    json!({
+        "network": destination.to_string(),
+        "netmask": netmask(destination, prefix_len).to_string(),
+        "gateway": gateway.to_string(),
+    })
+}
+
+/// The netmask of a prefix length, in the family of `address` (`255.255.255.0`,
+/// `ffff:ffff:ffff:ffff::`); a length past the family's width is all ones.
+fn netmask(address: IpAddr, prefix_len: u8) -> IpAddr {
+    match address {
+        IpAddr::V4(_) => {
+            let mask = u32::MAX
+                .checked_shl(32 - u32::from(prefix_len.min(32)))
+                .unwrap_or(0);
+            IpAddr::V4(Ipv4Addr::from(mask))
+        }
+        IpAddr::V6(_) => {
+            let mask = u128::MAX
+                .checked_shl(128 - u32::from(prefix_len.min(128)))
+                .unwrap_or(0);
+            IpAddr::V6(Ipv6Addr::from(mask))
+        }
+    }
 }
 
 /// Why a config drive could not be made.
@@ -157,8 +239,10 @@ impl ConfigDrive {
             bytes.push(b'\n');
             bytes
         };
-        let network =
-            serde_json::to_value(&self.network_data).expect("network data serialises to JSON");
+        let network = self.network.as_ref().map_or_else(
+            || json!({ "links": [], "networks": [], "services": [] }),
+            NetworkData::to_json,
+        );
         let mut files = vec![
             (dir.join("meta_data.json"), to_json(&meta)),
             (dir.join("network_data.json"), to_json(&network)),
@@ -231,27 +315,53 @@ mod tests {
                 "ssh-ed25519 AAAAC3Nz alice@laptop".into(),
             )]),
             user_data: Some(b"#cloud-config\n".to_vec()),
-            network_data: NetworkData {
-                links: vec![NetworkLink {
-                    id: "port-1".into(),
-                    kind: "phy".into(),
-                    ethernet_mac_address: "52:54:00:12:34:56".into(),
-                    mtu: Some(1450),
-                }],
-                networks: vec![NetworkConfig {
-                    id: "network0".into(),
-                    kind: "ipv4_dhcp".into(),
-                    link: "port-1".into(),
-                    network_id: "net-uid".into(),
-                    ip_address: None,
-                    netmask: None,
-                    routes: vec![],
-                }],
-                services: vec![NetworkService {
-                    kind: "dns".into(),
-                    address: "10.0.0.2".into(),
-                }],
-            },
+            network: Some(NetworkData {
+                nics: vec![
+                    GuestNic {
+                        port_uid: "4f2c9a10-7d3e-4b8a-9c61-0e5d2a7b3f11".into(),
+                        tap: "tap4f2c9a10-7d".into(),
+                        mac: "52:54:00:12:34:56".into(),
+                        mtu: Some(1450),
+                        addresses: vec![
+                            GuestAddress {
+                                network_uid: "net-a".into(),
+                                address: "10.0.0.5".parse().unwrap(),
+                                prefix_len: 24,
+                                gateway: Some("10.0.0.1".parse().unwrap()),
+                                routes: vec![GuestRoute {
+                                    destination: "192.168.8.0".parse().unwrap(),
+                                    prefix_len: 22,
+                                    gateway: "10.0.0.254".parse().unwrap(),
+                                }],
+                                dns_servers: vec!["10.0.0.2".parse().unwrap()],
+                            },
+                            GuestAddress {
+                                network_uid: "net-a".into(),
+                                address: "fd00:1::5".parse().unwrap(),
+                                prefix_len: 64,
+                                gateway: Some("fd00:1::1".parse().unwrap()),
+                                routes: vec![],
+                                dns_servers: vec![],
+                            },
+                        ],
+                    },
+                    GuestNic {
+                        port_uid: "9b7e3c55-1a2b-4c3d-8e9f-a0b1c2d3e4f5".into(),
+                        tap: "tap9b7e3c55-1a".into(),
+                        mac: "52:54:00:ab:cd:ef".into(),
+                        mtu: None,
+                        addresses: vec![GuestAddress {
+                            network_uid: "net-b".into(),
+                            address: "172.16.3.9".parse().unwrap(),
+                            prefix_len: 20,
+                            gateway: None,
+                            routes: vec![],
+                            dns_servers: vec![],
+                        }],
+                    },
+                ],
+                dns_servers: vec!["10.0.0.2".parse().unwrap()],
+            }),
         }
     }
 
@@ -278,16 +388,91 @@ mod tests {
     }
 
     #[test]
-    fn network_data_uses_openstack_field_names() {
+    fn network_data_follows_the_openstack_layout() {
         let net: serde_json::Value =
             serde_json::from_slice(&file(&drive(), "network_data.json").unwrap()).unwrap();
-        assert_eq!(net["links"][0]["type"], "phy");
-        assert_eq!(net["links"][0]["ethernet_mac_address"], "52:54:00:12:34:56");
-        assert_eq!(net["networks"][0]["type"], "ipv4_dhcp");
-        assert!(net["networks"][0].get("ip_address").is_none());
         assert_eq!(
-            net["services"][0],
-            json!({"type": "dns", "address": "10.0.0.2"})
+            net,
+            json!({
+                "links": [
+                    {
+                        "id": "tap4f2c9a10-7d",
+                        "vif_id": "4f2c9a10-7d3e-4b8a-9c61-0e5d2a7b3f11",
+                        "type": "phy",
+                        "ethernet_mac_address": "52:54:00:12:34:56",
+                        "mtu": 1450,
+                    },
+                    {
+                        "id": "tap9b7e3c55-1a",
+                        "vif_id": "9b7e3c55-1a2b-4c3d-8e9f-a0b1c2d3e4f5",
+                        "type": "phy",
+                        "ethernet_mac_address": "52:54:00:ab:cd:ef",
+                        "mtu": null,
+                    },
+                ],
+                "networks": [
+                    {
+                        "id": "network0",
+                        "type": "ipv4",
+                        "link": "tap4f2c9a10-7d",
+                        "ip_address": "10.0.0.5",
+                        "netmask": "255.255.255.0",
+                        "routes": [
+                            {"network": "0.0.0.0", "netmask": "0.0.0.0", "gateway": "10.0.0.1"},
+                            {"network": "192.168.8.0", "netmask": "255.255.252.0", "gateway": "10.0.0.254"},
+                        ],
+                        "network_id": "net-a",
+                        "services": [{"type": "dns", "address": "10.0.0.2"}],
+                    },
+                    {
+                        "id": "network1",
+                        "type": "ipv6",
+                        "link": "tap4f2c9a10-7d",
+                        "ip_address": "fd00:1::5",
+                        "netmask": "ffff:ffff:ffff:ffff::",
+                        "routes": [{"network": "::", "netmask": "::", "gateway": "fd00:1::1"}],
+                        "network_id": "net-a",
+                        "services": [],
+                    },
+                    {
+                        "id": "network2",
+                        "type": "ipv4",
+                        "link": "tap9b7e3c55-1a",
+                        "ip_address": "172.16.3.9",
+                        "netmask": "255.255.240.0",
+                        "routes": [],
+                        "network_id": "net-b",
+                        "services": [],
+                    },
+                ],
+                "services": [{"type": "dns", "address": "10.0.0.2"}],
+            })
+        );
+    }
+
+    #[test]
+    fn without_network_data_the_layout_is_empty() {
+        let drive = ConfigDrive {
+            network: None,
+            ..drive()
+        };
+        let net: serde_json::Value =
+            serde_json::from_slice(&file(&drive, "network_data.json").unwrap()).unwrap();
+        assert_eq!(net, json!({"links": [], "networks": [], "services": []}));
+    }
+
+    #[test]
+    fn netmasks_come_from_prefix_lengths() {
+        let v4: IpAddr = "10.0.0.0".parse().unwrap();
+        let v6: IpAddr = "fd00::".parse().unwrap();
+        assert_eq!(netmask(v4, 0).to_string(), "0.0.0.0");
+        assert_eq!(netmask(v4, 32).to_string(), "255.255.255.255");
+        assert_eq!(netmask(v4, 40).to_string(), "255.255.255.255");
+        assert_eq!(netmask(v6, 0).to_string(), "::");
+        assert_eq!(netmask(v6, 48).to_string(), "ffff:ffff:ffff::");
+        assert_eq!(
+            netmask(v6, 128).to_string(),
+            "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"
         );
     }
 

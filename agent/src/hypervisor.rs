@@ -11,6 +11,11 @@
 //! uid so orphans can be found. Calls for one uid are serialised by the driver; the agent's
 //! per-VM task is still the only caller expected to change a given VM.
 //!
+//! NICs have an identity of their own ([`Nic::id`], the Port's uid) and can be plugged
+//! into and out of a running VM ([`Hypervisor::attach_nic`], [`Hypervisor::detach_nic`]);
+//! [`Hypervisor::nics`] reads back what the VM really has, so a reconciler restarted
+//! after a hot-plug compares the wanted NICs with the hypervisor's, not with its memory.
+//!
 //! The real driver is [`qemu::QemuDriver`]; [`memory::MemoryHypervisor`] is its in-memory
 //! double for tests without root. The driver-level types here deliberately do
 //! not depend on the API crate.
@@ -105,6 +110,12 @@ pub struct DirectKernel {
 /// otherwise QEMU creates one that disappears with it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Nic {
+    /// The NIC's identity, which survives hot-plugs and restarts: the Port's uid. The
+    /// driver names its devices from it (QEMU's `net-<id>` and `nic-<id>`), so plugging
+    /// or unplugging one NIC never renames another. Letters, digits, `-` and `_`, at most
+    /// 64 characters. Specs recorded before NICs had ids read back with an empty one.
+    #[serde(default)]
+    pub id: String,
     /// The tap's interface name (at most 15 bytes), e.g. `tap<port-uid-prefix>`.
     pub tap: String,
     /// The guest-visible MAC address, `aa:bb:cc:dd:ee:ff`.
@@ -185,6 +196,11 @@ impl VmStatus {
     }
 }
 
+/// The most NICs one VM can have: each sits on a PCIe root port of its own (so that every
+/// one of them can be unplugged), and the driver has this many ports to give, spare
+/// hot-plug ports included.
+pub const MAX_NICS: usize = 15;
+
 /// How [`Hypervisor::stop`] ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StopOutcome {
@@ -262,6 +278,35 @@ pub enum HypervisorError {
     /// The config drive could not be made.
     #[error("config drive")]
     ConfigDrive(#[from] ConfigDriveError),
+    /// Every hot-plug port of the VM holds a device already.
+    #[error("VM {uid} has no free hot-plug port for NIC {nic}")]
+    NoFreePort {
+        /// The VM's uid.
+        uid: String,
+        /// The NIC that did not fit.
+        nic: String,
+    },
+    /// The VM has a NIC with this id that is not the one asked for.
+    #[error("VM {uid} already has NIC {nic} with {found}")]
+    NicConflict {
+        /// The VM's uid.
+        uid: String,
+        /// The NIC's id.
+        nic: String,
+        /// What the NIC in the VM has (tap and MAC).
+        found: String,
+    },
+    /// The guest did not release a NIC in time (it may not run an OS that handles
+    /// hot-unplug yet). The unplug stays requested; asking again waits again.
+    #[error("VM {uid}: the guest did not release NIC {nic} within {waited:?}")]
+    UnplugTimeout {
+        /// The VM's uid.
+        uid: String,
+        /// The NIC's id.
+        nic: String,
+        /// How long we waited.
+        waited: Duration,
+    },
 }
 
 /// A hypervisor driver: runs, observes, stops and removes VMs on this host.
@@ -293,6 +338,25 @@ pub trait Hypervisor: Send + Sync {
     /// Every VM this driver finds on the host, running or not.
     async fn list(&self) -> Result<Vec<VmStatus>, HypervisorError>;
 
+    /// Plugs `nic` into the running VM, on a free hot-plug port, and records it with the
+    /// VM's spec so that a cold start of the recorded spec brings it back. A NIC with
+    /// this id that is already there with the same tap and MAC is success; one with
+    /// another tap or MAC is [`HypervisorError::NicConflict`] (detach it first). A VM
+    /// that does not run is [`HypervisorError::NotRunning`]: its next start takes its NICs
+    /// from the spec it is given.
+    async fn attach_nic(&self, uid: &str, nic: &Nic) -> Result<(), HypervisorError>;
+
+    /// Unplugs NIC `nic_id` from the running VM: asks the guest to release it, waits until
+    /// it has, removes its backend (the tap stays if it was made beforehand) and drops it
+    /// from the recorded spec. A NIC that is not there is not an error.
+    async fn detach_nic(&self, uid: &str, nic_id: &str) -> Result<(), HypervisorError>;
+
+    /// The NICs the running VM has, read from the hypervisor (never from memory), in the
+    /// order of the ports they sit on: cold-plugged NICs in [`VmSpec::nics`] order, then
+    /// hot-plugged ones in the ports they got. [`HypervisorError::NotRunning`] when the
+    /// VM does not run.
+    async fn nics(&self, uid: &str) -> Result<Vec<Nic>, HypervisorError>;
+
     /// The accelerator new VMs get, reported in `Node.status.accelerator`. A driver that
     /// has no choice to make keeps this default, TCG.
     async fn accel(&self) -> Accel {
@@ -323,19 +387,49 @@ pub fn validate_spec(spec: &VmSpec) -> Result<(), HypervisorError> {
     {
         return invalid("kernel.cmdline", "must be one line");
     }
-    for nic in &spec.nics {
-        if nic.tap.is_empty()
-            || nic.tap.len() > 15
-            || !nic
-                .tap
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        {
-            return invalid("nics.tap", "1 to 15 letters, digits, '-' or '_'");
+    if spec.nics.len() > MAX_NICS {
+        return invalid("nics", "at most 15 NICs");
+    }
+    for (i, nic) in spec.nics.iter().enumerate() {
+        validate_nic(nic)?;
+        if spec.nics[..i].iter().any(|other| other.id == nic.id) {
+            return invalid("nics.id", "NIC ids must be unique");
         }
-        if !is_mac(&nic.mac) {
-            return invalid("nics.mac", "must look like 52:54:00:12:34:56");
+        if spec.nics[..i].iter().any(|other| other.tap == nic.tap) {
+            return invalid("nics.tap", "a tap backs one NIC");
         }
+    }
+    Ok(())
+}
+
+/// Checks a NIC: an id fit for device names, a tap name the kernel takes, a MAC.
+pub fn validate_nic(nic: &Nic) -> Result<(), HypervisorError> {
+    let invalid = |field, reason: &str| {
+        Err(HypervisorError::InvalidSpec {
+            field,
+            reason: reason.to_owned(),
+        })
+    };
+    if nic.id.is_empty()
+        || nic.id.len() > 64
+        || !nic
+            .id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return invalid("nics.id", "1 to 64 letters, digits, '-' or '_'");
+    }
+    if nic.tap.is_empty()
+        || nic.tap.len() > 15
+        || !nic
+            .tap
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return invalid("nics.tap", "1 to 15 letters, digits, '-' or '_'");
+    }
+    if !is_mac(&nic.mac) {
+        return invalid("nics.mac", "must look like 52:54:00:12:34:56");
     }
     Ok(())
 }
@@ -382,6 +476,7 @@ mod tests {
             }),
             config_drive: None,
             nics: vec![Nic {
+                id: "7d1e0c2a-port".into(),
                 tap: "tap0b5c3a52-5a".into(),
                 mac: "52:54:00:12:34:56".into(),
             }],
@@ -433,6 +528,7 @@ mod tests {
             "boot_disk"
         );
         let long_tap = vec![Nic {
+            id: "p1".into(),
             tap: "tap-much-too-long".into(),
             mac: "52:54:00:12:34:56".into(),
         }];
@@ -444,6 +540,7 @@ mod tests {
             "nics.tap"
         );
         let bad_mac = vec![Nic {
+            id: "p1".into(),
             tap: "tap0".into(),
             mac: "52:54:00:12:34".into(),
         }];
@@ -454,5 +551,54 @@ mod tests {
             }),
             "nics.mac"
         );
+        let nic = |id: &str| Nic {
+            id: id.into(),
+            tap: "tap0".into(),
+            mac: "52:54:00:12:34:56".into(),
+        };
+        assert_eq!(
+            rejected_field(VmSpec {
+                nics: vec![nic("")],
+                ..spec()
+            }),
+            "nics.id"
+        );
+        assert_eq!(
+            rejected_field(VmSpec {
+                nics: vec![nic("a,b")],
+                ..spec()
+            }),
+            "nics.id"
+        );
+        assert_eq!(
+            rejected_field(VmSpec {
+                nics: vec![nic("p1"), nic("p1")],
+                ..spec()
+            }),
+            "nics.id"
+        );
+        assert_eq!(
+            rejected_field(VmSpec {
+                nics: vec![nic("p1"), nic("p2")],
+                ..spec()
+            }),
+            "nics.tap"
+        );
+        assert_eq!(
+            rejected_field(VmSpec {
+                nics: (0..16).map(|i| nic(&format!("p{i}"))).collect(),
+                ..spec()
+            }),
+            "nics"
+        );
+    }
+
+    #[test]
+    fn specs_recorded_before_nic_ids_still_read() {
+        let old = r#"{"uid":"vm1","name":"vm1","vcpus":1,"memory_mib":128,"boot_disk":null,
+            "kernel":null,"nics":[{"tap":"tap1","mac":"52:54:00:12:34:56"}]}"#;
+        let spec: VmSpec = serde_json::from_str(old).unwrap();
+        assert_eq!(spec.nics[0].id, "");
+        assert_eq!(spec.nics[0].tap, "tap1");
     }
 }

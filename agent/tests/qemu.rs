@@ -16,7 +16,7 @@ use anyhow::{Context, Result, bail, ensure};
 use common::{kill, qemu_processes, tiny_guest};
 mod common;
 
-use ferro_agent::configdrive::ConfigDrive;
+use ferro_agent::configdrive::{ConfigDrive, GuestAddress, GuestNic, NetworkData};
 use ferro_agent::hypervisor::qemu::{AccelPolicy, QemuConfig, QemuDriver, is_vm_process};
 use ferro_agent::hypervisor::{
     Accel, BootDisk, DirectKernel, DiskFormat, Hypervisor, Nic, StopOutcome, VmSpec, VmState,
@@ -202,6 +202,7 @@ async fn boots_the_tiny_guest_with_its_config_drive() -> Result<()> {
     let mac = "52:54:00:0f:e2:01";
     let spec = VmSpec {
         nics: vec![Nic {
+            id: new_uid(),
             tap: tap.clone(),
             mac: mac.into(),
         }],
@@ -235,6 +236,10 @@ async fn boots_the_tiny_guest_with_its_config_drive() -> Result<()> {
     ensure!(ready.contains("hostname=web-1 boot-count=1"), "{ready}");
     // The NIC is there and DHCP, with nobody answering, did not hold up the marker.
     ensure!(ready.contains(&format!("nics=eth0@{mac}")), "{ready}");
+    ensure!(
+        console.contains(&format!("FERRO-NIC eth0 {mac}")),
+        "{console}"
+    );
     // The uid is on QEMU's command line for operators.
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))?;
     ensure!(String::from_utf8_lossy(&cmdline).contains(&format!("ferro-{uid}")));
@@ -513,7 +518,23 @@ async fn cloud_init_reads_the_config_drive() -> Result<()> {
         availability_zone: "zone-b".into(),
         public_keys: BTreeMap::from([("alice".to_owned(), KEY.to_owned())]),
         user_data: Some(b"#cloud-config\nruncmd:\n  - echo hi\n".to_vec()),
-        ..ConfigDrive::default()
+        network: Some(NetworkData {
+            nics: vec![GuestNic {
+                port_uid: "4f2c9a10-7d3e-4b8a-9c61-0e5d2a7b3f11".into(),
+                tap: "tap4f2c9a10-7d".into(),
+                mac: "52:54:00:0f:e2:0c".into(),
+                mtu: Some(1450),
+                addresses: vec![GuestAddress {
+                    network_uid: "9b7e3c55-1a2b-4c3d-8e9f-a0b1c2d3e4f5".into(),
+                    address: "192.0.2.5".parse()?,
+                    prefix_len: 24,
+                    gateway: Some("192.0.2.1".parse()?),
+                    routes: vec![],
+                    dns_servers: vec!["192.0.2.2".parse()?],
+                }],
+            }],
+            dns_servers: vec!["192.0.2.2".parse()?],
+        }),
     };
     drive.write_iso(&iso, Path::new("genisoimage")).await?;
 
@@ -562,6 +583,7 @@ async fn cloud_init_reads_the_config_drive() -> Result<()> {
     let reader = r#"
 import json, sys
 from cloudinit.sources.DataSourceConfigDrive import read_config_drive
+from cloudinit.sources.helpers.openstack import convert_net_json
 r = read_config_drive(sys.argv[1])
 ud = r["userdata"]
 print(json.dumps({
@@ -571,6 +593,7 @@ print(json.dumps({
     "public_keys": r["metadata"].get("public_keys"),
     "userdata": ud.decode() if isinstance(ud, bytes) else ud,
     "networkdata": r.get("networkdata"),
+    "netconfig": convert_net_json(r.get("networkdata"), known_macs={"52:54:00:0f:e2:0c": "eth0"}),
 }))
 "#;
     let output = Command::new("/usr/bin/python3")
@@ -593,9 +616,37 @@ print(json.dumps({
         read["userdata"] == "#cloud-config\nruncmd:\n  - echo hi\n",
         "{read}"
     );
+    // cloud-init turns network_data.json into its own network config: the NIC by its
+    // MAC, a static address with the gateway, and the DNS server.
+    let config = &read["netconfig"]["config"];
+    let nic = config
+        .as_array()
+        .and_then(|c| c.iter().find(|e| e["type"] == "physical"))
+        .context("no physical NIC in cloud-init's network config")?;
     ensure!(
-        read["networkdata"]["links"] == serde_json::json!([]),
-        "{read}"
+        nic["name"] == "eth0" && nic["mac_address"] == "52:54:00:0f:e2:0c" && nic["mtu"] == 1450,
+        "{nic}"
+    );
+    let subnet = &nic["subnets"][0];
+    ensure!(
+        subnet["type"] == "static"
+            && subnet["address"] == "192.0.2.5"
+            && subnet["netmask"] == "255.255.255.0",
+        "{subnet}"
+    );
+    let default_route = subnet["routes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|r| r["gateway"] == "192.0.2.1" && r["network"] == "0.0.0.0")
+        || subnet["gateway"] == "192.0.2.1";
+    ensure!(
+        default_route,
+        "no default route through the gateway: {subnet}"
+    );
+    ensure!(
+        config.to_string().contains("\"192.0.2.2\""),
+        "no DNS server: {config}"
     );
     Ok(())
 }
@@ -695,6 +746,7 @@ async fn the_tiny_guest_answers_on_the_network() -> Result<()> {
     let mac = "52:54:00:0f:e2:08";
     let spec = VmSpec {
         nics: vec![Nic {
+            id: new_uid(),
             tap: tap.clone(),
             mac: mac.into(),
         }],
@@ -737,5 +789,138 @@ async fn the_tiny_guest_answers_on_the_network() -> Result<()> {
     );
     let hello = ns.exec(&["busybox", "nc", "-w", "10", "192.0.2.10", "7"])?;
     ensure!(hello.starts_with("ferro-tiny web-8"), "{hello}");
+    destroy_and_check(&host.driver, &uid).await
+}
+
+/// A persistent tap of the test's own, up, as the network reconciler makes them before a
+/// NIC is plugged; deleted on drop.
+struct Tap(String);
+
+impl Tap {
+    fn new(name: String) -> Result<Tap> {
+        run("ip", &["tuntap", "add", &name, "mode", "tap"])?;
+        let tap = Tap(name);
+        run("ip", &["link", "set", &tap.0, "up"])?;
+        Ok(tap)
+    }
+
+    /// Whether a process holds the tap open: a tap's carrier is up only then.
+    fn attached(&self) -> bool {
+        std::fs::read_to_string(format!("/sys/class/net/{}/carrier", self.0))
+            .is_ok_and(|c| c.trim() == "1")
+    }
+}
+
+impl Drop for Tap {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["link", "del", &self.0]).status();
+    }
+}
+
+#[tokio::test]
+async fn nics_are_hot_plugged_and_unplugged_and_survive_a_cold_restart() -> Result<()> {
+    let host = Host::new();
+    let uid = new_uid();
+    let tap_a = Tap::new(format!("fa{}", &uid[..8]))?;
+    let tap_b = Tap::new(format!("fb{}", &uid[..8]))?;
+    let nic_a = Nic {
+        id: new_uid(),
+        tap: tap_a.0.clone(),
+        mac: "52:54:00:0f:e2:0a".into(),
+    };
+    let nic_b = Nic {
+        id: new_uid(),
+        tap: tap_b.0.clone(),
+        mac: "52:54:00:0f:e2:0b".into(),
+    };
+    let spec = VmSpec {
+        nics: vec![nic_a.clone()],
+        ..tiny_spec(&uid, "web-10", None)
+    };
+    let status = host.driver.start(&spec).await?;
+    let log = status.serial_log.clone();
+    let (console, _) = wait_for_console(&log, 0, "FERRO-READY").await?;
+    ensure!(
+        console.contains(&format!("FERRO-NIC eth0 {}", nic_a.mac)),
+        "{console}"
+    );
+    ensure!(host.driver.nics(&uid).await? == std::slice::from_ref(&nic_a));
+    ensure!(tap_a.attached() && !tap_b.attached());
+
+    // Hot-plug: the guest finds the NIC within a few seconds, QEMU lists it, and the
+    // recorded spec has both.
+    let from = log_len(&log);
+    let plugging = Instant::now();
+    host.driver.attach_nic(&uid, &nic_b).await?;
+    let plugged = plugging.elapsed();
+    let (_, seen) = wait_for_console(&log, from, "FERRO-NIC eth1").await?;
+    let seen_after = plugging.elapsed();
+    println!(
+        "hot-plug: attach_nic took {} ms, the guest reported the NIC {} ms after the call \
+         (TCG, polling every 0.5 s)",
+        plugged.as_millis(),
+        seen_after.as_millis()
+    );
+    ensure!(seen == format!("FERRO-NIC eth1 {}", nic_b.mac), "{seen}");
+    ensure!(host.driver.nics(&uid).await? == [nic_a.clone(), nic_b.clone()]);
+    ensure!(tap_b.attached(), "QEMU does not hold {}", tap_b.0);
+    let recorded = host.driver.recorded_spec(&uid).context("vm.json")?;
+    ensure!(
+        recorded.nics == [nic_a.clone(), nic_b.clone()],
+        "{recorded:?}"
+    );
+    // Asked again, nothing changes; a restarted agent reads the same from QEMU.
+    host.driver.attach_nic(&uid, &nic_b).await?;
+    ensure!(host.driver.nics(&uid).await?.len() == 2);
+    ensure!(host.second_driver().nics(&uid).await? == [nic_a.clone(), nic_b.clone()]);
+
+    // A cold restart from the recorded spec brings both back, in that order.
+    ensure!(host.driver.stop(&uid, Duration::from_secs(60)).await? == StopOutcome::Graceful);
+    let from = log_len(&log);
+    host.driver
+        .start(&VmSpec {
+            config_drive: spec.config_drive.clone(),
+            ..recorded
+        })
+        .await?;
+    let (console, _) = wait_for_console(&log, from, "FERRO-READY").await?;
+    for (ifname, nic) in [("eth0", &nic_a), ("eth1", &nic_b)] {
+        ensure!(
+            console.contains(&format!("FERRO-NIC {ifname} {}", nic.mac)),
+            "{console}"
+        );
+    }
+    ensure!(host.driver.nics(&uid).await? == [nic_a.clone(), nic_b.clone()]);
+
+    // Unplug, cold-plugged NICs too: gone from the guest, from QEMU and from the spec.
+    let from = log_len(&log);
+    let unplugging = Instant::now();
+    host.driver.detach_nic(&uid, &nic_a.id).await?;
+    println!(
+        "hot-unplug: detach_nic took {} ms",
+        unplugging.elapsed().as_millis()
+    );
+    wait_for_console(&log, from, "FERRO-NIC-GONE eth0").await?;
+    ensure!(host.driver.nics(&uid).await? == std::slice::from_ref(&nic_b));
+    ensure!(!tap_a.attached(), "QEMU still holds {}", tap_a.0);
+    ensure!(
+        Path::new(&format!("/sys/class/net/{}", tap_a.0)).exists(),
+        "the persistent tap went with the NIC"
+    );
+    let recorded = host.driver.recorded_spec(&uid).context("vm.json")?;
+    ensure!(recorded.nics == [nic_b.clone()], "{recorded:?}");
+    host.driver.detach_nic(&uid, &nic_a.id).await?;
+
+    // The freed port takes the NIC again, hot-plugged this time, and lets it go again.
+    let from = log_len(&log);
+    host.driver.attach_nic(&uid, &nic_a).await?;
+    wait_for_console(&log, from, &format!("FERRO-NIC eth0 {}", nic_a.mac)).await?;
+    ensure!(host.driver.nics(&uid).await? == [nic_a.clone(), nic_b.clone()]);
+    let from = log_len(&log);
+    host.driver.detach_nic(&uid, &nic_a.id).await?;
+    wait_for_console(&log, from, "FERRO-NIC-GONE eth0").await?;
+    ensure!(host.driver.nics(&uid).await? == std::slice::from_ref(&nic_b));
+    let recorded = host.driver.recorded_spec(&uid).context("vm.json")?;
+    ensure!(recorded.nics == [nic_b.clone()], "{recorded:?}");
     destroy_and_check(&host.driver, &uid).await
 }

@@ -122,6 +122,9 @@ wanted=(
   button evdev                     # ACPI power button, so a graceful stop works
   virtio_rng                       # entropy, if the host offers it
 )
+# Hot-plugged NICs need nothing more: Debian builds PCIe native (pciehp) and ACPI
+# (acpiphp) hot-plug into the kernel, and a virtio-net device that appears on a root port
+# binds to the virtio_net driver loaded at boot.
 declare -A seen=()
 order=()
 add_module() { # $1 = module name; appends its dependencies, then itself

@@ -7,10 +7,13 @@
 #   FERRO-BOOT-COUNT N                        boots counted in /boot-count on the disk
 #   FERRO-READY hostname=NAME boot-count=N nics=IF@MAC,... addrs=IF=ADDR/LEN,...
 #   FERRO-ADDR IF ADDR/LEN                    each time DHCP binds an address
+#   FERRO-NIC IF MAC                          a NIC is there: at boot (before the ready
+#                                             marker), or hot-plugged later (seen within 0.5 s)
+#   FERRO-NIC-GONE IF                         a NIC went away (hot-unplugged)
 #   FERRO-POWEROFF                            on the way down (ACPI power button or poweroff)
 # and on the network: ping; TCP port 7 answers "ferro-tiny HOSTNAME" then echoes; HTTP on
-# port 80 serves the hostname. DHCP runs on every NIC in the background and never delays
-# the ready marker. A user_data starting with "#!" runs (as cloud-init would) before the
+# port 80 serves the hostname. DHCP runs on every NIC in the background, on hot-plugged
+# ones too, and never delays the ready marker. A user_data starting with "#!" runs (as cloud-init would) before the
 # marker, with the disk mounted at /mnt/disk.
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
 
@@ -141,14 +144,50 @@ case "$1" in
 esac
 EOF
 chmod 0755 /run/udhcpc.script
+# The NICs there are, as IF@MAC words: a NIC unplugged and another plugged under the
+# same name in between two looks still counts as one gone and one new.
+nic_list() {
+  for path in /sys/class/net/*; do
+    ifname=${path##*/}
+    [ "$ifname" = lo ] || echo "$ifname@$(cat "$path/address" 2>/dev/null)"
+  done
+}
+# A NIC appeared: link up, DHCP in the background, and say so.
+nic_up() {
+  ip link set "$1" up
+  udhcpc -f -i "$1" -s /run/udhcpc.script -t 3 -T 1 -A 2 -x hostname:"$host" >/dev/null 2>&1 &
+  echo $! >"/run/udhcpc.$1.pid"
+  echo "FERRO-NIC $1 $2"
+}
+# A NIC went away: its DHCP client goes too.
+nic_gone() {
+  [ -f "/run/udhcpc.$1.pid" ] && kill "$(cat "/run/udhcpc.$1.pid")" 2>/dev/null
+  rm -f "/run/udhcpc.$1.pid"
+  echo "FERRO-NIC-GONE $1"
+}
+# Hot-plug: no udev here, so look at /sys/class/net twice a second.
+watch_nics() {
+  known=" $* "
+  while :; do
+    sleep 0.5 2>/dev/null || sleep 1
+    now=" $(nic_list | tr '\n' ' ') "
+    for nic in $known; do
+      case "$now" in *" $nic "*) ;; *) nic_gone "${nic%@*}" ;; esac
+    done
+    for nic in $now; do
+      case "$known" in *" $nic "*) ;; *) nic_up "${nic%@*}" "${nic#*@}" ;; esac
+    done
+    known=$now
+  done
+}
+boot_nics=$(nic_list)
 nics=""
-for path in /sys/class/net/*; do
-  ifname=${path##*/}
-  [ "$ifname" = lo ] && continue
-  ip link set "$ifname" up
-  nics="$nics${nics:+,}$ifname@$(cat "$path/address")"
-  udhcpc -f -i "$ifname" -s /run/udhcpc.script -t 3 -T 1 -A 2 -x hostname:"$host" >/dev/null 2>&1 &
+for nic in $boot_nics; do
+  nic_up "${nic%@*}" "${nic#*@}"
+  nics="$nics${nics:+,}$nic"
 done
+# shellcheck disable=SC2086 # one word per NIC
+watch_nics $boot_nics &
 
 # The responders later network tests talk to.
 mkdir -p /www

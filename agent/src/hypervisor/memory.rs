@@ -12,6 +12,9 @@
 //! - a failed start leaves the VM's record and files behind, as QEMU's directory is left
 //!   (`Stopped`, or `PoweredOff` if it had been running before);
 //! - `stop` makes a VM `Stopped` whatever it was; `destroy` removes the VM and its files;
+//! - NICs are plugged into and out of a running VM only, as many as it has root ports
+//!   (one per NIC it was launched with, plus [`HOTPLUG_PORTS`]), and the recorded spec
+//!   (`vm.json`, [`MemoryHypervisor::spec`]) follows them, as on a QEMU host;
 //! - [`MemoryHypervisor::restart`] is a new driver over the same host: the guests outlive
 //!   the driver, as they outlive the agent, and the new driver adopts them.
 //!
@@ -33,8 +36,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use super::{
-    Accel, Hypervisor, HypervisorError, StopOutcome, VmSpec, VmState, VmStatus, validate_spec,
-    validate_uid,
+    Accel, Hypervisor, HypervisorError, MAX_NICS, Nic, StopOutcome, VmSpec, VmState, VmStatus,
+    validate_nic, validate_spec, validate_uid,
 };
 
 /// Where the (never created) files of the double's VMs are said to live.
@@ -42,6 +45,10 @@ pub const STATE_DIR: &str = "/nonexistent/ferro-memory-hypervisor";
 
 /// The first pid the double hands out.
 const FIRST_PID: u32 = 40_000;
+
+/// Spare hot-plug ports a launched VM gets besides one per NIC, as with the QEMU
+/// driver's default settings.
+pub const HOTPLUG_PORTS: usize = 4;
 
 /// A driver operation, for failure injection and the journal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -58,6 +65,12 @@ pub enum Operation {
     Status,
     /// [`Hypervisor::list`].
     List,
+    /// [`Hypervisor::attach_nic`].
+    AttachNic,
+    /// [`Hypervisor::detach_nic`].
+    DetachNic,
+    /// [`Hypervisor::nics`].
+    Nics,
 }
 
 impl Operation {
@@ -65,7 +78,12 @@ impl Operation {
     pub fn is_mutating(self) -> bool {
         matches!(
             self,
-            Operation::Start | Operation::Stop | Operation::Reset | Operation::Destroy
+            Operation::Start
+                | Operation::Stop
+                | Operation::Reset
+                | Operation::Destroy
+                | Operation::AttachNic
+                | Operation::DetachNic
         )
     }
 }
@@ -154,6 +172,11 @@ struct Vm {
     launches: u32,
     /// Resets performed.
     resets: u32,
+    /// Root ports of the running hypervisor, each holding a NIC or free: one per NIC at
+    /// launch plus [`HOTPLUG_PORTS`].
+    ports: usize,
+    /// Whether the guest releases a NIC it is asked to unplug.
+    releases_nics: bool,
 }
 
 impl Vm {
@@ -511,6 +534,7 @@ impl MemoryHypervisor {
         self.with_vm(uid, |host, vm| {
             if vm.process.is_none() {
                 vm.process = Some(host.launch());
+                vm.ports = root_ports(&vm.spec);
                 vm.launches += 1;
             }
             vm.died = false;
@@ -554,6 +578,27 @@ impl MemoryHypervisor {
         self.with_vm(uid, |_, vm| vm.honours_acpi = honours);
     }
 
+    /// Whether the guest releases NICs it is asked to unplug; one that does not makes
+    /// [`Hypervisor::detach_nic`] time out with the NIC still in.
+    ///
+    /// # Panics
+    /// If there is no such VM.
+    pub fn set_releases_nics(&self, uid: &str, releases: bool) {
+        self.with_vm(uid, |_, vm| vm.releases_nics = releases);
+    }
+
+    /// Someone unplugs a NIC without the driver (QEMU's monitor used by hand): the VM and
+    /// its recorded spec lose it.
+    ///
+    /// # Panics
+    /// If there is no such VM.
+    pub fn unplug_behind_our_back(&self, uid: &str, nic_id: &str) {
+        self.with_vm(uid, |_, vm| {
+            vm.spec.nics.retain(|n| n.id != nic_id);
+            record_spec(vm);
+        });
+    }
+
     /// A VM appears on the host that no call of this driver made: one left by an earlier
     /// agent whose Server is gone, or one an operator made. It carries `labels` (none,
     /// or a Server's project and name) and runs when `running`.
@@ -584,12 +629,18 @@ impl MemoryHypervisor {
         write_files(&mut vm);
         if running {
             vm.process = Some(host.launch());
+            vm.ports = root_ports(&vm.spec);
             vm.launches = 1;
             vm.should_run = true;
             vm.detail = Some("running".to_owned());
         }
         host.vms.insert(uid, vm);
     }
+}
+
+/// The root ports a hypervisor launched with `spec` has.
+fn root_ports(spec: &VmSpec) -> usize {
+    (spec.nics.len() + HOTPLUG_PORTS).min(MAX_NICS)
 }
 
 fn new_vm(spec: VmSpec) -> Vm {
@@ -603,6 +654,8 @@ fn new_vm(spec: VmSpec) -> Vm {
         honours_acpi: true,
         launches: 0,
         resets: 0,
+        ports: 0,
+        releases_nics: true,
     }
 }
 
@@ -610,8 +663,7 @@ fn new_vm(spec: VmSpec) -> Vm {
 /// the boot disk overlay if there is none (an existing one keeps the guest's writes), the
 /// config drive afresh.
 fn write_files(vm: &mut Vm) {
-    let recorded = serde_json::to_vec_pretty(&vm.spec).expect("specs serialise to JSON");
-    vm.files.insert("vm.json".into(), recorded);
+    record_spec(vm);
     if let Some(disk) = &vm.spec.boot_disk {
         vm.files
             .entry("disk.qcow2".into())
@@ -626,12 +678,30 @@ fn write_files(vm: &mut Vm) {
     vm.files.entry("serial.log".into()).or_default();
 }
 
+/// Writes `vm.json` from the VM's spec, as the QEMU driver records it.
+fn record_spec(vm: &mut Vm) {
+    let recorded = serde_json::to_vec_pretty(&vm.spec).expect("specs serialise to JSON");
+    vm.files.insert("vm.json".into(), recorded);
+}
+
 /// A time as the QEMU driver reports it: whole seconds (a pidfile's mtime).
 fn whole_seconds(time: SystemTime) -> SystemTime {
     let since = time
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap_or_default();
     SystemTime::UNIX_EPOCH + Duration::from_secs(since.as_secs())
+}
+
+/// The VM, if its hypervisor process is alive; otherwise why not, as the QEMU driver says.
+fn running_vm<'h>(host: &'h mut Host, uid: &str) -> Result<&'h mut Vm, HypervisorError> {
+    let vm = host
+        .vms
+        .get_mut(uid)
+        .ok_or_else(|| HypervisorError::NotFound(uid.to_owned()))?;
+    if vm.process.is_none() {
+        return Err(HypervisorError::NotRunning(uid.to_owned()));
+    }
+    Ok(vm)
 }
 
 #[async_trait::async_trait]
@@ -661,6 +731,7 @@ impl Hypervisor for MemoryHypervisor {
                 return Err(e);
             }
             vm.process = Some(host.launch());
+            vm.ports = root_ports(&vm.spec);
             vm.launches += 1;
             vm.should_run = true;
             vm.detail = Some("running".to_owned());
@@ -762,6 +833,76 @@ impl Hypervisor for MemoryHypervisor {
         })();
         self.journaled(Operation::List, "", result)
     }
+
+    async fn attach_nic(&self, uid: &str, nic: &Nic) -> Result<(), HypervisorError> {
+        let result = (|| -> Result<_, HypervisorError> {
+            validate_uid(uid)?;
+            validate_nic(nic)?;
+            if let Some(e) = self.injected_error(Operation::AttachNic, uid) {
+                return Err(e);
+            }
+            let mut host = self.host();
+            let vm = running_vm(&mut host, uid)?;
+            if let Some(found) = vm.spec.nics.iter().find(|n| n.id == nic.id) {
+                if found.tap == nic.tap && found.mac == nic.mac {
+                    return Ok(((), Outcome::Done));
+                }
+                return Err(HypervisorError::NicConflict {
+                    uid: uid.to_owned(),
+                    nic: nic.id.clone(),
+                    found: format!("tap {:?}, MAC {}", found.tap, found.mac),
+                });
+            }
+            if vm.spec.nics.len() >= vm.ports {
+                return Err(HypervisorError::NoFreePort {
+                    uid: uid.to_owned(),
+                    nic: nic.id.clone(),
+                });
+            }
+            vm.spec.nics.push(nic.clone());
+            record_spec(vm);
+            Ok(((), Outcome::Done))
+        })();
+        self.journaled(Operation::AttachNic, uid, result)
+    }
+
+    async fn detach_nic(&self, uid: &str, nic_id: &str) -> Result<(), HypervisorError> {
+        let result = (|| -> Result<_, HypervisorError> {
+            validate_uid(uid)?;
+            if let Some(e) = self.injected_error(Operation::DetachNic, uid) {
+                return Err(e);
+            }
+            let mut host = self.host();
+            let vm = running_vm(&mut host, uid)?;
+            if !vm.spec.nics.iter().any(|n| n.id == nic_id) {
+                return Ok(((), Outcome::Done));
+            }
+            if !vm.releases_nics {
+                return Err(HypervisorError::UnplugTimeout {
+                    uid: uid.to_owned(),
+                    nic: nic_id.to_owned(),
+                    waited: Duration::from_secs(30),
+                });
+            }
+            vm.spec.nics.retain(|n| n.id != nic_id);
+            record_spec(vm);
+            Ok(((), Outcome::Done))
+        })();
+        self.journaled(Operation::DetachNic, uid, result)
+    }
+
+    async fn nics(&self, uid: &str) -> Result<Vec<Nic>, HypervisorError> {
+        let result = (|| -> Result<_, HypervisorError> {
+            validate_uid(uid)?;
+            if let Some(e) = self.injected_error(Operation::Nics, uid) {
+                return Err(e);
+            }
+            let mut host = self.host();
+            let vm = running_vm(&mut host, uid)?;
+            Ok((vm.spec.nics.clone(), Outcome::Done))
+        })();
+        self.journaled(Operation::Nics, uid, result)
+    }
 }
 
 #[cfg(test)]
@@ -769,6 +910,80 @@ mod tests {
     use super::*;
     use crate::configdrive::ConfigDrive;
     use crate::hypervisor::{BootDisk, DiskFormat};
+
+    fn nic(id: &str, mac_last: u8) -> Nic {
+        Nic {
+            id: id.into(),
+            tap: format!("tap{id}"),
+            mac: format!("52:54:00:00:00:{mac_last:02x}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn nics_plug_into_a_running_vm_and_the_recorded_spec_follows() {
+        let hv = MemoryHypervisor::new();
+        assert!(matches!(
+            hv.attach_nic(UID, &nic("p1", 1)).await,
+            Err(HypervisorError::NotFound(_))
+        ));
+        hv.start(&VmSpec {
+            nics: vec![nic("p1", 1)],
+            ..spec(UID)
+        })
+        .await
+        .unwrap();
+        hv.attach_nic(UID, &nic("p2", 2)).await.unwrap();
+        hv.attach_nic(UID, &nic("p2", 2)).await.unwrap();
+        assert_eq!(hv.nics(UID).await.unwrap(), [nic("p1", 1), nic("p2", 2)]);
+        let recorded: VmSpec = serde_json::from_slice(&hv.file(UID, "vm.json").unwrap()).unwrap();
+        assert_eq!(recorded.nics, [nic("p1", 1), nic("p2", 2)]);
+        assert!(matches!(
+            hv.attach_nic(UID, &nic("p2", 9)).await,
+            Err(HypervisorError::NicConflict { .. })
+        ));
+        // One port per NIC at launch plus the spare ones.
+        for i in 3..=5 {
+            hv.attach_nic(UID, &nic(&format!("p{i}"), i)).await.unwrap();
+        }
+        assert!(matches!(
+            hv.attach_nic(UID, &nic("p6", 6)).await,
+            Err(HypervisorError::NoFreePort { .. })
+        ));
+
+        hv.detach_nic(UID, "p1").await.unwrap();
+        hv.detach_nic(UID, "p1").await.unwrap();
+        hv.set_releases_nics(UID, false);
+        assert!(matches!(
+            hv.detach_nic(UID, "p2").await,
+            Err(HypervisorError::UnplugTimeout { .. })
+        ));
+        let ids: Vec<_> = hv
+            .nics(UID)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|n| n.id)
+            .collect();
+        assert_eq!(ids, ["p2", "p3", "p4", "p5"]);
+        hv.unplug_behind_our_back(UID, "p3");
+        assert_eq!(hv.spec(UID).unwrap().nics.len(), 3);
+
+        hv.fail_next(Operation::AttachNic, 1, |uid| {
+            HypervisorError::NotRunning(uid.to_owned())
+        });
+        hv.attach_nic(UID, &nic("p3", 3)).await.unwrap_err();
+        hv.attach_nic(UID, &nic("p3", 3)).await.unwrap();
+        hv.stop(UID, Duration::ZERO).await.unwrap();
+        assert!(matches!(
+            hv.nics(UID).await,
+            Err(HypervisorError::NotRunning(_))
+        ));
+        assert!(
+            hv.changes()
+                .iter()
+                .any(|c| c.operation == Operation::DetachNic)
+        );
+    }
 
     const UID: &str = "0b5c3a52-5a9e-4d35-8a1e-2f1c0f3b1a01";
 

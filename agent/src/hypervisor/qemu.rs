@@ -31,12 +31,29 @@
 //! [`Hypervisor::stop`] or never started (absent). A second driver, or a restarted agent,
 //! therefore sees and adopts every guest, and can tell why one is down.
 //!
-//! The machine is a q35 with a few spare `pcie-root-port`s for later hot-plug of disks
-//! and NICs. KVM is used when `/dev/kvm` is there and really boots a kernel (probed once
+//! The machine is a q35. Every NIC sits alone on a `pcie-root-port` (`hotplug<i>`, at a
+//! fixed slot of the root bus), and a few more ports are spare: a device on the root bus
+//! itself could never be unplugged, while one on a root port can, whether it was there at
+//! start or hot-plugged later. Cold-plugged NICs take the first ports in [`VmSpec::nics`]
+//! order, which is the order the guest finds them in. A NIC's QEMU names come from its
+//! id (`net-<id>` for the tap backend, `nic-<id>` for the virtio-net device), never from
+//! its position, so plugging or unplugging one renames no other.
+//!
+//! Hot-plug goes through QMP like every other request, under the VM's lock, in short
+//! sessions (QEMU serves one QMP client at a time, and a long one would make the VM look
+//! unresponsive to [`Hypervisor::status`]). Which ports are free and which NICs the VM
+//! has are read from QEMU each time, never remembered: `qom-list /machine/peripheral`
+//! names the devices and ports, each device's `parent_bus` says which port holds it,
+//! `qom-get` gives a NIC's MAC and backend, and `info network` the backend's tap. An
+//! unplug asks the guest (`device_del`), polls until QEMU has dropped the device, then
+//! removes the backend (`netdev_del`). The NICs a VM has are also written back into
+//! `vm.json`, so that the recorded spec always says what the VM runs with.
+//!
+//! KVM is used when `/dev/kvm` is there and really boots a kernel (probed once
 //! per driver, with a timeout): on hosts whose KVM only runs PVM-aware kernels it does not,
 //! and TCG runs instead.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -49,8 +66,8 @@ use tokio::sync::OnceCell;
 
 use super::qmp::{Qmp, QmpError};
 use super::{
-    Accel, BootDisk, Hypervisor, HypervisorError, StopOutcome, VmSpec, VmState, VmStatus,
-    validate_spec, validate_uid,
+    Accel, BootDisk, Hypervisor, HypervisorError, MAX_NICS, Nic, StopOutcome, VmSpec, VmState,
+    VmStatus, validate_nic, validate_spec, validate_uid,
 };
 
 /// How long `qemu -daemonize` may take to finish initialising.
@@ -63,6 +80,12 @@ const KILL_WAIT: Duration = Duration::from_secs(10);
 const POLL: Duration = Duration::from_millis(100);
 /// The line written to `qemu.log` before each start; what follows is the current run.
 const START_MARK: &str = "--- ferro: starting qemu";
+/// The slot of the root bus the first root port takes; port `i` takes slot `0x10 + i`.
+/// Fixed, so that a port's address (and the order the guest finds NICs in) does not
+/// depend on which disks the machine has; the slots up to `0x1e` are free on a q35.
+const FIRST_PORT_SLOT: usize = 0x10;
+/// How often an unplug looks whether QEMU has dropped the device.
+const UNPLUG_POLL: Duration = Duration::from_millis(100);
 
 /// Which accelerator VMs get.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -106,10 +129,13 @@ pub struct QemuConfig {
     pub genisoimage: PathBuf,
     /// Which accelerator to use.
     pub accel: AccelPolicy,
-    /// Spare `pcie-root-port`s for hot-plug.
+    /// Spare `pcie-root-port`s for hot-plug, besides the one each cold-plugged NIC sits on
+    /// (at most 15 ports in all).
     pub hotplug_ports: u8,
     /// How long a QMP exchange may take before the VM counts as unresponsive.
     pub control_timeout: Duration,
+    /// How long an unplug waits for the guest to release the device.
+    pub unplug_timeout: Duration,
 }
 
 impl QemuConfig {
@@ -124,6 +150,7 @@ impl QemuConfig {
             accel: AccelPolicy::default(),
             hotplug_ports: 4,
             control_timeout: Duration::from_secs(10),
+            unplug_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -323,11 +350,36 @@ impl QemuDriver {
         Ok(booted)
     }
 
-    /// A QMP session with VM `uid`, for operations the trait does not cover (hot-plug).
+    /// A QMP session with VM `uid`, for operations the trait does not cover.
     /// QEMU serves one QMP client at a time: drop it promptly.
     pub async fn qmp(&self, uid: &str) -> Result<Qmp, HypervisorError> {
         validate_uid(uid)?;
         Qmp::connect(&self.paths(uid).qmp, self.config.control_timeout)
+            .await
+            .map_err(|source| HypervisorError::Control {
+                uid: uid.to_owned(),
+                source,
+            })
+    }
+
+    /// The spec recorded in VM `uid`'s directory: the one it was last started with, with
+    /// the NICs plugged and unplugged since. `None` when there is none.
+    pub fn recorded_spec(&self, uid: &str) -> Option<VmSpec> {
+        validate_uid(uid).ok()?;
+        read_recorded(&self.paths(uid).spec).ok()
+    }
+
+    /// QEMU's pid, or why there is none: no such VM, or it does not run.
+    fn running_pid(&self, paths: &VmPaths, uid: &str) -> Result<u32, HypervisorError> {
+        if !paths.dir.is_dir() {
+            return Err(HypervisorError::NotFound(uid.to_owned()));
+        }
+        self.live_pid(paths, uid)
+            .ok_or_else(|| HypervisorError::NotRunning(uid.to_owned()))
+    }
+
+    async fn session(&self, paths: &VmPaths, uid: &str) -> Result<Session, HypervisorError> {
+        Session::open(&paths.qmp, self.config.control_timeout)
             .await
             .map_err(|source| HypervisorError::Control {
                 uid: uid.to_owned(),
@@ -717,6 +769,56 @@ impl Hypervisor for QemuDriver {
         self.observe(uid).await
     }
 
+    async fn attach_nic(&self, uid: &str, nic: &Nic) -> Result<(), HypervisorError> {
+        validate_uid(uid)?;
+        validate_nic(nic)?;
+        let _guard = self.lock(uid).await;
+        let paths = self.paths(uid);
+        self.running_pid(&paths, uid)?;
+        let mut session = self.session(&paths, uid).await?;
+        if plug_nic(&mut session, uid, nic).await? {
+            tracing::info!(uid, nic = %nic.id, tap = %nic.tap, "NIC plugged");
+        }
+        record_nics(&paths.spec, |nics| {
+            match nics.iter_mut().find(|n| n.id == nic.id) {
+                Some(recorded) => *recorded = nic.clone(),
+                None => nics.push(nic.clone()),
+            }
+        })
+    }
+
+    async fn detach_nic(&self, uid: &str, nic_id: &str) -> Result<(), HypervisorError> {
+        validate_uid(uid)?;
+        let _guard = self.lock(uid).await;
+        let paths = self.paths(uid);
+        let pid = self.running_pid(&paths, uid)?;
+        unplug_nic(
+            &paths.qmp,
+            self.config.control_timeout,
+            self.config.unplug_timeout,
+            uid,
+            nic_id,
+            || is_vm_process(pid, uid),
+        )
+        .await?;
+        record_nics(&paths.spec, |nics| nics.retain(|n| n.id != nic_id))
+    }
+
+    async fn nics(&self, uid: &str) -> Result<Vec<Nic>, HypervisorError> {
+        validate_uid(uid)?;
+        let paths = self.paths(uid);
+        self.running_pid(&paths, uid)?;
+        let mut session = self.session(&paths, uid).await?;
+        let layout =
+            read_layout(&mut session)
+                .await
+                .map_err(|source| HypervisorError::Control {
+                    uid: uid.to_owned(),
+                    source,
+                })?;
+        Ok(layout.nics.into_iter().map(|p| p.nic).collect())
+    }
+
     async fn list(&self) -> Result<Vec<VmStatus>, HypervisorError> {
         let entries = match std::fs::read_dir(&self.config.state_dir) {
             Ok(entries) => entries,
@@ -842,19 +944,358 @@ fn command_line(
         push(&["-blockdev", &node.to_string()]);
         push(&["-device", "virtio-blk-pci,id=vd-config,drive=disk-config"]);
     }
+    // A root port for each NIC and the spare ones, before the devices that sit on them.
+    let ports = (spec.nics.len() + usize::from(hotplug_ports)).min(MAX_NICS);
+    for i in 0..ports {
+        // Every root port needs its own chassis number.
+        let port = format!(
+            "pcie-root-port,id={},chassis={},addr={:#x}",
+            port_id(i),
+            i + 1,
+            FIRST_PORT_SLOT + i
+        );
+        push(&["-device", &port]);
+    }
     for (i, nic) in spec.nics.iter().enumerate() {
-        let netdev = format!("tap,id=net{i},ifname={},script=no,downscript=no", nic.tap);
-        let device = format!("virtio-net-pci,id=nic{i},netdev=net{i},mac={}", nic.mac);
+        let netdev = format!(
+            "tap,id={},ifname={},script=no,downscript=no",
+            netdev_id(&nic.id),
+            nic.tap
+        );
+        let device = format!(
+            "virtio-net-pci,id={},netdev={},mac={},bus={},addr=0",
+            device_id(&nic.id),
+            netdev_id(&nic.id),
+            nic.mac,
+            port_id(i)
+        );
         push(&["-netdev", &netdev, "-device", &device]);
     }
     push(&["-object", "rng-random,id=rng0,filename=/dev/urandom"]);
     push(&["-device", "virtio-rng-pci,id=rng,rng=rng0"]);
-    for i in 0..hotplug_ports {
-        // Every root port needs its own chassis number.
-        let port = format!("pcie-root-port,id=hotplug{i},chassis={}", u32::from(i) + 1);
-        push(&["-device", &port]);
-    }
     Ok(args)
+}
+
+/// The id of root port `i`.
+fn port_id(i: usize) -> String {
+    format!("hotplug{i}")
+}
+
+/// The index of a root port, from its id; `None` for anything else.
+fn port_index(id: &str) -> Option<usize> {
+    id.strip_prefix("hotplug")?.parse().ok()
+}
+
+/// The id of NIC `nic_id`'s virtio-net device.
+fn device_id(nic_id: &str) -> String {
+    format!("nic-{nic_id}")
+}
+
+/// The id of NIC `nic_id`'s tap backend.
+fn netdev_id(nic_id: &str) -> String {
+    format!("net-{nic_id}")
+}
+
+/// One QMP session for one operation, each exchange bounded by the control timeout.
+struct Session {
+    qmp: Qmp,
+    timeout: Duration,
+}
+
+impl Session {
+    async fn open(path: &Path, timeout: Duration) -> Result<Self, QmpError> {
+        Ok(Session {
+            qmp: Qmp::connect(path, timeout).await?,
+            timeout,
+        })
+    }
+
+    async fn run(&mut self, command: &str, arguments: Value) -> Result<Value, QmpError> {
+        let arguments = (!arguments.is_null()).then_some(arguments);
+        tokio::time::timeout(self.timeout, self.qmp.execute(command, arguments))
+            .await
+            .map_err(|_| QmpError::Timeout(self.timeout))?
+    }
+
+    /// The names and QOM types of the devices given an id (`-device id=…`, `device_add`).
+    async fn peripherals(&mut self) -> Result<Vec<(String, String)>, QmpError> {
+        let listed = self
+            .run("qom-list", json!({ "path": "/machine/peripheral" }))
+            .await?;
+        Ok(listed
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| {
+                let name = p["name"].as_str()?;
+                let kind = p["type"].as_str()?.strip_prefix("child<")?;
+                Some((name.to_owned(), kind.trim_end_matches('>').to_owned()))
+            })
+            .collect())
+    }
+
+    async fn qom_string(&mut self, path: &str, property: &str) -> Result<String, QmpError> {
+        let value = self
+            .run("qom-get", json!({ "path": path, "property": property }))
+            .await?;
+        value.as_str().map(str::to_owned).ok_or_else(|| {
+            QmpError::Protocol(format!("{path} {property} is not a string: {value}"))
+        })
+    }
+}
+
+/// A NIC found in a running VM, and the root port it sits on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct PluggedNic {
+    nic: Nic,
+    port: Option<usize>,
+}
+
+/// What a running VM's root ports hold, as QEMU says.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct PortLayout {
+    /// Ferro's NICs (devices named `nic-<id>`), by port.
+    nics: Vec<PluggedNic>,
+    /// Root ports that hold no device, lowest first.
+    free_ports: Vec<usize>,
+    /// Tap backends by id, with their interface name; a backend whose device is gone
+    /// is still here until `netdev_del`.
+    netdevs: BTreeMap<String, String>,
+}
+
+impl PortLayout {
+    fn nic(&self, nic_id: &str) -> Option<&Nic> {
+        self.nics.iter().map(|p| &p.nic).find(|n| n.id == nic_id)
+    }
+}
+
+/// Reads which devices sit on which root ports, and the NICs among them.
+async fn read_layout(session: &mut Session) -> Result<PortLayout, QmpError> {
+    let info = session
+        .run(
+            "human-monitor-command",
+            json!({ "command-line": "info network" }),
+        )
+        .await?;
+    let netdevs = tap_backends(info.as_str().unwrap_or_default());
+    let mut ports = BTreeSet::new();
+    let mut occupied = BTreeSet::new();
+    let mut nics = Vec::new();
+    for (name, kind) in session.peripherals().await? {
+        if kind == "pcie-root-port" {
+            if let Some(index) = port_index(&name) {
+                ports.insert(index);
+            }
+            continue;
+        }
+        let path = format!("/machine/peripheral/{name}");
+        // e.g. /machine/peripheral/hotplug2/hotplug2: a root port's bus is named after it.
+        let bus = session.qom_string(&path, "parent_bus").await?;
+        let port = bus.rsplit('/').next().and_then(port_index);
+        occupied.extend(port);
+        if kind != "virtio-net-pci" {
+            continue;
+        }
+        let Some(id) = name.strip_prefix("nic-") else {
+            continue;
+        };
+        let mac = session.qom_string(&path, "mac").await?;
+        let netdev = session.qom_string(&path, "netdev").await?;
+        nics.push(PluggedNic {
+            nic: Nic {
+                id: id.to_owned(),
+                tap: netdevs.get(&netdev).cloned().unwrap_or_default(),
+                mac,
+            },
+            port,
+        });
+    }
+    nics.sort_by_key(|p| (p.port.is_none(), p.port));
+    Ok(PortLayout {
+        nics,
+        free_ports: ports.difference(&occupied).copied().collect(),
+        netdevs,
+    })
+}
+
+/// The tap backends in the text of HMP's `info network`, by id, with their interface:
+///
+/// ```text
+/// nic-p1: index=0,type=nic,model=virtio-net-pci,macaddr=52:54:00:12:34:56
+///  \ net-p1: index=0,type=tap,ifname=tapp1,script=no,downscript=no
+/// ```
+///
+/// QEMU 7.2 has no QMP command that names a tap backend's interface.
+fn tap_backends(info: &str) -> BTreeMap<String, String> {
+    info.lines()
+        .filter_map(|line| {
+            let line = line.trim().trim_start_matches('\\').trim();
+            let (id, fields) = line.split_once(": ")?;
+            let fields: BTreeMap<_, _> = fields
+                .split(',')
+                .filter_map(|f| f.split_once('='))
+                .collect();
+            (fields.get("type") == Some(&"tap")).then(|| {
+                (
+                    id.to_owned(),
+                    fields.get("ifname").unwrap_or(&"").to_string(),
+                )
+            })
+        })
+        .collect()
+}
+
+/// Plugs `nic` into a free root port, first removing a backend of the same id that an
+/// interrupted plug or unplug left behind. Returns false when the NIC was there already.
+async fn plug_nic(session: &mut Session, uid: &str, nic: &Nic) -> Result<bool, HypervisorError> {
+    let control = |source| HypervisorError::Control {
+        uid: uid.to_owned(),
+        source,
+    };
+    let layout = read_layout(session).await.map_err(control)?;
+    if let Some(found) = layout.nic(&nic.id) {
+        if found.tap == nic.tap && found.mac == nic.mac {
+            return Ok(false);
+        }
+        return Err(HypervisorError::NicConflict {
+            uid: uid.to_owned(),
+            nic: nic.id.clone(),
+            found: format!("tap {:?}, MAC {}", found.tap, found.mac),
+        });
+    }
+    let netdev = netdev_id(&nic.id);
+    if layout.netdevs.contains_key(&netdev) {
+        session
+            .run("netdev_del", json!({ "id": netdev }))
+            .await
+            .map_err(control)?;
+    }
+    let Some(&port) = layout.free_ports.first() else {
+        return Err(HypervisorError::NoFreePort {
+            uid: uid.to_owned(),
+            nic: nic.id.clone(),
+        });
+    };
+    session
+        .run(
+            "netdev_add",
+            json!({
+                "type": "tap",
+                "id": netdev,
+                "ifname": nic.tap,
+                "script": "no",
+                "downscript": "no",
+            }),
+        )
+        .await
+        .map_err(control)?;
+    let added = session
+        .run(
+            "device_add",
+            json!({
+                "driver": "virtio-net-pci",
+                "id": device_id(&nic.id),
+                "netdev": netdev,
+                "mac": nic.mac,
+                "bus": port_id(port),
+                // A root port has one slot; naming it makes QEMU refuse a taken port.
+                "addr": "0",
+            }),
+        )
+        .await;
+    if let Err(e) = added {
+        // Leave no backend without its device behind.
+        let _ = session.run("netdev_del", json!({ "id": netdev })).await;
+        return Err(control(e));
+    }
+    Ok(true)
+}
+
+/// Unplugs NIC `nic_id`: `device_del`, then polls in short sessions (so that status
+/// calls meanwhile get their turn on the socket) until QEMU has dropped the device, then
+/// `netdev_del`. Gives up after `unplug_timeout`, or when `alive` says QEMU is gone.
+async fn unplug_nic(
+    qmp: &Path,
+    timeout: Duration,
+    unplug_timeout: Duration,
+    uid: &str,
+    nic_id: &str,
+    alive: impl Fn() -> bool,
+) -> Result<(), HypervisorError> {
+    let control = |source| HypervisorError::Control {
+        uid: uid.to_owned(),
+        source,
+    };
+    let device = device_id(nic_id);
+    let mut session = Session::open(qmp, timeout).await.map_err(control)?;
+    let mut layout = read_layout(&mut session).await.map_err(control)?;
+    if layout.nic(nic_id).is_some() {
+        match session.run("device_del", json!({ "id": device })).await {
+            Ok(_) => {}
+            Err(e) if unplug_pending(&e) => {}
+            Err(e) => return Err(control(e)),
+        }
+        drop(session);
+        let waiting = tokio::time::Instant::now();
+        loop {
+            tokio::time::sleep(UNPLUG_POLL).await;
+            let mut session = Session::open(qmp, timeout).await.map_err(control)?;
+            let present = session
+                .peripherals()
+                .await
+                .map_err(control)?
+                .iter()
+                .any(|(name, _)| *name == device);
+            if !present {
+                break;
+            }
+            if waiting.elapsed() >= unplug_timeout || !alive() {
+                return Err(HypervisorError::UnplugTimeout {
+                    uid: uid.to_owned(),
+                    nic: nic_id.to_owned(),
+                    waited: waiting.elapsed(),
+                });
+            }
+        }
+        tracing::info!(uid, nic = nic_id, waited = ?waiting.elapsed(), "NIC unplugged");
+        session = Session::open(qmp, timeout).await.map_err(control)?;
+        layout = read_layout(&mut session).await.map_err(control)?;
+    }
+    let netdev = netdev_id(nic_id);
+    if layout.netdevs.contains_key(&netdev) {
+        session
+            .run("netdev_del", json!({ "id": netdev }))
+            .await
+            .map_err(control)?;
+    }
+    Ok(())
+}
+
+/// Whether QEMU refused a `device_del` because the same unplug is already under way.
+fn unplug_pending(error: &QmpError) -> bool {
+    matches!(error, QmpError::Command { desc, .. } if desc.contains("process of unplug"))
+}
+
+/// Reads the spec recorded in `vm.json`.
+fn read_recorded(path: &Path) -> Result<VmSpec, HypervisorError> {
+    let bytes = std::fs::read(path).map_err(io(format!("reading {}", path.display())))?;
+    serde_json::from_slice(&bytes).map_err(|e| HypervisorError::Io {
+        what: format!("reading {}", path.display()),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+    })
+}
+
+/// Changes the NICs of the spec recorded in `vm.json`, so a cold start of it brings the
+/// VM back with the NICs it has now.
+fn record_nics(path: &Path, change: impl FnOnce(&mut Vec<Nic>)) -> Result<(), HypervisorError> {
+    let mut spec = read_recorded(path)?;
+    let before = spec.nics.clone();
+    change(&mut spec.nics);
+    if spec.nics == before {
+        return Ok(());
+    }
+    let recorded = serde_json::to_vec_pretty(&spec).expect("specs serialise to JSON");
+    write_atomically(path, &recorded)
 }
 
 fn looks_like_uuid(s: &str) -> bool {
@@ -1042,10 +1483,18 @@ mod tests {
                 cmdline: "console=ttyS0 quiet".into(),
             }),
             config_drive: Some(ConfigDrive::default()),
-            nics: vec![Nic {
-                tap: "tap0b5c3a52-5a".into(),
-                mac: "52:54:00:12:34:56".into(),
-            }],
+            nics: vec![
+                Nic {
+                    id: "7d1e0c2a-1b2c-4d5e-8f90-a1b2c3d4e5f6".into(),
+                    tap: "tap7d1e0c2a-1b".into(),
+                    mac: "52:54:00:12:34:56".into(),
+                },
+                Nic {
+                    id: "01a2b3c4-0000-4000-8000-000000000002".into(),
+                    tap: "tap01a2b3c4-00".into(),
+                    mac: "52:54:00:12:34:57".into(),
+                },
+            ],
             labels: Default::default(),
         }
     }
@@ -1129,11 +1578,13 @@ mod tests {
             .position(|d| d.contains("drive=disk-config"))
             .unwrap();
         assert!(boot < config, "the boot disk must come first: {devices:?}");
-        assert!(devices.contains(&"virtio-net-pci,id=nic0,netdev=net0,mac=52:54:00:12:34:56"));
-        assert_eq!(
-            value_of(&args, "-netdev"),
-            ["tap,id=net0,ifname=tap0b5c3a52-5a,script=no,downscript=no"]
-        );
+    }
+
+    #[test]
+    fn command_line_puts_each_nic_on_a_root_port_of_its_own_named_by_its_id() {
+        let args = args_of(&spec(), Accel::Tcg);
+        let devices = value_of(&args, "-device");
+        // Two ports for the two NICs, three spare; fixed slots from 0x10 on.
         let ports: Vec<_> = devices
             .iter()
             .filter(|d| d.starts_with("pcie-root-port"))
@@ -1141,11 +1592,79 @@ mod tests {
         assert_eq!(
             ports,
             [
-                &"pcie-root-port,id=hotplug0,chassis=1",
-                &"pcie-root-port,id=hotplug1,chassis=2",
-                &"pcie-root-port,id=hotplug2,chassis=3",
+                &"pcie-root-port,id=hotplug0,chassis=1,addr=0x10",
+                &"pcie-root-port,id=hotplug1,chassis=2,addr=0x11",
+                &"pcie-root-port,id=hotplug2,chassis=3,addr=0x12",
+                &"pcie-root-port,id=hotplug3,chassis=4,addr=0x13",
+                &"pcie-root-port,id=hotplug4,chassis=5,addr=0x14",
             ]
         );
+        assert_eq!(
+            value_of(&args, "-netdev"),
+            [
+                "tap,id=net-7d1e0c2a-1b2c-4d5e-8f90-a1b2c3d4e5f6,ifname=tap7d1e0c2a-1b,script=no,downscript=no",
+                "tap,id=net-01a2b3c4-0000-4000-8000-000000000002,ifname=tap01a2b3c4-00,script=no,downscript=no",
+            ]
+        );
+        let nics: Vec<_> = devices
+            .iter()
+            .filter(|d| d.starts_with("virtio-net-pci"))
+            .collect();
+        // In spec order, on the first ports: the order the guest finds them in.
+        assert_eq!(
+            nics,
+            [
+                &"virtio-net-pci,id=nic-7d1e0c2a-1b2c-4d5e-8f90-a1b2c3d4e5f6,\
+                  netdev=net-7d1e0c2a-1b2c-4d5e-8f90-a1b2c3d4e5f6,mac=52:54:00:12:34:56,\
+                  bus=hotplug0,addr=0",
+                &"virtio-net-pci,id=nic-01a2b3c4-0000-4000-8000-000000000002,\
+                  netdev=net-01a2b3c4-0000-4000-8000-000000000002,mac=52:54:00:12:34:57,\
+                  bus=hotplug1,addr=0",
+            ]
+        );
+        // A port is defined before the NIC that sits on it.
+        let first_nic = devices
+            .iter()
+            .position(|d| d.starts_with("virtio-net"))
+            .unwrap();
+        let last_port = devices
+            .iter()
+            .rposition(|d| d.starts_with("pcie-root"))
+            .unwrap();
+        assert!(last_port < first_nic, "{devices:?}");
+        // Dropping the first NIC renames nothing of the second.
+        let fewer = VmSpec {
+            nics: spec().nics[1..].to_vec(),
+            ..spec()
+        };
+        let args = args_of(&fewer, Accel::Tcg);
+        assert!(value_of(&args, "-device").iter().any(|d| d.starts_with(
+            "virtio-net-pci,id=nic-01a2b3c4-0000-4000-8000-000000000002,\
+             netdev=net-01a2b3c4-0000-4000-8000-000000000002,"
+        )));
+    }
+
+    #[test]
+    fn root_ports_never_outnumber_the_free_slots() {
+        let paths = VmPaths::new(Path::new("/v"), "vm1");
+        let nics: Vec<Nic> = (0..MAX_NICS)
+            .map(|i| Nic {
+                id: format!("p{i}"),
+                tap: format!("tap{i}"),
+                mac: format!("52:54:00:00:00:{i:02x}"),
+            })
+            .collect();
+        let args: Vec<String> = command_line(&VmSpec { nics, ..spec() }, &paths, Accel::Tcg, 4)
+            .unwrap()
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect();
+        let ports = value_of(&args, "-device")
+            .into_iter()
+            .filter(|d| d.starts_with("pcie-root-port"))
+            .count();
+        assert_eq!(ports, MAX_NICS);
+        assert!(args.iter().any(|a| a.ends_with("addr=0x1e")));
     }
 
     #[test]
@@ -1182,6 +1701,341 @@ mod tests {
         .unwrap();
         assert_eq!(last_run_log(&log), "qemu: terminating on signal 15");
         assert_eq!(last_run_log(&dir.path().join("missing")), "");
+    }
+
+    /// A fake QEMU behind a QMP socket, modelling what hot-plug touches: root ports,
+    /// devices on them, tap backends. The guest releases an unplugged device after
+    /// `release_after` further QMP sessions (never, when `None`).
+    #[derive(Default)]
+    struct FakeQemu {
+        ports: Vec<String>,
+        /// Device id -> (type, port, MAC, backend).
+        devices: BTreeMap<String, (String, String, String, String)>,
+        /// Backend id -> tap.
+        netdevs: BTreeMap<String, String>,
+        /// Device id -> sessions left before the guest lets go.
+        unplugging: BTreeMap<String, u32>,
+        release_after: Option<u32>,
+        /// Whether `device_add` fails.
+        refuse_devices: bool,
+        /// Every command but the capabilities negotiation, with its arguments.
+        log: Vec<(String, Value)>,
+    }
+
+    impl FakeQemu {
+        fn new_session(&mut self) {
+            for left in self.unplugging.values_mut() {
+                *left = left.saturating_sub(1);
+            }
+            let released: Vec<_> = self
+                .unplugging
+                .iter()
+                .filter(|(_, left)| **left == 0)
+                .map(|(id, _)| id.clone())
+                .collect();
+            for id in released {
+                self.unplugging.remove(&id);
+                self.devices.remove(&id);
+            }
+        }
+
+        fn answer(&mut self, command: &str, args: &Value) -> Value {
+            let error = |desc: &str| json!({"error": {"class": "GenericError", "desc": desc}});
+            if command != "qmp_capabilities" {
+                self.log.push((command.to_owned(), args.clone()));
+            }
+            let arg = |name: &str| args[name].as_str().unwrap_or_default().to_owned();
+            match command {
+                "qmp_capabilities" => json!({"return": {}}),
+                "qom-list" => {
+                    let mut list: Vec<Value> = self
+                        .ports
+                        .iter()
+                        .map(|p| json!({"name": p, "type": "child<pcie-root-port>"}))
+                        .collect();
+                    list.push(json!({"name": "vd-boot", "type": "child<virtio-blk-pci>"}));
+                    for (id, (kind, ..)) in &self.devices {
+                        list.push(json!({"name": id, "type": format!("child<{kind}>")}));
+                    }
+                    json!({ "return": list })
+                }
+                "qom-get" => {
+                    let name = arg("path").rsplit('/').next().unwrap().to_owned();
+                    if name == "vd-boot" {
+                        return json!({"return": "/machine/q35/pcie.0"});
+                    }
+                    let Some((_, port, mac, netdev)) = self.devices.get(&name) else {
+                        return error("no such device");
+                    };
+                    match arg("property").as_str() {
+                        "parent_bus" => {
+                            json!({"return": format!("/machine/peripheral/{port}/{port}")})
+                        }
+                        "mac" => json!({ "return": mac }),
+                        "netdev" => json!({ "return": netdev }),
+                        _ => error("no such property"),
+                    }
+                }
+                "human-monitor-command" => {
+                    let mut text = String::new();
+                    for (id, (_, _, mac, netdev)) in &self.devices {
+                        text += &format!(
+                            "{id}: index=0,type=nic,model=virtio-net-pci,macaddr={mac}\r\n"
+                        );
+                        if let Some(tap) = self.netdevs.get(netdev) {
+                            text += &format!(
+                                " \\ {netdev}: index=0,type=tap,ifname={tap},script=no,downscript=no\r\n"
+                            );
+                        }
+                    }
+                    for (netdev, tap) in &self.netdevs {
+                        if !self.devices.values().any(|d| d.3 == *netdev) {
+                            text += &format!(
+                                "{netdev}: index=0,type=tap,ifname={tap},script=no,downscript=no\r\n"
+                            );
+                        }
+                    }
+                    json!({ "return": text })
+                }
+                "netdev_add" => {
+                    if self.netdevs.contains_key(&arg("id")) {
+                        return error("Duplicate ID");
+                    }
+                    self.netdevs.insert(arg("id"), arg("ifname"));
+                    json!({"return": {}})
+                }
+                "netdev_del" => match self.netdevs.remove(&arg("id")) {
+                    Some(_) => json!({"return": {}}),
+                    None => error("Device not found"),
+                },
+                "device_add" => {
+                    if self.refuse_devices {
+                        return error("refused");
+                    }
+                    let port = arg("bus");
+                    if self.devices.values().any(|d| d.1 == port) {
+                        return error("PCI: slot 0 function 0 not available");
+                    }
+                    self.devices
+                        .insert(arg("id"), (arg("driver"), port, arg("mac"), arg("netdev")));
+                    json!({"return": {}})
+                }
+                "device_del" => {
+                    let id = arg("id");
+                    if self.unplugging.contains_key(&id) {
+                        return error(&format!("Device {id} is already in the process of unplug"));
+                    }
+                    if let Some(after) = self.release_after {
+                        self.unplugging.insert(id, after);
+                    }
+                    json!({"return": {}})
+                }
+                other => error(&format!("unexpected command {other}")),
+            }
+        }
+    }
+
+    /// Serves `fake` on a QMP socket in `dir`, one session after another.
+    fn serve(dir: &Path, fake: Arc<Mutex<FakeQemu>>) -> PathBuf {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        let path = dir.join("qmp.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                fake.lock().unwrap().new_session();
+                let (read, mut write) = stream.into_split();
+                let mut lines = BufReader::new(read).lines();
+                write
+                    .write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\r\n")
+                    .await
+                    .unwrap();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    let request: Value = serde_json::from_str(&line).unwrap();
+                    let mut reply = fake
+                        .lock()
+                        .unwrap()
+                        .answer(request["execute"].as_str().unwrap(), &request["arguments"]);
+                    reply["id"] = request["id"].clone();
+                    write
+                        .write_all(format!("{reply}\r\n").as_bytes())
+                        .await
+                        .unwrap();
+                }
+            }
+        });
+        path
+    }
+
+    fn fake_with_one_nic() -> FakeQemu {
+        let mut fake = FakeQemu {
+            ports: (0..3).map(port_id).collect(),
+            release_after: Some(2),
+            ..FakeQemu::default()
+        };
+        fake.devices.insert(
+            "nic-p1".into(),
+            (
+                "virtio-net-pci".into(),
+                "hotplug0".into(),
+                "52:54:00:00:00:01".into(),
+                "net-p1".into(),
+            ),
+        );
+        fake.netdevs.insert("net-p1".into(), "tapp1".into());
+        fake
+    }
+
+    fn nic(id: &str, mac_last: u8) -> Nic {
+        Nic {
+            id: id.into(),
+            tap: format!("tap{id}"),
+            mac: format!("52:54:00:00:00:{mac_last:02x}"),
+        }
+    }
+
+    fn commands(fake: &Mutex<FakeQemu>) -> Vec<String> {
+        let mut fake = fake.lock().unwrap();
+        std::mem::take(&mut fake.log)
+            .into_iter()
+            .map(|(c, _)| c)
+            .filter(|c| !matches!(c.as_str(), "qom-list" | "qom-get" | "human-monitor-command"))
+            .collect()
+    }
+
+    #[test]
+    fn tap_backends_are_read_from_info_network() {
+        let info = "nic-p1: index=0,type=nic,model=virtio-net-pci,macaddr=52:54:00:00:00:01\r\n \
+                    \\ net-p1: index=0,type=tap,ifname=tapp1,script=no,downscript=no\r\n\
+                    net-p2: index=0,type=tap,ifname=tapp2,script=no,downscript=no\r\n";
+        assert_eq!(
+            tap_backends(info),
+            BTreeMap::from([
+                ("net-p1".to_owned(), "tapp1".to_owned()),
+                ("net-p2".to_owned(), "tapp2".to_owned()),
+            ])
+        );
+    }
+
+    #[tokio::test]
+    async fn hot_plug_reads_the_ports_from_qemu_and_takes_a_free_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = Arc::new(Mutex::new(fake_with_one_nic()));
+        let qmp = serve(dir.path(), fake.clone());
+        let timeout = Duration::from_secs(5);
+        let mut session = Session::open(&qmp, timeout).await.unwrap();
+
+        let layout = read_layout(&mut session).await.unwrap();
+        assert_eq!(
+            layout.nics,
+            [PluggedNic {
+                nic: nic("p1", 1),
+                port: Some(0)
+            }]
+        );
+        assert_eq!(layout.free_ports, [1, 2]);
+
+        assert!(plug_nic(&mut session, "vm1", &nic("p2", 2)).await.unwrap());
+        assert_eq!(commands(&fake), ["netdev_add", "device_add"]);
+        let added = fake.lock().unwrap().devices["nic-p2"].clone();
+        assert_eq!(added.1, "hotplug1", "the lowest free port");
+        // Plugging it again changes nothing; the same id with another MAC is refused.
+        assert!(!plug_nic(&mut session, "vm1", &nic("p2", 2)).await.unwrap());
+        assert!(commands(&fake).is_empty());
+        let conflict = plug_nic(&mut session, "vm1", &nic("p2", 9))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(conflict, HypervisorError::NicConflict { .. }),
+            "{conflict}"
+        );
+        // The last port, then none.
+        plug_nic(&mut session, "vm1", &nic("p3", 3)).await.unwrap();
+        let full = plug_nic(&mut session, "vm1", &nic("p4", 4))
+            .await
+            .unwrap_err();
+        assert!(matches!(full, HypervisorError::NoFreePort { .. }), "{full}");
+        assert!(!fake.lock().unwrap().netdevs.contains_key("net-p4"));
+        let layout = read_layout(&mut session).await.unwrap();
+        let ids: Vec<_> = layout.nics.iter().map(|p| p.nic.id.as_str()).collect();
+        assert_eq!(ids, ["p1", "p2", "p3"], "in port order");
+    }
+
+    #[tokio::test]
+    async fn a_backend_left_behind_is_replaced_and_a_refused_device_leaves_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut fake = fake_with_one_nic();
+        fake.netdevs.insert("net-p2".into(), "tapold".into());
+        let fake = Arc::new(Mutex::new(fake));
+        let qmp = serve(dir.path(), fake.clone());
+        let mut session = Session::open(&qmp, Duration::from_secs(5)).await.unwrap();
+        plug_nic(&mut session, "vm1", &nic("p2", 2)).await.unwrap();
+        assert_eq!(commands(&fake), ["netdev_del", "netdev_add", "device_add"]);
+        assert_eq!(fake.lock().unwrap().netdevs["net-p2"], "tapp2");
+
+        // QEMU refuses the device (say, a MAC it will not take): no backend stays behind.
+        fake.lock().unwrap().refuse_devices = true;
+        let refused = plug_nic(&mut session, "vm1", &nic("p3", 3))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(refused, HypervisorError::Control { .. }),
+            "{refused}"
+        );
+        assert_eq!(commands(&fake), ["netdev_add", "device_add", "netdev_del"]);
+        assert!(!fake.lock().unwrap().netdevs.contains_key("net-p3"));
+    }
+
+    #[tokio::test]
+    async fn unplug_waits_for_the_guest_then_removes_the_backend() {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = Arc::new(Mutex::new(fake_with_one_nic()));
+        let qmp = serve(dir.path(), fake.clone());
+        let timeout = Duration::from_secs(5);
+        unplug_nic(&qmp, timeout, timeout, "vm1", "p1", || true)
+            .await
+            .unwrap();
+        assert_eq!(commands(&fake), ["device_del", "netdev_del"]);
+        {
+            let fake = fake.lock().unwrap();
+            assert!(fake.devices.is_empty() && fake.netdevs.is_empty());
+        }
+        // Nothing there: nothing to do.
+        unplug_nic(&qmp, timeout, timeout, "vm1", "p1", || true)
+            .await
+            .unwrap();
+        assert!(commands(&fake).is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_unplug_the_guest_ignores_times_out_and_a_retry_waits_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut fake = fake_with_one_nic();
+        fake.release_after = Some(1_000);
+        let fake = Arc::new(Mutex::new(fake));
+        let qmp = serve(dir.path(), fake.clone());
+        let timeout = Duration::from_secs(5);
+        let error = unplug_nic(
+            &qmp,
+            timeout,
+            Duration::from_millis(300),
+            "vm1",
+            "p1",
+            || true,
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            matches!(error, HypervisorError::UnplugTimeout { .. }),
+            "{error}"
+        );
+        assert!(fake.lock().unwrap().netdevs.contains_key("net-p1"));
+        // QEMU says the unplug is under way; the retry waits for it rather than fail.
+        fake.lock().unwrap().unplugging.insert("nic-p1".into(), 3);
+        unplug_nic(&qmp, timeout, timeout, "vm1", "p1", || true)
+            .await
+            .unwrap();
+        assert!(fake.lock().unwrap().devices.is_empty());
     }
 
     #[test]
