@@ -68,6 +68,7 @@ use crate::hypervisor::{Accel, Hypervisor};
 use crate::images::{FileImageCache, ImageCache, error_chain};
 use crate::node::{self, HostTools, NodeReport};
 use crate::server::{self, ServerReconciler};
+use crate::wiring::DriverKind;
 
 /// Where the agent keeps its state unless told otherwise.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/ferro/agent";
@@ -163,6 +164,13 @@ pub struct AgentConfig {
     pub metrics: Metrics,
     /// Where the metrics are served over HTTP (`GET /metrics`); not served when unset.
     pub metrics_addr: Option<SocketAddr>,
+    /// Which driver wires the node's tenant networks (`--network-driver`); Open vSwitch
+    /// by default.
+    pub network_driver: DriverKind,
+    /// The OVSDB socket of the node's Open vSwitch instance (`unix:PATH`), for the OVS
+    /// driver; the system's instance when unset. `ferro up` starts a private instance per
+    /// node and names its socket here.
+    pub ovsdb: Option<String>,
 }
 
 impl AgentConfig {
@@ -192,6 +200,8 @@ impl AgentConfig {
             shutdown: Box::pin(std::future::pending()),
             metrics: Metrics::new(),
             metrics_addr: None,
+            network_driver: DriverKind::Ovs,
+            ovsdb: None,
         }
     }
 
@@ -232,6 +242,8 @@ impl std::fmt::Debug for AgentConfig {
             .field("workers", &self.workers)
             .field("accel", &self.accel)
             .field("metrics_addr", &self.metrics_addr)
+            .field("network_driver", &self.network_driver)
+            .field("ovsdb", &self.ovsdb)
             .finish_non_exhaustive()
     }
 }
@@ -314,6 +326,9 @@ pub async fn run(config: AgentConfig, drivers: Drivers) -> anyhow::Result<()> {
         shutdown,
         metrics,
         metrics_addr,
+        // Read by the network reconciler's wiring.
+        network_driver: _,
+        ovsdb: _,
     } = config;
     if node.is_empty() {
         bail!("the node needs a name");
