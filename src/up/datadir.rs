@@ -9,6 +9,10 @@
 //! | `etcd.pid` | the pid of the etcd member itself |
 //! | `run/<child>.pid` | the pid of each child the supervisor started |
 //! | `log/<child>.log` | each child's output |
+//! | `agent/` | the agent's state (guests, images), with one node |
+//! | `ovs/` | the node's private Open vSwitch instance, with one node and the ovs driver |
+//! | `nodes/node-<i>/agent/`, `nodes/node-<i>/ovs/` | the same per node, with `--nodes N` |
+//! | `topology.json` | the namespaces, links and switches made, each recorded before it is |
 //!
 //! The lock, not the pid, says whether a `ferro up` owns the directory: the kernel drops
 //! it when its holder dies, even by SIGKILL. Pidfiles are how leftovers of a killed
@@ -77,6 +81,21 @@ impl DataDir {
     /// The node agent's state: guests and the image cache.
     pub fn agent(&self) -> PathBuf {
         self.root.join("agent")
+    }
+
+    /// The state directories of every agent this directory has held: the single node's
+    /// and each node's of `--nodes N`, those that exist.
+    pub fn agent_dirs(&self) -> Vec<PathBuf> {
+        let mut dirs: Vec<PathBuf> = std::fs::read_dir(self.root.join("nodes"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path().join("agent"))
+            .collect();
+        dirs.sort();
+        dirs.insert(0, self.agent());
+        dirs.retain(|d| d.is_dir());
+        dirs
     }
 
     /// etcd's data directory.
