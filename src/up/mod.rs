@@ -408,7 +408,9 @@ async fn supervise(
     let context = write_cli_context(dir, args, admin_token).await?;
     print_welcome(dir, args, built, etcd, context.as_ref());
 
+    let switches = tokio::spawn(topology::keep_switches_running(built.switches.clone()));
     supervisor.supervise(stop).await;
+    switches.abort();
     supervisor.stop_all();
     Ok(())
 }

@@ -391,6 +391,32 @@ pub struct Built {
     pub underlay: Ipv4Net,
     /// The nodes of a multi-node cloud.
     pub nodes: Vec<NodePlan>,
+    /// The switch instances that started.
+    pub switches: Vec<OvsInstance>,
+}
+
+/// How often [`keep_switches_running`] looks at the switch instances.
+const SWITCH_CHECK: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Starts again, every few seconds, any of `switches` whose daemons died: they detach
+/// from `ferro up`, so its supervisor does not see them exit. Runs until dropped.
+pub async fn keep_switches_running(switches: Vec<OvsInstance>) {
+    loop {
+        tokio::time::sleep(SWITCH_CHECK).await;
+        for switch in &switches {
+            if switch.is_running() {
+                continue;
+            }
+            tracing::warn!(
+                "the Open vSwitch instance in {} is not running; starting it again",
+                switch.dir().display()
+            );
+            if let Err(e) = switch.start().await {
+                let e = anyhow::Error::from(e);
+                tracing::warn!("cannot start {}: {e:#}", switch.dir().display());
+            }
+        }
+    }
 }
 
 /// Builds the topology of `layout`, recording each step before it runs. A switch that
@@ -400,16 +426,18 @@ pub struct Built {
 pub async fn create(layout: &Layout) -> anyhow::Result<Built> {
     layout.validate()?;
     let mut record = Record::default();
+    let mut switches = Vec::new();
     if layout.nodes < 2 {
         let placeholder: Ipv4Net = UNDERLAY_SPACE.parse().expect("a valid network");
         for step in plan(layout, placeholder) {
             record.steps.push(step.clone());
             record.save(&layout.data_dir)?;
-            run_step(&step).await?;
+            switches.extend(run_step(&step).await?);
         }
         return Ok(Built {
             underlay: placeholder,
             nodes: Vec::new(),
+            switches,
         });
     }
     // Held until the host address exists, so a cloud starting beside this one sees it.
@@ -428,7 +456,7 @@ pub async fn create(layout: &Layout) -> anyhow::Result<Built> {
     for step in plan(layout, net) {
         record.steps.push(step.clone());
         record.save(&layout.data_dir)?;
-        run_step(&step).await?;
+        switches.extend(run_step(&step).await?);
         if matches!(step, Step::HostLink { .. }) {
             drop(locked.take());
         }
@@ -436,10 +464,12 @@ pub async fn create(layout: &Layout) -> anyhow::Result<Built> {
     Ok(Built {
         underlay: net,
         nodes: layout.node_plans(net),
+        switches,
     })
 }
 
-async fn run_step(step: &Step) -> anyhow::Result<()> {
+/// Runs one step; returns the switch instance it started, if it started one.
+async fn run_step(step: &Step) -> anyhow::Result<Option<OvsInstance>> {
     match step {
         Step::Namespace { name } => {
             if !netns_exists(name) {
@@ -500,17 +530,20 @@ async fn run_step(step: &Step) -> anyhow::Result<()> {
             if let Some(netns) = netns {
                 instance = instance.in_netns(netns);
             }
-            if let Err(e) = instance.start().await {
-                let e = anyhow::Error::from(e);
-                tracing::warn!(
-                    "cannot start the Open vSwitch instance in {}: {e:#}; the node starts \
-                     without it",
-                    dir.display()
-                );
+            match instance.start().await {
+                Ok(()) => return Ok(Some(instance)),
+                Err(e) => {
+                    let e = anyhow::Error::from(e);
+                    tracing::warn!(
+                        "cannot start the Open vSwitch instance in {}: {e:#}; the node starts \
+                         without it",
+                        dir.display()
+                    );
+                }
             }
         }
     }
-    Ok(())
+    Ok(None)
 }
 
 fn checksum_offload_off(netns: &str, device: &str) {
