@@ -14,7 +14,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
-use ferro_e2e::{Cloud, Options, host_objects, processes_naming, table, wait_for};
+use ferro_e2e::{
+    Cloud, Options, ferro_binary, free_port, host_objects, processes_naming, table, wait_for,
+};
 
 const NODES: u32 = 3;
 /// How long the nodes may take to be Ready once the API serves.
@@ -174,6 +176,71 @@ fn three_nodes_run_in_their_namespaces_and_leave_nothing_behind() -> anyhow::Res
     ensure!(
         host_objects(&prefix).is_empty(),
         "host objects left after the Cloud was dropped: {:?}",
+        host_objects(&prefix)
+    );
+    Ok(())
+}
+
+#[test]
+fn linux_bridge_nodes_run_without_a_switch_and_a_taken_prefix_is_refused() -> anyhow::Result<()> {
+    let options = Options {
+        nodes: 2,
+        driver: "linuxbridge".into(),
+        ..Options::default()
+    };
+    let prefix = options.prefix.clone();
+    let cloud = Cloud::start_with(options)?;
+    let data_dir = cloud.data_dir().to_owned();
+    wait_for("2 Ready nodes", SOON, || {
+        let rows = table(&cloud.run(["get", "nodes"])?);
+        Ok((rows.iter().filter(|r| r["READY"] == "True").count() == 2).then_some(()))
+    })?;
+    let processes = processes_naming(&data_dir);
+    let agents: Vec<&(u32, String)> = processes
+        .iter()
+        .filter(|(_, c)| c.contains(" agent "))
+        .collect();
+    ensure!(agents.len() == 2, "two agents expected: {processes:?}");
+    ensure!(
+        agents
+            .iter()
+            .all(|(_, c)| c.contains("--network-driver linuxbridge") && !c.contains("--ovsdb")),
+        "agents not started for linuxbridge: {agents:?}"
+    );
+    ensure!(
+        !processes.iter().any(|(_, c)| c.contains("ovs")),
+        "a switch instance runs with linuxbridge: {processes:?}"
+    );
+
+    // A second cloud with the same prefix is refused, and removes nothing of the first.
+    let scratch = tempfile::tempdir()?;
+    let second = std::process::Command::new(ferro_binary()?)
+        .arg("up")
+        .arg("--data-dir")
+        .arg(scratch.path().join("data"))
+        .args(["--api-addr", &format!("127.0.0.1:{}", free_port()?)])
+        .args(["--nodes", "2", "--network-driver", "linuxbridge"])
+        .args(["--name-prefix", &prefix])
+        .env("FERRO_CONFIG", scratch.path().join("config.yaml"))
+        .stdin(std::process::Stdio::null())
+        .output()?;
+    ensure!(
+        !second.status.success(),
+        "a second cloud with the prefix {prefix} started"
+    );
+    let error = String::from_utf8_lossy(&second.stderr);
+    ensure!(error.contains("exists already"), "{error}");
+    ensure!(
+        host_objects(&prefix).contains(&format!("netns {prefix}-node-1")),
+        "the second cloud removed the first one's namespaces: {:?}",
+        host_objects(&prefix)
+    );
+    let rows = table(&cloud.run(["get", "nodes"])?);
+    ensure!(rows.iter().filter(|r| r["READY"] == "True").count() == 2);
+    drop(cloud);
+    ensure!(
+        host_objects(&prefix).is_empty(),
+        "host objects left: {:?}",
         host_objects(&prefix)
     );
     Ok(())

@@ -430,6 +430,7 @@ pub async fn create(layout: &Layout) -> anyhow::Result<Built> {
     if layout.nodes < 2 {
         let placeholder: Ipv4Net = UNDERLAY_SPACE.parse().expect("a valid network");
         for step in plan(layout, placeholder) {
+            refuse_existing(&step, layout)?;
             record.steps.push(step.clone());
             record.save(&layout.data_dir)?;
             switches.extend(run_step(&step).await?);
@@ -454,6 +455,7 @@ pub async fn create(layout: &Layout) -> anyhow::Result<Built> {
     record.underlay = Some(net.to_string());
     let mut locked = Some(lock);
     for step in plan(layout, net) {
+        refuse_existing(&step, layout)?;
         record.steps.push(step.clone());
         record.save(&layout.data_dir)?;
         switches.extend(run_step(&step).await?);
@@ -468,13 +470,31 @@ pub async fn create(layout: &Layout) -> anyhow::Result<Built> {
     })
 }
 
+/// Fails if what `step` would make exists already: it is not this data directory's (its
+/// own was torn down before), and recording it would have the teardown remove another
+/// cloud's namespace or link.
+fn refuse_existing(step: &Step, layout: &Layout) -> anyhow::Result<()> {
+    let taken = match step {
+        Step::Namespace { name } => netns_exists(name).then(|| format!("namespace {name}")),
+        Step::HostLink { name, .. } => link_exists(name).then(|| format!("link {name}")),
+        Step::Bridge { .. } | Step::Veth { .. } | Step::Switch { .. } => None,
+    };
+    match taken {
+        Some(what) => bail!(
+            "{what} exists already, and not for {}: another cloud runs with the name prefix \
+             {:?}? Choose another with --name-prefix",
+            layout.data_dir.display(),
+            layout.prefix
+        ),
+        None => Ok(()),
+    }
+}
+
 /// Runs one step; returns the switch instance it started, if it started one.
 async fn run_step(step: &Step) -> anyhow::Result<Option<OvsInstance>> {
     match step {
         Step::Namespace { name } => {
-            if !netns_exists(name) {
-                ip(&["netns", "add", name])?;
-            }
+            ip(&["netns", "add", name])?;
             ip(&["-n", name, "link", "set", "lo", "up"])?;
         }
         Step::Bridge {
