@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use ferro_agent::wiring::DriverKind;
 use ferro_agent::{AgentConfig, Drivers};
 
 /// Arguments of `ferro agent`.
@@ -28,12 +29,20 @@ pub struct AgentArgs {
     /// The roles the node plays: compute, network, storage (comma-separated).
     #[arg(long, default_value = "compute")]
     pub roles: String,
-    /// The address other nodes reach this one at; found from the routing table when unset.
-    #[arg(long)]
+    /// The address other nodes reach this one at (`Node.status.address`, the tunnel
+    /// endpoint of its networks); found from the routing table when unset.
+    #[arg(long, visible_alias = "node-address")]
     pub address: Option<String>,
     /// Where to serve the agent's metrics (`GET /metrics`); not served when unset.
     #[arg(long, value_name = "HOST:PORT")]
     pub metrics_addr: Option<SocketAddr>,
+    /// Which driver wires tenant networks on this node: ovs or linuxbridge.
+    #[arg(long, default_value = "ovs", value_name = "DRIVER")]
+    pub network_driver: DriverKind,
+    /// The OVSDB socket of this node's Open vSwitch instance, `unix:PATH`; the system's
+    /// instance when unset.
+    #[arg(long, value_name = "unix:PATH")]
+    pub ovsdb: Option<String>,
 }
 
 /// Runs `ferro agent` until SIGTERM or SIGINT; guests keep running after it exits.
@@ -45,6 +54,8 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
     config.zone = args.zone;
     config.address = args.address;
     config.metrics_addr = args.metrics_addr;
+    config.network_driver = args.network_driver;
+    config.ovsdb = args.ovsdb;
     config.roles = ferro_agent::node::parse_roles(&args.roles).map_err(anyhow::Error::msg)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -21,9 +21,10 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Arguments of `ferro apiserver`.
 #[derive(clap::Args, Debug)]
 pub struct ApiserverArgs {
-    /// The address to serve on.
+    /// The address to serve on; repeat it to serve on several (`ferro up --nodes N` adds
+    /// the host's underlay address, where the agents in node namespaces reach it).
     #[arg(long, default_value = "127.0.0.1:7443", value_name = "HOST:PORT")]
-    pub listen: String,
+    pub listen: Vec<String>,
     /// The store: `etcd://HOST:PORT[,HOST:PORT…]` or `memory`.
     #[arg(long, value_name = "STORE")]
     pub store: StoreUrl,
@@ -95,14 +96,18 @@ async fn serve(args: ApiserverArgs) -> anyhow::Result<()> {
                 .with_context(|| format!("cannot use etcd at {}", endpoints.join(",")))?,
         ),
     };
-    let listener = tokio::net::TcpListener::bind(&args.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
-    let address = listener.local_addr()?;
-    tracing::info!(%address, store = ?args.store, "apiserver serving");
+    let mut listeners = Vec::new();
+    for listen in &args.listen {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("cannot listen on {listen}"))?;
+        let address = listener.local_addr()?;
+        tracing::info!(%address, store = ?args.store, "apiserver serving");
+        listeners.push(listener);
+    }
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let mut server = tokio::spawn(ApiServer::new(store, tokens).serve(listener, async {
+    let mut server = tokio::spawn(ApiServer::new(store, tokens).serve_on(listeners, async {
         let _ = stop_rx.await;
     }));
     let signal = stop_signal()?;

@@ -64,14 +64,19 @@ use ferro_runtime::{Controller, Store, predicates, reflector::Reflector};
 use tokio::task::JoinSet;
 
 use crate::dhcp::Dhcp;
+use crate::dhcp::dnsmasq::DnsmasqDhcp;
 use crate::hypervisor::qemu::{AccelPolicy, QemuConfig, QemuDriver};
 use crate::hypervisor::{Accel, Hypervisor};
 use crate::images::{FileImageCache, ImageCache, error_chain};
 use crate::links::Links;
+use crate::links::netlink::NetlinkLinks;
 use crate::network::{NODE_KEY, NetworkHealth, NetworkReconciler};
 use crate::node::{self, HostTools, NodeReport};
 use crate::server::{self, ServerReconciler};
-use crate::wiring::NetworkDriver;
+use crate::switch::ovs::{OvsConfig, OvsSwitch};
+use crate::wiring::linuxbridge::LinuxBridge;
+use crate::wiring::ovs::OvsWiring;
+use crate::wiring::{DriverKind, NetworkDriver};
 
 /// Where the agent keeps its state unless told otherwise.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/ferro/agent";
@@ -129,7 +134,40 @@ impl Drivers {
         Ok(Drivers {
             hypervisor: Arc::new(QemuDriver::new(qemu)),
             images: Arc::new(images),
-            network: None,
+            network: Some(NetworkDrivers::real(config, &state_dir)?),
+        })
+    }
+}
+
+impl NetworkDrivers {
+    /// The real network drivers: the one `config.network_driver` names (Open vSwitch at
+    /// `config.ovsdb`, or the system's instance; or Linux bridges), netlink, and dnsmasq
+    /// with its files under `<state_dir>/dhcp`.
+    pub fn real(config: &AgentConfig, state_dir: &Path) -> anyhow::Result<NetworkDrivers> {
+        let links: Arc<dyn Links> = Arc::new(NetlinkLinks::new());
+        let driver: Arc<dyn NetworkDriver> = match config.network_driver {
+            DriverKind::Ovs => {
+                let ovs = match &config.ovsdb {
+                    Some(remote) => {
+                        let socket = Path::new(remote.strip_prefix("unix:").unwrap_or(remote));
+                        let run_dir = socket.parent().unwrap_or(Path::new("/"));
+                        OvsConfig {
+                            db_socket: socket.to_owned(),
+                            ..OvsConfig::new(run_dir)
+                        }
+                    }
+                    None => OvsConfig::system(),
+                };
+                Arc::new(OvsWiring::new(Arc::new(OvsSwitch::new(ovs))))
+            }
+            DriverKind::LinuxBridge => Arc::new(LinuxBridge::new(links.clone())),
+        };
+        let dhcp = DnsmasqDhcp::new(state_dir)
+            .with_context(|| format!("cannot keep DHCP servers in {}", state_dir.display()))?;
+        Ok(NetworkDrivers {
+            driver,
+            links,
+            dhcp: Arc::new(dhcp),
         })
     }
 }
@@ -181,6 +219,13 @@ pub struct AgentConfig {
     pub metrics: Metrics,
     /// Where the metrics are served over HTTP (`GET /metrics`); not served when unset.
     pub metrics_addr: Option<SocketAddr>,
+    /// Which driver wires the node's tenant networks (`--network-driver`); Open vSwitch
+    /// by default.
+    pub network_driver: DriverKind,
+    /// The OVSDB socket of the node's Open vSwitch instance (`unix:PATH`), for the OVS
+    /// driver; the system's instance when unset. `ferro up` starts a private instance per
+    /// node and names its socket here.
+    pub ovsdb: Option<String>,
 }
 
 impl AgentConfig {
@@ -210,6 +255,8 @@ impl AgentConfig {
             shutdown: Box::pin(std::future::pending()),
             metrics: Metrics::new(),
             metrics_addr: None,
+            network_driver: DriverKind::Ovs,
+            ovsdb: None,
         }
     }
 
@@ -250,6 +297,8 @@ impl std::fmt::Debug for AgentConfig {
             .field("workers", &self.workers)
             .field("accel", &self.accel)
             .field("metrics_addr", &self.metrics_addr)
+            .field("network_driver", &self.network_driver)
+            .field("ovsdb", &self.ovsdb)
             .finish_non_exhaustive()
     }
 }
@@ -332,6 +381,9 @@ pub async fn run(config: AgentConfig, drivers: Drivers) -> anyhow::Result<()> {
         shutdown,
         metrics,
         metrics_addr,
+        // Read by the network reconciler's wiring.
+        network_driver: _,
+        ovsdb: _,
     } = config;
     if node.is_empty() {
         bail!("the node needs a name");

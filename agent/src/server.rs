@@ -144,6 +144,9 @@ pub enum ReconcileError {
     /// Destroy returned, yet the driver still finds the VM.
     #[error("VM {0} is still on the host after destroy")]
     StillPresent(String),
+    /// Plugging NICs into or out of the running guest failed.
+    #[error("hot-plugging NICs")]
+    Nics(#[source] HypervisorError),
     /// An API call failed.
     #[error("API")]
     Api(#[from] Error),
@@ -167,6 +170,7 @@ impl ReconcileError {
             ReconcileError::Stop(_) => "StopFailed",
             ReconcileError::Reset(_) => "ResetFailed",
             ReconcileError::Destroy(_) | ReconcileError::StillPresent(_) => "DestroyFailed",
+            ReconcileError::Nics(_) => "NicHotplugFailed",
             ReconcileError::Api(_) => "ApiError",
         }
     }
@@ -298,9 +302,13 @@ impl ServerReconciler {
             self.normal(&server, "Adopted", &message).await;
         }
         let mut applied = Applied::default();
-        let result = self
+        let mut result = self
             .apply(&server, &plan, observed.as_ref(), &mut applied)
             .await;
+        if result.is_ok() && !desired.deleting && observed.as_ref().is_some_and(VmStatus::is_alive)
+        {
+            result = self.sync_nics(&server).await;
+        }
         if let Err(e) = &result {
             let reason = match e {
                 ReconcileError::Destroy(_) | ReconcileError::StillPresent(_) => "DeletionBlocked",
@@ -446,40 +454,13 @@ impl ServerReconciler {
     /// The guest's NICs: its Server's Ports in order, each once this node has plugged it
     /// in (`status.node` here and `bound`); otherwise what the start waits for.
     fn nics(&self, server: &v1::Server) -> Result<Vec<Nic>, String> {
-        let project = server
-            .metadata
-            .as_ref()
-            .map(|m| m.project.as_str())
-            .unwrap_or_default();
-        let status = server.status.clone().unwrap_or_default();
+        let (nics, unplugged) = self.plugged_nics(server);
         let wanted = server.spec.as_ref().map_or(0, |s| s.networks.len());
-        if status.ports.len() < wanted {
+        let listed = server.status.as_ref().map_or(0, |s| s.ports.len());
+        if listed < wanted {
             return Err(format!(
                 "waiting for the server's {wanted} ports to be created"
             ));
-        }
-        let mut nics = Vec::new();
-        let mut unplugged = Vec::new();
-        for name in &status.ports {
-            match self.ports.get_named(project, name) {
-                Some(port)
-                    if port
-                        .status
-                        .as_ref()
-                        .is_some_and(|s| s.bound && s.node == self.node && !s.mac.is_empty()) =>
-                {
-                    let uid = port.metadata.as_ref().map(|m| m.uid.as_str()).unwrap_or("");
-                    nics.push(Nic {
-                        tap: crate::network::plan::tap_name(uid),
-                        mac: port
-                            .status
-                            .as_ref()
-                            .map(|s| s.mac.clone())
-                            .unwrap_or_default(),
-                    });
-                }
-                _ => unplugged.push(name.as_str()),
-            }
         }
         if unplugged.is_empty() {
             Ok(nics)
@@ -490,6 +471,88 @@ impl ServerReconciler {
                 unplugged.join(", ")
             ))
         }
+    }
+
+    /// The NICs of the Server's Ports this node has plugged in, in order, and the names of
+    /// those it has not (yet).
+    fn plugged_nics(&self, server: &v1::Server) -> (Vec<Nic>, Vec<String>) {
+        let project = server
+            .metadata
+            .as_ref()
+            .map(|m| m.project.as_str())
+            .unwrap_or_default();
+        let mut nics = Vec::new();
+        let mut unplugged = Vec::new();
+        for name in server.status.iter().flat_map(|s| &s.ports) {
+            let port = self.ports.get_named(project, name);
+            let plugged = port.as_ref().and_then(|port| {
+                let status = port.status.as_ref()?;
+                let uid = port.metadata.as_ref()?.uid.clone();
+                (status.bound && status.node == self.node && !status.mac.is_empty()).then(|| Nic {
+                    tap: crate::network::plan::tap_name(&uid),
+                    id: uid,
+                    mac: status.mac.clone(),
+                })
+            });
+            match plugged {
+                Some(nic) => nics.push(nic),
+                None => unplugged.push(name.clone()),
+            }
+        }
+        (nics, unplugged)
+    }
+
+    /// Hot-plugs into a running guest the NICs of Ports plugged in since it started, and
+    /// unplugs those of Ports it no longer has, comparing with what QEMU reports.
+    async fn sync_nics(&self, server: &v1::Server) -> Result<(), ReconcileError> {
+        let uid = uid_of(server);
+        let (wanted, _) = self.plugged_nics(server);
+        let current = match self.driver.nics(uid).await {
+            Ok(current) => current,
+            Err(HypervisorError::NotRunning(_)) => return Ok(()),
+            Err(e) => return Err(ReconcileError::Nics(e)),
+        };
+        let listed: HashSet<String> = {
+            let project = server
+                .metadata
+                .as_ref()
+                .map(|m| m.project.as_str())
+                .unwrap_or("");
+            server
+                .status
+                .iter()
+                .flat_map(|s| &s.ports)
+                .filter_map(|name| self.ports.get_named(project, name))
+                .filter_map(|p| p.metadata.as_ref().map(|m| m.uid.clone()))
+                .collect()
+        };
+        for nic in &current {
+            if !listed.contains(&nic.id) {
+                self.driver
+                    .detach_nic(uid, &nic.id)
+                    .await
+                    .map_err(ReconcileError::Nics)?;
+                let message = format!(
+                    "unplugged NIC {} ({}) from the running guest",
+                    nic.tap, nic.mac
+                );
+                self.normal(server, "NicDetached", &message).await;
+            }
+        }
+        for nic in &wanted {
+            if !current.iter().any(|c| c.id == nic.id) {
+                self.driver
+                    .attach_nic(uid, nic)
+                    .await
+                    .map_err(ReconcileError::Nics)?;
+                let message = format!(
+                    "plugged NIC {} ({}) into the running guest",
+                    nic.tap, nic.mac
+                );
+                self.normal(server, "NicAttached", &message).await;
+            }
+        }
+        Ok(())
     }
 
     /// Records a Normal event about `server`. The recording future is boxed: it is large,

@@ -155,6 +155,18 @@ impl ApiServer {
         listener: tokio::net::TcpListener,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        self.serve_on(vec![listener], shutdown).await
+    }
+
+    /// [`ApiServer::serve`] on several listeners at once, one server behind them all: the
+    /// loopback address for the CLI and, under `ferro up --nodes N`, the host's underlay
+    /// address for the agents in their namespaces. One server, so that a console tunnel an
+    /// agent opens on one address serves a CLI that came in on another.
+    pub async fn serve_on(
+        self,
+        listeners: Vec<tokio::net::TcpListener>,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         if let Some(cache) = &self.cache {
             cache.warm();
         }
@@ -185,7 +197,12 @@ impl ApiServer {
             .serve_with_incoming_shutdown(
                 // Small gRPC frames (watch events, replies) must not wait for Nagle's
                 // algorithm and the peer's delayed ACK: that alone costs ~40 ms each.
-                tokio_stream::wrappers::TcpListenerStream::new(listener).map(|socket| {
+                futures::stream::select_all(
+                    listeners
+                        .into_iter()
+                        .map(tokio_stream::wrappers::TcpListenerStream::new),
+                )
+                .map(|socket| {
                     socket.inspect(|s| {
                         let _ = s.set_nodelay(true);
                     })

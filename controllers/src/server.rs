@@ -295,7 +295,8 @@ pub fn plan(facts: &ServerFacts<'_>) -> ServerPlan {
                     .map(|s| s.network.clone())
                     .unwrap_or_default();
                 if port_ready(&port) {
-                    if !status.node.is_empty() && !(pstatus.bound && pstatus.node == status.node) {
+                    let plugged_here = pstatus.bound && pstatus.node == status.node;
+                    if !status.node.is_empty() && !plugged_here {
                         unbound.push(name.clone());
                     }
                     addresses.push(v1::NetworkAddresses {

@@ -4,9 +4,13 @@
 //! [`Cloud::start`] runs `ferro up` (etcd store) on free loopback ports with its data
 //! directory in a fresh temporary directory (on tmpfs when there is one: etcd fsyncs),
 //! waits until the CLI can use it, and hands out CLI commands with the right environment
-//! ([`Cloud::ferro`]). Dropping the [`Cloud`] stops the one supervisor it started
-//! (SIGTERM, then SIGKILL) and checks that no process naming its data directory survives
-//! — an etcd or apiserver left behind is a bug, and fails the test.
+//! ([`Cloud::ferro`]). [`Cloud::start_with`] takes [`Options`]: several nodes (each in
+//! its own network namespace, named with a prefix unique to the test) and the network
+//! driver. Dropping the [`Cloud`] stops the one supervisor it started (SIGTERM, then
+//! SIGKILL), runs `ferro down` for whatever a killed supervisor left (namespaces, links,
+//! switch instances) and checks that no process naming its data directory and no
+//! namespace or host link of its prefix survives — an etcd, apiserver or namespace left
+//! behind is a bug, and fails the test.
 //!
 //! The `ferro` binary is the one `cargo test --workspace` builds; the harness asks cargo
 //! to bring it up to date first (set `FERRO_BIN` to use another).
@@ -16,6 +20,7 @@ use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
@@ -71,6 +76,36 @@ pub fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// How a [`Cloud`] is started.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// `ferro up --nodes`: 1 runs one agent on the host; more run each in a namespace.
+    pub nodes: u32,
+    /// `ferro up --network-driver`: `ovs` or `linuxbridge`.
+    pub driver: String,
+    /// `ferro up --name-prefix`; [`unique_prefix`] by default, so that parallel tests
+    /// never share a namespace.
+    pub prefix: String,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            nodes: 1,
+            driver: "ovs".into(),
+            prefix: unique_prefix(),
+        }
+    }
+}
+
+/// A name prefix no other test process or test in this one uses: `fe<pid%10000><n>`
+/// (short: host interface names are `<prefix>-ul`, at most 15 bytes).
+pub fn unique_prefix() -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    format!("fe{}x{n}", std::process::id() % 10000)
+}
+
 /// A running all-in-one cloud, stopped on drop.
 pub struct Cloud {
     /// The temporary directory holding the data directory, config and logs.
@@ -79,11 +114,18 @@ pub struct Cloud {
     api_addr: String,
     supervisor: Option<Child>,
     binary: PathBuf,
+    options: Options,
 }
 
 impl Cloud {
-    /// Starts `ferro up` with a real etcd and waits until it serves.
+    /// Starts `ferro up` with a real etcd and one node, and waits until it serves.
     pub fn start() -> anyhow::Result<Cloud> {
+        Cloud::start_with(Options::default())
+    }
+
+    /// Starts `ferro up` with a real etcd as `options` say, and waits until it serves
+    /// (the API; nodes may still be registering).
+    pub fn start_with(options: Options) -> anyhow::Result<Cloud> {
         let binary = ferro_binary()?;
         let base = Path::new("/dev/shm");
         let scratch = if base.is_dir() {
@@ -93,6 +135,12 @@ impl Cloud {
         } else {
             tempfile::Builder::new().prefix("ferro-e2e-").tempdir()?
         };
+        // Passable by others, as a data directory is: dnsmasq re-reads its files as
+        // `nobody` from inside it.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(scratch.path(), std::fs::Permissions::from_mode(0o711))?;
+        }
         let data_dir = scratch.path().join("data");
         let api_addr = format!("127.0.0.1:{}", free_port()?);
         let mut cloud = Cloud {
@@ -101,6 +149,7 @@ impl Cloud {
             api_addr,
             supervisor: None,
             binary,
+            options,
         };
         cloud.launch()?;
         Ok(cloud)
@@ -122,6 +171,12 @@ impl Cloud {
             .arg(&self.data_dir)
             .arg("--api-addr")
             .arg(&self.api_addr)
+            .arg("--nodes")
+            .arg(self.options.nodes.to_string())
+            .arg("--network-driver")
+            .arg(&self.options.driver)
+            .arg("--name-prefix")
+            .arg(&self.options.prefix)
             .env("FERRO_CONFIG", self.config_path())
             .env_remove("FERRO_SERVER")
             .env_remove("FERRO_TOKEN")
@@ -277,6 +332,21 @@ impl Cloud {
         &self.data_dir
     }
 
+    /// The options it was started with.
+    pub fn options(&self) -> &Options {
+        &self.options
+    }
+
+    /// The network namespace of node `i` (from 1) of a multi-node cloud.
+    pub fn node_netns(&self, i: u32) -> String {
+        format!("{}-node-{i}", self.options.prefix)
+    }
+
+    /// Host objects of this cloud's prefix: its namespaces and host links.
+    pub fn host_objects(&self) -> Vec<String> {
+        host_objects(&self.options.prefix)
+    }
+
     /// The apiserver's address.
     pub fn api_addr(&self) -> &str {
         &self.api_addr
@@ -363,17 +433,53 @@ impl Drop for Cloud {
                 signal(pid, Signal::KILL);
             }
         }
+        // What a killed supervisor left: namespaces, links, switch instances.
+        if self.data_dir.exists() {
+            let _ = self
+                .ferro(["down", "--data-dir"])
+                .arg(&self.data_dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
         let left = self.wait_no_processes(Duration::from_secs(30));
         for (pid, _) in &left {
             signal(*pid, Signal::KILL);
         }
-        if !left.is_empty() && !std::thread::panicking() {
+        let objects = self.host_objects();
+        if (!left.is_empty() || !objects.is_empty()) && !std::thread::panicking() {
             panic!(
-                "processes of {} outlived ferro up: {left:?}",
+                "processes or host objects of {} outlived ferro up: {left:?} {objects:?}",
                 self.data_dir.display()
             );
         }
     }
+}
+
+/// The network namespaces (`netns NAME`) and host links (`link NAME`) whose names start
+/// with `<prefix>-`.
+pub fn host_objects(prefix: &str) -> Vec<String> {
+    let start = format!("{prefix}-");
+    let names = |dir: &str| -> Vec<String> {
+        std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| n.starts_with(&start))
+            .collect()
+    };
+    let mut found: Vec<String> = names("/run/netns")
+        .into_iter()
+        .map(|n| format!("netns {n}"))
+        .collect();
+    found.extend(
+        names("/sys/class/net")
+            .into_iter()
+            .map(|n| format!("link {n}")),
+    );
+    found.sort();
+    found
 }
 
 /// Processes whose command line names `dir` (or a path inside it), except this one.

@@ -120,7 +120,9 @@ fn uid_of(cloud: &Cloud, project: &str, what: &str) -> anyhow::Result<String> {
 /// Whether `ip` answers one ping from inside `netns`.
 fn pings(netns: &str, ip: &str) -> bool {
     Command::new("ip")
-        .args(["netns", "exec", netns, "busybox", "ping", "-c", "1", "-W", "1", ip])
+        .args([
+            "netns", "exec", netns, "busybox", "ping", "-c", "1", "-W", "1", ip,
+        ])
         .output()
         .is_ok_and(|o| o.status.success())
 }
@@ -131,7 +133,10 @@ fn bound_probe(cloud: &Cloud, project: &str, name: &str) -> anyhow::Result<Strin
         let yaml = cloud.run(["get", &format!("port/{name}"), "-p", project, "-o", "yaml"])?;
         Ok(yaml.contains("bound: true").then_some(()))
     })?;
-    Ok(format!("qprobe-{}", uid_of(cloud, project, &format!("port/{name}"))?))
+    Ok(format!(
+        "qprobe-{}",
+        uid_of(cloud, project, &format!("port/{name}"))?
+    ))
 }
 
 /// What Ferro has wired on one node: taps, probe and DHCP namespaces of its own, and
@@ -233,7 +238,10 @@ fn tenant_networks_work_across_nodes(driver: &str) -> anyhow::Result<()> {
         .iter()
         .map(|r| r["NODE"].clone())
         .collect();
-    ensure!(nodes.len() == 2 && nodes[0] != nodes[1], "guests apart: {nodes:?}");
+    ensure!(
+        nodes.len() == 2 && nodes[0] != nodes[1],
+        "guests apart: {nodes:?}"
+    );
     // Ping and TCP across nodes, from inside the guest.
     cloud.run([
         "wait",
@@ -263,9 +271,11 @@ fn tenant_networks_work_across_nodes(driver: &str) -> anyhow::Result<()> {
     cloud.run(["apply", "-f", probes.to_str().context("path")?])?;
     let watcher = bound_probe(&cloud, "default", "watcher")?;
     for ip in ["10.0.0.11", "10.0.0.12"] {
-        wait_for(&format!("{ip} answering the probe on {third}"), WAIT, || {
-            Ok(pings(&watcher, ip).then_some(()))
-        })?;
+        wait_for(
+            &format!("{ip} answering the probe on {third}"),
+            WAIT,
+            || Ok(pings(&watcher, ip).then_some(())),
+        )?;
     }
     for name in ["intruder", "intruder-2"] {
         let intruder = bound_probe(&cloud, "other", name)?;

@@ -9,6 +9,10 @@
 //! | `etcd.pid` | the pid of the etcd member itself |
 //! | `run/<child>.pid` | the pid of each child the supervisor started |
 //! | `log/<child>.log` | each child's output |
+//! | `agent/` | the agent's state (guests, images), with one node |
+//! | `ovs/` | the node's private Open vSwitch instance, with one node and the ovs driver |
+//! | `nodes/node-<i>/agent/`, `nodes/node-<i>/ovs/` | the same per node, with `--nodes N` |
+//! | `topology.json` | the namespaces, links and switches made, each recorded before it is |
 //!
 //! The lock, not the pid, says whether a `ferro up` owns the directory: the kernel drops
 //! it when its holder dies, even by SIGKILL. Pidfiles are how leftovers of a killed
@@ -35,7 +39,7 @@ pub struct DataDir {
 }
 
 impl DataDir {
-    /// The data directory at `path`, created (mode 0700) if missing; the path is made
+    /// The data directory at `path`, created (mode 0711) if missing; the path is made
     /// absolute so that command lines naming it can be recognised.
     pub fn create(path: &Path) -> anyhow::Result<Self> {
         std::fs::create_dir_all(path)
@@ -43,8 +47,10 @@ impl DataDir {
         let root = path
             .canonicalize()
             .with_context(|| format!("cannot resolve {}", path.display()))?;
-        // Tokens and the store live here.
-        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o700))
+        // Tokens and the store live here, each private (0600 files, etcd's own 0700
+        // directory); the directory itself may be passed through but not listed (0711),
+        // because dnsmasq re-reads its hosts file as `nobody` from the agent's state.
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o711))
             .with_context(|| format!("cannot set the mode of {}", root.display()))?;
         for dir in [root.join("run"), root.join("log")] {
             std::fs::create_dir_all(&dir)
@@ -77,6 +83,21 @@ impl DataDir {
     /// The node agent's state: guests and the image cache.
     pub fn agent(&self) -> PathBuf {
         self.root.join("agent")
+    }
+
+    /// The state directories of every agent this directory has held: the single node's
+    /// and each node's of `--nodes N`, those that exist.
+    pub fn agent_dirs(&self) -> Vec<PathBuf> {
+        let mut dirs: Vec<PathBuf> = std::fs::read_dir(self.root.join("nodes"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path().join("agent"))
+            .collect();
+        dirs.sort();
+        dirs.insert(0, self.agent());
+        dirs.retain(|d| d.is_dir());
+        dirs
     }
 
     /// etcd's data directory.

@@ -1,14 +1,17 @@
 //! `ferro up` and `ferro down`: the all-in-one cloud on one machine.
 //!
 //! `ferro up` claims its data directory, stops whatever a previous, killed `ferro up`
-//! left running there, mints tokens on first start, then supervises its children (see
-//! [`children`]): etcd, the apiserver, and later the controllers and the node agent. Once
-//! the apiserver serves it seeds the default objects, writes the CLI's config and says
-//! how to use the cloud. SIGTERM or Ctrl-C stops the children in reverse order and exits
-//! 0; objects persist in etcd's data for the next start.
+//! left running there (processes, and the network topology recorded in `topology.json`),
+//! mints tokens on first start, builds its topology (see [`topology`]: with `--nodes N`,
+//! N node namespaces on an underlay of its own, and a private Open vSwitch instance per
+//! node), then supervises its children (see [`children`]): etcd, the apiserver, the
+//! controllers and one node agent per node. Once the apiserver serves it seeds the default
+//! objects, writes the CLI's config and says how to use the cloud. SIGTERM or Ctrl-C stops
+//! the children in reverse order, removes the topology and exits 0; objects persist in
+//! etcd's data for the next start.
 //!
-//! `ferro down` asks a running `ferro up` to stop and, with `--purge`, removes its data
-//! directory.
+//! `ferro down` asks a running `ferro up` to stop, removes whatever a killed one left (its
+//! processes, its guests, its topology) and, with `--purge`, its data directory.
 
 use std::ffi::OsString;
 use std::net::TcpListener;
@@ -23,9 +26,13 @@ pub mod datadir;
 pub mod etcd;
 pub mod seed;
 pub mod supervisor;
+pub mod topology;
 
 use datadir::{DataDir, Ownership};
+use ferro_agent::switch::ovs_instance::OvsInstance;
+use ferro_agent::wiring::DriverKind;
 use supervisor::{ChildSpec, Readiness, Supervisor};
+use topology::{Built, Layout};
 
 use crate::cli::config;
 use crate::process;
@@ -61,6 +68,48 @@ pub struct UpArgs {
     /// cloud is alive [default: only when no live cloud is current].
     #[arg(long)]
     pub set_context: bool,
+    /// How many nodes: 1 runs one agent on this host; more run each node's agent (and
+    /// its guests and switch) in a network namespace `<prefix>-node-<i>`.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub nodes: u32,
+    /// Which driver wires tenant networks on every node: ovs or linuxbridge. With ovs,
+    /// each node gets a private Open vSwitch instance.
+    #[arg(long, default_value = "ovs", value_name = "DRIVER")]
+    pub network_driver: DriverKind,
+    /// What this cloud's namespaces and host link are named after (`<prefix>-node-1`,
+    /// `<prefix>-underlay`, `<prefix>-outside`, `<prefix>-ul`); at most 12 characters.
+    #[arg(long, default_value = "ferro", value_name = "PREFIX")]
+    pub name_prefix: String,
+}
+
+impl UpArgs {
+    /// What the topology of this cloud is.
+    pub fn layout(&self, dir: &DataDir) -> Layout {
+        Layout {
+            prefix: self.name_prefix.clone(),
+            nodes: self.nodes,
+            ovs: self.network_driver == DriverKind::Ovs,
+            data_dir: dir.root().to_owned(),
+        }
+    }
+
+    /// The port of `--api-addr`.
+    fn api_port(&self) -> anyhow::Result<u16> {
+        self.api_addr
+            .rsplit_once(':')
+            .and_then(|(_, port)| port.parse().ok())
+            .filter(|port| *port != 0)
+            .ok_or_else(|| anyhow!("--api-addr {}: needs a port other than 0", self.api_addr))
+    }
+
+    /// The names of the nodes' agents (and Nodes).
+    fn node_names(&self) -> Vec<String> {
+        if self.nodes < 2 {
+            vec![datadir::hostname()]
+        } else {
+            (1..=self.nodes).map(|i| format!("node-{i}")).collect()
+        }
+    }
 }
 
 /// Arguments of `ferro down`.
@@ -79,15 +128,17 @@ pub struct DownArgs {
 pub fn children(
     dir: &DataDir,
     args: &UpArgs,
+    built: &Built,
     etcd: Option<&EtcdPorts>,
     admin_token: &str,
-) -> Vec<ChildSpec> {
+) -> anyhow::Result<Vec<ChildSpec>> {
     let path = |p: PathBuf| OsString::from(p);
     let mut children = Vec::new();
     let store = match etcd {
         Some(ports) => {
             children.push(ChildSpec {
-                name: "etcd",
+                name: "etcd".into(),
+                netns: None,
                 args: vec![
                     "etcd".into(),
                     "--data-dir".into(),
@@ -105,24 +156,39 @@ pub fn children(
         }
         None => "memory".to_owned(),
     };
+    let mut apiserver: Vec<OsString> = vec![
+        "apiserver".into(),
+        "--listen".into(),
+        args.api_addr.clone().into(),
+        "--store".into(),
+        store.into(),
+        "--token-file".into(),
+        path(dir.tokens()),
+    ];
+    // The agents in node namespaces reach the host only on the underlay.
+    let underlay_api = if built.nodes.is_empty() {
+        None
+    } else {
+        let address = format!(
+            "{}:{}",
+            topology::host_address(built.underlay),
+            args.api_port()?
+        );
+        apiserver.extend(["--listen".into(), address.clone().into()]);
+        Some(address)
+    };
     children.push(ChildSpec {
-        name: "apiserver",
-        args: vec![
-            "apiserver".into(),
-            "--listen".into(),
-            args.api_addr.clone().into(),
-            "--store".into(),
-            store.into(),
-            "--token-file".into(),
-            path(dir.tokens()),
-        ],
+        name: "apiserver".into(),
+        netns: None,
+        args: apiserver,
         ready: Readiness::Api {
             address: args.api_addr.clone(),
             token: admin_token.to_owned(),
         },
     });
     children.push(ChildSpec {
-        name: "controllers",
+        name: "controllers".into(),
+        netns: None,
         args: vec![
             "controllers".into(),
             "--server".into(),
@@ -141,29 +207,82 @@ pub fn children(
             lease: "controllers".to_owned(),
         },
     });
-    children.push(ChildSpec {
-        name: "agent",
-        args: vec![
+    // The first node also plays the network role: it serves DHCP (and, later, routers).
+    let network_node = args.node_names().into_iter().next().unwrap_or_default();
+    let agent = |node: &str, server: &str, state_dir: PathBuf, ovs_dir: PathBuf| {
+        let roles = if node == network_node {
+            "compute,network"
+        } else {
+            "compute"
+        };
+        let mut agent: Vec<OsString> = vec![
             "agent".into(),
             "--node".into(),
-            datadir::hostname().into(),
+            node.into(),
+            "--roles".into(),
+            roles.into(),
             "--server".into(),
-            args.api_addr.clone().into(),
+            server.into(),
             "--token-file".into(),
             path(dir.tokens()),
             "--state-dir".into(),
-            path(dir.agent()),
+            path(state_dir),
+            "--network-driver".into(),
+            args.network_driver.as_str().into(),
+        ];
+        if args.network_driver == DriverKind::Ovs {
+            let socket = OvsInstance::new(ovs_dir).db_socket();
+            agent.extend([
+                "--ovsdb".into(),
+                format!("unix:{}", socket.display()).into(),
+            ]);
+        }
+        agent
+    };
+    let ready = |node: &str| Readiness::Lease {
+        address: args.api_addr.clone(),
+        token: admin_token.to_owned(),
+        lease: format!("node-{node}"),
+    };
+    match &underlay_api {
+        None => {
+            let node = datadir::hostname();
+            let mut args = agent(
+                &node,
+                &args.api_addr,
+                dir.agent(),
+                args.layout(dir).host_ovs_dir(),
+            );
             // On a free loopback port, named in its log (`serving metrics addr=…`).
-            "--metrics-addr".into(),
-            "127.0.0.1:0".into(),
-        ],
-        ready: Readiness::Lease {
-            address: args.api_addr.clone(),
-            token: admin_token.to_owned(),
-            lease: format!("node-{}", datadir::hostname()),
-        },
-    });
-    children
+            args.extend(["--metrics-addr".into(), "127.0.0.1:0".into()]);
+            children.push(ChildSpec {
+                name: "agent".into(),
+                netns: None,
+                args,
+                ready: ready(&node),
+            });
+        }
+        Some(server) => {
+            for node in &built.nodes {
+                let mut args = agent(&node.name, server, node.agent_dir(), node.ovs_dir());
+                args.extend([
+                    "--address".into(),
+                    node.address.to_string().into(),
+                    // Inside the namespace, so every node may use the same port; the host
+                    // reaches it on the underlay.
+                    "--metrics-addr".into(),
+                    format!("{}:{}", node.address, topology::AGENT_METRICS_PORT).into(),
+                ]);
+                children.push(ChildSpec {
+                    name: format!("agent-{}", node.name),
+                    netns: Some(node.netns.clone()),
+                    args,
+                    ready: ready(&node.name),
+                });
+            }
+        }
+    }
+    Ok(children)
 }
 
 /// The loopback ports of the all-in-one etcd member, kept in `etcd.urls` so that every
@@ -223,15 +342,21 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
 
 async fn up(args: UpArgs) -> anyhow::Result<()> {
     let dir = DataDir::create(&args.data_dir)?;
+    let layout = args.layout(&dir);
+    layout.validate()?;
     let _ownership = Ownership::claim(&dir)?;
     dir.stop_leftovers();
+    remove_topology(&dir, "a previous `ferro up` left")?;
 
-    let node = datadir::hostname();
-    let identities = [
+    let mut identities = vec![
         ferro_api::auth::ADMIN.to_owned(),
         ferro_api::auth::CONTROLLERS.to_owned(),
-        format!("{}{node}", ferro_api::auth::NODE_PREFIX),
     ];
+    identities.extend(
+        args.node_names()
+            .iter()
+            .map(|node| format!("{}{node}", ferro_api::auth::NODE_PREFIX)),
+    );
     let tokens = datadir::ensure_tokens(&dir.tokens(), &identities)?;
     let etcd = match args.store {
         StoreKind::Etcd => Some(EtcdPorts::load_or_pick(&dir)?),
@@ -247,14 +372,39 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         let _ = stop_tx.send(true);
     });
 
+    // Removed again however this function returns, after the children stopped; after a
+    // SIGKILL, the record in the data directory is how the next start or `ferro down`
+    // finds it.
+    let topology_guard = TopologyGuard(dir.clone());
+    let started = Instant::now();
+    let built = tokio::select! {
+        built = topology::create(&layout) => built?,
+        _ = stop.wait_for(|s| *s) => return Ok(()),
+    };
+    tracing::info!("network topology ready in {:.1?}", started.elapsed());
+    let outcome = supervise(&dir, &args, &built, etcd.as_ref(), &tokens.admin, &mut stop).await;
+    drop(topology_guard);
+    tracing::info!("ferro up stopped");
+    outcome
+}
+
+/// Runs the children until a stop is asked for, then stops them.
+async fn supervise(
+    dir: &DataDir,
+    args: &UpArgs,
+    built: &Built,
+    etcd: Option<&EtcdPorts>,
+    admin_token: &str,
+    stop: &mut tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<()> {
     let mut supervisor = Supervisor::new(dir.clone())?;
-    let specs = children(&dir, &args, etcd.as_ref(), &tokens.admin);
-    if !supervisor.start(specs, &mut stop).await? {
+    let specs = children(dir, args, built, etcd, admin_token)?;
+    if !supervisor.start(specs, stop).await? {
         supervisor.stop_all();
         return Ok(());
     }
 
-    let client = Client::connect_lazy(&args.api_addr, &tokens.admin).map_err(|e| anyhow!("{e}"))?;
+    let client = Client::connect_lazy(&args.api_addr, admin_token).map_err(|e| anyhow!("{e}"))?;
     tokio::select! {
         seeded = seed::apply(&client) => seeded?,
         _ = stop.wait_for(|s| *s) => {
@@ -264,12 +414,33 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     }
     // An open connection would hold the apiserver's graceful shutdown.
     drop(client);
-    let context = write_cli_context(&dir, &args, &tokens.admin).await?;
-    print_welcome(&dir, &args, etcd.as_ref(), context.as_ref());
+    let context = write_cli_context(dir, args, admin_token).await?;
+    print_welcome(dir, args, built, etcd, context.as_ref());
 
-    supervisor.supervise(&mut stop).await;
+    let switches = tokio::spawn(topology::keep_switches_running(built.switches.clone()));
+    supervisor.supervise(stop).await;
+    switches.abort();
     supervisor.stop_all();
-    tracing::info!("ferro up stopped");
+    Ok(())
+}
+
+/// Removes the topology of a data directory when dropped: after the children stopped.
+struct TopologyGuard(DataDir);
+
+impl Drop for TopologyGuard {
+    fn drop(&mut self) {
+        if let Err(e) = remove_topology(&self.0, "this `ferro up` made") {
+            tracing::warn!("{e:#}");
+        }
+    }
+}
+
+/// Removes the network topology recorded in the data directory, if any.
+fn remove_topology(dir: &DataDir, whose: &str) -> anyhow::Result<()> {
+    let removed = topology::teardown(dir.root())?;
+    if removed > 0 {
+        tracing::info!("removed {removed} namespaces, links and switch instances {whose}");
+    }
     Ok(())
 }
 
@@ -381,12 +552,33 @@ async fn answers(server: &str, token: Option<&str>) -> bool {
 fn print_welcome(
     dir: &DataDir,
     args: &UpArgs,
+    built: &Built,
     etcd: Option<&EtcdPorts>,
     context: Option<&ContextWritten>,
 ) {
     let root = dir.root().display();
     println!("Ferro is up.");
     println!("  API (gRPC):  {}", args.api_addr);
+    if !built.nodes.is_empty() {
+        let layout = args.layout(dir);
+        println!(
+            "  nodes:       {} ({} driver), in namespaces {}-node-1…{}; agents reach the API at {}:{} on {}",
+            built.nodes.len(),
+            args.network_driver,
+            args.name_prefix,
+            built.nodes.len(),
+            topology::host_address(built.underlay),
+            args.api_port().unwrap_or_default(),
+            layout.host_link(),
+        );
+        println!(
+            "  underlay:    {} (namespace {}), outside: {} (namespace {})",
+            built.underlay,
+            layout.underlay_netns(),
+            topology::OUTSIDE_ADDRESS,
+            layout.outside_netns(),
+        );
+    }
     match etcd {
         Some(ports) => println!(
             "  store:       etcd at {} (data in {root}/etcd)",
@@ -440,6 +632,7 @@ pub fn down(args: DownArgs) -> anyhow::Result<()> {
     // Whatever a killed `ferro up` left behind.
     dir.stop_leftovers();
     stop_guests(&dir);
+    remove_topology(&dir, "a killed `ferro up` left")?;
     if args.purge {
         if !dir.looks_like_ours() {
             return Err(anyhow!(
@@ -457,21 +650,24 @@ pub fn down(args: DownArgs) -> anyhow::Result<()> {
 /// Stops the guests (VMs) of this data directory's agent. Guests outlive `ferro up` by
 /// design; `ferro down` is where they stop (ACPI, then forced after a grace period).
 fn stop_guests(dir: &DataDir) {
-    if !dir.agent().exists() {
-        return;
-    }
-    let stopped = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(anyhow::Error::from)
-        .and_then(|rt| rt.block_on(ferro_agent::stop_guests(&dir.agent(), GUEST_STOP_GRACE)));
-    match stopped {
-        Ok(0) => {}
-        Ok(n) => println!("stopped {n} guest{}", if n == 1 { "" } else { "s" }),
-        Err(e) => tracing::warn!(
-            "cannot stop the guests under {}: {e:#}",
-            dir.agent().display()
-        ),
+    for state_dir in dir.agent_dirs() {
+        let stopped = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(ferro_agent::stop_guests(&state_dir, GUEST_STOP_GRACE)));
+        match stopped {
+            Ok(0) => {}
+            Ok(n) => println!(
+                "stopped {n} guest{} of {}",
+                if n == 1 { "" } else { "s" },
+                state_dir.display()
+            ),
+            Err(e) => tracing::warn!(
+                "cannot stop the guests under {}: {e:#}",
+                state_dir.display()
+            ),
+        }
     }
 }
 

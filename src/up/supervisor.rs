@@ -68,9 +68,12 @@ pub enum Readiness {
 #[derive(Clone, Debug)]
 pub struct ChildSpec {
     /// The child's name: its pidfile and log are named after it.
-    pub name: &'static str,
+    pub name: String,
     /// The arguments after the binary: `["apiserver", "--listen", …]`.
     pub args: Vec<OsString>,
+    /// The network namespace the child runs in (through `ip netns exec`, which execs, so
+    /// the pid is the child's own); the supervisor's when unset.
+    pub netns: Option<String>,
     /// How to tell it serves, before the next child starts.
     pub ready: Readiness,
 }
@@ -155,14 +158,14 @@ impl Supervisor {
                         let delay = running.backoff.next().unwrap_or(MAX_BACKOFF);
                         running.child = None;
                         running.restart_at = Some(now + delay);
-                        let log = self.dir.child_log(running.spec.name);
+                        let log = self.dir.child_log(&running.spec.name);
                         tracing::warn!(
                             "{} exited ({}) after {ran:.0?}; restarting in {delay:.1?} (log: {})",
                             running.spec.name,
                             describe_status(status),
                             log.display()
                         );
-                        let _ = std::fs::remove_file(self.dir.child_pidfile(running.spec.name));
+                        let _ = std::fs::remove_file(self.dir.child_pidfile(&running.spec.name));
                     }
                     Err(e) => tracing::warn!("cannot check on {}: {e}", running.spec.name),
                 }
@@ -191,13 +194,20 @@ impl Supervisor {
     }
 
     fn spawn(&self, spec: &ChildSpec) -> anyhow::Result<Child> {
-        let log_path = self.dir.child_log(spec.name);
+        let log_path = self.dir.child_log(&spec.name);
         let log = OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log_path)
             .with_context(|| format!("cannot open {}", log_path.display()))?;
-        let mut command = Command::new(&self.binary);
+        let mut command = match &spec.netns {
+            Some(netns) => {
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", netns]).arg(&self.binary);
+                command
+            }
+            None => Command::new(&self.binary),
+        };
         command
             .args(&spec.args)
             .stdin(Stdio::null())
@@ -208,7 +218,7 @@ impl Supervisor {
         let child = command
             .spawn()
             .with_context(|| format!("cannot start {} ({})", spec.name, self.binary.display()))?;
-        process::write_pidfile(&self.dir.child_pidfile(spec.name), child.id())
+        process::write_pidfile(&self.dir.child_pidfile(&spec.name), child.id())
             .with_context(|| format!("cannot write the pidfile of {}", spec.name))?;
         Ok(child)
     }
@@ -216,7 +226,8 @@ impl Supervisor {
     async fn wait_ready(&mut self, index: usize, ready: &Readiness) -> anyhow::Result<()> {
         let begin = Instant::now();
         let started = std::time::SystemTime::now();
-        let name = self.children[index].spec.name;
+        let name = self.children[index].spec.name.clone();
+        let name = name.as_str();
         loop {
             if let Some(child) = &mut self.children[index].child
                 && let Some(status) = child.try_wait()?
@@ -255,7 +266,7 @@ impl Supervisor {
     /// Stops every child, last started first: SIGTERM, up to the grace period, SIGKILL.
     pub fn stop_all(&mut self) {
         while let Some(mut running) = self.children.pop() {
-            let name = running.spec.name;
+            let name = &running.spec.name;
             if let Some(mut child) = running.child.take() {
                 stop_child(name, &mut child);
             }
