@@ -193,7 +193,7 @@ impl NetworkReconciler {
                 condition(NETWORK_READY, false, "DriverUnavailable", message.clone()),
             );
             tracing::warn!(error = %message, "the network driver is not usable");
-            return Ok(Action::Requeue(std::time::Duration::from_secs(30)));
+            return Ok(Action::Requeue(std::time::Duration::from_secs(5)));
         }
         self.health.set(
             driver,
@@ -294,16 +294,20 @@ impl NetworkReconciler {
             .filter_map(|alias| split_alias(alias).1)
             .collect();
         let wanted_namespaces: BTreeSet<&str> = desired
-            .dhcp
+            .ports
             .values()
-            .map(|d| d.namespace.as_str())
+            .filter_map(|p| match &p.place {
+                Place::Namespace { namespace, .. } => Some(namespace.as_str()),
+                Place::Guest => None,
+            })
             .collect();
         for namespace in &host.namespaces {
-            if mine.contains(namespace.as_str())
-                && !wanted_namespaces.contains(namespace.as_str())
-                && let Err(e) = self.links.delete_namespace(namespace).await
+            if mine.contains(namespace.as_str()) && !wanted_namespaces.contains(namespace.as_str())
             {
-                note(format!("removing namespace {namespace}"), &e);
+                tracing::info!(namespace, "removing a namespace nothing wants");
+                if let Err(e) = self.links.delete_namespace(namespace).await {
+                    note(format!("removing namespace {namespace}"), &e);
+                }
             }
         }
         for uid in host.wired.networks.keys() {
@@ -519,6 +523,46 @@ impl NetworkReconciler {
             }
         }
     }
+}
+
+/// Removes everything the network reconciler made on a node, for `ferro down`: the DHCP
+/// servers under `state_dir`, and in the node's network namespace (`netns`, or the
+/// caller's) every Ferro device with the namespace it leads into. Switch ports and
+/// bridges go with the node's switch instance or namespace. Returns how many things it
+/// removed; what is already gone is not an error.
+pub async fn clear_node(
+    state_dir: &std::path::Path,
+    netns: Option<&str>,
+) -> Result<usize, NetworkError> {
+    let mut removed = 0;
+    let dhcp = crate::dhcp::dnsmasq::DnsmasqDhcp::new(state_dir)?;
+    for server in dhcp.list().await? {
+        dhcp.remove(&server.network_uid).await?;
+        removed += 1;
+    }
+    let links: Arc<dyn Links> = match netns {
+        Some(netns) => Arc::new(crate::links::netlink::NetlinkLinks::in_namespace(netns)),
+        None => Arc::new(crate::links::netlink::NetlinkLinks::new()),
+    };
+    let namespaces = links.list_namespaces().await?;
+    for link in links.list_links().await? {
+        let Some(alias) = link.alias.as_deref() else {
+            continue;
+        };
+        let (uid, namespace) = split_alias(alias);
+        if uid.is_empty() || tap_name(uid) != link.name {
+            continue;
+        }
+        if let Some(namespace) = namespace
+            && namespaces.iter().any(|n| n == namespace)
+        {
+            links.delete_namespace(namespace).await?;
+            removed += 1;
+        }
+        links.delete_link(&link.name).await?;
+        removed += 1;
+    }
+    Ok(removed)
 }
 
 /// A device alias as the uid of the Port it belongs to and the namespace its peer is in.

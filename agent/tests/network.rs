@@ -162,8 +162,19 @@ impl Cloud {
 
     /// A Port on `net` with the address and MAC IPAM would give it.
     async fn port(&self, name: &str, owner: &str, ip: &str) -> Result<()> {
+        self.port_with(name, owner, ip, "{}").await
+    }
+
+    /// A probe Port placed on `node`.
+    async fn probe(&self, name: &str, node: &str, ip: &str) -> Result<()> {
+        let annotations = format!("{{ferro.io/probe-node: {node}}}");
+        self.port_with(name, "network:probe", ip, &annotations)
+            .await
+    }
+
+    async fn port_with(&self, name: &str, owner: &str, ip: &str, annotations: &str) -> Result<()> {
         self.apply(&format!(
-            "apiVersion: ferro/v1\nkind: Port\nmetadata: {{name: {name}}}\n\
+            "apiVersion: ferro/v1\nkind: Port\nmetadata: {{name: {name}, annotations: {annotations}}}\n\
              spec: {{network: net, deviceOwner: \"{owner}\"}}\n"
         ))
         .await?;
@@ -384,10 +395,20 @@ async fn tunnels_follow_the_nodes_that_bind_ports_of_the_network() -> Result<()>
 async fn drift_is_mended_orphans_removed_and_a_restart_changes_nothing() -> Result<()> {
     let cloud = Cloud::start().await?;
     cloud.port("net-dhcp", "network:dhcp", "10.0.0.2").await?;
+    cloud.probe("probe-1", "n1", "10.0.0.31").await?;
+    cloud.probe("probe-2", "n2", "10.0.0.32").await?;
     let agent = Agent::new(&cloud);
     agent.pass(&cloud).await?;
     let web = cloud.get_port("web-0").await?;
     let tap = tap_name(&uid(&web));
+    // The probe placed here lives in its own namespace; the other node's is not ours.
+    let probe = cloud.get_port("probe-1").await?;
+    let probe_ns = format!("qprobe-{}", uid(&probe));
+    assert!(agent.links.list_namespaces().await?.contains(&probe_ns));
+    assert!(!agent.links.list_namespaces().await?.contains(&format!(
+        "qprobe-{}",
+        uid(&cloud.get_port("probe-2").await?)
+    )));
 
     // A tap deleted by hand comes back, plugged in again.
     agent.links.delete_link(&tap).await?;
@@ -478,6 +499,7 @@ async fn drift_is_mended_orphans_removed_and_a_restart_changes_nothing() -> Resu
         .filter(|c| !c.starts_with("set_up"))
         .collect();
     assert!(mutating.is_empty(), "{mutating:?}");
+    assert!(agent.links.list_namespaces().await?.contains(&probe_ns));
     // The DHCP seam is asked to ensure, which is a no-op when nothing changed.
     assert!(
         agent.dhcp.calls()[dhcp_calls..]

@@ -435,8 +435,10 @@ impl Drop for TopologyGuard {
     }
 }
 
-/// Removes the network topology recorded in the data directory, if any.
+/// Removes what the agents wired (DHCP servers, taps, the namespaces of DHCP servers
+/// and probes), then the network topology recorded in the data directory, if any.
 fn remove_topology(dir: &DataDir, whose: &str) -> anyhow::Result<()> {
+    clear_networks(dir);
     let removed = topology::teardown(dir.root())?;
     if removed > 0 {
         tracing::info!("removed {removed} namespaces, links and switch instances {whose}");
@@ -665,6 +667,63 @@ fn stop_guests(dir: &DataDir) {
             ),
             Err(e) => tracing::warn!(
                 "cannot stop the guests under {}: {e:#}",
+                state_dir.display()
+            ),
+        }
+    }
+}
+
+/// Removes what each agent of this data directory wired: in its node's namespace while
+/// that still exists (the host's for the one-node cloud).
+fn clear_networks(dir: &DataDir) {
+    let record = topology::Record::load(dir.root()).ok().flatten();
+    for state_dir in dir.agent_dirs() {
+        // `nodes/node-<i>/agent` runs in the recorded namespace `<prefix>-node-<i>`.
+        let node = state_dir
+            .parent()
+            .filter(|p| p.parent().is_some_and(|n| n.ends_with("nodes")))
+            .and_then(|p| p.file_name())
+            .map(|n| n.to_string_lossy().into_owned());
+        let netns = match &node {
+            None => None,
+            Some(node) => {
+                let suffix = format!("-{node}");
+                let recorded = record.as_ref().and_then(|r| {
+                    r.steps.iter().find_map(|step| match step {
+                        topology::Step::Namespace { name } if name.ends_with(&suffix) => {
+                            Some(name.clone())
+                        }
+                        _ => None,
+                    })
+                });
+                match recorded {
+                    Some(netns) if std::path::Path::new("/run/netns").join(&netns).exists() => {
+                        Some(netns)
+                    }
+                    // Its namespace is gone, and its devices with it.
+                    _ => continue,
+                }
+            }
+        };
+        let cleared = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| {
+                rt.block_on(ferro_agent::network::clear_node(
+                    &state_dir,
+                    netns.as_deref(),
+                ))
+                .map_err(anyhow::Error::from)
+            });
+        match cleared {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                "removed {n} DHCP servers, devices and namespaces of {}",
+                state_dir.display()
+            ),
+            Err(e) => tracing::warn!(
+                "cannot remove the networking of {}: {e:#}",
                 state_dir.display()
             ),
         }

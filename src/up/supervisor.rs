@@ -71,8 +71,10 @@ pub struct ChildSpec {
     pub name: String,
     /// The arguments after the binary: `["apiserver", "--listen", …]`.
     pub args: Vec<OsString>,
-    /// The network namespace the child runs in (through `ip netns exec`, which execs, so
-    /// the pid is the child's own); the supervisor's when unset.
+    /// The network namespace the child runs in (through `nsenter --net`, which execs, so
+    /// the pid is the child's own); the supervisor's when unset. Not `ip netns exec`:
+    /// that also gives the child a mount namespace of its own, in which the namespaces an
+    /// agent makes (`qdhcp-…`, `qprobe-…`) would be mounted where no one else sees them.
     pub netns: Option<String>,
     /// How to tell it serves, before the next child starts.
     pub ready: Readiness,
@@ -202,8 +204,11 @@ impl Supervisor {
             .with_context(|| format!("cannot open {}", log_path.display()))?;
         let mut command = match &spec.netns {
             Some(netns) => {
-                let mut command = Command::new("ip");
-                command.args(["netns", "exec", netns]).arg(&self.binary);
+                let mut command = Command::new("nsenter");
+                command
+                    .arg(format!("--net=/run/netns/{netns}"))
+                    .arg("--")
+                    .arg(&self.binary);
                 command
             }
             None => Command::new(&self.binary),

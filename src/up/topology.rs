@@ -523,6 +523,18 @@ async fn run_step(step: &Step) -> anyhow::Result<Option<OvsInstance>> {
             ])?;
             ip(&["addr", "add", address, "dev", name])?;
             ip(&["link", "set", name, "up"])?;
+            // The host's TCP to the agents may end in Open vSwitch's userspace datapath
+            // (on br-phy), which fills in no checksum left to an offload.
+            let done = Command::new("ethtool")
+                .args(["-K", name, "tx", "off"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if !done {
+                tracing::warn!("cannot turn off tx checksum offload on {name}");
+            }
         }
         Step::Veth {
             netns,
@@ -551,7 +563,12 @@ async fn run_step(step: &Step) -> anyhow::Result<Option<OvsInstance>> {
                 instance = instance.in_netns(netns);
             }
             match instance.start().await {
-                Ok(()) => return Ok(Some(instance)),
+                Ok(()) => {
+                    if let Some(netns) = netns {
+                        underlay_on_br_phy(&instance, netns).await?;
+                    }
+                    return Ok(Some(instance));
+                }
                 Err(e) => {
                     let e = anyhow::Error::from(e);
                     tracing::warn!(
@@ -564,6 +581,64 @@ async fn run_step(step: &Step) -> anyhow::Result<Option<OvsInstance>> {
         }
     }
     Ok(None)
+}
+
+/// The bridge of a node's Open vSwitch instance that holds its underlay NIC and address.
+pub const PHYSICAL_BRIDGE: &str = "br-phy";
+
+/// Puts a node's underlay NIC on `br-phy` and its address on `br-phy` itself: Open
+/// vSwitch's userspace datapath sends VXLAN packets only from an address on one of its
+/// own bridges (as OVS-DPDK's userspace tunnelling needs), so a plain veth holding it
+/// would leave every tunnel dead. Harmless when done already.
+async fn underlay_on_br_phy(instance: &OvsInstance, netns: &str) -> anyhow::Result<()> {
+    use ferro_agent::switch::{PortKind, PortSpec, Switch};
+    let switch = ferro_agent::switch::ovs::OvsSwitch::new(instance.switch_config());
+    switch.ensure_bridge(PHYSICAL_BRIDGE).await?;
+    switch
+        .ensure_port(&PortSpec {
+            bridge: PHYSICAL_BRIDGE.into(),
+            name: NODE_UNDERLAY_DEVICE.into(),
+            kind: PortKind::System,
+            tag: None,
+            external_ids: Default::default(),
+        })
+        .await?;
+    let out = Command::new("ip")
+        .args([
+            "-n",
+            netns,
+            "-o",
+            "-4",
+            "addr",
+            "show",
+            "dev",
+            NODE_UNDERLAY_DEVICE,
+        ])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let addresses: Vec<&str> = text
+        .split_whitespace()
+        .zip(text.split_whitespace().skip(1))
+        .filter(|(key, _)| *key == "inet")
+        .map(|(_, cidr)| cidr)
+        .collect();
+    for cidr in addresses {
+        ip(&[
+            "-n",
+            netns,
+            "addr",
+            "del",
+            cidr,
+            "dev",
+            NODE_UNDERLAY_DEVICE,
+        ])?;
+        ip(&["-n", netns, "addr", "replace", cidr, "dev", PHYSICAL_BRIDGE])?;
+    }
+    ip(&["-n", netns, "link", "set", PHYSICAL_BRIDGE, "up"])?;
+    // The node's own TCP (to the apiserver) now leaves through this internal port, into
+    // the userspace datapath, which fills in no offloaded checksum.
+    checksum_offload_off(netns, PHYSICAL_BRIDGE);
+    Ok(())
 }
 
 fn checksum_offload_off(netns: &str, device: &str) {
