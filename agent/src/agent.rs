@@ -124,7 +124,10 @@ impl Drivers {
     /// `<state_dir>/vms`, and the file image cache in [`AgentConfig::image_dir`].
     pub fn real(config: &AgentConfig) -> anyhow::Result<Drivers> {
         let state_dir = checked_state_dir(&config.state_dir)?;
-        let qemu = qemu_config(&vm_dir(&state_dir), config.accel.clone());
+        let mut qemu = qemu_config(&vm_dir(&state_dir), config.accel.clone());
+        // Open vSwitch's userspace datapath completes no checksum a guest left to it.
+        qemu.tap_offloads = !(config.network_driver == DriverKind::Ovs
+            && crate::switch::DatapathType::probe() == crate::switch::DatapathType::Netdev);
         let image_dir = config
             .image_cache_dir
             .clone()

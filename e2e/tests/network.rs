@@ -206,7 +206,7 @@ fn tenant_networks_work_across_nodes(driver: &str) -> anyhow::Result<()> {
     })?;
     wait_for("three nodes Ready", WAIT, || {
         let rows = table(&cloud.run(["get", "nodes"])?);
-        Ok((rows.len() == 3 && rows.iter().all(|r| r["STATUS"] == "Ready")).then_some(()))
+        Ok((rows.len() == 3 && rows.iter().all(|r| r["READY"] == "True")).then_some(()))
     })?;
     let before: Vec<String> = namespaces_of_ferro()?;
 

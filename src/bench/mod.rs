@@ -9,6 +9,7 @@ pub mod api;
 pub mod boot;
 pub mod harness;
 pub mod ipam;
+pub mod net;
 pub mod schedule;
 
 /// A benchmark.
@@ -22,6 +23,9 @@ pub enum BenchCommand {
     Schedule(schedule::ScheduleArgs),
     /// Seconds from apply of a Server to its guest's ready marker, against plain QEMU.
     Boot(boot::BootBenchArgs),
+    /// Port wiring latency, TCP throughput and agent restarts under `ferro up --nodes 3`,
+    /// against the same kernel and switch pieces wired by hand.
+    Net(net::NetBenchArgs),
 }
 
 /// Runs a benchmark.
@@ -35,6 +39,7 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
             BenchCommand::Ipam(args) => ipam::run(args).await,
             BenchCommand::Schedule(args) => schedule::run(args).await,
             BenchCommand::Boot(args) => boot::run(args).await,
+            BenchCommand::Net(args) => net::run_bench(args).await,
         }
     })
 }

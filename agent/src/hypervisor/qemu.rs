@@ -136,6 +136,10 @@ pub struct QemuConfig {
     pub control_timeout: Duration,
     /// How long an unplug waits for the guest to release the device.
     pub unplug_timeout: Duration,
+    /// Whether taps carry virtio-net headers, so that guests may leave checksums and
+    /// segmentation to the host (`vnet_hdr`). Off where the switch is Open vSwitch's
+    /// userspace datapath, which completes no checksum: TCP would fail on bad checksums.
+    pub tap_offloads: bool,
 }
 
 impl QemuConfig {
@@ -151,6 +155,7 @@ impl QemuConfig {
             hotplug_ports: 4,
             control_timeout: Duration::from_secs(10),
             unplug_timeout: Duration::from_secs(30),
+            tap_offloads: true,
         }
     }
 }
@@ -620,7 +625,13 @@ impl QemuDriver {
             .try_clone()
             .map_err(io("duplicating the log handle".into()))?;
 
-        let args = command_line(spec, paths, accel, self.config.hotplug_ports)?;
+        let args = command_line(
+            spec,
+            paths,
+            accel,
+            self.config.hotplug_ports,
+            self.config.tap_offloads,
+        )?;
         tracing::info!(uid = %spec.uid, accel = accel.as_str(), "starting QEMU");
         let mut child = tokio::process::Command::new(&self.config.qemu)
             .args(&args)
@@ -776,7 +787,7 @@ impl Hypervisor for QemuDriver {
         let paths = self.paths(uid);
         self.running_pid(&paths, uid)?;
         let mut session = self.session(&paths, uid).await?;
-        if plug_nic(&mut session, uid, nic).await? {
+        if plug_nic(&mut session, uid, nic, self.config.tap_offloads).await? {
             tracing::info!(uid, nic = %nic.id, tap = %nic.tap, "NIC plugged");
         }
         record_nics(&paths.spec, |nics| {
@@ -861,6 +872,7 @@ fn command_line(
     paths: &VmPaths,
     accel: Accel,
     hotplug_ports: u8,
+    tap_offloads: bool,
 ) -> Result<Vec<OsString>, HypervisorError> {
     let mut args: Vec<OsString> = Vec::new();
     let mut push = |items: &[&str]| args.extend(items.iter().map(OsString::from));
@@ -958,9 +970,10 @@ fn command_line(
     }
     for (i, nic) in spec.nics.iter().enumerate() {
         let netdev = format!(
-            "tap,id={},ifname={},script=no,downscript=no",
+            "tap,id={},ifname={},script=no,downscript=no{}",
             netdev_id(&nic.id),
-            nic.tap
+            nic.tap,
+            if tap_offloads { "" } else { ",vnet_hdr=off" }
         );
         let device = format!(
             "virtio-net-pci,id={},netdev={},mac={},bus={},addr=0",
@@ -1147,7 +1160,12 @@ fn tap_backends(info: &str) -> BTreeMap<String, String> {
 
 /// Plugs `nic` into a free root port, first removing a backend of the same id that an
 /// interrupted plug or unplug left behind. Returns false when the NIC was there already.
-async fn plug_nic(session: &mut Session, uid: &str, nic: &Nic) -> Result<bool, HypervisorError> {
+async fn plug_nic(
+    session: &mut Session,
+    uid: &str,
+    nic: &Nic,
+    tap_offloads: bool,
+) -> Result<bool, HypervisorError> {
     let control = |source| HypervisorError::Control {
         uid: uid.to_owned(),
         source,
@@ -1185,6 +1203,7 @@ async fn plug_nic(session: &mut Session, uid: &str, nic: &Nic) -> Result<bool, H
                 "ifname": nic.tap,
                 "script": "no",
                 "downscript": "no",
+                "vnet_hdr": tap_offloads,
             }),
         )
         .await
@@ -1501,7 +1520,7 @@ mod tests {
 
     fn args_of(spec: &VmSpec, accel: Accel) -> Vec<String> {
         let paths = VmPaths::new(Path::new("/var/lib/ferro/vms"), &spec.uid);
-        command_line(spec, &paths, accel, 3)
+        command_line(spec, &paths, accel, 3, true)
             .unwrap()
             .into_iter()
             .map(|a| a.into_string().unwrap())
@@ -1654,11 +1673,12 @@ mod tests {
                 mac: format!("52:54:00:00:00:{i:02x}"),
             })
             .collect();
-        let args: Vec<String> = command_line(&VmSpec { nics, ..spec() }, &paths, Accel::Tcg, 4)
-            .unwrap()
-            .into_iter()
-            .map(|a| a.into_string().unwrap())
-            .collect();
+        let args: Vec<String> =
+            command_line(&VmSpec { nics, ..spec() }, &paths, Accel::Tcg, 4, true)
+                .unwrap()
+                .into_iter()
+                .map(|a| a.into_string().unwrap())
+                .collect();
         let ports = value_of(&args, "-device")
             .into_iter()
             .filter(|d| d.starts_with("pcie-root-port"))
@@ -1935,14 +1955,22 @@ mod tests {
         );
         assert_eq!(layout.free_ports, [1, 2]);
 
-        assert!(plug_nic(&mut session, "vm1", &nic("p2", 2)).await.unwrap());
+        assert!(
+            plug_nic(&mut session, "vm1", &nic("p2", 2), true)
+                .await
+                .unwrap()
+        );
         assert_eq!(commands(&fake), ["netdev_add", "device_add"]);
         let added = fake.lock().unwrap().devices["nic-p2"].clone();
         assert_eq!(added.1, "hotplug1", "the lowest free port");
         // Plugging it again changes nothing; the same id with another MAC is refused.
-        assert!(!plug_nic(&mut session, "vm1", &nic("p2", 2)).await.unwrap());
+        assert!(
+            !plug_nic(&mut session, "vm1", &nic("p2", 2), true)
+                .await
+                .unwrap()
+        );
         assert!(commands(&fake).is_empty());
-        let conflict = plug_nic(&mut session, "vm1", &nic("p2", 9))
+        let conflict = plug_nic(&mut session, "vm1", &nic("p2", 9), true)
             .await
             .unwrap_err();
         assert!(
@@ -1950,8 +1978,10 @@ mod tests {
             "{conflict}"
         );
         // The last port, then none.
-        plug_nic(&mut session, "vm1", &nic("p3", 3)).await.unwrap();
-        let full = plug_nic(&mut session, "vm1", &nic("p4", 4))
+        plug_nic(&mut session, "vm1", &nic("p3", 3), true)
+            .await
+            .unwrap();
+        let full = plug_nic(&mut session, "vm1", &nic("p4", 4), true)
             .await
             .unwrap_err();
         assert!(matches!(full, HypervisorError::NoFreePort { .. }), "{full}");
@@ -1969,13 +1999,15 @@ mod tests {
         let fake = Arc::new(Mutex::new(fake));
         let qmp = serve(dir.path(), fake.clone());
         let mut session = Session::open(&qmp, Duration::from_secs(5)).await.unwrap();
-        plug_nic(&mut session, "vm1", &nic("p2", 2)).await.unwrap();
+        plug_nic(&mut session, "vm1", &nic("p2", 2), true)
+            .await
+            .unwrap();
         assert_eq!(commands(&fake), ["netdev_del", "netdev_add", "device_add"]);
         assert_eq!(fake.lock().unwrap().netdevs["net-p2"], "tapp2");
 
         // QEMU refuses the device (say, a MAC it will not take): no backend stays behind.
         fake.lock().unwrap().refuse_devices = true;
-        let refused = plug_nic(&mut session, "vm1", &nic("p3", 3))
+        let refused = plug_nic(&mut session, "vm1", &nic("p3", 3), true)
             .await
             .unwrap_err();
         assert!(

@@ -1,0 +1,791 @@
+//! `ferro bench net`: how fast Ferro wires ports, how fast traffic crosses its wiring, and
+//! what an agent restart costs — under `ferro up --nodes 3`, once per network driver.
+//!
+//! For each driver the bench starts its own three-node cloud in a scratch directory and
+//! makes a Network. The machines are probe Ports (`deviceOwner: network:probe`, placed on
+//! a node by the `ferro.io/probe-node` annotation), which the node wires as a namespace of
+//! their own, as Neutron's fullstack tests plug namespaces into ports:
+//!
+//! - **(a) port wiring latency**: from the Port's create until it answers a ping from a
+//!   reference probe on another node, for `--ports` Ports spread over the three nodes,
+//!   created four at a time; p50 and p99.
+//! - **(b) TCP throughput** between reference probes on node 1 and node 2 through
+//!   Ferro's wiring, against the same pieces wired by hand by the bench between two
+//!   namespaces of its own on the same nodes: a kernel bridge and VXLAN device for Linux
+//!   bridges, a userspace `br-raw` with a VXLAN port for Open vSwitch. One TCP stream for
+//!   `--seconds`, written and read by the bench itself in those namespaces.
+//! - **(c) agent restart**: with the (a) Ports wired, node 1's agent is SIGKILLed (its
+//!   supervisor starts it again); the figure is the time until the new agent has finished
+//!   a network pass, and the packets a 10/s ping between the node-1 and node-2 reference
+//!   probes lost across it.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow, bail};
+use ferro_api::client::{Client, Selection};
+use ferro_api::{Kind, Resource, v1};
+
+use super::harness::{Workspace, wait_every, wait_for};
+
+/// The network every machine of the bench is on.
+const CIDR: &str = "10.8.0.0/16";
+/// How long one phase may take before the bench gives up.
+const TIMEOUT: Duration = Duration::from_secs(300);
+/// The TCP port of the throughput test.
+const TCP_PORT: u16 = 5201;
+/// The VNI of the bench's own hand-made tunnels.
+const RAW_VNI: u32 = 4000;
+
+/// Arguments of `ferro bench net`.
+#[derive(clap::Args, Debug)]
+pub struct NetBenchArgs {
+    /// Ports wired in (a), spread over the three nodes.
+    #[arg(long, default_value_t = 200)]
+    pub ports: usize,
+    /// The drivers to measure, in order.
+    #[arg(long, value_delimiter = ',', default_value = "linuxbridge,ovs")]
+    pub drivers: Vec<String>,
+    /// How long each TCP stream of (b) runs.
+    #[arg(long, default_value_t = 3)]
+    pub seconds: u64,
+}
+
+/// A three-node `ferro up` in a scratch directory; stopped (with `ferro down`) on drop.
+struct Cloud {
+    scratch: Workspace,
+    prefix: String,
+    child: Option<Child>,
+    client: Client,
+}
+
+impl Cloud {
+    async fn start(driver: &str, prefix: &str) -> anyhow::Result<Cloud> {
+        let shm = Path::new("/dev/shm");
+        let scratch = Workspace::new("net", shm.is_dir().then_some(shm))?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(scratch.path(), std::fs::Permissions::from_mode(0o711))?;
+        }
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let config = scratch.path().join("config.yaml");
+        let log = std::fs::File::create(scratch.path().join("ferro-up.log"))?;
+        let child = Command::new(std::env::current_exe()?)
+            .args(["up", "--nodes", "3", "--network-driver", driver])
+            .args(["--name-prefix", prefix])
+            .args(["--api-addr", &format!("127.0.0.1:{port}"), "--data-dir"])
+            .arg(scratch.path().join("data"))
+            .env("FERRO_CONFIG", &config)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting ferro up")?;
+        let mut cloud = Cloud {
+            scratch,
+            prefix: prefix.to_owned(),
+            child: Some(child),
+            client: Client::connect_lazy("127.0.0.1:1", "none").map_err(|e| anyhow!("{e}"))?,
+        };
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            if let Some(child) = &mut cloud.child
+                && let Some(status) = child.try_wait()?
+            {
+                bail!("ferro up exited ({status}): see {}", cloud.log().display());
+            }
+            if let Some(c) = crate::cli::config::load(&config)?.and_then(|c| c.current().cloned())
+                && let (Some(server), Some(token)) = (c.server, c.token)
+            {
+                let client = Client::connect_lazy(&server, &token).map_err(|e| anyhow!("{e}"))?;
+                if let Ok((nodes, _)) = client.list(Kind::Node, &Selection::all()).await {
+                    let ready = nodes
+                        .into_iter()
+                        .filter_map(v1::Node::from_object)
+                        .filter(networking)
+                        .count();
+                    if ready == 3 {
+                        cloud.client = client;
+                        return Ok(cloud);
+                    }
+                }
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "three nodes did not wire networks in time: see {}",
+                    cloud.log().display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    fn log(&self) -> PathBuf {
+        self.scratch.path().join("ferro-up.log")
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.scratch.path().join("data")
+    }
+
+    fn node_netns(&self, node: usize) -> String {
+        format!("{}-node-{node}", self.prefix)
+    }
+
+    async fn apply(&self, yaml: &str) -> anyhow::Result<()> {
+        for object in ferro_api::codec::decode_yaml(yaml)? {
+            self.client
+                .create(object)
+                .await
+                .map_err(|e| anyhow!("{e}"))?;
+        }
+        Ok(())
+    }
+
+    /// Creates a probe Port on `node` with `ip`.
+    async fn probe(&self, name: &str, node: usize, ip: Ipv4Addr) -> anyhow::Result<()> {
+        self.apply(&format!(
+            "apiVersion: ferro/v1\nkind: Port\nmetadata: {{name: {name}, annotations: \
+             {{ferro.io/probe-node: node-{node}}}}}\nspec: {{network: bench, deviceOwner: \
+             \"network:probe\", fixedIps: [{{ipAddress: {ip}}}]}}\n"
+        ))
+        .await
+    }
+
+    /// The namespace of a probe Port, once its node has bound it.
+    async fn bound_probe(&self, name: &str) -> anyhow::Result<String> {
+        let client = self.client.clone();
+        wait_every(
+            &format!("probe {name} bound"),
+            TIMEOUT,
+            Duration::from_millis(20),
+            || {
+                let client = client.clone();
+                async move {
+                    let port = client.get_typed::<v1::Port>("default", name).await.ok()?;
+                    let bound = port.status.as_ref().is_some_and(|s| s.bound);
+                    bound.then(|| {
+                        format!(
+                            "qprobe-{}",
+                            port.metadata
+                                .as_ref()
+                                .map(|m| m.uid.clone())
+                                .unwrap_or_default()
+                        )
+                    })
+                }
+            },
+        )
+        .await
+    }
+
+    fn agent_pid(&self, node: usize) -> anyhow::Result<u32> {
+        let path = self.data_dir().join(format!("run/agent-node-{node}.pid"));
+        Ok(std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?
+            .trim()
+            .parse()?)
+    }
+
+    /// The OVSDB socket of node `node`'s Open vSwitch instance.
+    fn ovsdb(&self, node: usize) -> PathBuf {
+        self.data_dir()
+            .join(format!("nodes/node-{node}/ovs/db.sock"))
+    }
+
+    /// Node `node`'s underlay address, from its Node.
+    async fn node_address(&self, node: usize) -> anyhow::Result<Ipv4Addr> {
+        let n = self
+            .client
+            .get_typed::<v1::Node>("", &format!("node-{node}"))
+            .await
+            .map_err(|e| anyhow!("{e}"))?;
+        Ok(n.status.unwrap_or_default().address.parse()?)
+    }
+}
+
+impl Drop for Cloud {
+    fn drop(&mut self) {
+        if let Ok(exe) = std::env::current_exe() {
+            let _ = Command::new(exe)
+                .args(["down", "--data-dir"])
+                .arg(self.data_dir())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn networking(node: &v1::Node) -> bool {
+    node.status.as_ref().is_some_and(|s| {
+        !s.network_driver.is_empty()
+            && s.conditions.iter().any(|c| {
+                c.r#type == "NetworkReady" && c.status == v1::condition::Status::True as i32
+            })
+    })
+}
+
+/// Whether `ip` answers one ping from inside `netns`, within `wait`.
+fn pings(netns: &str, ip: Ipv4Addr, wait: &str) -> bool {
+    Command::new("ip")
+        .args([
+            "netns", "exec", netns, "busybox", "ping", "-c", "1", "-W", wait,
+        ])
+        .arg(ip.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn run(program: &str, args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new(program).args(args).output()?;
+    if !out.status.success() {
+        bail!(
+            "{program} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// The address of the `i`th wired port (10.8.1.0 onwards).
+fn port_ip(i: usize) -> Ipv4Addr {
+    let n = 256 + 10 + i as u32;
+    Ipv4Addr::new(10, 8, (n / 256) as u8, (n % 256) as u8)
+}
+
+fn reference_ip(node: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 8, 255, node as u8)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// One TCP stream from `from` to `to` (namespaces) for `seconds`: the receiver's Gbit/s.
+fn tcp_throughput(from: &str, to: &str, to_ip: Ipv4Addr, seconds: u64) -> anyhow::Result<f64> {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let to_owned = to.to_owned();
+    let receiver = std::thread::spawn(move || -> anyhow::Result<(u64, Duration)> {
+        enter(&to_owned)?;
+        let listener = TcpListener::bind((Ipv4Addr::UNSPECIFIED, TCP_PORT))?;
+        ready_tx.send(()).ok();
+        let (mut stream, _) = listener.accept()?;
+        let mut buffer = vec![0u8; 1 << 18];
+        let mut total = 0u64;
+        let began = Instant::now();
+        loop {
+            let n = stream.read(&mut buffer)?;
+            if n == 0 {
+                break;
+            }
+            total += n as u64;
+        }
+        Ok((total, began.elapsed()))
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(10))
+        .context("the receiver did not listen")?;
+    let from_owned = from.to_owned();
+    let sender = std::thread::spawn(move || -> anyhow::Result<()> {
+        enter(&from_owned)?;
+        let mut stream = TcpStream::connect_timeout(
+            &SocketAddr::from((to_ip, TCP_PORT)),
+            Duration::from_secs(5),
+        )?;
+        let buffer = vec![0x5au8; 1 << 18];
+        let end = Instant::now() + Duration::from_secs(seconds);
+        while Instant::now() < end {
+            stream.write_all(&buffer)?;
+        }
+        Ok(())
+    });
+    sender
+        .join()
+        .map_err(|_| anyhow!("the sender panicked"))?
+        .context("sending")?;
+    let (bytes, took) = receiver
+        .join()
+        .map_err(|_| anyhow!("the receiver panicked"))?
+        .context("receiving")?;
+    Ok(bytes as f64 * 8.0 / took.as_secs_f64() / 1e9)
+}
+
+/// Moves this thread into the named network namespace (it should end afterwards).
+fn enter(netns: &str) -> anyhow::Result<()> {
+    let file = std::fs::File::open(Path::new("/run/netns").join(netns))
+        .with_context(|| format!("no namespace {netns}"))?;
+    rustix::thread::move_into_link_name_space(
+        std::os::fd::AsFd::as_fd(&file),
+        Some(rustix::thread::LinkNameSpaceType::Network),
+    )
+    .with_context(|| format!("cannot enter {netns}"))?;
+    Ok(())
+}
+
+/// Two namespaces on nodes 1 and 2 joined by the bench's own tunnel, built from the same
+/// pieces the driver uses; removed on drop.
+struct RawPair {
+    namespaces: [String; 2],
+    undo: Vec<Vec<String>>,
+}
+
+impl RawPair {
+    async fn build(cloud: &Cloud, driver: &str) -> anyhow::Result<RawPair> {
+        let mut pair = RawPair {
+            namespaces: [
+                format!("{}-raw-1", cloud.prefix),
+                format!("{}-raw-2", cloud.prefix),
+            ],
+            undo: Vec::new(),
+        };
+        let addresses = [cloud.node_address(1).await?, cloud.node_address(2).await?];
+        for side in 0..2 {
+            let node = cloud.node_netns(side + 1);
+            let ns = pair.namespaces[side].clone();
+            let local = addresses[side].to_string();
+            let remote = addresses[1 - side].to_string();
+            run("ip", &["netns", "add", &ns])?;
+            pair.undo
+                .push(vec!["ip".into(), "netns".into(), "del".into(), ns.clone()]);
+            run("ip", &["-n", &ns, "link", "set", "lo", "up"])?;
+            run(
+                "ip",
+                &[
+                    "-n", &node, "link", "add", "rawhost", "type", "veth", "peer", "name", "eth0",
+                    "netns", &ns,
+                ],
+            )?;
+            run(
+                "ip",
+                &[
+                    "-n",
+                    &ns,
+                    "addr",
+                    "add",
+                    &format!("10.9.0.{}/24", side + 1),
+                    "dev",
+                    "eth0",
+                ],
+            )?;
+            run(
+                "ip",
+                &["-n", &ns, "link", "set", "eth0", "mtu", "1450", "up"],
+            )?;
+            run(
+                "ip",
+                &["-n", &node, "link", "set", "rawhost", "mtu", "1450", "up"],
+            )?;
+            if driver == "ovs" {
+                let db = format!("--db=unix:{}", cloud.ovsdb(side + 1).display());
+                run(
+                    "ip",
+                    &["netns", "exec", &ns, "ethtool", "-K", "eth0", "tx", "off"],
+                )?;
+                run(
+                    "ovs-vsctl",
+                    &[
+                        &db,
+                        "--",
+                        "add-br",
+                        "br-raw",
+                        "--",
+                        "set",
+                        "bridge",
+                        "br-raw",
+                        "datapath_type=netdev",
+                        "--",
+                        "add-port",
+                        "br-raw",
+                        "rawhost",
+                        "--",
+                        "add-port",
+                        "br-raw",
+                        "vxraw",
+                        "--",
+                        "set",
+                        "interface",
+                        "vxraw",
+                        "type=vxlan",
+                        &format!("options:remote_ip={remote}"),
+                        &format!("options:local_ip={local}"),
+                        &format!("options:key={RAW_VNI}"),
+                    ],
+                )?;
+                pair.undo.push(vec![
+                    "ovs-vsctl".into(),
+                    db,
+                    "--if-exists".into(),
+                    "del-br".into(),
+                    "br-raw".into(),
+                ]);
+            } else {
+                let underlay = crate::up::topology::NODE_UNDERLAY_DEVICE;
+                run(
+                    "ip",
+                    &[
+                        "-n",
+                        &node,
+                        "link",
+                        "add",
+                        "vxraw",
+                        "type",
+                        "vxlan",
+                        "id",
+                        &RAW_VNI.to_string(),
+                        "local",
+                        &local,
+                        "dstport",
+                        "4789",
+                        "dev",
+                        underlay,
+                    ],
+                )?;
+                run(
+                    "ip",
+                    &["-n", &node, "link", "add", "brraw", "type", "bridge"],
+                )?;
+                run(
+                    "ip",
+                    &["-n", &node, "link", "set", "vxraw", "master", "brraw", "up"],
+                )?;
+                run(
+                    "ip",
+                    &["-n", &node, "link", "set", "rawhost", "master", "brraw"],
+                )?;
+                run("ip", &["-n", &node, "link", "set", "brraw", "up"])?;
+                run(
+                    "ip",
+                    &[
+                        "netns",
+                        "exec",
+                        &node,
+                        "bridge",
+                        "fdb",
+                        "append",
+                        "00:00:00:00:00:00",
+                        "dev",
+                        "vxraw",
+                        "dst",
+                        &remote,
+                    ],
+                )?;
+                pair.undo.push(vec![
+                    "ip".into(),
+                    "-n".into(),
+                    node.clone(),
+                    "link".into(),
+                    "del".into(),
+                    "brraw".into(),
+                ]);
+                pair.undo.push(vec![
+                    "ip".into(),
+                    "-n".into(),
+                    node.clone(),
+                    "link".into(),
+                    "del".into(),
+                    "vxraw".into(),
+                ]);
+            }
+            pair.undo.push(vec![
+                "ip".into(),
+                "-n".into(),
+                node,
+                "link".into(),
+                "del".into(),
+                "rawhost".into(),
+            ]);
+        }
+        let first = pair.namespaces[0].clone();
+        wait_for(
+            "the hand-made tunnel to pass a ping",
+            Duration::from_secs(30),
+            || {
+                let ok = pings(&first, Ipv4Addr::new(10, 9, 0, 2), "1");
+                async move { ok.then_some(()) }
+            },
+        )
+        .await?;
+        Ok(pair)
+    }
+}
+
+impl Drop for RawPair {
+    fn drop(&mut self) {
+        for step in self.undo.iter().rev() {
+            let _ = Command::new(&step[0])
+                .args(&step[1..])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+/// What one driver's run measured.
+struct Figures {
+    driver: String,
+    wiring: Vec<Duration>,
+    ferro_gbps: f64,
+    raw_gbps: f64,
+    readopt: Duration,
+    sent: u64,
+    received: u64,
+}
+
+/// Runs `ferro bench net`.
+pub async fn run_bench(args: NetBenchArgs) -> anyhow::Result<()> {
+    let mut all = Vec::new();
+    for (i, driver) in args.drivers.iter().enumerate() {
+        let prefix = format!("fb{}{i}", std::process::id() % 1000);
+        eprintln!("{driver}: starting a three-node cloud ({prefix}-node-1…3)");
+        all.push(
+            one_driver(&args, driver, &prefix)
+                .await
+                .with_context(|| format!("driver {driver}"))?,
+        );
+    }
+    println!();
+    println!("ferro bench net: 3 nodes under ferro up --nodes 3, probe ports as machines");
+    for f in &all {
+        let mut sorted = f.wiring.clone();
+        sorted.sort();
+        println!("{}:", f.driver);
+        println!(
+            "  (a) port wiring, create → answers a ping from another node, {} ports: p50 {:.0} ms, p99 {:.0} ms (aim p50 < 500, p99 < 1500)",
+            sorted.len(),
+            percentile(&sorted, 0.5).as_secs_f64() * 1e3,
+            percentile(&sorted, 0.99).as_secs_f64() * 1e3,
+        );
+        println!(
+            "  (b) TCP node-1 → node-2: Ferro {:.2} Gbit/s, hand-made {} {:.2} Gbit/s, ratio {:.2}",
+            f.ferro_gbps,
+            if f.driver == "ovs" {
+                "OVS netdev VXLAN"
+            } else {
+                "kernel bridge + VXLAN"
+            },
+            f.raw_gbps,
+            f.ferro_gbps / f.raw_gbps.max(1e-9),
+        );
+        println!(
+            "  (c) agent SIGKILL on node-1: network pass done {:.2} s after the kill; ping 10/s node-1 → node-2: {} sent, {} received, {} lost",
+            f.readopt.as_secs_f64(),
+            f.sent,
+            f.received,
+            f.sent.saturating_sub(f.received),
+        );
+    }
+    Ok(())
+}
+
+async fn one_driver(args: &NetBenchArgs, driver: &str, prefix: &str) -> anyhow::Result<Figures> {
+    let cloud = Cloud::start(driver, prefix).await?;
+    cloud
+        .apply(&format!(
+            "apiVersion: ferro/v1\nkind: Network\nmetadata: {{name: bench}}\nspec:\n  subnets:\n  - {{name: v4, cidr: {CIDR}, dhcp: false}}\n"
+        ))
+        .await?;
+    let mut references = Vec::new();
+    for node in 1..=3 {
+        cloud
+            .probe(&format!("ref-{node}"), node, reference_ip(node))
+            .await?;
+    }
+    for node in 1..=3 {
+        references.push(cloud.bound_probe(&format!("ref-{node}")).await?);
+    }
+    for (i, ns) in references.iter().enumerate() {
+        let peer = reference_ip((i + 1) % 3 + 1);
+        let ns = ns.clone();
+        wait_for(&format!("{ns} reaching {peer}"), TIMEOUT, || {
+            let ok = pings(&ns, peer, "1");
+            async move { ok.then_some(()) }
+        })
+        .await?;
+    }
+
+    // (a) Ports created four at a time, each timed until a probe on another node pings it.
+    eprintln!("{driver}: (a) wiring {} ports", args.ports);
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        let next = next.clone();
+        let client = cloud.client.clone();
+        let references = references.clone();
+        let total = args.ports;
+        workers.spawn(async move {
+            let mut times = Vec::new();
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= total {
+                    return anyhow::Ok(times);
+                }
+                let node = i % 3 + 1;
+                let pinger = references[node % 3].clone();
+                let ip = port_ip(i);
+                let yaml = format!(
+                    "apiVersion: ferro/v1\nkind: Port\nmetadata: {{name: p-{i}, annotations: \
+                     {{ferro.io/probe-node: node-{node}}}}}\nspec: {{network: bench, deviceOwner: \
+                     \"network:probe\", fixedIps: [{{ipAddress: {ip}}}]}}\n"
+                );
+                let object = ferro_api::codec::decode_yaml(&yaml)?
+                    .pop()
+                    .context("one port")?;
+                let began = Instant::now();
+                client.create(object).await.map_err(|e| anyhow!("{e}"))?;
+                loop {
+                    let pinger = pinger.clone();
+                    let answered =
+                        tokio::task::spawn_blocking(move || pings(&pinger, ip, "1")).await?;
+                    if answered {
+                        break;
+                    }
+                    if began.elapsed() > TIMEOUT {
+                        bail!("port p-{i} ({ip}) never answered");
+                    }
+                }
+                times.push(began.elapsed());
+            }
+        });
+    }
+    let mut wiring = Vec::new();
+    while let Some(done) = workers.join_next().await {
+        wiring.extend(done??);
+    }
+
+    // (b) One TCP stream through Ferro's wiring, and one through the hand-made pieces.
+    eprintln!("{driver}: (b) TCP throughput");
+    let (from, to) = (references[0].clone(), references[1].clone());
+    let seconds = args.seconds;
+    let ferro_gbps =
+        tokio::task::spawn_blocking(move || tcp_throughput(&from, &to, reference_ip(2), seconds))
+            .await??;
+    let raw = RawPair::build(&cloud, driver).await?;
+    let (from, to) = (raw.namespaces[0].clone(), raw.namespaces[1].clone());
+    let raw_gbps = tokio::task::spawn_blocking(move || {
+        tcp_throughput(&from, &to, Ipv4Addr::new(10, 9, 0, 2), seconds)
+    })
+    .await??;
+    drop(raw);
+
+    // (c) SIGKILL node-1's agent under a 10/s ping between reference probes.
+    eprintln!("{driver}: (c) agent restart");
+    let ping = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &references[0],
+            "busybox",
+            "ping",
+            "-i",
+            "0.1",
+            "-W",
+            "1",
+        ])
+        .arg(reference_ip(2).to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let old = cloud.agent_pid(1)?;
+    let metrics = format!("{}:9464", cloud.node_address(1).await?);
+    let killed = Instant::now();
+    if let Some(pid) = rustix::process::Pid::from_raw(old as i32) {
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+    }
+    let readopt = wait_every(
+        "node-1's new agent to finish a network pass",
+        TIMEOUT,
+        Duration::from_millis(20),
+        || {
+            let metrics = metrics.clone();
+            let new = cloud.agent_pid(1).ok().filter(|p| *p != old);
+            async move {
+                new?;
+                let passes = network_passes(&metrics).await?;
+                (passes >= 1.0).then(|| killed.elapsed())
+            }
+        },
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    if let Some(pid) = rustix::process::Pid::from_raw(ping.id() as i32) {
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::INT);
+    }
+    let out = ping.wait_with_output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (sent, received) = ping_counts(&text).with_context(|| format!("ping said: {text}"))?;
+    Ok(Figures {
+        driver: driver.to_owned(),
+        wiring,
+        ferro_gbps,
+        raw_gbps,
+        readopt,
+        sent,
+        received,
+    })
+}
+
+/// `ferro_controller_reconciles_total{controller="agent-network"}` of an agent, if it
+/// answers.
+async fn network_passes(address: &str) -> Option<f64> {
+    let mut stream = tokio::net::TcpStream::connect(address).await.ok()?;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: agent\r\n\r\n")
+        .await
+        .ok()?;
+    let mut body = String::new();
+    stream.read_to_string(&mut body).await.ok()?;
+    body.lines()
+        .find(|l| l.starts_with("ferro_controller_reconciles_total{controller=\"agent-network\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// `N packets transmitted, M packets received` from busybox ping's summary.
+fn ping_counts(text: &str) -> Option<(u64, u64)> {
+    let line = text.lines().find(|l| l.contains("packets transmitted"))?;
+    let mut numbers = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse::<u64>());
+    Some((numbers.next()?.ok()?, numbers.next()?.ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ping_summaries_and_percentiles_read_right() {
+        assert_eq!(
+            ping_counts(
+                "--- x ping statistics ---\n57 packets transmitted, 56 packets received, 1% packet loss\n"
+            ),
+            Some((57, 56))
+        );
+        let ms = |v: u64| Duration::from_millis(v);
+        let sorted: Vec<Duration> = (1..=100).map(ms).collect();
+        assert_eq!(percentile(&sorted, 0.5), ms(51));
+        assert_eq!(percentile(&sorted, 0.99), ms(99));
+        assert_eq!(port_ip(0), Ipv4Addr::new(10, 8, 1, 10));
+        assert_eq!(port_ip(245), Ipv4Addr::new(10, 8, 1, 255));
+        assert_eq!(port_ip(246), Ipv4Addr::new(10, 8, 2, 0));
+    }
+}
