@@ -1,5 +1,5 @@
 //! The real [`Links`] driver: rtnetlink for links, FDB entries, addresses and routes, and
-//! [`super::ioctl`] for taps, checksum offload and new namespaces.
+//! the `links::ioctl` module for taps, checksum offload and new namespaces.
 //!
 //! **How a handle reaches a namespace.** A netlink socket belongs to the network namespace
 //! it was opened in, whatever thread uses it later. So every call opens its socket on a
@@ -332,6 +332,17 @@ fn parse_vxlan(data: &[InfoVxlan], names: &BTreeMap<u32, String>) -> VxlanInfo {
     info
 }
 
+/// Whether a link names others by index: a master, or a VXLAN device's underlay.
+fn refers_to_other_links(message: &LinkMessage) -> bool {
+    message.attributes.iter().any(|attribute| match attribute {
+        LinkAttribute::Controller(_) => true,
+        LinkAttribute::LinkInfo(infos) => infos
+            .iter()
+            .any(|info| matches!(info, LinkInfo::Data(InfoData::Vxlan(_)))),
+        _ => false,
+    })
+}
+
 /// The peer index of a veth (`IFLA_LINK`), if given.
 fn veth_peer_index(message: &LinkMessage) -> Option<u32> {
     message.attributes.iter().find_map(|a| match a {
@@ -461,11 +472,7 @@ impl Session {
             return Ok(None);
         };
         // The master and underlay are named through a full dump only when there are any.
-        let refers = message.attributes.iter().any(|a| {
-            matches!(a, LinkAttribute::Controller(_))
-                || matches!(a, LinkAttribute::LinkInfo(infos) if infos.iter().any(|i| matches!(i, LinkInfo::Data(InfoData::Vxlan(_)))))
-        });
-        let names = if refers {
+        let names = if refers_to_other_links(&message) {
             index_names(&self.dump().await?)
         } else {
             BTreeMap::new()
