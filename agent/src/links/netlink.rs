@@ -12,6 +12,10 @@
 //! Namespaces are made as `ip netns add` makes them: `/run/netns` a shared mount point,
 //! an empty file `/run/netns/NAME`, and the namespace of a thread that unshared its network
 //! namespace bind-mounted onto it; `ip netns` lists them and `ip netns exec` enters them.
+//! That holds only for a process in the host's mount namespace: an agent started with `ip
+//! netns exec NODE` runs in a mount namespace of its own whose mounts do not propagate back,
+//! so the namespaces it made would be invisible to the host and gone with it. An agent in a
+//! node namespace is started with `nsenter --net=/run/netns/NODE` instead.
 
 use std::collections::BTreeMap;
 use std::io;
