@@ -116,6 +116,26 @@ async fn namespaces_are_made_as_ip_netns_makes_them() -> Result<()> {
 }
 
 #[tokio::test]
+async fn a_namespace_whose_creation_died_half_way_is_finished() -> Result<()> {
+    let host = NetlinkLinks::new();
+    let mut scratch = Scratch::default();
+    let ns = unique("ferro-test-links-");
+    scratch.namespaces.push(ns.clone());
+    // What a crash between creating the file and mounting the namespace leaves.
+    let path = std::path::Path::new("/run/netns").join(&ns);
+    std::fs::create_dir_all("/run/netns")?;
+    std::fs::write(&path, b"")?;
+    assert!(host.namespace(&ns).list_links().await.is_err());
+
+    host.create_namespace(&ns).await?;
+    assert_eq!(names(&host.namespace(&ns).list_links().await?), ["lo"]);
+    assert!(ip_in(&ns, &["link", "show", "lo"])?.contains(",UP,"));
+    host.delete_namespace(&ns).await?;
+    assert!(!path.exists());
+    Ok(())
+}
+
+#[tokio::test]
 async fn taps_persist_with_the_settings_they_are_given() -> Result<()> {
     let host = NetlinkLinks::new();
     let mut scratch = Scratch::default();

@@ -1,5 +1,5 @@
 //! The real [`Links`] driver: rtnetlink for links, FDB entries, addresses and routes, and
-//! [`super::ioctl`] for taps, checksum offload and new namespaces.
+//! the `links::ioctl` module for taps, checksum offload and new namespaces.
 //!
 //! **How a handle reaches a namespace.** A netlink socket belongs to the network namespace
 //! it was opened in, whatever thread uses it later. So every call opens its socket on a
@@ -12,6 +12,10 @@
 //! Namespaces are made as `ip netns add` makes them: `/run/netns` a shared mount point,
 //! an empty file `/run/netns/NAME`, and the namespace of a thread that unshared its network
 //! namespace bind-mounted onto it; `ip netns` lists them and `ip netns exec` enters them.
+//! That holds only for a process in the host's mount namespace: an agent started with `ip
+//! netns exec NODE` runs in a mount namespace of its own whose mounts do not propagate back,
+//! so the namespaces it made would be invisible to the host and gone with it. An agent in a
+//! node namespace is started with `nsenter --net=/run/netns/NODE` instead.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -332,6 +336,17 @@ fn parse_vxlan(data: &[InfoVxlan], names: &BTreeMap<u32, String>) -> VxlanInfo {
     info
 }
 
+/// Whether a link names others by index: a master, or a VXLAN device's underlay.
+fn refers_to_other_links(message: &LinkMessage) -> bool {
+    message.attributes.iter().any(|attribute| match attribute {
+        LinkAttribute::Controller(_) => true,
+        LinkAttribute::LinkInfo(infos) => infos
+            .iter()
+            .any(|info| matches!(info, LinkInfo::Data(InfoData::Vxlan(_)))),
+        _ => false,
+    })
+}
+
 /// The peer index of a veth (`IFLA_LINK`), if given.
 fn veth_peer_index(message: &LinkMessage) -> Option<u32> {
     message.attributes.iter().find_map(|a| match a {
@@ -461,11 +476,7 @@ impl Session {
             return Ok(None);
         };
         // The master and underlay are named through a full dump only when there are any.
-        let refers = message.attributes.iter().any(|a| {
-            matches!(a, LinkAttribute::Controller(_))
-                || matches!(a, LinkAttribute::LinkInfo(infos) if infos.iter().any(|i| matches!(i, LinkInfo::Data(InfoData::Vxlan(_)))))
-        });
-        let names = if refers {
+        let names = if refers_to_other_links(&message) {
             index_names(&self.dump().await?)
         } else {
             BTreeMap::new()
