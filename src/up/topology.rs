@@ -668,9 +668,9 @@ pub fn teardown(data_dir: &Path) -> anyhow::Result<usize> {
         let outcome = match step {
             Step::Switch { dir, .. } => {
                 let instance = OvsInstance::new(dir);
-                let running = instance.is_running()
-                    || instance.pid("ovsdb-server").is_some()
-                    || instance.pid("ovs-vswitchd").is_some();
+                let running = ["ovsdb-server", "ovs-vswitchd"]
+                    .iter()
+                    .any(|daemon| instance.pid(daemon).is_some());
                 instance
                     .stop()
                     .map(|()| running)
