@@ -108,9 +108,9 @@ spec:
     )
 }
 
-/// The uid of an object, from `ferro get -o yaml`.
+/// The uid of a Port, from `ferro get -o yaml`.
 fn uid_of(cloud: &Cloud, project: &str, what: &str) -> anyhow::Result<String> {
-    let yaml = cloud.run(["get", what, "-p", project, "-o", "yaml"])?;
+    let yaml = cloud.run(["get", "port", what, "-p", project, "-o", "yaml"])?;
     yaml.lines()
         .find_map(|l| l.trim().strip_prefix("uid: "))
         .map(|u| u.trim_matches('"').to_owned())
@@ -130,13 +130,10 @@ fn pings(netns: &str, ip: &str) -> bool {
 /// The probe's namespace once its node has bound it.
 fn bound_probe(cloud: &Cloud, project: &str, name: &str) -> anyhow::Result<String> {
     wait_for(&format!("probe {project}/{name} bound"), WAIT, || {
-        let yaml = cloud.run(["get", &format!("port/{name}"), "-p", project, "-o", "yaml"])?;
+        let yaml = cloud.run(["get", "port", name, "-p", project, "-o", "yaml"])?;
         Ok(yaml.contains("bound: true").then_some(()))
     })?;
-    Ok(format!(
-        "qprobe-{}",
-        uid_of(cloud, project, &format!("port/{name}"))?
-    ))
+    Ok(format!("qprobe-{}", uid_of(cloud, project, name)?))
 }
 
 /// What Ferro has wired on one node: taps, probe and DHCP namespaces of its own, and
