@@ -565,12 +565,11 @@ pub async fn clear_node(
     Ok(removed)
 }
 
-/// A device alias as the uid of the Port it belongs to and the namespace its peer is in.
+/// A device alias as the uid of the Port it belongs to and the namespace its peer is in
+/// (see [`crate::wiring::port_uid_of_alias`]).
 fn split_alias(alias: &str) -> (&str, Option<&str>) {
-    match alias.split_once('@') {
-        Some((uid, namespace)) => (uid, Some(namespace)),
-        None => (alias, None),
-    }
+    let uid = crate::wiring::port_uid_of_alias(alias);
+    (uid, alias.split_once('@').map(|(_, namespace)| namespace))
 }
 
 fn is_link_local(ip: IpAddr) -> bool {

@@ -192,6 +192,13 @@ pub trait NetworkDriver: Send + Sync {
     }
 }
 
+/// The Port uid a device's alias names. The alias is the Port's uid, followed, for the
+/// host end of a veth into a namespace, by `@` and that namespace (the network
+/// reconciler's record of where the other end went); drivers read and keep the uid part.
+pub fn port_uid_of_alias(alias: &str) -> &str {
+    alias.split_once('@').map_or(alias, |(uid, _)| uid)
+}
+
 /// The name of a host device made for an object: `prefix` and as much of the uid (less
 /// its dashes) as fits in a Linux interface name, e.g. `tap3f2a9c41d0e7`.
 pub fn device_name(prefix: &str, uid: &str) -> String {

@@ -26,7 +26,7 @@ use async_trait::async_trait;
 
 use super::{
     DriverKind, NetworkDriver, NetworkWiring, Observed, ObservedNetwork, ObservedPort, PortWiring,
-    WiringError, device_name,
+    WiringError, device_name, port_uid_of_alias,
 };
 use crate::links::{
     FdbEntry, Link, LinkKind, Links, LinksError, MacAddress, VXLAN_PORT, VxlanSpec, validate_vni,
@@ -152,7 +152,8 @@ impl LinuxBridge {
                 .await
                 .map_err(switch_error)?;
         }
-        if link.alias.as_deref() != Some(alias) {
+        // The caller may have written more after the uid (`@namespace`): kept.
+        if link.alias.as_deref().map(port_uid_of_alias) != Some(alias) {
             self.links
                 .set_alias(name, Some(alias))
                 .await
@@ -313,13 +314,10 @@ impl NetworkDriver for LinuxBridge {
             .collect();
         for link in &links {
             let plugged = link.master.as_deref().is_some_and(|m| bridges.contains(m));
-            if plugged && link.alias.as_deref() == Some(port_uid) {
+            // The device and its alias stay the caller's: only the bridge lets go of it.
+            if plugged && link.alias.as_deref().map(port_uid_of_alias) == Some(port_uid) {
                 self.links
                     .set_master(&link.name, None)
-                    .await
-                    .map_err(switch_error)?;
-                self.links
-                    .set_alias(&link.name, None)
                     .await
                     .map_err(switch_error)?;
             }
@@ -369,9 +367,9 @@ impl NetworkDriver for LinuxBridge {
                         .collect();
                 }
                 _ => {
-                    if let Some(port_uid) = &link.alias {
+                    if let Some(alias) = &link.alias {
                         observed.ports.insert(
-                            port_uid.clone(),
+                            port_uid_of_alias(alias).to_owned(),
                             ObservedPort {
                                 network_uid: (*network_uid).to_owned(),
                                 device: link.name.clone(),
@@ -583,7 +581,7 @@ mod tests {
             .collect();
         assert_eq!(after, before);
         let tap = host.link("tap1").await.unwrap().unwrap();
-        assert_eq!((tap.master, tap.alias), (None, None));
+        assert_eq!(tap.master, None, "unplugged");
         assert_eq!(driver.observe().await.unwrap(), Observed::default());
     }
 
