@@ -705,17 +705,25 @@ fn clear_networks(dir: &DataDir) {
                 }
             }
         };
-        let cleared = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(anyhow::Error::from)
-            .and_then(|rt| {
-                rt.block_on(ferro_agent::network::clear_node(
-                    &state_dir,
-                    netns.as_deref(),
-                ))
-                .map_err(anyhow::Error::from)
-            });
+        // On a thread of its own: `ferro up` calls this from inside its runtime.
+        let cleared = std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .map_err(anyhow::Error::from)
+                        .and_then(|rt| {
+                            rt.block_on(ferro_agent::network::clear_node(
+                                &state_dir,
+                                netns.as_deref(),
+                            ))
+                            .map_err(anyhow::Error::from)
+                        })
+                })
+                .join()
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("clearing the network panicked")))
+        });
         match cleared {
             Ok(0) => {}
             Ok(n) => tracing::info!(
