@@ -102,7 +102,13 @@ fn three_nodes_run_in_their_namespaces_and_leave_nothing_behind() -> anyhow::Res
         .collect();
     for i in 1..=NODES {
         let netns = cloud.node_netns(i);
-        let underlay = address_in(&netns, "underlay0")?;
+        // With Open vSwitch the address sits on br-phy, which holds underlay0 as a port.
+        let device = if cloud.options().driver == "ovs" {
+            "br-phy"
+        } else {
+            "underlay0"
+        };
+        let underlay = address_in(&netns, device)?;
         ensure!(
             underlay.starts_with("198.1"),
             "node-{i}'s underlay address {underlay} is not in 198.18.0.0/15"

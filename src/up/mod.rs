@@ -435,10 +435,24 @@ impl Drop for TopologyGuard {
     }
 }
 
-/// Removes what the agents wired (DHCP servers, taps, the namespaces of DHCP servers
-/// and probes), then the network topology recorded in the data directory, if any.
+/// Removes the network topology recorded in the data directory, if any. With node
+/// namespaces, what the agents wired in them goes first (DHCP servers, taps, the
+/// namespaces of DHCP servers and probes): their guests lose the network with the node
+/// namespaces anyway. With one node on the host nothing of the agent's is touched, so
+/// guests and their DHCP keep running across a restart of `ferro up`, as they are meant
+/// to; `ferro down` removes them.
 fn remove_topology(dir: &DataDir, whose: &str) -> anyhow::Result<()> {
-    clear_networks(dir);
+    let namespaced = topology::Record::load(dir.root())
+        .ok()
+        .flatten()
+        .is_some_and(|r| {
+            r.steps
+                .iter()
+                .any(|s| matches!(s, topology::Step::Namespace { .. }))
+        });
+    if namespaced {
+        clear_networks(dir);
+    }
     let removed = topology::teardown(dir.root())?;
     if removed > 0 {
         tracing::info!("removed {removed} namespaces, links and switch instances {whose}");
@@ -634,6 +648,7 @@ pub fn down(args: DownArgs) -> anyhow::Result<()> {
     // Whatever a killed `ferro up` left behind.
     dir.stop_leftovers();
     stop_guests(&dir);
+    clear_networks(&dir);
     remove_topology(&dir, "a killed `ferro up` left")?;
     if args.purge {
         if !dir.looks_like_ours() {
