@@ -190,6 +190,14 @@ impl Cloud {
         }
         let _ = up.kill();
         let _ = up.wait();
+        // What outlives `ferro up` by design (the agent's DHCP servers, taps and their
+        // namespaces, guests) goes with `ferro down`, as it does for a user.
+        let _ = std::process::Command::new(ferro_bin())
+            .args(["down", "--data-dir"])
+            .arg(self.data_dir())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
     }
 
     fn config(&self) -> PathBuf {
