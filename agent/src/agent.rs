@@ -70,7 +70,7 @@ use crate::hypervisor::{Accel, Hypervisor};
 use crate::images::{FileImageCache, ImageCache, error_chain};
 use crate::links::Links;
 use crate::links::netlink::NetlinkLinks;
-use crate::network::{NODE_KEY, NetworkHealth, NetworkReconciler};
+use crate::network::{InsideChecks, NODE_KEY, NetworkHealth, NetworkReconciler};
 use crate::node::{self, HostTools, NodeReport};
 use crate::server::{self, ServerReconciler};
 use crate::switch::ovs::{OvsConfig, OvsSwitch};
@@ -491,6 +491,7 @@ pub async fn run(config: AgentConfig, drivers: Drivers) -> anyhow::Result<()> {
             networks: networks.clone(),
             nodes: nodes.clone(),
             health: health.clone(),
+            inside_checks: InsideChecks::every(crate::network::INSIDE_CHECK_EVERY),
         });
         let key = || vec![NODE_KEY.to_owned()];
         let controller = Controller::<String>::new(

@@ -115,6 +115,49 @@ pub struct NetworkReconciler {
     pub nodes: Store<v1::Node>,
     /// Where `NetworkReady` is published for the Node's status.
     pub health: NetworkHealth,
+    /// When the insides of the node's namespaces were last checked.
+    pub inside_checks: InsideChecks,
+}
+
+/// How often a pass looks inside the `qdhcp-`/`qprobe-` namespaces at devices it already
+/// found in place, in [`InsideChecks`].
+pub const INSIDE_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// When a pass last looked inside every namespace of the node.
+///
+/// Everything in the agent's own namespace — devices, aliases, the driver's ports and
+/// flows, the namespaces themselves, dnsmasq — is listed on every pass. What is *inside*
+/// a namespace (the inner veth end, its MAC, MTU and addresses) costs a few netlink calls
+/// per namespace, each entering it; with hundreds of ports on a node that made every pass
+/// grow with the number of ports. So a device found in place, with its alias, is looked
+/// into only on a periodic pass, and a device made or repaired now always is. A hand-made
+/// change inside a namespace is thus mended within [`INSIDE_CHECK_EVERY`], like Neutron's
+/// OVS agent, which re-checks unchanged ports only on its periodic full sync.
+#[derive(Debug)]
+pub struct InsideChecks {
+    every: std::time::Duration,
+    last: Mutex<Option<std::time::Instant>>,
+}
+
+impl InsideChecks {
+    /// Looks inside at most every `every` (zero: on every pass).
+    pub fn every(every: std::time::Duration) -> InsideChecks {
+        InsideChecks {
+            every,
+            last: Mutex::new(None),
+        }
+    }
+
+    /// Whether a pass starting now should look inside every namespace.
+    fn due(&self) -> bool {
+        let last = *self.last.lock().unwrap_or_else(|e| e.into_inner());
+        last.is_none_or(|at| at.elapsed() >= self.every)
+    }
+
+    /// Records a pass that looked inside every namespace without failing.
+    fn done(&self, started: std::time::Instant) {
+        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some(started);
+    }
 }
 
 /// What the host has, as far as this reconciler cares.
@@ -125,6 +168,8 @@ struct Host {
     devices: BTreeMap<String, String>,
     /// Every device name in the agent's namespace.
     names: BTreeSet<String>,
+    /// Ferro's devices that are up.
+    up: BTreeSet<String>,
     /// The `qdhcp-…` and `qprobe-…` namespaces.
     namespaces: BTreeSet<String>,
     /// The DHCP servers found, by Network uid.
@@ -143,10 +188,11 @@ impl NetworkReconciler {
         }
     }
 
-    async fn observe(&self) -> Result<Host, NetworkError> {
-        let wired = self.driver.observe().await?;
+    /// Looks at the host, beside `wired`, what the driver found.
+    async fn observe(&self, wired: Observed) -> Result<Host, NetworkError> {
         let mut devices = BTreeMap::new();
         let mut names = BTreeSet::new();
+        let mut up = BTreeSet::new();
         for link in self.links.list_links().await? {
             names.insert(link.name.clone());
             let ours = matches!(link.kind, LinkKind::Tun | LinkKind::Veth)
@@ -155,6 +201,9 @@ impl NetworkReconciler {
                     !uid.is_empty() && tap_name(uid) == link.name
                 });
             if ours && let Some(alias) = link.alias {
+                if link.up {
+                    up.insert(link.name.clone());
+                }
                 devices.insert(link.name, alias);
             }
         }
@@ -178,6 +227,7 @@ impl NetworkReconciler {
             wired,
             devices,
             names,
+            up,
             namespaces,
             dhcp,
         })
@@ -185,16 +235,20 @@ impl NetworkReconciler {
 
     /// One pass over the whole node.
     pub async fn reconcile_node(&self) -> Result<Action, NetworkError> {
+        let began = std::time::Instant::now();
         let driver = self.driver.kind().as_str();
-        if let Err(e) = self.driver.prepare().await {
-            let message = crate::images::error_chain(&e);
-            self.health.set(
-                driver,
-                condition(NETWORK_READY, false, "DriverUnavailable", message.clone()),
-            );
-            tracing::warn!(error = %message, "the network driver is not usable");
-            return Ok(Action::Requeue(std::time::Duration::from_secs(5)));
-        }
+        let wired = match self.driver.prepare().await {
+            Ok(wired) => wired,
+            Err(e) => {
+                let message = crate::images::error_chain(&e);
+                self.health.set(
+                    driver,
+                    condition(NETWORK_READY, false, "DriverUnavailable", message.clone()),
+                );
+                tracing::warn!(error = %message, "the network driver is not usable");
+                return Ok(Action::Requeue(std::time::Duration::from_secs(5)));
+            }
+        };
         self.health.set(
             driver,
             condition(
@@ -204,21 +258,55 @@ impl NetworkReconciler {
                 format!("{driver} wires tenant networks"),
             ),
         );
+        let prepared = began.elapsed();
         let desired = plan::desired(&self.facts());
-        let host = self.observe().await?;
+        let host = self.observe(wired).await?;
+        let observed = began.elapsed();
+        let look_inside = self.inside_checks.due();
         let mut failed = Vec::new();
-        self.converge(&desired, &host, &mut failed).await;
+        let changed = self
+            .converge(&desired, &host, look_inside, &mut failed)
+            .await;
+        let converged = began.elapsed();
         // What is bound is what the driver reports after the changes.
-        let wired = self.driver.observe().await?;
+        let wired = if changed {
+            self.driver.observe().await?
+        } else {
+            host.wired
+        };
+        let rechecked = began.elapsed();
         self.write_bindings(&desired, &wired, &mut failed).await;
+        tracing::debug!(
+            ports = desired.ports.len(),
+            changed,
+            looked_inside = look_inside,
+            prepare_ms = prepared.as_millis() as u64,
+            observe_ms = (observed - prepared).as_millis() as u64,
+            converge_ms = (converged - observed).as_millis() as u64,
+            recheck_ms = (rechecked - converged).as_millis() as u64,
+            bind_ms = (began.elapsed() - rechecked).as_millis() as u64,
+            "network pass"
+        );
         if failed.is_empty() {
+            if look_inside {
+                self.inside_checks.done(began);
+            }
             Ok(Action::AwaitChange)
         } else {
             Err(NetworkError::Steps(failed))
         }
     }
 
-    async fn converge(&self, desired: &Desired, host: &Host, failed: &mut Vec<String>) {
+    /// Mends every difference between `desired` and `host`; says whether it tried to
+    /// change anything (if not, `host` is still what the host has).
+    async fn converge(
+        &self,
+        desired: &Desired,
+        host: &Host,
+        look_inside: bool,
+        failed: &mut Vec<String>,
+    ) -> bool {
+        let mut changed = false;
         let mut note = |what: String, e: &dyn std::error::Error| {
             let chain = crate::images::error_chain(e);
             tracing::warn!(error = %chain, "{what} failed");
@@ -230,17 +318,24 @@ impl NetworkReconciler {
                 host.wired.networks.get(uid).is_some_and(|w| {
                     w.segment_id == network.segment_id && w.peers == network.peers
                 });
-            if !same && let Err(e) = self.driver.ensure_network(network).await {
-                note(format!("wiring network {uid}"), &e);
+            if !same {
+                changed = true;
+                if let Err(e) = self.driver.ensure_network(network).await {
+                    note(format!("wiring network {uid}"), &e);
+                }
             }
         }
         for (uid, port) in &desired.ports {
             if !desired.networks.contains_key(&port.wiring.network_uid) {
                 continue;
             }
-            if let Err(e) = self.ensure_device(port, host).await {
-                note(format!("making the device of port {uid}"), &e);
-                continue;
+            match self.ensure_device(port, host, look_inside).await {
+                Ok(made) => changed |= made,
+                Err(e) => {
+                    changed = true;
+                    note(format!("making the device of port {uid}"), &e);
+                    continue;
+                }
             }
             let plugged = host.wired.ports.get(uid).is_some_and(|w| {
                 w.attached
@@ -249,10 +344,11 @@ impl NetworkReconciler {
             });
             // A device made just now (deleted by hand, say) is plugged again.
             let fresh = !host.names.contains(&port.wiring.device);
-            if (!plugged || fresh)
-                && let Err(e) = self.driver.plug(&port.wiring).await
-            {
-                note(format!("plugging port {uid}"), &e);
+            if !plugged || fresh {
+                changed = true;
+                if let Err(e) = self.driver.plug(&port.wiring).await {
+                    note(format!("plugging port {uid}"), &e);
+                }
             }
         }
         for (uid, server) in &desired.dhcp {
@@ -262,10 +358,11 @@ impl NetworkReconciler {
         }
         // Then everything nobody wants any more.
         for uid in host.wired.ports.keys() {
-            if !desired.ports.contains_key(uid)
-                && let Err(e) = self.driver.unplug(uid).await
-            {
-                note(format!("unplugging port {uid}"), &e);
+            if !desired.ports.contains_key(uid) {
+                changed = true;
+                if let Err(e) = self.driver.unplug(uid).await {
+                    note(format!("unplugging port {uid}"), &e);
+                }
             }
         }
         let wanted_devices: BTreeSet<&str> = desired
@@ -274,10 +371,11 @@ impl NetworkReconciler {
             .map(|p| p.wiring.device.as_str())
             .collect();
         for device in host.devices.keys() {
-            if !wanted_devices.contains(device.as_str())
-                && let Err(e) = self.links.delete_link(device).await
-            {
-                note(format!("removing device {device}"), &e);
+            if !wanted_devices.contains(device.as_str()) {
+                changed = true;
+                if let Err(e) = self.links.delete_link(device).await {
+                    note(format!("removing device {device}"), &e);
+                }
             }
         }
         for uid in &host.dhcp {
@@ -311,17 +409,26 @@ impl NetworkReconciler {
             }
         }
         for uid in host.wired.networks.keys() {
-            if !desired.networks.contains_key(uid)
-                && let Err(e) = self.driver.remove_network(uid).await
-            {
-                note(format!("unwiring network {uid}"), &e);
+            if !desired.networks.contains_key(uid) {
+                changed = true;
+                if let Err(e) = self.driver.remove_network(uid).await {
+                    note(format!("unwiring network {uid}"), &e);
+                }
             }
         }
+        changed
     }
 
     /// Makes a Port's host device as it should be: a tap for a guest, or a veth into the
-    /// DHCP namespace with the Port's MAC and addresses on its inner end.
-    async fn ensure_device(&self, port: &WantedPort, host: &Host) -> Result<(), NetworkError> {
+    /// DHCP namespace with the Port's MAC and addresses on its inner end. The inside of a
+    /// namespace is looked at when the device is new or `look_inside` says so (see
+    /// [`InsideChecks`]). Says whether it changed anything.
+    async fn ensure_device(
+        &self,
+        port: &WantedPort,
+        host: &Host,
+        look_inside: bool,
+    ) -> Result<bool, NetworkError> {
         let device = &port.wiring.device;
         let uid = &port.wiring.uid;
         let alias = match &port.place {
@@ -329,6 +436,7 @@ impl NetworkReconciler {
             Place::Namespace { namespace, .. } => format!("{uid}@{namespace}"),
         };
         let known = host.devices.get(device) == Some(&alias);
+        let mut changed = !known;
         match &port.place {
             Place::Guest => {
                 if !known {
@@ -342,9 +450,14 @@ impl NetworkReconciler {
             } => {
                 if !host.namespaces.contains(namespace) {
                     self.links.create_namespace(namespace).await?;
+                    changed = true;
+                }
+                if known && !changed && !look_inside {
+                    return Ok(self.ensure_up(device, host).await? || changed);
                 }
                 let inside = self.links.namespace(namespace);
                 if !known || inside.link(inner).await?.is_none() {
+                    changed = true;
                     // A half-made pair (one end lost) is made again whole.
                     if host.names.contains(device) {
                         self.links.delete_link(device).await?;
@@ -367,8 +480,16 @@ impl NetworkReconciler {
             self.links.set_alias(device, Some(&alias)).await?;
             self.links.set_mtu(device, port.mtu).await?;
         }
+        Ok(self.ensure_up(device, host).await? || changed)
+    }
+
+    /// Sets `device` up unless it was found up; says whether it had to.
+    async fn ensure_up(&self, device: &str, host: &Host) -> Result<bool, NetworkError> {
+        if host.up.contains(device) {
+            return Ok(false);
+        }
         self.links.set_up(device, true).await?;
-        Ok(())
+        Ok(true)
     }
 
     /// The end of a DHCP veth inside its namespace: MAC, MTU, addresses, up, and `lo` up.
@@ -415,7 +536,9 @@ impl NetworkReconciler {
         if !link.up {
             inside.set_up(inner, true).await?;
         }
-        inside.set_up("lo", true).await?;
+        if !inside.link("lo").await?.is_some_and(|lo| lo.up) {
+            inside.set_up("lo", true).await?;
+        }
         Ok(())
     }
 

@@ -162,10 +162,12 @@ pub trait NetworkDriver: Send + Sync {
     /// Which driver this is.
     fn kind(&self) -> DriverKind;
 
-    /// Checks that the host has what the driver needs, and makes the node-wide pieces
-    /// (`br-int`, `br-tun` and their flows for OVS; nothing for Linux bridges). Called at
-    /// start-up and on every resync; an error is reported on the Node, never a crash.
-    async fn prepare(&self) -> Result<(), WiringError>;
+    /// Checks that the host has what the driver needs, makes the node-wide pieces
+    /// (`br-int`, `br-tun` and their flows for OVS; nothing for Linux bridges), and
+    /// reports what is wired, as [`NetworkDriver::observe`] would: a pass starts from it
+    /// without reading the host twice. Called at start-up and on every pass; an error is
+    /// reported on the Node, never a crash.
+    async fn prepare(&self) -> Result<Observed, WiringError>;
 
     /// Makes the network exist on this node with tunnels to exactly `network.peers`
     /// (adding missing ones, removing others), on its segment and MTU.

@@ -194,9 +194,9 @@ impl NetworkDriver for LinuxBridge {
         DriverKind::LinuxBridge
     }
 
-    async fn prepare(&self) -> Result<(), WiringError> {
+    async fn prepare(&self) -> Result<Observed, WiringError> {
         if self.prepared.load(Ordering::Relaxed) {
-            return Ok(());
+            return self.observe().await;
         }
         self.probe().await.map_err(|e| {
             let mut reason = format!("Linux bridges and VXLAN devices cannot be made: {e}");
@@ -208,7 +208,7 @@ impl NetworkDriver for LinuxBridge {
             WiringError::Unavailable(reason)
         })?;
         self.prepared.store(true, Ordering::Relaxed);
-        Ok(())
+        self.observe().await
     }
 
     async fn ensure_network(&self, network: &NetworkWiring) -> Result<(), WiringError> {

@@ -116,11 +116,8 @@ impl NetworkDriver for MemoryNetworkDriver {
         self.kind
     }
 
-    async fn prepare(&self) -> Result<(), WiringError> {
-        match &self.state().unavailable {
-            Some(reason) => Err(WiringError::Unavailable(reason.clone())),
-            None => Ok(()),
-        }
+    async fn prepare(&self) -> Result<Observed, WiringError> {
+        self.observe().await
     }
 
     async fn ensure_network(&self, network: &NetworkWiring) -> Result<(), WiringError> {

@@ -211,11 +211,24 @@ struct NodeState {
     integration_flows: Vec<Flow>,
     /// `br-tun`'s flows (empty without the bridge).
     tunnel_flows: Vec<Flow>,
-    /// Whether both `br-int` and `br-tun` exist.
-    has_bridges: bool,
+    /// Whether `br-int` exists.
+    has_integration_bridge: bool,
+    /// Whether `br-tun` exists.
+    has_tunnel_bridge: bool,
 }
 
 impl NodeState {
+    /// Whether both bridges exist, patched to each other.
+    fn has_bridges(&self) -> bool {
+        self.has_integration_bridge
+            && self.has_tunnel_bridge
+            && [PATCH_TO_TUNNELS, PATCH_TO_INTEGRATION].iter().all(|name| {
+                self.ports
+                    .iter()
+                    .any(|p| &p.name == name && p.ofport.is_some())
+            })
+    }
+
     fn ofport(&self, bridge: &str, name: &str) -> Option<u32> {
         self.ports
             .iter()
@@ -424,6 +437,27 @@ impl OvsWiring {
 
     /// Reads records, ports and flows.
     async fn read(&self) -> Result<NodeState, WiringError> {
+        let mut state = self.read_records_and_ports().await?;
+        let flows_of = |present: bool, bridge: &'static str| async move {
+            if present {
+                self.switch.dump_flows(bridge, None).await
+            } else {
+                Ok(Vec::new())
+            }
+        };
+        // Each dump is an `ovs-ofctl` run: both at once.
+        let (integration_flows, tunnel_flows) = tokio::join!(
+            flows_of(state.has_integration_bridge, INTEGRATION_BRIDGE),
+            flows_of(state.has_tunnel_bridge, TUNNEL_BRIDGE)
+        );
+        state.integration_flows = integration_flows.map_err(switch_error)?;
+        state.tunnel_flows = tunnel_flows.map_err(switch_error)?;
+        Ok(state)
+    }
+
+    /// Reads the network records and the ports, not the flows: all that plugging a port
+    /// needs.
+    async fn read_records_and_ports(&self) -> Result<NodeState, WiringError> {
         let bridges = self.switch.list_bridges().await.map_err(switch_error)?;
         let integration = bridges.iter().find(|b| b.name == INTEGRATION_BRIDGE);
         let has_tunnel_bridge = bridges.iter().any(|b| b.name == TUNNEL_BRIDGE);
@@ -446,25 +480,13 @@ impl OvsWiring {
             }
         }
         let ports = self.switch.list_ports().await.map_err(switch_error)?;
-        let flows_of = |present: bool, bridge: &'static str| async move {
-            if present {
-                self.switch.dump_flows(bridge, None).await
-            } else {
-                Ok(Vec::new())
-            }
-        };
-        let integration_flows = flows_of(integration.is_some(), INTEGRATION_BRIDGE)
-            .await
-            .map_err(switch_error)?;
-        let tunnel_flows = flows_of(has_tunnel_bridge, TUNNEL_BRIDGE)
-            .await
-            .map_err(switch_error)?;
         Ok(NodeState {
             records,
             ports,
-            integration_flows,
-            tunnel_flows,
-            has_bridges: integration.is_some() && has_tunnel_bridge,
+            integration_flows: Vec::new(),
+            tunnel_flows: Vec::new(),
+            has_integration_bridge: integration.is_some(),
+            has_tunnel_bridge,
         })
     }
 
@@ -502,7 +524,8 @@ impl OvsWiring {
     /// Brings tunnel ports, port tags and flows in line with the records in `state`, in
     /// an order that never leaves a flow pointing at a port that is gone: tunnels are
     /// added before the flows that use them and removed after.
-    async fn converge(&self, mut state: NodeState) -> Result<(), WiringError> {
+    /// Says whether it changed anything.
+    async fn converge(&self, mut state: NodeState) -> Result<bool, WiringError> {
         let tunnels = planned_tunnels(&state.records);
         let mut ports_changed = false;
         for spec in tunnels.values() {
@@ -533,6 +556,7 @@ impl OvsWiring {
                 ports_changed = true;
             }
         }
+        let mut changed = ports_changed;
         if ports_changed {
             state.ports = self.switch.list_ports().await.map_err(switch_error)?;
         }
@@ -553,6 +577,7 @@ impl OvsWiring {
                     .replace_flows(bridge, cookie, &planned)
                     .await
                     .map_err(switch_error)?;
+                changed = true;
             }
         }
         // br-tun is Ferro's: flows of networks without a record go. (OVS's own NORMAL
@@ -575,6 +600,7 @@ impl OvsWiring {
                 .remove_flows(TUNNEL_BRIDGE, cookie)
                 .await
                 .map_err(switch_error)?;
+            changed = true;
         }
 
         let stale: Vec<String> = stale_tunnels(&state.ports, &tunnels)
@@ -582,8 +608,9 @@ impl OvsWiring {
             .collect();
         for name in stale {
             self.switch.remove_port(&name).await.map_err(switch_error)?;
+            changed = true;
         }
-        Ok(())
+        Ok(changed)
     }
 
     /// Writes (or removes) a network's record.
@@ -632,17 +659,25 @@ impl NetworkDriver for OvsWiring {
         DriverKind::Ovs
     }
 
-    async fn prepare(&self) -> Result<(), WiringError> {
+    async fn prepare(&self) -> Result<Observed, WiringError> {
         let _changing = self.changing.lock().await;
-        self.ensure_bridges().await.map_err(|e| match e {
+        let unavailable = |e| match e {
             WiringError::Switch(source) => WiringError::Unavailable(format!(
                 "open vswitch: {}",
                 crate::images::error_chain(source.as_ref())
             )),
             other => other,
-        })?;
-        let state = self.read().await?;
-        self.converge(state).await
+        };
+        // Most passes find the bridges in place: one read, no writes.
+        let mut state = self.read().await.map_err(unavailable)?;
+        if !state.has_bridges() {
+            self.ensure_bridges().await.map_err(unavailable)?;
+            state = self.read().await?;
+        }
+        if self.converge(state.clone()).await? {
+            state = self.read().await?;
+        }
+        Ok(observed(&state))
     }
 
     async fn ensure_network(&self, network: &NetworkWiring) -> Result<(), WiringError> {
@@ -667,7 +702,7 @@ impl NetworkDriver for OvsWiring {
             self.write_record(&network.uid, Some(&record)).await?;
             state.records.insert(network.uid.clone(), record);
         }
-        self.converge(state).await
+        self.converge(state).await.map(|_| ())
     }
 
     async fn remove_network(&self, network_uid: &str) -> Result<(), WiringError> {
@@ -681,7 +716,7 @@ impl NetworkDriver for OvsWiring {
                 .await
                 .map_err(switch_error)?;
         }
-        if !state.has_bridges {
+        if !state.has_bridges() {
             return Ok(());
         }
         self.switch
@@ -701,12 +736,12 @@ impl NetworkDriver for OvsWiring {
                 .map_err(switch_error)?,
             ..state
         };
-        self.converge(state).await
+        self.converge(state).await.map(|_| ())
     }
 
     async fn plug(&self, port: &PortWiring) -> Result<(), WiringError> {
         let _changing = self.changing.lock().await;
-        let state = self.read().await?;
+        let state = self.read_records_and_ports().await?;
         let record = state
             .records
             .get(&port.network_uid)
@@ -767,34 +802,38 @@ impl NetworkDriver for OvsWiring {
     }
 
     async fn observe(&self) -> Result<Observed, WiringError> {
-        let state = self.read().await?;
-        let networks = state
-            .records
-            .keys()
-            .map(|uid| (uid.clone(), observed_network(&state, uid)))
-            .collect();
-        let ports = guest_ports(&state.ports)
-            .filter_map(|p| {
-                let uid = p
-                    .external_ids
-                    .get(IFACE_ID)
-                    .or_else(|| p.external_ids.get(FERRO_OWNER))?;
-                Some((
-                    uid.clone(),
-                    ObservedPort {
-                        network_uid: p.external_ids[NETWORK_ID].clone(),
-                        device: p.name.clone(),
-                        attached: p.ofport.is_some() && p.error.is_none(),
-                    },
-                ))
-            })
-            .collect();
-        Ok(Observed { networks, ports })
+        Ok(observed(&self.read().await?))
     }
 
     fn needs_tx_checksum_off(&self) -> bool {
         self.switch.datapath_type() == DatapathType::Netdev
     }
+}
+
+/// What `state` wires, as the reconciler sees it.
+fn observed(state: &NodeState) -> Observed {
+    let networks = state
+        .records
+        .keys()
+        .map(|uid| (uid.clone(), observed_network(state, uid)))
+        .collect();
+    let ports = guest_ports(&state.ports)
+        .filter_map(|p| {
+            let uid = p
+                .external_ids
+                .get(IFACE_ID)
+                .or_else(|| p.external_ids.get(FERRO_OWNER))?;
+            Some((
+                uid.clone(),
+                ObservedPort {
+                    network_uid: p.external_ids[NETWORK_ID].clone(),
+                    device: p.name.clone(),
+                    attached: p.ofport.is_some() && p.error.is_none(),
+                },
+            ))
+        })
+        .collect();
+    Observed { networks, ports }
 }
 
 #[cfg(test)]
