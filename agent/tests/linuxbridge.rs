@@ -393,10 +393,11 @@ async fn two_networks_with_one_cidr_across_two_nodes() -> Result<()> {
     assert!(!pings(&a1.netns, lone.address), "a1 never reaches b3");
     assert!(!pings(&a2.netns, lone.address), "a2 never reaches b3");
 
-    // A restarted agent (a fresh driver) observes exactly what was wired.
+    // A restarted agent (a fresh driver) is ready beside what is wired (its probe must
+    // not clash with a wired VNI) and observes exactly that.
     for node in 0..2 {
         let fresh = LinuxBridge::new(lab.host.namespace(&lab.nodes[node]));
-        let observed = fresh.observe().await?;
+        let observed = fresh.prepare().await?;
         let peers = BTreeSet::from([ip(UNDERLAY[1 - node])]);
         let mut ports = BTreeMap::new();
         for machine in [&a1, &a2, &b1, &b2, &lone] {

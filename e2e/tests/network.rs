@@ -7,16 +7,21 @@
 //! `FERRO-ADDR`); the first pings the second and talks TCP to its port-7 responder, from a
 //! script in its user data. Probe Ports (`deviceOwner: network:probe`, a namespace the
 //! node wires as a machine on the network) on the third node reach both guests; a probe
-//! of project `other` on a network with the same CIDR reaches neither. Deleting
-//! everything leaves no tap, no `qdhcp-`/`qprobe-` namespace and no switch port on any
-//! node.
+//! of project `other` on a network with the same CIDR reaches neither. While the first
+//! guest pings the second ten times a second, the agents of both their nodes are
+//! SIGKILLed (`ferro up` starts them again): at most 1 % of the pings may be lost. A
+//! second network added to the running second guest is hot-plugged as a second NIC that
+//! gets its address over DHCP and answers a probe; taken away again, the NIC goes.
+//! Deleting everything leaves every node's links, switch and the machine's namespaces
+//! exactly as they were before.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, ensure};
-use ferro_e2e::{Cloud, Options, table, tiny_guest, wait_for};
+use ferro_e2e::{Cloud, Options, signal, table, tiny_guest, wait_for};
+use rustix::process::Signal;
 
 /// How long the nodes, guests and wiring may take, on a loaded 2-core machine.
 const WAIT: Duration = Duration::from_secs(240);
@@ -39,9 +44,77 @@ fn checker(peer: &str) -> String {
     sleep 0.5
   done
   echo "FERRO-TCP-OK $out"
+  # Ten pings a second for 30 s, while the test kills agents.
+  echo "FERRO-PINGING {peer}"
+  summary=$(ping -q -c 300 -i 0.1 -W 1 {peer} | grep 'packets transmitted')
+  echo "FERRO-PINGS $summary"
 ) >/dev/console 2>&1 &
 "#
     )
+}
+
+/// The second guest, on `lan` and, when `hot_plugged`, on `lan2` too.
+fn beta(hot_plugged: bool) -> String {
+    let second = if hot_plugged {
+        "  - {network: lan2, fixedIp: 10.1.0.12}\n"
+    } else {
+        ""
+    };
+    format!(
+        r#"apiVersion: ferro/v1
+kind: Server
+metadata: {{name: beta}}
+spec:
+  flavor: m1.tiny
+  image: tiny
+  serverGroup: apart
+  networks:
+  - {{network: lan, fixedIp: 10.0.0.12}}
+{second}"#
+    )
+}
+
+/// What a node has: its links and, with Open vSwitch, `ovs-vsctl show`, each sorted by
+/// line (port order is not part of the state).
+fn node_state(cloud: &Cloud, node: u32) -> anyhow::Result<Vec<String>> {
+    let netns = cloud.node_netns(node);
+    let links = Command::new("ip")
+        .args(["-n", &netns, "-o", "link", "show"])
+        .output()?;
+    let mut state: Vec<String> = String::from_utf8_lossy(&links.stdout)
+        .lines()
+        .filter_map(|l| l.split(": ").nth(1))
+        .map(|name| format!("link {}", name.split('@').next().unwrap_or(name)))
+        .collect();
+    if let Some(socket) = ovsdb_socket(cloud.data_dir(), node) {
+        let show = Command::new("ovs-vsctl")
+            .arg(format!("--db=unix:{}", socket.display()))
+            .args(["--timeout=10", "show"])
+            .output()?;
+        state.extend(
+            String::from_utf8_lossy(&show.stdout)
+                .lines()
+                .map(|l| format!("ovs {}", l.trim())),
+        );
+    }
+    state.sort();
+    Ok(state)
+}
+
+/// `(transmitted, received)` from a guest's `FERRO-PINGS` line.
+fn ping_summary(console: &str) -> Option<(u64, u64)> {
+    let line = console.lines().find(|l| l.contains("FERRO-PINGS"))?;
+    let mut numbers = line
+        .split_whitespace()
+        .filter_map(|word| word.parse::<u64>().ok());
+    Some((numbers.next()?, numbers.next()?))
+}
+
+/// Node `name`'s number: `node-2` → 2.
+fn node_number(name: &str) -> anyhow::Result<u32> {
+    name.strip_prefix("node-")
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("{name} is not a node of ferro up --nodes"))
 }
 
 /// Indents a script as a YAML block scalar under `userData: |`.
@@ -206,6 +279,9 @@ fn tenant_networks_work_across_nodes(driver: &str) -> anyhow::Result<()> {
         Ok((rows.len() == 3 && rows.iter().all(|r| r["READY"] == "True")).then_some(()))
     })?;
     let before: Vec<String> = namespaces_of_ferro()?;
+    let nodes_before = (1..=3)
+        .map(|node| node_state(&cloud, node))
+        .collect::<anyhow::Result<Vec<_>>>()?;
 
     let file = cloud.data_dir().join("../network.yaml");
     std::fs::write(&file, manifests(&guest.image_manifests()))?;
@@ -249,6 +325,44 @@ fn tenant_networks_work_across_nodes(driver: &str) -> anyhow::Result<()> {
         "240s",
     ])?;
 
+    // SIGKILL of both guests' agents during a continuous ping between the guests: the
+    // devices and flows stay, and the agents ferro up starts again adopt them.
+    cloud.run([
+        "wait",
+        "server/alpha",
+        "--for",
+        "console=FERRO-PINGING",
+        "--timeout",
+        "60s",
+    ])?;
+    std::thread::sleep(Duration::from_secs(2));
+    for node in &nodes {
+        let pidfile = cloud
+            .data_dir()
+            .join(format!("run/agent-node-{}.pid", node_number(node)?));
+        let pid: u32 = std::fs::read_to_string(&pidfile)
+            .with_context(|| format!("reading {}", pidfile.display()))?
+            .trim()
+            .parse()?;
+        signal(pid, Signal::KILL);
+    }
+    cloud.run([
+        "wait",
+        "server/alpha",
+        "--for",
+        "console=FERRO-PINGS",
+        "--timeout",
+        "120s",
+    ])?;
+    let console = cloud.run(["logs", "server/alpha"])?;
+    let (sent, received) = ping_summary(&console).context("no ping summary")?;
+    ensure!(
+        sent >= 300 && (sent - received) * 100 <= sent,
+        "{} of {sent} pings lost across the agents' SIGKILL (at most 1 %)",
+        sent - received
+    );
+    eprintln!("pings across the agents' SIGKILL: {received} of {sent} answered");
+
     // Probes: the third node reaches both guests; another project's network with the
     // same CIDR reaches neither.
     let third = (1..=3)
@@ -284,9 +398,47 @@ fn tenant_networks_work_across_nodes(driver: &str) -> anyhow::Result<()> {
         }
     }
 
+    // A second network added to the running guest: a hot-plugged NIC with its address.
+    let second = cloud.data_dir().join("../second.yaml");
+    std::fs::write(
+        &second,
+        format!(
+            "apiVersion: ferro/v1\nkind: Network\nmetadata: {{name: lan2}}\nspec:\n  subnets:\n  - {{name: v4, cidr: 10.1.0.0/24}}\n---\n{}---\n{}",
+            probe("default", "watcher-2", "lan2", &third, "10.1.0.21"),
+            beta(true),
+        ),
+    )?;
+    cloud.run(["apply", "-f", second.to_str().context("path")?])?;
+    cloud.run([
+        "wait",
+        "server/beta",
+        "--for",
+        "console=FERRO-ADDR eth1 10.1.0.12/24",
+        "--timeout",
+        "120s",
+    ])?;
+    let watcher_2 = bound_probe(&cloud, "default", "watcher-2")?;
+    wait_for("the hot-plugged NIC answering", WAIT, || {
+        Ok(pings(&watcher_2, "10.1.0.12").then_some(()))
+    })?;
+    // Taken away again, the NIC goes.
+    let unplug = cloud.data_dir().join("../unplug.yaml");
+    std::fs::write(&unplug, beta(false))?;
+    cloud.run(["apply", "-f", unplug.to_str().context("path")?])?;
+    cloud.run([
+        "wait",
+        "server/beta",
+        "--for",
+        "console=FERRO-NIC-GONE eth1",
+        "--timeout",
+        "120s",
+    ])?;
+
     // Deleting everything leaves nothing behind on any node.
     cloud.run(["delete", "-f", probes.to_str().context("path")?])?;
     cloud.run(["delete", "-f", file.to_str().context("path")?])?;
+    cloud.run(["delete", "port", "watcher-2"])?;
+    cloud.run(["delete", "network", "lan2"])?;
     wait_for("nothing wired on any node", WAIT, || {
         let mut left = Vec::new();
         for node in 1..=3 {
@@ -298,6 +450,19 @@ fn tenant_networks_work_across_nodes(driver: &str) -> anyhow::Result<()> {
             eprintln!("still wired: {left:?}");
             None
         }))
+    })?;
+    // Every node's links and switch are exactly as before the test.
+    wait_for("every node as before", WAIT, || {
+        for (i, was) in nodes_before.iter().enumerate() {
+            let now = node_state(&cloud, i as u32 + 1)?;
+            if &now != was {
+                let gone: Vec<&String> = was.iter().filter(|l| !now.contains(l)).collect();
+                let new: Vec<&String> = now.iter().filter(|l| !was.contains(l)).collect();
+                eprintln!("node-{}: gone {gone:?}, new {new:?}", i + 1);
+                return Ok(None);
+            }
+        }
+        Ok(Some(()))
     })?;
     Ok(())
 }

@@ -176,7 +176,8 @@ impl LinuxBridge {
             .links
             .ensure_vxlan(&VxlanSpec {
                 name: VXLAN.into(),
-                vni: 1,
+                // The last VNI, the one a segment allocator hands out last.
+                vni: 16_777_215,
                 local: IpAddr::from([127, 0, 0, 1]),
                 underlay: "lo".into(),
                 port: VXLAN_PORT,
@@ -197,6 +198,13 @@ impl NetworkDriver for LinuxBridge {
     async fn prepare(&self) -> Result<Observed, WiringError> {
         if self.prepared.load(Ordering::Relaxed) {
             return self.observe().await;
+        }
+        // Networks wired already (by an earlier agent) prove that the driver works; and
+        // the probe's VXLAN device could not be made beside one of them with its VNI.
+        let wired = self.observe().await?;
+        if !wired.networks.is_empty() {
+            self.prepared.store(true, Ordering::Relaxed);
+            return Ok(wired);
         }
         self.probe().await.map_err(|e| {
             let mut reason = format!("Linux bridges and VXLAN devices cannot be made: {e}");
