@@ -413,11 +413,7 @@ impl Admission {
                         Some(used) => used,
                         None => self.count_project(&project).await?,
                     };
-                    let hard = quota
-                        .spec
-                        .as_ref()
-                        .and_then(|s| s.hard.clone())
-                        .unwrap_or_default();
+                    let hard = quota.spec.as_ref().and_then(|s| s.hard).unwrap_or_default();
                     let used = match admit(&project, &hard, &used, &requested) {
                         Ok(used) => used,
                         // The cache's copy may be behind a recount that lowered the usage.
@@ -526,7 +522,8 @@ impl Admission {
         next: &Object,
         quota: &v1::Quota,
     ) -> Result<Usage, Error> {
-        let after = Usage::of(next, self.flavor_of(next).await?);
+        let next_flavor = self.flavor_of(next).await?;
+        let after = Usage::of(next, next_flavor);
         let before = match current {
             Some(current) => Usage::of(current, self.flavor_of(current).await?),
             None => Usage::default(),
@@ -534,13 +531,8 @@ impl Admission {
         let growth = Usage::growth(&before, &after);
         // A Server whose Flavor cannot be found would count no vCPUs or memory now and
         // its full size once the Flavor appears: refuse it while those are limited.
-        if next.kind() == Kind::Server && self.flavor_of(next).await?.is_none() {
-            let hard = quota
-                .spec
-                .as_ref()
-                .and_then(|s| s.hard.as_ref())
-                .cloned()
-                .unwrap_or_default();
+        if next.kind() == Kind::Server && next_flavor.is_none() {
+            let hard = quota.spec.as_ref().and_then(|s| s.hard).unwrap_or_default();
             if let Some(limited) = [Resource::Vcpus, Resource::RamMib]
                 .into_iter()
                 .find(|r| r.get(&hard).is_some())

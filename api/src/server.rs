@@ -8,7 +8,8 @@
 //! resourceVersion fails with `Conflict` instead.
 //!
 //! Admission happens here, before anything is written: authentication, authorization,
-//! defaulting, validation, the status owner table. A refused request writes nothing.
+//! defaulting, validation, the status owner table, and the project's quota, charged in
+//! the write's own transaction ([`crate::quota`]). A refused request writes nothing.
 
 use std::{collections::HashMap, pin::Pin, sync::Arc, time::Duration};
 

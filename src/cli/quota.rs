@@ -63,11 +63,7 @@ pub fn run(connection: &ConnectionArgs, args: QuotaArgs) -> anyhow::Result<()> {
 
 /// The table of one Quota: a row per counted thing, its use and its limit. Pure.
 pub fn render(quota: &v1::Quota) -> String {
-    let hard = quota
-        .spec
-        .as_ref()
-        .and_then(|s| s.hard.clone())
-        .unwrap_or_default();
+    let hard = quota.spec.as_ref().and_then(|s| s.hard).unwrap_or_default();
     let used = quota.status.as_ref().and_then(|s| s.used.as_ref());
     let shown = |amount: Option<i64>| amount.map_or_else(|| "-".to_owned(), |a| a.to_string());
     let rows: Vec<Vec<String>> = Resource::ALL
