@@ -43,7 +43,7 @@ const MAX_ATTEMPTS: usize = 64;
 
 /// One counted thing, named as in `QuotaAmounts`' YAML form.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Resource {
+pub enum Counted {
     /// Servers.
     Servers,
     /// Virtual CPUs of all Servers.
@@ -66,70 +66,70 @@ pub enum Resource {
     SecurityGroups,
 }
 
-impl Resource {
+impl Counted {
     /// Every counted thing, in the schema's order.
-    pub const ALL: [Resource; 10] = [
-        Resource::Servers,
-        Resource::Vcpus,
-        Resource::RamMib,
-        Resource::Volumes,
-        Resource::VolumeGib,
-        Resource::Networks,
-        Resource::Ports,
-        Resource::Routers,
-        Resource::FloatingIps,
-        Resource::SecurityGroups,
+    pub const ALL: [Counted; 10] = [
+        Counted::Servers,
+        Counted::Vcpus,
+        Counted::RamMib,
+        Counted::Volumes,
+        Counted::VolumeGib,
+        Counted::Networks,
+        Counted::Ports,
+        Counted::Routers,
+        Counted::FloatingIps,
+        Counted::SecurityGroups,
     ];
 
     /// The name users see: the `QuotaAmounts` field's JSON name (`ramMib`).
     pub fn name(self) -> &'static str {
         match self {
-            Resource::Servers => "servers",
-            Resource::Vcpus => "vcpus",
-            Resource::RamMib => "ramMib",
-            Resource::Volumes => "volumes",
-            Resource::VolumeGib => "volumeGib",
-            Resource::Networks => "networks",
-            Resource::Ports => "ports",
-            Resource::Routers => "routers",
-            Resource::FloatingIps => "floatingIps",
-            Resource::SecurityGroups => "securityGroups",
+            Counted::Servers => "servers",
+            Counted::Vcpus => "vcpus",
+            Counted::RamMib => "ramMib",
+            Counted::Volumes => "volumes",
+            Counted::VolumeGib => "volumeGib",
+            Counted::Networks => "networks",
+            Counted::Ports => "ports",
+            Counted::Routers => "routers",
+            Counted::FloatingIps => "floatingIps",
+            Counted::SecurityGroups => "securityGroups",
         }
     }
 
     /// This thing's amount in `amounts`; `None` when unset.
     pub fn get(self, amounts: &v1::QuotaAmounts) -> Option<i64> {
         match self {
-            Resource::Servers => amounts.servers,
-            Resource::Vcpus => amounts.vcpus,
-            Resource::RamMib => amounts.ram_mib,
-            Resource::Volumes => amounts.volumes,
-            Resource::VolumeGib => amounts.volume_gib,
-            Resource::Networks => amounts.networks,
-            Resource::Ports => amounts.ports,
-            Resource::Routers => amounts.routers,
-            Resource::FloatingIps => amounts.floating_ips,
-            Resource::SecurityGroups => amounts.security_groups,
+            Counted::Servers => amounts.servers,
+            Counted::Vcpus => amounts.vcpus,
+            Counted::RamMib => amounts.ram_mib,
+            Counted::Volumes => amounts.volumes,
+            Counted::VolumeGib => amounts.volume_gib,
+            Counted::Networks => amounts.networks,
+            Counted::Ports => amounts.ports,
+            Counted::Routers => amounts.routers,
+            Counted::FloatingIps => amounts.floating_ips,
+            Counted::SecurityGroups => amounts.security_groups,
         }
     }
 
     fn slot(self, amounts: &mut v1::QuotaAmounts) -> &mut Option<i64> {
         match self {
-            Resource::Servers => &mut amounts.servers,
-            Resource::Vcpus => &mut amounts.vcpus,
-            Resource::RamMib => &mut amounts.ram_mib,
-            Resource::Volumes => &mut amounts.volumes,
-            Resource::VolumeGib => &mut amounts.volume_gib,
-            Resource::Networks => &mut amounts.networks,
-            Resource::Ports => &mut amounts.ports,
-            Resource::Routers => &mut amounts.routers,
-            Resource::FloatingIps => &mut amounts.floating_ips,
-            Resource::SecurityGroups => &mut amounts.security_groups,
+            Counted::Servers => &mut amounts.servers,
+            Counted::Vcpus => &mut amounts.vcpus,
+            Counted::RamMib => &mut amounts.ram_mib,
+            Counted::Volumes => &mut amounts.volumes,
+            Counted::VolumeGib => &mut amounts.volume_gib,
+            Counted::Networks => &mut amounts.networks,
+            Counted::Ports => &mut amounts.ports,
+            Counted::Routers => &mut amounts.routers,
+            Counted::FloatingIps => &mut amounts.floating_ips,
+            Counted::SecurityGroups => &mut amounts.security_groups,
         }
     }
 
     fn index(self) -> usize {
-        Resource::ALL
+        Counted::ALL
             .iter()
             .position(|r| *r == self)
             .expect("every resource is in ALL")
@@ -199,7 +199,7 @@ pub fn flavor_size(
 
 /// An amount of each counted thing.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Usage([i64; Resource::ALL.len()]);
+pub struct Usage([i64; Counted::ALL.len()]);
 
 impl Usage {
     /// What one object counts. A Server counts its Flavor's size, `flavor`; `None` (its
@@ -210,20 +210,20 @@ impl Usage {
         match object {
             Object::Server(_) => {
                 let flavor = flavor.unwrap_or_default();
-                usage.set(Resource::Servers, 1);
-                usage.set(Resource::Vcpus, flavor.vcpus);
-                usage.set(Resource::RamMib, flavor.ram_mib);
+                usage.set(Counted::Servers, 1);
+                usage.set(Counted::Vcpus, flavor.vcpus);
+                usage.set(Counted::RamMib, flavor.ram_mib);
             }
             Object::Volume(v) => {
                 let size = v.spec.as_ref().map(|s| s.size_gib).unwrap_or_default();
-                usage.set(Resource::Volumes, 1);
-                usage.set(Resource::VolumeGib, i64::try_from(size).unwrap_or(i64::MAX));
+                usage.set(Counted::Volumes, 1);
+                usage.set(Counted::VolumeGib, i64::try_from(size).unwrap_or(i64::MAX));
             }
-            Object::Network(_) => usage.set(Resource::Networks, 1),
-            Object::Port(_) => usage.set(Resource::Ports, 1),
-            Object::Router(_) => usage.set(Resource::Routers, 1),
-            Object::FloatingIP(_) => usage.set(Resource::FloatingIps, 1),
-            Object::SecurityGroup(_) => usage.set(Resource::SecurityGroups, 1),
+            Object::Network(_) => usage.set(Counted::Networks, 1),
+            Object::Port(_) => usage.set(Counted::Ports, 1),
+            Object::Router(_) => usage.set(Counted::Routers, 1),
+            Object::FloatingIP(_) => usage.set(Counted::FloatingIps, 1),
+            Object::SecurityGroup(_) => usage.set(Counted::SecurityGroups, 1),
             _ => {}
         }
         usage
@@ -232,7 +232,7 @@ impl Usage {
     /// Usage as a Quota's status records it; an unset amount is zero.
     pub fn from_amounts(amounts: &v1::QuotaAmounts) -> Usage {
         let mut usage = Usage::default();
-        for r in Resource::ALL {
+        for r in Counted::ALL {
             usage.set(r, r.get(amounts).unwrap_or_default());
         }
         usage
@@ -241,19 +241,19 @@ impl Usage {
     /// The amounts for a Quota's status, every one set.
     pub fn to_amounts(self) -> v1::QuotaAmounts {
         let mut amounts = v1::QuotaAmounts::default();
-        for r in Resource::ALL {
+        for r in Counted::ALL {
             *r.slot(&mut amounts) = Some(self.get(r));
         }
         amounts
     }
 
     /// The amount of one thing.
-    pub fn get(&self, resource: Resource) -> i64 {
+    pub fn get(&self, resource: Counted) -> i64 {
         self.0[resource.index()]
     }
 
     /// Sets the amount of one thing.
-    pub fn set(&mut self, resource: Resource, amount: i64) {
+    pub fn set(&mut self, resource: Counted, amount: i64) {
         self.0[resource.index()] = amount;
     }
 
@@ -323,7 +323,7 @@ pub fn admit(
     used: &Usage,
     requested: &Usage,
 ) -> Result<Usage, Exceeded> {
-    for r in Resource::ALL {
+    for r in Counted::ALL {
         let (want, have) = (requested.get(r), used.get(r));
         if want <= 0 {
             continue;
@@ -533,7 +533,7 @@ impl Admission {
         // its full size once the Flavor appears: refuse it while those are limited.
         if next.kind() == Kind::Server && next_flavor.is_none() {
             let hard = quota.spec.as_ref().and_then(|s| s.hard).unwrap_or_default();
-            if let Some(limited) = [Resource::Vcpus, Resource::RamMib]
+            if let Some(limited) = [Counted::Vcpus, Counted::RamMib]
                 .into_iter()
                 .find(|r| r.get(&hard).is_some())
             {
@@ -619,7 +619,7 @@ mod tests {
             .remove(0)
     }
 
-    fn usage(pairs: &[(Resource, i64)]) -> Usage {
+    fn usage(pairs: &[(Counted, i64)]) -> Usage {
         let mut usage = Usage::default();
         for (r, a) in pairs {
             usage.set(*r, *a);
@@ -634,7 +634,7 @@ mod tests {
 
     #[test]
     fn each_kind_counts_what_the_issue_lists() {
-        use Resource::*;
+        use Counted::*;
         let cases: &[(&str, Option<FlavorSize>, Usage)] = &[
             (
                 "{kind: Server, metadata: {name: a}, spec: {flavor: m1.small, image: i}}",
@@ -716,7 +716,7 @@ mod tests {
 
     #[test]
     fn admission_arithmetic() {
-        use Resource::*;
+        use Counted::*;
         let hard = v1::QuotaAmounts {
             servers: Some(10),
             vcpus: Some(20),
@@ -797,7 +797,7 @@ mod tests {
 
     #[test]
     fn growth_charges_only_what_grows() {
-        use Resource::*;
+        use Counted::*;
         let small = usage(&[(Servers, 1), (Vcpus, 2), (RamMib, 4096)]);
         let large = usage(&[(Servers, 1), (Vcpus, 8), (RamMib, 2048)]);
         assert_eq!(
@@ -811,7 +811,7 @@ mod tests {
 
     #[test]
     fn usage_round_trips_through_amounts() {
-        use Resource::*;
+        use Counted::*;
         let u = usage(&[(Servers, 3), (SecurityGroups, 7)]);
         let amounts = u.to_amounts();
         assert_eq!(amounts.ports, Some(0), "usage sets every amount");

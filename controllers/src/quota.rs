@@ -226,7 +226,7 @@ impl Reconcile for QuotaController {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ferro_api::{codec, quota::Resource};
+    use ferro_api::{codec, quota::Counted};
 
     fn object(yaml: &str) -> Object {
         codec::decode_yaml(&format!("apiVersion: ferro/v1\n{yaml}\n"))
@@ -252,7 +252,7 @@ mod tests {
             object("kind: SecurityGroup\nmetadata: {name: sg}\nspec: {}"),
         ];
         let usage = count(&objects, &flavors);
-        let got: Vec<(&str, i64)> = Resource::ALL
+        let got: Vec<(&str, i64)> = Counted::ALL
             .iter()
             .map(|r| (r.name(), usage.get(*r)))
             .filter(|(_, a)| *a != 0)
@@ -287,7 +287,7 @@ mod tests {
         };
         quota.metadata.as_mut().unwrap().generation = 2;
         let mut usage = Usage::default();
-        usage.set(Resource::Ports, 3);
+        usage.set(Counted::Ports, 3);
         assert!(!up_to_date(&quota, &usage), "never counted");
         let mut ready = ready_condition("default");
         ready.observed_generation = 2;
@@ -297,7 +297,7 @@ mod tests {
         });
         assert!(up_to_date(&quota, &usage));
         let mut more = usage;
-        more.set(Resource::Ports, 4);
+        more.set(Counted::Ports, 4);
         assert!(!up_to_date(&quota, &more), "the count changed");
         quota.metadata.as_mut().unwrap().generation = 3;
         assert!(!up_to_date(&quota, &usage), "the spec changed since");

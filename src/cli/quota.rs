@@ -8,7 +8,7 @@
 use anyhow::anyhow;
 use ferro_api::{
     Error as ApiError, Kind, Object,
-    quota::{ENFORCED_QUOTA, Resource},
+    quota::{Counted, ENFORCED_QUOTA},
     v1,
 };
 
@@ -66,7 +66,7 @@ pub fn render(quota: &v1::Quota) -> String {
     let hard = quota.spec.as_ref().and_then(|s| s.hard).unwrap_or_default();
     let used = quota.status.as_ref().and_then(|s| s.used.as_ref());
     let shown = |amount: Option<i64>| amount.map_or_else(|| "-".to_owned(), |a| a.to_string());
-    let rows: Vec<Vec<String>> = Resource::ALL
+    let rows: Vec<Vec<String>> = Counted::ALL
         .iter()
         .map(|r| {
             vec![
