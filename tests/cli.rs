@@ -2506,3 +2506,47 @@ fn get_events_shows_one_row_per_repeated_event_with_its_count() {
     assert!(cells[5].ends_with("s)"), "{all}");
     assert_eq!(cells[6], "network/busy", "{all}");
 }
+
+#[test]
+fn quota_show_prints_limits_beside_use_and_apply_is_refused_past_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let apiserver = LoneApiserver::start(dir.path(), "memory");
+    let run = |args: &[&str]| {
+        assert_cmd::Command::from_std(apiserver.ferro())
+            .args(args)
+            .timeout(Duration::from_secs(60))
+            .assert()
+    };
+    let out = run(&["quota", "show", "-p", "team-a"]).success();
+    assert_eq!(
+        stdout(&out),
+        "project team-a has no quota (quotas/default): nothing is limited\n"
+    );
+
+    let manifest = dir.path().join("quota.yaml");
+    std::fs::write(
+        &manifest,
+        "apiVersion: ferro/v1\nkind: Quota\nmetadata: {name: default, project: team-a}\nspec:\n  hard: {networks: 1, securityGroups: 5}\n---\n\
+         apiVersion: ferro/v1\nkind: Network\nmetadata: {name: one, project: team-a}\nspec:\n  subnets: [{name: a, cidr: 10.0.1.0/24}]\n---\n\
+         apiVersion: ferro/v1\nkind: Network\nmetadata: {name: two, project: team-a}\nspec:\n  subnets: [{name: a, cidr: 10.0.2.0/24}]\n",
+    )
+    .unwrap();
+    let out = run(&["apply", "-f", path(&manifest)]).failure();
+    assert_eq!(stdout(&out), "quota/default created\nnetwork/one created\n");
+    assert!(
+        stderr(&out)
+            .contains("quota exceeded in project team-a: networks limit 1, used 1, requested 1"),
+        "{}",
+        stderr(&out)
+    );
+
+    let out = run(&["quota", "show", "-p", "team-a"]).success();
+    let text = stdout(&out);
+    assert!(
+        text.starts_with("quotas/default in project team-a\nRESOURCE         USED   LIMIT\n"),
+        "{text}"
+    );
+    assert!(text.contains("\nnetworks         1      1\n"), "{text}");
+    assert!(text.contains("\nsecurityGroups   0      5\n"), "{text}");
+    assert!(text.contains("\nservers          0      -\n"), "{text}");
+}

@@ -8,6 +8,7 @@
 //! - [`validation`]: defaulting and validation, for create and for update.
 //! - [`error`]: the one error type and its mapping to gRPC statuses.
 //! - [`resolve`]: how a reference by name resolves, for every component that follows one.
+//! - [`quota`]: what objects count against a project's Quota, and its atomic admission.
 
 pub mod auth;
 pub mod cache;
@@ -18,6 +19,7 @@ pub mod encoded;
 pub mod error;
 pub mod kinds;
 pub mod owners;
+pub mod quota;
 pub mod resolve;
 pub mod retry;
 pub mod selector;

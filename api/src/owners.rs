@@ -9,6 +9,10 @@
 //! writer may patch it: a KeyPair's `fingerprint` (its public key is immutable, so the
 //! fingerprint never needs recomputing).
 //!
+//! A Quota's `used` has two writers: the quota controller, which recounts it here, and the
+//! apiserver itself, which raises it in the transaction of each create it charges
+//! ([`crate::quota`]).
+//!
 //! Node conditions are split so each has one writer: the agent reports `HostReady` (its
 //! own checks of the host), node lifecycle owns `Ready` (heartbeat current and host ready)
 //! and turns it `Unknown` when the heartbeat lapses.

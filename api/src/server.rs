@@ -8,7 +8,8 @@
 //! resourceVersion fails with `Conflict` instead.
 //!
 //! Admission happens here, before anything is written: authentication, authorization,
-//! defaulting, validation, the status owner table. A refused request writes nothing.
+//! defaulting, validation, the status owner table, and the project's quota, charged in
+//! the write's own transaction ([`crate::quota`]). A refused request writes nothing.
 
 use std::{collections::HashMap, pin::Pin, sync::Arc, time::Duration};
 
@@ -28,7 +29,7 @@ use crate::{
     console::ConsoleRelay,
     encoded::{EncodedEvent, EncodedStream},
     kinds::Scope,
-    owners,
+    owners, quota,
     selector::{FieldSelector, LabelSelector, node_of},
     v1::{self, resources_server::Resources},
     validation,
@@ -243,6 +244,11 @@ impl ApiServer {
         Ok(self.read(&key).await?.0)
     }
 
+    /// Quota admission over this server's store and cache.
+    fn quota(&self) -> quota::Admission {
+        quota::Admission::new(self.store.clone(), self.cache.clone())
+    }
+
     fn identity<T>(&self, request: &Request<T>) -> Result<Identity, Error> {
         let header = request
             .metadata()
@@ -435,7 +441,8 @@ impl ApiServer {
         Ok((decode_kv(key.kind, &kv)?, kv))
     }
 
-    /// Creates an object unless its key exists; returns it with its resourceVersion.
+    /// Creates an object unless its key exists, charging its project's quota in the same
+    /// transaction; returns it with its resourceVersion.
     async fn insert(&self, object: Object) -> Result<Option<Object>, Error> {
         let key = object.key();
         let txn = Txn {
@@ -447,21 +454,22 @@ impl ApiServer {
             }],
             failure: vec![],
         };
-        let response = self.store.txn(txn).await.map_err(store_error)?;
-        if !response.succeeded {
+        let Some(response) = self.quota().commit(None, &object, txn).await? else {
             return Ok(None);
-        }
+        };
         let mut object = object;
         object.metadata_mut().resource_version = response.revision;
         Ok(Some(object))
     }
 
-    /// Writes `new` (or removes the key) if the key is still at `revision`.
+    /// Writes `new` (or removes the key) if the key is still at `revision`. A spec change
+    /// over `before` is charged to the project's quota for what it adds (a resize).
     async fn swap(
         &self,
         revision: Revision,
         change: &Change,
         also: Option<Compare>,
+        before: Option<&Object>,
     ) -> Result<Option<Object>, Error> {
         let (object, op) = match change {
             Change::Unchanged(o) => return Ok(Some(o.clone())),
@@ -482,10 +490,20 @@ impl ApiServer {
             success: vec![op],
             failure: vec![],
         };
-        let response = self.store.txn(txn).await.map_err(store_error)?;
-        if !response.succeeded {
+        let charged = match (change, before) {
+            (Change::Put(next), Some(before)) if !spec_equal(before, next) => Some(before),
+            _ => None,
+        };
+        let response = match charged {
+            Some(before) => self.quota().commit(Some(before), object, txn).await?,
+            None => {
+                let response = self.store.txn(txn).await.map_err(store_error)?;
+                response.succeeded.then_some(response)
+            }
+        };
+        let Some(response) = response else {
             return Ok(None);
-        }
+        };
         let mut object = object.clone();
         object.metadata_mut().resource_version = response.revision;
         Ok(Some(object))
@@ -556,6 +574,7 @@ impl ApiServer {
                     (current, kv.mod_revision)
                 }
             };
+            let before = quota::counts(key.kind).then(|| current.clone());
             let change = match decide(current) {
                 Ok(Change::Unchanged(_)) | Err(_) if optimistic => continue,
                 change => change?,
@@ -565,8 +584,12 @@ impl ApiServer {
                 Change::Put(_) => (true, false),
                 Change::Remove(_) => (true, true),
             };
-            if let Some(object) = self.swap(revision, &change, also).await? {
-                return Ok((object, written, removed));
+            match self.swap(revision, &change, also, before.as_ref()).await {
+                Ok(Some(object)) => return Ok((object, written, removed)),
+                Ok(None) => {}
+                // A quota refusal of a growth measured from a stale copy is decided again.
+                Err(Error::ResourceExhausted { .. }) if optimistic => {}
+                Err(e) => return Err(e),
             }
         }
         Err(Error::Unavailable {
@@ -814,6 +837,7 @@ impl ApiServer {
                     };
                     record_manager(new.metadata_mut(), &manager, &labels, &annotations);
                     if request.dry_run {
+                        self.quota().check(None, &new).await?;
                         return Ok(v1::ApplyResponse {
                             object: Some(new.into()),
                             outcome: Outcome::Created as i32,
@@ -845,13 +869,15 @@ impl ApiServer {
                     }
                     validation::validate_update(&next, &current)?;
                     if request.dry_run {
+                        self.quota().check(Some(&current), &next).await?;
                         return Ok(v1::ApplyResponse {
                             object: Some(next.into()),
                             outcome: Outcome::Configured as i32,
                         });
                     }
-                    if let Some(written) =
-                        self.swap(kv.mod_revision, &Change::Put(next), None).await?
+                    if let Some(written) = self
+                        .swap(kv.mod_revision, &Change::Put(next), None, Some(&current))
+                        .await?
                     {
                         return Ok(v1::ApplyResponse {
                             object: Some(written.into()),
@@ -876,6 +902,7 @@ impl ApiServer {
         )?;
         let new = prepare_new(object)?;
         if request.dry_run {
+            self.quota().check(None, &new).await?;
             return Ok(new);
         }
         let display = new.display_name();

@@ -9,6 +9,7 @@
 //! - [`nodelifecycle`]: Node readiness from heartbeats; unreachable Servers turn Unknown.
 //! - [`server`]: a Server's Ports, resolved references, phase and readiness.
 //! - [`image`]: Image status from what the nodes' caches found.
+//! - [`quota`]: a Quota's usage, recounted from the project's objects.
 //!
 //! [`run`] is `ferro controllers`: it connects to the apiserver, serves metrics, contends
 //! for the `controllers` Lease and, while it leads, runs every controller over one set of
@@ -20,6 +21,7 @@ pub mod image;
 pub mod ipam;
 pub mod network;
 pub mod nodelifecycle;
+pub mod quota;
 pub mod scheduler;
 pub mod server;
 pub mod servergroup;
@@ -268,6 +270,8 @@ pub async fn run_controllers(api: Api, metrics: Metrics, options: Options) {
         image::ImageController::build(&api, &caches, &metrics, settings);
     let (groups, groups_reconciler) =
         servergroup::ServerGroupController::build(&api, &caches, &metrics, settings);
+    let (quotas, quota_reconciler) =
+        quota::QuotaController::build(&api, &caches, &metrics, settings);
     let mut tasks = JoinSet::new();
     caches.start(&mut tasks);
     tasks.spawn(ipam.run(ipam_reconciler));
@@ -278,6 +282,7 @@ pub async fn run_controllers(api: Api, metrics: Metrics, options: Options) {
     tasks.spawn(server.run(server_reconciler));
     tasks.spawn(image.run(image_reconciler));
     tasks.spawn(groups.run(groups_reconciler));
+    tasks.spawn(quotas.run(quota_reconciler));
     tasks.spawn(ferro_runtime::events::expire(
         api.client().clone(),
         options.event_ttl,

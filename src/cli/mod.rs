@@ -1,5 +1,5 @@
 //! The user's CLI, one module per verb or group of verbs (`apply`, `get`, `describe`,
-//! `delete`, `diff`, `wait`, `explain`, `logs`, `completion`, `node`, …), over the API
+//! `delete`, `diff`, `wait`, `explain`, `logs`, `completion`, `node`, `quota`, …), over the API
 //! client.
 //!
 //! Every verb finds the apiserver and its token the same way ([`Connection::resolve`]):
@@ -27,6 +27,7 @@ pub mod get;
 pub mod logs;
 pub mod manifest;
 pub mod node;
+pub mod quota;
 pub mod server;
 mod table;
 pub mod wait;
