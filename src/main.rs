@@ -74,6 +74,8 @@ enum Command {
     Console(cli::console::ConsoleArgs),
     /// Power verbs: `ferro server stop|start|reboot NAME`.
     Server(cli::server::ServerArgs),
+    /// Image bytes: `ferro image upload NAME FILE`.
+    Image(cli::image::ImageArgs),
     /// List every kind with its short names and scope.
     ApiResources,
     /// The CLI's contexts: `ferro config get-contexts|use-context NAME|current-context`.
@@ -102,6 +104,7 @@ impl Command {
             | Command::Logs(_)
             | Command::Completion(_) => "warn",
             Command::Console(_) | Command::Server(_) | Command::Config(_) => "warn",
+            Command::Image(_) => "warn",
             Command::ApiResources => "warn",
         }
     }
@@ -135,6 +138,7 @@ fn main() -> ExitCode {
         }
         Command::Console(args) => cli::console::run(&cli.connection, args),
         Command::Server(args) => cli::server::run(&cli.connection, args),
+        Command::Image(args) => cli::image::run(&cli.connection, args),
         Command::Config(command) => cli::config::run(command),
         Command::ApiResources => cli::api_resources::run(),
     };

@@ -266,7 +266,7 @@ impl ApiServer {
             return Err(Error::invalid(
                 &display,
                 "checksum",
-                format!("checksum mismatch: declared {expected}, the bytes are {actual}"),
+                format!("mismatch: declared {expected}, but the bytes are {actual}"),
             ));
         }
         if let Some(uploaded) = &already {
