@@ -230,6 +230,9 @@ impl Client {
             })?
             .connect_timeout(std::time::Duration::from_secs(5))
             .tcp_nodelay(true)
+            // Image downloads stream 1 MiB messages (see the apiserver's windows).
+            .initial_stream_window_size(4 << 20)
+            .initial_connection_window_size(8 << 20)
             .http2_keep_alive_interval(std::time::Duration::from_secs(30))
             .keep_alive_while_idle(true);
         let header = AsciiMetadataValue::try_from(format!("Bearer {token}")).map_err(|_| {

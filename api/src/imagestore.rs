@@ -8,10 +8,11 @@
 //! ```
 //!
 //! The root is `<data-dir>/image-store` unless `ferro apiserver --image-store` says
-//! otherwise. An upload ([`ImageStore::begin`]) streams into a new file in `tmp/`; a
-//! blocking writer thread hashes and writes each chunk as it arrives, behind a channel of a
-//! few chunks, so that memory stays flat whatever the image size and a slow disk slows the
-//! sender down (gRPC flow control) instead of filling memory. [`Upload::finish`] fsyncs the
+//! otherwise. An upload ([`ImageStore::begin`]) streams into a new file in `tmp/`; two
+//! blocking threads, one hashing and one writing (and syncing every 64 MiB, so the disk
+//! works while bytes still arrive), take each chunk as it arrives, each behind a channel of
+//! a few chunks, so that memory stays flat whatever the image size and a slow disk slows
+//! the sender down (gRPC flow control) instead of filling memory. [`Upload::finish`] fsyncs the
 //! file and gives it its final name only then (rename, then an fsync of the directory): a
 //! file under `sha256/` is always complete and its name is its hash. An upload that is
 //! dropped before `finish` — the stream ended early, failed, or was refused — removes its
@@ -30,6 +31,7 @@ pub mod format;
 use std::collections::HashSet;
 use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 use tokio::sync::{RwLock, RwLockReadGuard, mpsc};
@@ -128,11 +130,15 @@ impl ImageStore {
             .open(&path)
             .map_err(io_error(format!("creating {}", path.display())))?;
         let (chunks, receiver) = mpsc::channel(QUEUED_CHUNKS);
+        let (to_hasher, hashed) = mpsc::channel(QUEUED_CHUNKS);
         let writer_path = path.clone();
         let writer =
             tokio::task::spawn_blocking(move || write_upload(file, &writer_path, receiver));
+        let hasher = tokio::task::spawn_blocking(move || hash_upload(hashed));
         Ok(Upload {
             chunks: Some(chunks),
+            to_hasher: Some(to_hasher),
+            hasher: Some(hasher),
             writer: Some(writer),
             temp: Some(path),
             size: 0,
@@ -213,38 +219,51 @@ pub fn is_sha256_hex(text: &str) -> bool {
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
-/// What the writer thread is sent.
+/// What the writer and hasher threads are sent.
 enum Chunk {
-    Data(Vec<u8>),
+    Data(Arc<Vec<u8>>),
     /// The sender has sent everything; sync and report.
     End,
 }
 
-/// What the writer thread found.
-#[derive(Debug)]
-struct Written {
-    sha256_hex: String,
-    size: u64,
+/// How many bytes the writer lets the kernel hold dirty before it waits for them to reach
+/// the disk: syncing as it goes overlaps the disk's work with the transfer, instead of one
+/// long fsync at the end.
+const SYNC_EVERY: u64 = 64 << 20;
+
+/// Hashes chunks until the end; `None` when the upload did not end.
+fn hash_upload(mut chunks: mpsc::Receiver<Chunk>) -> Option<String> {
+    let mut hasher = Sha256::new();
+    loop {
+        match chunks.blocking_recv()? {
+            Chunk::Data(data) => hasher.update(&data[..]),
+            Chunk::End => return Some(hex(&hasher.finalize())),
+        }
+    }
 }
 
-/// Hashes and writes chunks until the end; removes the file when the sender goes away
-/// without ending (a cut or refused upload) or writing fails.
+/// Writes chunks until the end and syncs them; removes the file when the sender goes away
+/// without ending (a cut or refused upload) or writing fails. Returns the size.
 fn write_upload(
     file: std::fs::File,
     path: &Path,
     mut chunks: mpsc::Receiver<Chunk>,
-) -> Result<Written, ImageStoreError> {
+) -> Result<u64, ImageStoreError> {
     let result = (|| {
-        let mut out = std::io::BufWriter::with_capacity(CHUNK_BYTES, file);
-        let mut hasher = Sha256::new();
+        let mut out = file;
         let mut size = 0u64;
+        let mut unsynced = 0u64;
         loop {
             match chunks.blocking_recv() {
                 Some(Chunk::Data(data)) => {
-                    hasher.update(&data);
                     out.write_all(&data)
                         .map_err(io_error("writing an upload"))?;
                     size += data.len() as u64;
+                    unsynced += data.len() as u64;
+                    if unsynced >= SYNC_EVERY {
+                        out.sync_data().map_err(io_error("syncing an upload"))?;
+                        unsynced = 0;
+                    }
                 }
                 Some(Chunk::End) => break,
                 None => {
@@ -255,14 +274,8 @@ fn write_upload(
                 }
             }
         }
-        let file = out
-            .into_inner()
-            .map_err(|e| io_error("writing an upload")(e.into_error()))?;
-        file.sync_all().map_err(io_error("syncing an upload"))?;
-        Ok(Written {
-            sha256_hex: hex(&hasher.finalize()),
-            size,
-        })
+        out.sync_all().map_err(io_error("syncing an upload"))?;
+        Ok(size)
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(path);
@@ -302,7 +315,9 @@ impl Stored {
 #[derive(Debug)]
 pub struct Upload {
     chunks: Option<mpsc::Sender<Chunk>>,
-    writer: Option<tokio::task::JoinHandle<Result<Written, ImageStoreError>>>,
+    to_hasher: Option<mpsc::Sender<Chunk>>,
+    hasher: Option<tokio::task::JoinHandle<Option<String>>>,
+    writer: Option<tokio::task::JoinHandle<Result<u64, ImageStoreError>>>,
     temp: Option<PathBuf>,
     size: u64,
 }
@@ -314,9 +329,16 @@ impl Upload {
             return Ok(());
         }
         self.size += data.len() as u64;
-        let sent = match &self.chunks {
-            Some(chunks) => chunks.send(Chunk::Data(data)).await.is_ok(),
-            None => false,
+        let data = Arc::new(data);
+        let sent = match (&self.chunks, &self.to_hasher) {
+            (Some(chunks), Some(to_hasher)) => {
+                let (written, hashed) = tokio::join!(
+                    chunks.send(Chunk::Data(data.clone())),
+                    to_hasher.send(Chunk::Data(data))
+                );
+                written.is_ok() && hashed.is_ok()
+            }
+            _ => false,
         };
         if sent {
             return Ok(());
@@ -337,8 +359,9 @@ impl Upload {
         self.size
     }
 
-    async fn writer_result(&mut self) -> Result<Written, ImageStoreError> {
+    async fn writer_result(&mut self) -> Result<u64, ImageStoreError> {
         self.chunks = None;
+        self.to_hasher = None;
         let Some(writer) = self.writer.take() else {
             return Err(ImageStoreError::Io {
                 what: "the upload is over".into(),
@@ -355,17 +378,23 @@ impl Upload {
     /// storing the bytes yet: the caller checks them first. Dropping the returned
     /// [`Finished`] instead of storing it removes the file.
     pub async fn finish(mut self) -> Result<Finished, ImageStoreError> {
-        if let Some(chunks) = &self.chunks {
-            // A send fails only when the writer stopped; its result says why.
-            let _ = chunks.send(Chunk::End).await;
+        if let (Some(chunks), Some(to_hasher)) = (&self.chunks, &self.to_hasher) {
+            // A send fails only when a thread stopped; the writer's result says why.
+            let _ = tokio::join!(chunks.send(Chunk::End), to_hasher.send(Chunk::End));
         }
-        let written = self.writer_result().await?;
+        let hasher = self.hasher.take();
+        let size = self.writer_result().await?;
+        let sha256_hex = match hasher {
+            Some(hasher) => hasher.await.ok().flatten(),
+            None => None,
+        }
+        .ok_or_else(|| ImageStoreError::Io {
+            what: "hashing an upload".into(),
+            source: std::io::Error::other("the hasher stopped"),
+        })?;
         Ok(Finished {
             temp: self.temp.take(),
-            stored: Stored {
-                sha256_hex: written.sha256_hex,
-                size: written.size,
-            },
+            stored: Stored { sha256_hex, size },
         })
     }
 }
@@ -375,6 +404,7 @@ impl Drop for Upload {
         // Closing the channel makes the writer remove the file; when it is done already
         // (the upload failed), remove it here.
         self.chunks = None;
+        self.to_hasher = None;
         if let (Some(temp), Some(writer)) = (&self.temp, &self.writer)
             && writer.is_finished()
         {
