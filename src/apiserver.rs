@@ -2,7 +2,10 @@
 //! health) over a store, until SIGTERM or SIGINT.
 //!
 //! `--store etcd://HOST:PORT[,HOST:PORT…]` uses an etcd cluster, `--store memory` an
-//! in-memory store that forgets everything on exit (for tests and demos).
+//! in-memory store that forgets everything on exit (for tests and demos). `--image-store
+//! DIR` keeps uploaded images' bytes (`ferro image upload`) in DIR — `ferro up` passes
+//! `<data-dir>/image-store` — and removes, every minute, those no Image names any more;
+//! without it uploads are refused.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -10,6 +13,7 @@ use std::time::Duration;
 
 use anyhow::{Context, anyhow};
 use ferro_api::auth::Tokens;
+use ferro_api::imagestore::ImageStore;
 use ferro_api::server::ApiServer;
 use ferro_store::Store;
 use ferro_store::etcd::EtcdStore;
@@ -35,6 +39,10 @@ pub struct ApiserverArgs {
     /// VXLAN's 50 bytes (an external network's, this much).
     #[arg(long, default_value_t = ferro_api::validation::DEFAULT_UNDERLAY_MTU, value_name = "BYTES")]
     pub underlay_mtu: u32,
+    /// Where uploaded images' bytes are kept (`sha256/<hex>`, with uploads in progress in
+    /// `tmp/`); without it, uploads are refused.
+    #[arg(long, value_name = "DIR")]
+    pub image_store: Option<PathBuf>,
 }
 
 /// Where the apiserver keeps objects.
@@ -106,8 +114,18 @@ async fn serve(args: ApiserverArgs) -> anyhow::Result<()> {
         listeners.push(listener);
     }
 
+    let mut api = ApiServer::new(store, tokens);
+    if let Some(dir) = &args.image_store {
+        let images = ImageStore::open(dir)
+            .with_context(|| format!("cannot open the image store in {}", dir.display()))?;
+        api = api.with_image_store(Arc::new(images));
+        tokio::spawn(ferro_api::images::run_image_collector(
+            api.clone(),
+            std::future::pending(),
+        ));
+    }
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let mut server = tokio::spawn(ApiServer::new(store, tokens).serve_on(listeners, async {
+    let mut server = tokio::spawn(api.serve_on(listeners, async {
         let _ = stop_rx.await;
     }));
     let signal = stop_signal()?;

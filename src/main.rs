@@ -76,6 +76,8 @@ enum Command {
     Server(cli::server::ServerArgs),
     /// A project's limits and use: `ferro quota show [-p PROJECT]`.
     Quota(cli::quota::QuotaArgs),
+    /// Image bytes: `ferro image upload NAME FILE`.
+    Image(cli::image::ImageArgs),
     /// List every kind with its short names and scope.
     ApiResources,
     /// The CLI's contexts: `ferro config get-contexts|use-context NAME|current-context`.
@@ -105,6 +107,7 @@ impl Command {
             | Command::Completion(_) => "warn",
             Command::Console(_) | Command::Server(_) | Command::Config(_) => "warn",
             Command::Quota(_) => "warn",
+            Command::Image(_) => "warn",
             Command::ApiResources => "warn",
         }
     }
@@ -139,6 +142,7 @@ fn main() -> ExitCode {
         Command::Console(args) => cli::console::run(&cli.connection, args),
         Command::Server(args) => cli::server::run(&cli.connection, args),
         Command::Quota(args) => cli::quota::run(&cli.connection, args),
+        Command::Image(args) => cli::image::run(&cli.connection, args),
         Command::Config(command) => cli::config::run(command),
         Command::ApiResources => cli::api_resources::run(),
     };

@@ -409,6 +409,8 @@ pub async fn run(config: AgentConfig, drivers: Drivers) -> anyhow::Result<()> {
         images,
         network,
     } = drivers;
+    // Uploaded images are read from the apiserver over this same connection.
+    images.use_apiserver(client.clone());
     let servers = Store::<v1::Server>::new();
     let ports = Store::<v1::Port>::new();
     let reconciler = Arc::new(ServerReconciler {

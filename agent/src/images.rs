@@ -16,8 +16,12 @@
 //! copied; `http://` sources are downloaded with [`http`], and an interrupted download
 //! resumes with a `Range` request (guarded by `If-Range` with the first response's ETag
 //! or Last-Modified), both within one fetch and after an agent restart, since the staged
-//! file's name depends only on the Image's uid and URL. Two Images with the same bytes
-//! share one file.
+//! file's name depends only on the Image's uid and URL. Images uploaded through the API
+//! (`ferro://upload`) are read from the apiserver's image store with the Images service's
+//! `Download` over the agent's own connection ([`ImageCache::use_apiserver`]), staged and
+//! resumed from the staged file's length exactly like HTTP downloads, and checked against
+//! the checksum the apiserver recorded in `status.uploaded`. Two Images with the same
+//! bytes share one file.
 //!
 //! The staged file is inspected with `qemu-img info` (format, virtual size) — with the
 //! declared `diskFormat` when there is one, probing otherwise. raw and qcow2 are used as
@@ -45,6 +49,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use ferro_api::client::Client;
+use ferro_api::images::UPLOAD_URL;
 use ferro_api::retry::{self, BackoffBuilder};
 use ferro_api::v1;
 use ferro_api::v1::cached_image::Phase;
@@ -65,7 +71,8 @@ pub struct ImageRef {
     pub name: String,
     /// `spec.source.url`.
     pub url: String,
-    /// `spec.checksum` (`sha256:<hex>`), or empty.
+    /// `spec.checksum` (`sha256:<hex>`), or empty; for uploaded bytes, the checksum the
+    /// apiserver recorded (`status.uploaded.checksum`), empty until they are uploaded.
     pub checksum: String,
     /// `spec.diskFormat`, when set.
     pub disk_format: Option<DiskFormat>,
@@ -76,12 +83,24 @@ impl ImageRef {
     pub fn of(image: &v1::Image) -> Self {
         let meta = image.metadata.clone().unwrap_or_default();
         let spec = image.spec.clone().unwrap_or_default();
+        let url = spec.source.map(|s| s.url).unwrap_or_default();
+        let checksum = if url == UPLOAD_URL {
+            // The apiserver checked the bytes against spec.checksum as it stored them.
+            image
+                .status
+                .as_ref()
+                .and_then(|s| s.uploaded.as_ref())
+                .map(|u| u.checksum.clone())
+                .unwrap_or_default()
+        } else {
+            spec.checksum
+        };
         ImageRef {
             uid: meta.uid,
             project: meta.project,
             name: meta.name,
-            url: spec.source.map(|s| s.url).unwrap_or_default(),
-            checksum: spec.checksum,
+            url,
+            checksum,
             disk_format: spec.disk_format.and_then(|f| DiskFormat::try_from(f).ok()),
         }
     }
@@ -193,6 +212,10 @@ pub trait ImageCache: Send + Sync {
 
     /// A counter that moves whenever [`ImageCache::report`] may have changed.
     fn changes(&self) -> tokio::sync::watch::Receiver<u64>;
+
+    /// Gives the cache the agent's apiserver connection, from which it reads uploaded
+    /// images (`ferro://upload`). Caches that fetch nothing ignore it.
+    fn use_apiserver(&self, _client: Client) {}
 }
 
 /// Where an image's bytes come from.
@@ -202,6 +225,8 @@ pub enum Source {
     File(PathBuf),
     /// An `http://` URL.
     Http(http::HttpUrl),
+    /// Bytes uploaded through the API (`ferro://upload`), read from the apiserver.
+    Upload,
 }
 
 impl Source {
@@ -222,6 +247,9 @@ impl Source {
             let path = percent_decode(path).ok_or_else(|| unsupported("bad %-escape"))?;
             return Ok(Source::File(PathBuf::from(path)));
         }
+        if url == UPLOAD_URL {
+            return Ok(Source::Upload);
+        }
         if url.starts_with("http://") {
             return http::HttpUrl::parse(url)
                 .map(Source::Http)
@@ -233,7 +261,7 @@ impl Source {
             ));
         }
         Err(unsupported(
-            "only file:// and http:// sources are supported",
+            "only file://, http:// and ferro://upload sources are supported",
         ))
     }
 }
@@ -343,13 +371,24 @@ const MAX_REDIRECTS: u32 = 5;
 const STALE_DOWNLOAD: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// The real image cache, in a directory of the node.
-#[derive(Debug)]
 pub struct FileImageCache {
     dir: PathBuf,
     qemu_img: PathBuf,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     downloading: Mutex<HashMap<String, v1::CachedImage>>,
     changed: tokio::sync::watch::Sender<u64>,
+    /// The agent's connection, for uploaded images.
+    apiserver: std::sync::OnceLock<Client>,
+}
+
+impl std::fmt::Debug for FileImageCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FileImageCache")
+            .field("dir", &self.dir)
+            .field("qemu_img", &self.qemu_img)
+            .field("apiserver", &self.apiserver.get().is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl FileImageCache {
@@ -388,6 +427,7 @@ impl FileImageCache {
             locks: Mutex::new(HashMap::new()),
             downloading: Mutex::new(HashMap::new()),
             changed: tokio::sync::watch::channel(0).0,
+            apiserver: std::sync::OnceLock::new(),
         })
     }
 
@@ -485,6 +525,11 @@ impl FileImageCache {
             Source::Http(url) => {
                 let path = self.download_path(&image.uid, &image.url);
                 self.download(image, url.clone(), &path).await?;
+                Staged::Download(path)
+            }
+            Source::Upload => {
+                let path = self.download_path(&image.uid, &image.url);
+                self.download_uploaded(image, &path).await?;
                 Staged::Download(path)
             }
         };
@@ -715,6 +760,123 @@ impl FileImageCache {
                     tokio::time::sleep(delay).await;
                 }
             }
+        }
+    }
+
+    /// Reads an uploaded image from the apiserver into `path`, resuming what is there
+    /// already.
+    async fn download_uploaded(&self, image: &ImageRef, path: &Path) -> Result<(), ImageError> {
+        let fail = |reason: String| ImageError::Fetch {
+            url: image.url.clone(),
+            source: std::io::Error::other(reason),
+        };
+        if image.checksum.is_empty() {
+            return Err(fail(format!(
+                "{} has no uploaded bytes yet (ferro image upload)",
+                image.display()
+            )));
+        }
+        let client = self
+            .apiserver
+            .get()
+            .ok_or_else(|| ImageError::UnsupportedSource {
+                url: image.url.clone(),
+                reason: "this cache has no apiserver connection".into(),
+            })?;
+        let mut retries = retry::resume_download().build();
+        loop {
+            let have = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+            let error = match client
+                .download_image(&image.project, &image.name, have)
+                .await
+            {
+                Ok(stream) => match self.receive_uploaded(image, stream, path, have).await {
+                    Ok(()) => return Ok(()),
+                    Err(Received::Cache(e)) => return Err(e),
+                    Err(Received::Cut(e)) => e,
+                },
+                // More staged than there is (bytes of another upload under this uid):
+                // start over.
+                Err(ferro_api::Error::InvalidArgument { .. }) if have > 0 => {
+                    remove_if_exists(path).map_err(cache_error("restarting a download"))?;
+                    continue;
+                }
+                Err(e) => std::io::Error::other(e.to_string()),
+            };
+            let Some(delay) = retries.next() else {
+                return Err(ImageError::Fetch {
+                    url: image.url.clone(),
+                    source: error,
+                });
+            };
+            tracing::info!(image = %image.display(), %error, ?delay, "download from the apiserver cut; resuming");
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    /// Writes the chunks of an uploaded image to `path` from `offset` on, reporting
+    /// progress.
+    async fn receive_uploaded(
+        &self,
+        image: &ImageRef,
+        mut stream: tonic::Streaming<v1::ImageChunk>,
+        path: &Path,
+        offset: u64,
+    ) -> Result<(), Received> {
+        use tokio::io::{AsyncSeekExt, AsyncWriteExt};
+        let mut file = tokio::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(offset == 0)
+            .open(path)
+            .await
+            .map_err(|e| Received::Cache(cache_error("opening a download")(e)))?;
+        file.seek(std::io::SeekFrom::Start(offset))
+            .await
+            .map_err(|e| Received::Cache(cache_error("resuming a download")(e)))?;
+        let mut have = offset;
+        let mut total = None;
+        let mut reported = Instant::now();
+        let result = loop {
+            let chunk = match stream.message().await {
+                Ok(None) => break Ok(()),
+                Ok(Some(chunk)) => chunk,
+                Err(status) => {
+                    break Err(Received::Cut(std::io::Error::other(
+                        status.message().to_owned(),
+                    )));
+                }
+            };
+            if chunk.size_bytes > 0 {
+                total = Some(chunk.size_bytes);
+            }
+            if chunk.offset != have {
+                break Err(Received::Cut(std::io::Error::other(format!(
+                    "the apiserver sent bytes from {} where {have} was expected",
+                    chunk.offset
+                ))));
+            }
+            if let Err(e) = file.write_all(&chunk.data).await {
+                break Err(Received::Cache(cache_error("writing a download")(e)));
+            }
+            have += chunk.data.len() as u64;
+            if reported.elapsed() >= PROGRESS_EVERY {
+                reported = Instant::now();
+                self.set_downloading(image, Some(progress(&image.url, have, total)));
+            }
+        };
+        let flushed = async {
+            file.flush().await?;
+            file.sync_all().await
+        }
+        .await;
+        result?;
+        flushed.map_err(|e| Received::Cache(cache_error("syncing a download")(e)))?;
+        match total {
+            Some(total) if total != have => Err(Received::Cut(std::io::Error::other(format!(
+                "the stream ended after {have} of {total} bytes"
+            )))),
+            _ => Ok(()),
         }
     }
 
@@ -1094,6 +1256,10 @@ impl ImageCache for FileImageCache {
         let mut report: Vec<_> = report.into_values().collect();
         report.sort_by(|a, b| a.image_uid.cmp(&b.image_uid));
         report
+    }
+
+    fn use_apiserver(&self, client: Client) {
+        let _ = self.apiserver.set(client);
     }
 
     fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
@@ -1676,6 +1842,119 @@ mod tests {
         assert!(
             report[0].message.starts_with("ImageChecksumMismatch: "),
             "{report:?}"
+        );
+    }
+}
+
+#[cfg(test)]
+mod upload_tests {
+    //! Uploaded images fetched from a real apiserver (in process, on loopback, with the
+    //! in-memory store and an image store in a temporary directory).
+
+    use std::sync::Arc;
+
+    use ferro_api::{auth::Tokens, imagestore::ImageStore, server::ApiServer};
+
+    use super::*;
+
+    async fn apiserver(dir: &Path) -> (Client, Client, tokio::sync::oneshot::Sender<()>) {
+        let store = Arc::new(ImageStore::open(dir.join("image-store")).unwrap());
+        let server = ApiServer::new(
+            Arc::new(ferro_store::memory::MemoryStore::new()),
+            Tokens::parse("admin-token admin\nnode-token system:node:n1\n"),
+        )
+        .with_image_store(store);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(server.serve(listener, async {
+            let _ = stopped.await;
+        }));
+        (
+            Client::connect_lazy(&address, "admin-token").unwrap(),
+            Client::connect_lazy(&address, "node-token").unwrap(),
+            stop,
+        )
+    }
+
+    async fn upload(admin: &Client, name: &str, bytes: &[u8]) -> ImageRef {
+        let parts: Vec<Vec<u8>> = bytes.chunks(1 << 20).map(<[u8]>::to_vec).collect();
+        let object = admin
+            .upload_image(
+                v1::UploadTarget {
+                    project: "p".into(),
+                    name: name.into(),
+                    disk_format: Some(DiskFormat::Raw as i32),
+                    ..Default::default()
+                },
+                futures::stream::iter(parts),
+            )
+            .await
+            .unwrap();
+        let ferro_api::Object::Image(image) = object else {
+            panic!("an upload returns its Image")
+        };
+        ImageRef::of(&image)
+    }
+
+    #[tokio::test]
+    async fn uploaded_images_are_read_from_the_apiserver_and_resume_from_a_staged_prefix() {
+        let dir = tempfile::tempdir().unwrap();
+        let (admin, node, _stop) = apiserver(dir.path()).await;
+        let cache = FileImageCache::open(dir.path().join("cache"), "qemu-img").unwrap();
+        let bytes: Vec<u8> = (0..(3usize << 20) + 99).map(|i| (i % 251) as u8).collect();
+        let disk = upload(&admin, "disk", &bytes).await;
+        assert_eq!(disk.url, UPLOAD_URL);
+        assert_eq!(
+            disk.checksum,
+            format!("sha256:{}", hex(&Sha256::digest(&bytes)))
+        );
+
+        // Without the agent's connection the cache cannot fetch it, and says so.
+        let refused = cache.ensure(&disk).await.unwrap_err();
+        assert_eq!(refused.reason(), "ImageSourceUnsupported", "{refused}");
+
+        cache.use_apiserver(node);
+        let file = cache.ensure(&disk).await.unwrap();
+        assert_eq!(file.format, "raw");
+        assert_eq!(file.size_bytes, bytes.len() as u64);
+        assert!(std::fs::read(&file.path).unwrap() == bytes);
+
+        // A fetch cut midway (a staged prefix, as an agent restart leaves it) goes on from
+        // where it stopped: a staged prefix of the wrong bytes is kept, not fetched again,
+        // so the checksum catches it.
+        let other: Vec<u8> = bytes.iter().map(|b| b.wrapping_add(1)).collect();
+        let mut resumed = upload(&admin, "resumed", &other).await;
+        let mut corrupt = upload(&admin, "corrupt", &[&other[..], b"x"].concat()).await;
+        resumed.uid = "u-resumed".into();
+        corrupt.uid = "u-corrupt".into();
+        let half = other.len() / 2;
+        std::fs::write(
+            cache.download_path(&resumed.uid, UPLOAD_URL),
+            &other[..half],
+        )
+        .unwrap();
+        std::fs::write(
+            cache.download_path(&corrupt.uid, UPLOAD_URL),
+            &bytes[..half],
+        )
+        .unwrap();
+        let file = cache.ensure(&resumed).await.unwrap();
+        assert!(std::fs::read(&file.path).unwrap() == other);
+        let mismatch = cache.ensure(&corrupt).await.unwrap_err();
+        assert_eq!(mismatch.reason(), "ImageChecksumMismatch", "{mismatch}");
+
+        // An Image with no uploaded bytes yet fails at once, naming the command.
+        let pending = ImageRef {
+            checksum: String::new(),
+            uid: "u-pending".into(),
+            ..disk
+        };
+        let error = cache.ensure(&pending).await.unwrap_err();
+        assert!(
+            error_chain(&error).contains("ferro image upload"),
+            "{}",
+            error_chain(&error)
         );
     }
 }

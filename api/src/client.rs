@@ -131,6 +131,9 @@ impl Call {
 pub type ConsolesClient =
     v1::consoles_client::ConsolesClient<InterceptedService<Channel, BearerToken>>;
 
+/// The Images service (uploads and downloads) over a [`Client`]'s connection.
+pub type ImagesClient = v1::images_client::ImagesClient<InterceptedService<Channel, BearerToken>>;
+
 /// What a successful apply did.
 pub type ApplyOutcome = v1::apply_response::Outcome;
 
@@ -227,6 +230,9 @@ impl Client {
             })?
             .connect_timeout(std::time::Duration::from_secs(5))
             .tcp_nodelay(true)
+            // Image downloads stream 1 MiB messages (see the apiserver's windows).
+            .initial_stream_window_size(4 << 20)
+            .initial_connection_window_size(8 << 20)
             .http2_keep_alive_interval(std::time::Duration::from_secs(30))
             .keep_alive_while_idle(true);
         let header = AsciiMetadataValue::try_from(format!("Bearer {token}")).map_err(|_| {
@@ -320,6 +326,54 @@ impl Client {
             self.channel.clone(),
             self.token.clone(),
         )
+    }
+
+    /// The Images service (uploads and downloads) on the same connection.
+    pub fn images(&self) -> ImagesClient {
+        v1::images_client::ImagesClient::with_interceptor(self.channel.clone(), self.token.clone())
+            .max_decoding_message_size(8 << 20)
+            .max_encoding_message_size(8 << 20)
+    }
+
+    /// Uploads an Image's bytes: `target` names it, `chunks` are the bytes in order (each
+    /// at most [`crate::imagestore::CHUNK_BYTES`]). Returns the Image as recorded.
+    pub async fn upload_image(
+        &self,
+        target: v1::UploadTarget,
+        chunks: impl Stream<Item = Vec<u8>> + Send + 'static,
+    ) -> Result<Object, Error> {
+        let first = futures::stream::once(async move {
+            v1::UploadImageRequest {
+                target: Some(target),
+                data: Vec::new(),
+            }
+        });
+        let rest = chunks.map(|data| v1::UploadImageRequest { target: None, data });
+        let response = self
+            .images()
+            .upload(first.chain(rest))
+            .await
+            .map_err(Error::from)?;
+        object_of(response.into_inner())
+    }
+
+    /// Reads an uploaded Image's bytes from `offset`.
+    pub async fn download_image(
+        &self,
+        project: &str,
+        name: &str,
+        offset: u64,
+    ) -> Result<tonic::Streaming<v1::ImageChunk>, Error> {
+        let response = self
+            .images()
+            .download(v1::DownloadImageRequest {
+                project: project.to_owned(),
+                name: name.to_owned(),
+                offset,
+            })
+            .await
+            .map_err(Error::from)?;
+        Ok(response.into_inner())
     }
 
     /// Creates or updates an object from its desired state.

@@ -7,6 +7,8 @@
 //! - [`kinds`]: the table of kinds — names, scope, store keys, status writers.
 //! - [`validation`]: defaulting and validation, for create and for update.
 //! - [`error`]: the one error type and its mapping to gRPC statuses.
+//! - [`imagestore`] and [`images`]: the bytes of uploaded Images and the gRPC service
+//!   that uploads and downloads them.
 //! - [`resolve`]: how a reference by name resolves, for every component that follows one.
 //! - [`quota`]: what objects count against a project's Quota, and its atomic admission.
 
@@ -17,6 +19,8 @@ pub mod codec;
 pub mod console;
 pub mod encoded;
 pub mod error;
+pub mod images;
+pub mod imagestore;
 pub mod kinds;
 pub mod owners;
 pub mod quota;

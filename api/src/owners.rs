@@ -42,6 +42,8 @@ pub const SECURITY_GROUP_CONTROLLER: &str = "security-group-controller";
 pub const VOLUME_CONTROLLER: &str = "volume-controller";
 /// The image controller: Image status from what the nodes' caches found.
 pub const IMAGE_CONTROLLER: &str = "image-controller";
+/// The apiserver's image store: what it found of an Image's uploaded bytes.
+pub const IMAGE_STORE: &str = "image-store";
 /// The server group controller: members.
 pub const SERVER_GROUP_CONTROLLER: &str = "server-group-controller";
 /// The project controller: phase while emptying a project.
@@ -151,18 +153,21 @@ pub fn table(kind: Kind) -> &'static [Ownership] {
             ["phase", "sizeGib", "observedGeneration"],
             ["Ready"]
         )],
-        Kind::Image => &[own!(
-            IMAGE_CONTROLLER,
-            [
-                "phase",
-                "checksum",
-                "sizeBytes",
-                "virtualSizeBytes",
-                "format",
-                "observedGeneration"
-            ],
-            ["Ready"],
-        )],
+        Kind::Image => &[
+            own!(
+                IMAGE_CONTROLLER,
+                [
+                    "phase",
+                    "checksum",
+                    "sizeBytes",
+                    "virtualSizeBytes",
+                    "format",
+                    "observedGeneration"
+                ],
+                ["Ready"],
+            ),
+            own!(IMAGE_STORE, ["uploaded"], []),
+        ],
         Kind::ServerGroup => &[own!(SERVER_GROUP_CONTROLLER, ["members"], [])],
         Kind::Project => &[own!(PROJECT_CONTROLLER, ["phase"], ["Ready"])],
         Kind::Quota => &[own!(QUOTA_CONTROLLER, ["used"], ["Ready"])],

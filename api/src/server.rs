@@ -88,6 +88,7 @@ pub struct ApiServer {
     tokens: Arc<Tokens>,
     authorizer: Authorizer,
     limits: Limits,
+    image_store: Option<Arc<crate::imagestore::ImageStore>>,
 }
 
 impl ApiServer {
@@ -101,7 +102,19 @@ impl ApiServer {
             tokens: Arc::new(tokens),
             authorizer: Authorizer,
             limits: Limits::default(),
+            image_store: None,
         }
+    }
+
+    /// Keeps uploaded images' bytes in `store` and serves the Images service; without
+    /// one, uploads are refused.
+    pub fn with_image_store(mut self, store: Arc<crate::imagestore::ImageStore>) -> Self {
+        self.image_store = Some(store);
+        self
+    }
+
+    pub(crate) fn image_store(&self) -> Option<&Arc<crate::imagestore::ImageStore>> {
+        self.image_store.as_ref()
     }
 
     /// Serves List and Watch from the store directly, without a watch cache.
@@ -190,10 +203,16 @@ impl ApiServer {
         let reflection_v1 = reflection().build_v1()?;
         let reflection_v1alpha = reflection().build_v1alpha()?;
         tonic::transport::Server::builder()
+            // Image uploads stream 1 MiB messages: windows and frames of that order keep
+            // a loopback upload from waiting on flow control every 64 KiB.
+            .initial_stream_window_size(Some(4 << 20))
+            .initial_connection_window_size(Some(8 << 20))
+            .max_frame_size(Some(1 << 20))
             .add_service(health)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(self.consoles_service())
+            .add_service(self.images_service())
             .add_service(self.into_service())
             .serve_with_incoming_shutdown(
                 // Small gRPC frames (watch events, replies) must not wait for Nagle's
@@ -892,7 +911,11 @@ impl ApiServer {
         })
     }
 
-    async fn do_create(&self, who: &Identity, request: v1::CreateRequest) -> Result<Object, Error> {
+    pub(crate) async fn do_create(
+        &self,
+        who: &Identity,
+        request: v1::CreateRequest,
+    ) -> Result<Object, Error> {
         let object = Object::try_from(request.object.unwrap_or_default())?;
         let mut object = admit(object);
         validation::apply_defaults(&mut object);
@@ -1001,7 +1024,7 @@ impl ApiServer {
         Ok(final_object.unwrap_or(object))
     }
 
-    async fn do_update_status(
+    pub(crate) async fn do_update_status(
         &self,
         who: &Identity,
         request: v1::UpdateStatusRequest,
@@ -1337,7 +1360,7 @@ impl ApiServer {
         Ok(self.read(&key).await?.0)
     }
 
-    async fn do_list(
+    pub(crate) async fn do_list(
         &self,
         who: &Identity,
         request: v1::ListRequest,
@@ -1796,7 +1819,7 @@ fn event_reporter(object: &Object) -> Option<String> {
     }
 }
 
-fn object_response(object: Object) -> v1::ObjectResponse {
+pub(crate) fn object_response(object: Object) -> v1::ObjectResponse {
     v1::ObjectResponse {
         object: Some(object.into()),
     }

@@ -8,8 +8,9 @@ use ferro_api::{auth::Tokens, server::ApiServer};
 use ferro_store::{Store, memory::MemoryStore};
 use tonic_reflection::pb::{v1, v1alpha};
 
-const SERVICES: [&str; 5] = [
+const SERVICES: [&str; 6] = [
     "ferro.v1.Consoles",
+    "ferro.v1.Images",
     "ferro.v1.Resources",
     "grpc.health.v1.Health",
     "grpc.reflection.v1.ServerReflection",

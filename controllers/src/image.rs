@@ -7,6 +7,8 @@
 //! recomputed on every change:
 //! - `Active` when any node has it `Ready` (checksum, format and sizes from the first such
 //!   node by name), `Ready=True`;
+//! - else `Active` when its bytes were uploaded through the API (`status.uploaded`, which
+//!   the apiserver writes), with `Ready=True` reason `Uploaded`;
 //! - else `Downloading` while any node is fetching it;
 //! - else `Error` when every node that tried failed, with `Ready=False` and the reason the
 //!   agent put at the head of its message (`ImageChecksumMismatch: …`,
@@ -95,6 +97,20 @@ pub fn plan(image: &v1::Image, entries: &[(String, v1::CachedImage)]) -> ImagePl
                 ready_nodes.len(),
                 entries.len()
             ),
+        )
+    } else if let Some(uploaded) = image.status.as_ref().and_then(|s| s.uploaded.as_ref()) {
+        // Uploaded bytes are verified by the apiserver as they are stored: the image is
+        // usable before any node has fetched it.
+        status.phase = Phase::Active as i32;
+        status.checksum = uploaded.checksum.clone();
+        status.format = uploaded.format.clone();
+        status.size_bytes = uploaded.size_bytes;
+        status.virtual_size_bytes = uploaded.virtual_size_bytes;
+        condition(
+            "Ready",
+            true,
+            "Uploaded",
+            "uploaded to the image store; no node has cached it yet",
         )
     } else if let Some((node, entry)) = downloading.first() {
         status.phase = Phase::Downloading as i32;
@@ -338,6 +354,37 @@ mod tests {
             active.ready.message,
             "cached on 2 of 2 nodes that fetched it"
         );
+    }
+
+    #[test]
+    fn uploaded_bytes_make_the_image_active_until_a_node_has_it() {
+        let mut uploaded = image();
+        uploaded.status = Some(v1::ImageStatus {
+            uploaded: Some(v1::UploadedImage {
+                checksum: "sha256:up".into(),
+                size_bytes: 42,
+                format: "qcow2".into(),
+                virtual_size_bytes: 1 << 30,
+                uploaded_at: None,
+            }),
+            ..Default::default()
+        });
+        let alone = plan(&uploaded, &[]);
+        assert_eq!(alone.status.phase, Phase::Active as i32);
+        assert_eq!(alone.ready.reason, "Uploaded");
+        assert_eq!(
+            (alone.status.checksum.as_str(), alone.status.size_bytes),
+            ("sha256:up", 42)
+        );
+        assert_eq!(alone.status.format, "qcow2");
+        assert_eq!(alone.status.virtual_size_bytes, 1 << 30);
+        let failing = plan(
+            &uploaded,
+            &[entry("n1", Cached::Failed, "DownloadFailed: cut")],
+        );
+        assert_eq!(failing.ready.reason, "Uploaded");
+        let cached = plan(&uploaded, &[entry("n1", Cached::Ready, "")]);
+        assert_eq!(cached.ready.reason, "Cached");
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! From Ready to the console, end to end, as README's walk-through goes: `ferro up` with a
-//! real etcd, `manifests/` applied as they are (only the image URLs point at the test
-//! guest built by `e2e/images/build-tiny.sh`), a real QEMU guest.
+//! real etcd, the test guest built by `e2e/images/build-tiny.sh` uploaded with `ferro image
+//! upload`, `manifests/` applied as they are, a real QEMU guest.
 //!
 //! `ferro wait --for console=FERRO-READY` returns once the guest prints its ready line;
 //! it and `ferro logs` print what README shows; `ferro server reboot` returns once the
@@ -94,29 +94,26 @@ fn wait_for_the_console_and_reboot_follow_a_real_guest() -> anyhow::Result<()> {
     let cloud = Guarded(Cloud::start()?);
     let cloud = &cloud.0;
 
-    // manifests/ as README applies them, with the guest where the images say it is.
-    let manifests = cloud.data_dir().join("../manifests");
-    std::fs::create_dir_all(&manifests)?;
-    for entry in std::fs::read_dir(root.join("manifests"))? {
-        let path = entry?.path();
-        let text = std::fs::read_to_string(&path)?
-            .replace(
-                "file:///var/lib/ferro/images/tiny/vmlinux",
-                &format!("file://{}", guest.kernel),
-            )
-            .replace(
-                "file:///var/lib/ferro/images/tiny/initrd.img",
-                &format!("file://{}", guest.initrd),
-            )
-            .replace(
-                "file:///var/lib/ferro/images/tiny/disk.raw",
-                &format!("file://{}", guest.disk),
-            );
-        std::fs::write(
-            manifests.join(path.file_name().context("a file name")?),
-            text,
-        )?;
+    // The guest uploaded and manifests/ applied, as README does.
+    for (name, file, format) in [
+        ("tiny-kernel", &guest.kernel, "kernel"),
+        ("tiny-initrd", &guest.initrd, "ramdisk"),
+        ("tiny", &guest.disk, "raw"),
+    ] {
+        let out = cloud.run([
+            "image",
+            "upload",
+            name,
+            file.as_str(),
+            "--disk-format",
+            format,
+        ])?;
+        ensure!(
+            out.starts_with(&format!("image/{name} uploaded: ")),
+            "{out}"
+        );
     }
+    let manifests = root.join("manifests");
     cloud.run(["apply", "-f", manifests.to_str().context("path")?])?;
 
     // README's commands, and what they print there. Checked at the end, so that one

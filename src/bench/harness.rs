@@ -216,6 +216,8 @@ impl Apiserver {
                 store.as_ref(),
                 "--token-file".as_ref(),
                 tokens.as_os_str(),
+                "--image-store".as_ref(),
+                work.join("image-store").as_os_str(),
             ],
         )?;
         let apiserver = Apiserver { address, process };

@@ -11,6 +11,7 @@ pub mod harness;
 pub mod ipam;
 pub mod net;
 pub mod schedule;
+pub mod storage;
 
 /// A benchmark.
 #[derive(clap::Subcommand, Debug)]
@@ -26,6 +27,9 @@ pub enum BenchCommand {
     /// Port wiring latency, TCP throughput and agent restarts under `ferro up --nodes 3`,
     /// against the same kernel and switch pieces wired by hand.
     Net(net::NetBenchArgs),
+    /// Image upload throughput and the apiserver's peak memory for a 1 GiB image, and the
+    /// read back a node does.
+    Storage(storage::StorageBenchArgs),
 }
 
 /// Runs a benchmark.
@@ -40,6 +44,7 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
             BenchCommand::Schedule(args) => schedule::run(args).await,
             BenchCommand::Boot(args) => boot::run(args).await,
             BenchCommand::Net(args) => net::run_bench(args).await,
+            BenchCommand::Storage(args) => storage::run(args).await,
         }
     })
 }

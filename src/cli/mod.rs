@@ -24,6 +24,7 @@ pub mod diff;
 pub mod duration;
 pub mod explain;
 pub mod get;
+pub mod image;
 pub mod logs;
 pub mod manifest;
 pub mod node;

@@ -80,6 +80,11 @@ impl DataDir {
         self.root.join("tokens")
     }
 
+    /// The apiserver's image store: uploaded images' bytes.
+    pub fn image_store(&self) -> PathBuf {
+        self.root.join("image-store")
+    }
+
     /// The node agent's state: guests and the image cache.
     pub fn agent(&self) -> PathBuf {
         self.root.join("agent")

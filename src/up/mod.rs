@@ -164,6 +164,8 @@ pub fn children(
         store.into(),
         "--token-file".into(),
         path(dir.tokens()),
+        "--image-store".into(),
+        path(dir.image_store()),
     ];
     // The agents in node namespaces reach the host only on the underlay.
     let underlay_api = if built.nodes.is_empty() {

@@ -150,7 +150,7 @@ mod tests {
                 (
                     "{source: {url: \"ftp://mirror/x\"}}",
                     &[
-                        "spec.source.url: `ftp://mirror/x` has scheme `ftp`; use file, http or https",
+                        "spec.source.url: `ftp://mirror/x` has scheme `ftp`; use file, http or https (or ferro://upload for uploaded bytes)",
                     ],
                 ),
                 (

@@ -287,9 +287,11 @@ pub(super) fn image_url(value: &str) -> Result<(), String> {
                 return Err(format!("{} has no host", shown(value)));
             }
         }
+        // Bytes uploaded through the API (`ferro image upload`); see `crate::images`.
+        "ferro" if value == crate::images::UPLOAD_URL => {}
         _ => {
             return Err(format!(
-                "{} has scheme {}; use file, http or https",
+                "{} has scheme {}; use file, http or https (or ferro://upload for uploaded bytes)",
                 shown(value),
                 shown(scheme)
             ));
@@ -526,6 +528,7 @@ mod tests {
             "file:///var/lib/ferro/images/tiny.raw",
             "http://mirror/debian.qcow2",
             "https://example.org:8443/a?b",
+            "ferro://upload",
         ] {
             assert_eq!(image_url(ok), Ok(()), "{ok}");
         }
@@ -545,11 +548,11 @@ mod tests {
             ("https:///x", "`https:///x` has no host"),
             (
                 "ftp://host/x",
-                "`ftp://host/x` has scheme `ftp`; use file, http or https",
+                "`ftp://host/x` has scheme `ftp`; use file, http or https (or ferro://upload for uploaded bytes)",
             ),
             (
                 "HTTP://host/x",
-                "`HTTP://host/x` has scheme `HTTP`; use file, http or https",
+                "`HTTP://host/x` has scheme `HTTP`; use file, http or https (or ferro://upload for uploaded bytes)",
             ),
             (
                 "http://host/a b",
