@@ -13,8 +13,9 @@
 //!   Ferro's wiring, against the same pieces wired by hand by the bench between two
 //!   namespaces of its own on the same nodes: a kernel bridge and VXLAN device for Linux
 //!   bridges, a userspace `br-raw` with a VXLAN port for Open vSwitch. One TCP stream for
-//!   `--seconds`, written and read by the bench itself in those namespaces; two rounds
-//!   each, alternating, and their means.
+//!   `--seconds`, written and read by the bench itself in those namespaces; `--rounds`
+//!   rounds (5), alternating, so that a burst of load on the machine falls on both; the
+//!   medians, their ratio, and the lowest and highest ratio of a round.
 //!
 //! The pings of (a) are ICMP echo requests the bench sends itself every 20 ms from the
 //! reference probe's namespace, whose ARP asks again every 20 ms (Linux waits a second
@@ -57,6 +58,9 @@ pub struct NetBenchArgs {
     /// How long each TCP stream of (b) runs.
     #[arg(long, default_value_t = 3)]
     pub seconds: u64,
+    /// How many alternating rounds of (b) to run.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    pub rounds: u32,
 }
 
 /// A three-node `ferro up` in a scratch directory; stopped (with `ferro down`) on drop.
@@ -615,11 +619,23 @@ impl Drop for RawPair {
 struct Figures {
     driver: String,
     wiring: Vec<Duration>,
-    ferro_gbps: f64,
-    raw_gbps: f64,
+    /// Per round of (b).
+    ferro_gbps: Vec<f64>,
+    raw_gbps: Vec<f64>,
     readopt: Duration,
     sent: u64,
     received: u64,
+}
+
+/// The middle value (the mean of the two middle ones for an even count).
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    match sorted.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+    }
 }
 
 /// Runs `ferro bench net`.
@@ -646,16 +662,24 @@ pub async fn run_bench(args: NetBenchArgs) -> anyhow::Result<()> {
             percentile(&sorted, 0.5).as_secs_f64() * 1e3,
             percentile(&sorted, 0.99).as_secs_f64() * 1e3,
         );
+        let (ferro, raw) = (median(&f.ferro_gbps), median(&f.raw_gbps));
+        let ratios: Vec<f64> = f
+            .ferro_gbps
+            .iter()
+            .zip(&f.raw_gbps)
+            .map(|(ferro, raw)| ferro / raw.max(1e-9))
+            .collect();
         println!(
-            "  (b) TCP node-1 → node-2: Ferro {:.2} Gbit/s, hand-made {} {:.2} Gbit/s, ratio {:.2}",
-            f.ferro_gbps,
+            "  (b) TCP node-1 → node-2, median of {} rounds: Ferro {ferro:.2} Gbit/s, hand-made {} {raw:.2} Gbit/s, ratio {:.2} (rounds {:.2}–{:.2})",
+            ratios.len(),
             if f.driver == "ovs" {
                 "OVS netdev VXLAN"
             } else {
                 "kernel bridge + VXLAN"
             },
-            f.raw_gbps,
-            f.ferro_gbps / f.raw_gbps.max(1e-9),
+            ferro / raw.max(1e-9),
+            ratios.iter().copied().fold(f64::INFINITY, f64::min),
+            ratios.iter().copied().fold(0.0, f64::max),
         );
         println!(
             "  (c) agent SIGKILL on node-1: network pass done {:.2} s after the kill; ping 10/s node-1 → node-2: {} sent, {} received, {} lost",
@@ -757,21 +781,21 @@ async fn one_driver(args: &NetBenchArgs, driver: &str, prefix: &str) -> anyhow::
 
     // (b) One TCP stream through Ferro's wiring, and one through the hand-made pieces.
     eprintln!("{driver}: (b) TCP throughput");
-    // Two rounds, alternating, so that a burst of load on the machine falls on both.
+    // Rounds alternating, so that a burst of load on the machine falls on both.
     let raw = RawPair::build(&cloud, driver).await?;
     let seconds = args.seconds;
-    let (mut ferro_gbps, mut raw_gbps) = (0.0, 0.0);
-    for _ in 0..2 {
+    let (mut ferro_gbps, mut raw_gbps) = (Vec::new(), Vec::new());
+    for _ in 0..args.rounds {
         let (from, to) = (references[0].clone(), references[1].clone());
         let ferro = tokio::task::spawn_blocking(move || {
             tcp_throughput(&from, &to, reference_ip(2), seconds)
         });
-        ferro_gbps += ferro.await?? / 2.0;
+        ferro_gbps.push(ferro.await??);
         let (from, to) = (raw.namespaces[0].clone(), raw.namespaces[1].clone());
         let hand = tokio::task::spawn_blocking(move || {
             tcp_throughput(&from, &to, Ipv4Addr::new(10, 9, 0, 2), seconds)
         });
-        raw_gbps += hand.await?? / 2.0;
+        raw_gbps.push(hand.await??);
     }
     drop(raw);
 
