@@ -640,8 +640,15 @@ mod tests {
             driver.plug(&port("port-1", "tap9")).await,
             Err(WiringError::NoSuchDevice(_))
         ));
+        // A node with a network wired already proves the driver works: no probe.
         host.fail_next("no bridge module");
-        let fresh = LinuxBridge::new(Arc::new(host.clone()));
+        let restarted = LinuxBridge::new(Arc::new(host.clone()));
+        let observed = restarted.prepare().await.unwrap();
+        assert_eq!(observed.networks.len(), 1);
+
+        let (bare, _) = node().await;
+        bare.fail_next("no bridge module");
+        let fresh = LinuxBridge::new(Arc::new(bare.clone()));
         assert!(matches!(
             fresh.prepare().await,
             Err(WiringError::Unavailable(reason)) if reason.contains("no bridge module")
