@@ -95,6 +95,10 @@ pub const SERVER_CONTROLLER: &str = "agent-server";
 /// because starting a guest may first download its image.
 const RECONCILE_TIMEOUT: Duration = Duration::from_secs(3600);
 
+/// How long the Open vSwitch driver reuses the flows it dumped while it writes none: the
+/// window in which flows deleted by hand go unnoticed (see [`OvsWiring::reuse_flows_for`]).
+const OVS_FLOWS_FRESH_FOR: Duration = Duration::from_secs(10);
+
 /// How long running reconciles get to finish their step when the agent stops.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
@@ -161,7 +165,10 @@ impl NetworkDrivers {
                     }
                     None => OvsConfig::system(),
                 };
-                Arc::new(OvsWiring::new(Arc::new(OvsSwitch::new(ovs))))
+                Arc::new(
+                    OvsWiring::new(Arc::new(OvsSwitch::new(ovs)))
+                        .reuse_flows_for(OVS_FLOWS_FRESH_FOR),
+                )
             }
             DriverKind::LinuxBridge => Arc::new(LinuxBridge::new(links.clone())),
         };

@@ -329,6 +329,7 @@ impl NetworkReconciler {
             if !desired.networks.contains_key(&port.wiring.network_uid) {
                 continue;
             }
+            let began = std::time::Instant::now();
             match self.ensure_device(port, host, look_inside).await {
                 Ok(made) => changed |= made,
                 Err(e) => {
@@ -344,17 +345,32 @@ impl NetworkReconciler {
             });
             // A device made just now (deleted by hand, say) is plugged again.
             let fresh = !host.names.contains(&port.wiring.device);
+            let made = began.elapsed();
             if !plugged || fresh {
                 changed = true;
                 if let Err(e) = self.driver.plug(&port.wiring).await {
                     note(format!("plugging port {uid}"), &e);
                 }
+                tracing::debug!(
+                    port = %uid,
+                    device_ms = made.as_millis() as u64,
+                    plug_ms = (began.elapsed() - made).as_millis() as u64,
+                    "port plugged"
+                );
             }
         }
+        let began = std::time::Instant::now();
         for (uid, server) in &desired.dhcp {
             if let Err(e) = self.dhcp.ensure(server).await {
                 note(format!("the DHCP server of network {uid}"), &e);
             }
+        }
+        if !desired.dhcp.is_empty() {
+            tracing::debug!(
+                servers = desired.dhcp.len(),
+                dhcp_ms = began.elapsed().as_millis() as u64,
+                "dhcp ensured"
+            );
         }
         // Then everything nobody wants any more.
         for uid in host.wired.ports.keys() {

@@ -68,6 +68,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -135,6 +136,19 @@ pub struct OvsWiring {
     /// One change at a time: allocating a VLAN and writing its record must not interleave
     /// with another allocation.
     changing: tokio::sync::Mutex<()>,
+    /// How long dumped flows stand for the switch's while this driver writes none (zero:
+    /// every read dumps them).
+    flows_fresh_for: Duration,
+    /// The flows last dumped, and when.
+    dumped: std::sync::Mutex<Option<DumpedFlows>>,
+}
+
+/// Both bridges' flows as one read found them.
+#[derive(Debug, Clone)]
+struct DumpedFlows {
+    at: Instant,
+    integration: Vec<Flow>,
+    tunnel: Vec<Flow>,
 }
 
 impl std::fmt::Debug for OvsWiring {
@@ -432,12 +446,48 @@ impl OvsWiring {
         OvsWiring {
             switch,
             changing: tokio::sync::Mutex::new(()),
+            flows_fresh_for: Duration::ZERO,
+            dumped: std::sync::Mutex::new(None),
         }
     }
 
-    /// Reads records, ports and flows.
+    /// Reuses the flows a read dumped for `fresh_for`, as long as this driver writes no
+    /// flow, tunnel or bridge meanwhile (each such write forgets them).
+    ///
+    /// Each dump is an `ovs-ofctl` run per bridge, and passes come with every Port change
+    /// of the cloud: on a busy node most passes would re-read flows nobody touched. Only
+    /// Ferro writes these flows, so the cost is a window of `fresh_for` in which flows
+    /// deleted by hand (or lost with a restarted `ovs-vswitchd`) go unnoticed; records
+    /// and ports are read fresh every time.
+    pub fn reuse_flows_for(mut self, fresh_for: Duration) -> OvsWiring {
+        self.flows_fresh_for = fresh_for;
+        self
+    }
+
+    /// Forgets the dumped flows: the next read dumps them again.
+    fn forget_flows(&self) {
+        *self.dumped.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// Reads records, ports and flows (flows dumped within `flows_fresh_for`, while this
+    /// driver wrote none, stand for them).
     async fn read(&self) -> Result<NodeState, WiringError> {
         let mut state = self.read_records_and_ports().await?;
+        if state.has_bridges() {
+            let dumped = self
+                .dumped
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            if let Some(dumped) = dumped
+                && dumped.at.elapsed() < self.flows_fresh_for
+            {
+                state.integration_flows = dumped.integration;
+                state.tunnel_flows = dumped.tunnel;
+                return Ok(state);
+            }
+        }
+        let at = Instant::now();
         let flows_of = |present: bool, bridge: &'static str| async move {
             if present {
                 self.switch.dump_flows(bridge, None).await
@@ -452,6 +502,13 @@ impl OvsWiring {
         );
         state.integration_flows = integration_flows.map_err(switch_error)?;
         state.tunnel_flows = tunnel_flows.map_err(switch_error)?;
+        if !self.flows_fresh_for.is_zero() && state.has_bridges() {
+            *self.dumped.lock().unwrap_or_else(|e| e.into_inner()) = Some(DumpedFlows {
+                at,
+                integration: state.integration_flows.clone(),
+                tunnel: state.tunnel_flows.clone(),
+            });
+        }
         Ok(state)
     }
 
@@ -492,6 +549,7 @@ impl OvsWiring {
 
     /// Makes both bridges and the patch between them.
     async fn ensure_bridges(&self) -> Result<(), WiringError> {
+        self.forget_flows();
         for bridge in [INTEGRATION_BRIDGE, TUNNEL_BRIDGE] {
             self.switch
                 .ensure_bridge(bridge)
@@ -525,7 +583,17 @@ impl OvsWiring {
     /// an order that never leaves a flow pointing at a port that is gone: tunnels are
     /// added before the flows that use them and removed after.
     /// Says whether it changed anything.
-    async fn converge(&self, mut state: NodeState) -> Result<bool, WiringError> {
+    async fn converge(&self, state: NodeState) -> Result<bool, WiringError> {
+        let changed = self.converge_once(state).await;
+        // A write that failed midway changed something too.
+        if !matches!(changed, Ok(false)) {
+            self.forget_flows();
+        }
+        changed
+    }
+
+    /// [`Self::converge`], without forgetting the dumped flows.
+    async fn converge_once(&self, mut state: NodeState) -> Result<bool, WiringError> {
         let tunnels = planned_tunnels(&state.records);
         let mut ports_changed = false;
         for spec in tunnels.values() {
@@ -708,6 +776,7 @@ impl NetworkDriver for OvsWiring {
     async fn remove_network(&self, network_uid: &str) -> Result<(), WiringError> {
         let _changing = self.changing.lock().await;
         let mut state = self.read().await?;
+        self.forget_flows();
         for port in guest_ports(&state.ports)
             .filter(|p| p.external_ids.get(NETWORK_ID).map(String::as_str) == Some(network_uid))
         {
@@ -839,7 +908,7 @@ fn observed(state: &NodeState) -> Observed {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::switch::memory::MemorySwitch;
+    use crate::switch::memory::{MemorySwitch, Operation};
     use crate::wiring::memory::peers;
 
     const LOCAL: &str = "198.18.0.11";
@@ -1422,6 +1491,70 @@ mod tests {
             bridges.iter().all(|b| b.external_ids.is_empty()),
             "{bridges:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn reused_flows_are_dumped_again_after_any_write_of_the_driver() {
+        let switch = MemorySwitch::default();
+        let wiring =
+            OvsWiring::new(Arc::new(switch.clone())).reuse_flows_for(Duration::from_secs(3600));
+        wiring.prepare().await.unwrap();
+        wiring
+            .ensure_network(&network("net-a", 42, &["198.18.0.12"]))
+            .await
+            .unwrap();
+        let dumps = |switch: &MemorySwitch| {
+            switch
+                .take_journal()
+                .iter()
+                .filter(|c| c.operation == Operation::DumpFlows)
+                .count()
+        };
+        wiring.prepare().await.unwrap();
+        switch.take_journal();
+
+        // Passes that plug ports read records and ports, never the flows again.
+        wiring
+            .plug(&port("port-1", "net-a", "tapport1"))
+            .await
+            .unwrap();
+        let wired = wiring.observe().await.unwrap();
+        assert!(wired.ports["port-1"].attached);
+        assert_eq!(wired.networks["net-a"].segment_id, 42);
+        wiring.prepare().await.unwrap();
+        assert_eq!(dumps(&switch), 0, "flows reused");
+
+        // Inside the window, flows deleted by hand go unnoticed (the price of reuse)...
+        switch.delete_flows_behind_our_back(TUNNEL_BRIDGE);
+        wiring.prepare().await.unwrap();
+        assert!(flows_of(&switch, TUNNEL_BRIDGE, "net-a").is_empty());
+        assert_eq!(dumps(&switch), 0);
+        // ...until the driver writes: then it reads, and mends them.
+        wiring
+            .ensure_network(&network("net-a", 42, &["198.18.0.12", "198.18.0.13"]))
+            .await
+            .unwrap();
+        wiring.prepare().await.unwrap();
+        assert!(dumps(&switch) > 0);
+        assert!(!flows_of(&switch, TUNNEL_BRIDGE, "net-a").is_empty());
+        assert_eq!(
+            wiring.observe().await.unwrap().networks["net-a"]
+                .peers
+                .len(),
+            2
+        );
+    }
+
+    #[tokio::test]
+    async fn every_read_dumps_the_flows_without_reuse() {
+        let (switch, wiring) = driver().await;
+        wiring
+            .ensure_network(&network("net-a", 42, &["198.18.0.12"]))
+            .await
+            .unwrap();
+        switch.delete_flows_behind_our_back(TUNNEL_BRIDGE);
+        wiring.prepare().await.unwrap();
+        assert!(!flows_of(&switch, TUNNEL_BRIDGE, "net-a").is_empty());
     }
 
     #[tokio::test]
