@@ -123,7 +123,7 @@ pub fn table(kind: Kind) -> &'static [Ownership] {
             own!(
                 ROUTER_CONTROLLER,
                 ["node", "externalIps", "observedGeneration"],
-                ["Ready", "Scheduled"]
+                ["Ready", "Scheduled", "ExternalGateway"]
             ),
             own!(AGENT, [], ["Plumbed"]),
         ],

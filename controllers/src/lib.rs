@@ -10,6 +10,7 @@
 //! - [`server`]: a Server's Ports, resolved references, phase and readiness.
 //! - [`image`]: Image status from what the nodes' caches found.
 //! - [`quota`]: a Quota's usage, recounted from the project's objects.
+//! - [`router`]: places Routers on network nodes, with their gateway addresses; failover.
 //!
 //! [`run`] is `ferro controllers`: it connects to the apiserver, serves metrics, contends
 //! for the `controllers` Lease and, while it leads, runs every controller over one set of
@@ -22,6 +23,7 @@ pub mod ipam;
 pub mod network;
 pub mod nodelifecycle;
 pub mod quota;
+pub mod router;
 pub mod scheduler;
 pub mod server;
 pub mod servergroup;
@@ -272,6 +274,8 @@ pub async fn run_controllers(api: Api, metrics: Metrics, options: Options) {
         servergroup::ServerGroupController::build(&api, &caches, &metrics, settings);
     let (quotas, quota_reconciler) =
         quota::QuotaController::build(&api, &caches, &metrics, settings);
+    let (routers, router_reconciler) =
+        router::RouterController::build(&api, &caches, &metrics, settings);
     let mut tasks = JoinSet::new();
     caches.start(&mut tasks);
     tasks.spawn(ipam.run(ipam_reconciler));
@@ -283,6 +287,7 @@ pub async fn run_controllers(api: Api, metrics: Metrics, options: Options) {
     tasks.spawn(image.run(image_reconciler));
     tasks.spawn(groups.run(groups_reconciler));
     tasks.spawn(quotas.run(quota_reconciler));
+    tasks.spawn(routers.run(router_reconciler));
     tasks.spawn(ferro_runtime::events::expire(
         api.client().clone(),
         options.event_ttl,

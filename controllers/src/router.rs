@@ -1,0 +1,985 @@
+//! The router controller: places each Router on a network node, holds its gateway address
+//! on the external network, and says how far the router is from working.
+//!
+//! **Placement is a decision.** A Router goes to a node whose `Ready` (node lifecycle's) is
+//! `True`, that declares the `Network` role and is not cordoned: the one hosting the fewest
+//! routers, then the first by name. `status.node` is written once, guarded by the
+//! resourceVersion the decision was made from; as in the scheduler, deciding and assuming
+//! happen under one lock, so routers applied together spread out before the cache shows
+//! any of them placed. When nothing fits, `Scheduled=False` (`NoNetworkNode`) says why and
+//! every change of a Node queues the unplaced routers again.
+//!
+//! **Failover is the only re-decision.** When node lifecycle declares the router's node lost
+//! (its `Ready` turns `Unknown`: the heartbeat lapsed), or the Node is gone, the router is
+//! moved to another node that fits: `status.node` is rewritten, `Scheduled` says
+//! `FailedOver` naming both nodes, and a warning Event tells the story. A node that is merely
+//! not ready (its host reports a problem) keeps its routers.
+//!
+//! **The gateway address** is an `IPAddress` claim on the external network owned by the
+//! Router, the same claims Ports hold ([`crate::ipam::external`]), honouring
+//! `spec.externalGateway.fixedIp`, recorded in `status.externalIps`. A missing external
+//! network, or one that is not `external`, is the `ExternalGateway` condition, not an
+//! error: the router is placed anyway and gets its address when the network appears.
+//!
+//! **`Ready`** is `True` once the router is placed on a node that is not lost, its gateway
+//! (if any) has its address, and the node's agent reports `Plumbed=True`.
+//!
+//! **Deletion.** The finalizer [`ROUTER_FINALIZER`] releases the router's claims before the
+//! Router goes.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    net::IpAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use ferro_api::{
+    Error, Kind, Object, owners,
+    resolve::{Unresolved, resolve},
+    v1,
+};
+
+use crate::{
+    api::Api,
+    ipam::{
+        self, Hints,
+        external::{self, AddressFacts, AddressPlan},
+    },
+    scheduler::node_ready,
+};
+use ferro_runtime::{
+    Action, Caches, Controller, ObjectRef, Reconcile, ReconcileError, Store, condition,
+    condition_holds,
+    controller::Settings,
+    events::Recorder,
+    finalizer::{self, Step},
+    meta,
+    metrics::Metrics,
+    reflector::OWNER_UID,
+};
+
+/// The finalizer that releases a Router's claims before it goes.
+pub const ROUTER_FINALIZER: &str = "ferro.io/router-claims";
+/// The condition saying where the router runs, or why nowhere.
+pub const SCHEDULED: &str = "Scheduled";
+/// The condition saying whether the gateway has its address.
+pub const EXTERNAL_GATEWAY: &str = "ExternalGateway";
+/// The agent's condition: the router's namespace is built on its node.
+pub const PLUMBED: &str = "Plumbed";
+
+/// Condition reasons the router controller writes.
+pub mod reason {
+    /// Placed on a node.
+    pub const SCHEDULED: &str = "Scheduled";
+    /// Moved off a lost node.
+    pub const FAILED_OVER: &str = "FailedOver";
+    /// No node fits.
+    pub const NO_NETWORK_NODE: &str = "NoNetworkNode";
+    /// The node is lost and no other node fits.
+    pub const NODE_LOST: &str = "NodeLost";
+    /// The node is not ready (but not lost).
+    pub const NODE_NOT_READY: &str = "NodeNotReady";
+    /// The gateway has its address.
+    pub const ALLOCATED: &str = "Allocated";
+    /// The router has no external gateway.
+    pub const NO_GATEWAY: &str = "NoGateway";
+    /// The node's agent has not reported building the router.
+    pub const WAITING_FOR_AGENT: &str = "WaitingForAgent";
+    /// The node's agent reports the router built.
+    pub const PLUMBED: &str = "Plumbed";
+}
+
+/// How often an unplaced or blocked router is looked at again without a change.
+const RETRY: Duration = Duration::from_secs(60);
+
+const ROUTER_BY_NODE: &str = "router-node";
+const ROUTER_BY_GATEWAY: &str = "router-gateway";
+const NETWORK_BY_NAME: &str = "router-network-name";
+
+// ---------------------------------------------------------------------------------------
+// Placement.
+
+/// What placement knows of one Node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetworkNode {
+    /// The Node's name.
+    pub name: String,
+    /// It declares the `Network` role.
+    pub network_role: bool,
+    /// Node lifecycle says `Ready=True`.
+    pub ready: bool,
+    /// Node lifecycle declared it lost (`Ready=Unknown`), with its message.
+    pub lost: Option<String>,
+    /// `spec.unschedulable`.
+    pub cordoned: bool,
+    /// How many routers it hosts (placed or assumed).
+    pub routers: usize,
+}
+
+/// Where a Router runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Placement {
+    /// On the recorded node, which is not lost.
+    Stay(String),
+    /// A first decision.
+    Place(String),
+    /// Off a lost node, to another.
+    Move {
+        /// The lost node.
+        from: String,
+        /// The new node.
+        to: String,
+        /// Why the old one is lost.
+        why: String,
+    },
+    /// Unplaced, and no node fits.
+    Nowhere(String),
+    /// On a lost node, and no other node fits.
+    Stranded {
+        /// The lost node.
+        node: String,
+        /// Why it is lost, and that nothing else fits.
+        why: String,
+    },
+}
+
+impl Placement {
+    /// The node the router is (to be) on.
+    pub fn node(&self) -> Option<&str> {
+        match self {
+            Placement::Stay(n) | Placement::Place(n) | Placement::Move { to: n, .. } => Some(n),
+            Placement::Stranded { node, .. } => Some(node),
+            Placement::Nowhere(_) => None,
+        }
+    }
+}
+
+/// Whether node lifecycle declared the Node lost: its `Ready` is `Unknown`.
+pub fn node_lost(node: &v1::Node) -> Option<String> {
+    node.status.as_ref().and_then(|s| {
+        s.conditions
+            .iter()
+            .find(|c| c.r#type == "Ready" && c.status == v1::condition::Status::Unknown as i32)
+            .map(|c| {
+                if c.message.is_empty() {
+                    c.reason.clone()
+                } else {
+                    c.message.clone()
+                }
+            })
+    })
+}
+
+/// What placement knows of a Node, hosting `routers` routers.
+pub fn network_node(node: &v1::Node, routers: usize) -> NetworkNode {
+    let roles = node
+        .status
+        .as_ref()
+        .map(|s| s.roles.as_slice())
+        .unwrap_or_default();
+    NetworkNode {
+        name: meta(node).name.clone(),
+        network_role: roles.contains(&(v1::node_status::Role::Network as i32)),
+        ready: node_ready(node),
+        lost: node_lost(node),
+        cordoned: node.spec.as_ref().is_some_and(|s| s.unschedulable),
+        routers,
+    }
+}
+
+fn choose<'a>(nodes: &'a [NetworkNode], except: &str) -> Option<&'a NetworkNode> {
+    nodes
+        .iter()
+        .filter(|n| n.network_role && n.ready && !n.cordoned && n.name != except)
+        .min_by(|a, b| a.routers.cmp(&b.routers).then_with(|| a.name.cmp(&b.name)))
+}
+
+/// Why no node fits, in one sentence with counts.
+fn nothing_fits(nodes: &[NetworkNode], except: &str) -> String {
+    let others: Vec<&NetworkNode> = nodes.iter().filter(|n| n.name != except).collect();
+    let role = others.iter().filter(|n| n.network_role).count();
+    let not_ready = others.iter().filter(|n| n.network_role && !n.ready).count();
+    let cordoned = others
+        .iter()
+        .filter(|n| n.network_role && n.ready && n.cordoned)
+        .count();
+    format!(
+        "no Ready node with the network role: {} nodes, {role} with the network role ({not_ready} not ready, {cordoned} cordoned)",
+        others.len()
+    )
+}
+
+/// Decides where a Router with `current` as its recorded node runs. Pure.
+pub fn place(current: &str, nodes: &[NetworkNode]) -> Placement {
+    if current.is_empty() {
+        return match choose(nodes, "") {
+            Some(n) => Placement::Place(n.name.clone()),
+            None => Placement::Nowhere(nothing_fits(nodes, "")),
+        };
+    }
+    let why = match nodes.iter().find(|n| n.name == current) {
+        None => format!("node {current} is gone"),
+        Some(n) => match &n.lost {
+            Some(why) => why.clone(),
+            None => return Placement::Stay(current.to_owned()),
+        },
+    };
+    match choose(nodes, current) {
+        Some(n) => Placement::Move {
+            from: current.to_owned(),
+            to: n.name.clone(),
+            why,
+        },
+        None => Placement::Stranded {
+            node: current.to_owned(),
+            why: format!("{why}; {}", nothing_fits(nodes, current)),
+        },
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Conditions.
+
+/// What became of the gateway address.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Gateway {
+    /// The router has no external gateway.
+    None,
+    /// The gateway holds this address on the named network.
+    Address(IpAddr, String),
+    /// No address now; the condition (type `Ready`) says why.
+    Blocked(v1::Condition),
+}
+
+fn retyped(c: &v1::Condition, kind: &str) -> v1::Condition {
+    v1::Condition {
+        r#type: kind.to_owned(),
+        ..c.clone()
+    }
+}
+
+fn find<'a>(conditions: &'a [v1::Condition], kind: &str) -> Option<&'a v1::Condition> {
+    conditions.iter().find(|c| c.r#type == kind)
+}
+
+/// The `Scheduled`, `ExternalGateway` and `Ready` conditions of a Router. Pure.
+///
+/// `existing` are the Router's conditions now: a `FailedOver` that still names the node
+/// is kept rather than flattened into `Scheduled`, so the move stays visible; the agent's
+/// `Plumbed` decides readiness. `node_ready` says whether the router's node is `Ready`.
+pub fn conditions(
+    placement: &Placement,
+    gateway: &Gateway,
+    existing: &[v1::Condition],
+    node_ready: bool,
+) -> Vec<v1::Condition> {
+    let scheduled = match placement {
+        Placement::Stay(node) | Placement::Place(node) => {
+            let moved_here = find(existing, SCHEDULED).filter(|c| {
+                c.status == v1::condition::Status::True as i32
+                    && c.reason == reason::FAILED_OVER
+                    && c.message.starts_with(&format!("moved to node {node} "))
+            });
+            match moved_here {
+                Some(c) => condition(SCHEDULED, true, &c.reason, c.message.clone()),
+                None => condition(
+                    SCHEDULED,
+                    true,
+                    reason::SCHEDULED,
+                    format!("placed on node {node}"),
+                ),
+            }
+        }
+        Placement::Move { from, to, why } => condition(
+            SCHEDULED,
+            true,
+            reason::FAILED_OVER,
+            format!("moved to node {to} from lost node {from}: {why}"),
+        ),
+        Placement::Nowhere(why) => condition(SCHEDULED, false, reason::NO_NETWORK_NODE, why),
+        Placement::Stranded { node, why } => condition(
+            SCHEDULED,
+            false,
+            reason::NODE_LOST,
+            format!("node {node} is lost: {why}"),
+        ),
+    };
+    let external = match gateway {
+        Gateway::None => condition(
+            EXTERNAL_GATEWAY,
+            true,
+            reason::NO_GATEWAY,
+            "no external gateway",
+        ),
+        Gateway::Address(ip, network) => condition(
+            EXTERNAL_GATEWAY,
+            true,
+            reason::ALLOCATED,
+            format!("{ip} on network {network}"),
+        ),
+        Gateway::Blocked(c) => retyped(c, EXTERNAL_GATEWAY),
+    };
+    let plumbed = find(existing, PLUMBED);
+    let ready = if scheduled.status != v1::condition::Status::True as i32 {
+        retyped(&scheduled, "Ready")
+    } else if let Gateway::Blocked(c) = gateway {
+        retyped(c, "Ready")
+    } else if !node_ready {
+        let node = placement.node().unwrap_or_default();
+        condition(
+            "Ready",
+            false,
+            reason::NODE_NOT_READY,
+            format!("node {node} is not ready"),
+        )
+    } else {
+        match plumbed {
+            Some(p) if p.status == v1::condition::Status::True as i32 => {
+                condition("Ready", true, reason::PLUMBED, p.message.clone())
+            }
+            Some(p) => condition(
+                "Ready",
+                false,
+                if p.reason.is_empty() {
+                    reason::WAITING_FOR_AGENT
+                } else {
+                    &p.reason
+                },
+                p.message.clone(),
+            ),
+            None => condition(
+                "Ready",
+                false,
+                reason::WAITING_FOR_AGENT,
+                format!(
+                    "node {} has not reported the router built",
+                    placement.node().unwrap_or_default()
+                ),
+            ),
+        }
+    };
+    vec![scheduled, external, ready]
+}
+
+// ---------------------------------------------------------------------------------------
+// The controller.
+
+/// A placement decided and not yet visible in the cache.
+#[derive(Clone, Debug)]
+struct Assumption {
+    node: String,
+}
+
+/// The router controller: reconciles Routers.
+pub struct RouterController {
+    api: Api,
+    recorder: Recorder,
+    hints: Arc<Hints>,
+    routers: Store<v1::Router>,
+    nodes: Store<v1::Node>,
+    networks: Store<v1::Network>,
+    ip_claims: Store<v1::IpAddress>,
+    /// Placements decided and not yet in the cache, by router uid. Its lock also
+    /// serialises decisions.
+    assumed: Arc<Mutex<HashMap<String, Assumption>>>,
+}
+
+fn recorded_node(router: &v1::Router) -> &str {
+    router
+        .status
+        .as_ref()
+        .map(|s| s.node.as_str())
+        .unwrap_or_default()
+}
+
+fn gateway_network(router: &v1::Router) -> Option<&str> {
+    router
+        .spec
+        .as_ref()?
+        .external_gateway
+        .as_ref()
+        .map(|g| g.network.as_str())
+}
+
+fn keys(routers: Vec<Arc<v1::Router>>) -> Vec<ObjectRef> {
+    routers.iter().map(|r| ObjectRef::of(r.as_ref())).collect()
+}
+
+impl RouterController {
+    /// Builds the controller over the shared caches.
+    pub fn build(
+        api: &Api,
+        caches: &Caches,
+        metrics: &Metrics,
+        settings: Settings,
+    ) -> (Controller, Arc<RouterController>) {
+        let routers = caches.store::<v1::Router>();
+        let nodes = caches.store::<v1::Node>();
+        let networks = caches.store::<v1::Network>();
+        let ip_claims = caches.store::<v1::IpAddress>();
+        routers.add_index(ROUTER_BY_NODE, |r: &v1::Router| {
+            vec![recorded_node(r).to_owned()]
+        });
+        routers.add_index(ROUTER_BY_GATEWAY, |r: &v1::Router| {
+            gateway_network(r).map(str::to_owned).into_iter().collect()
+        });
+        networks.add_index(NETWORK_BY_NAME, |n: &v1::Network| {
+            vec![meta(n).name.clone()]
+        });
+        let hints = Arc::new(Hints::new());
+        ipam::follow_ip_claims(&hints, &ip_claims);
+        let assumed: Arc<Mutex<HashMap<String, Assumption>>> = Arc::default();
+        let forget = assumed.clone();
+        routers.listen(move |c| {
+            // The cache shows the decision (or the router is gone): it counts from there.
+            let Some(old) = c.old.as_ref().or(c.new.as_ref()) else {
+                return;
+            };
+            let mut assumed = forget.lock().unwrap_or_else(|e| e.into_inner());
+            let uid = &meta(old.as_ref()).uid;
+            let shown = match (&c.new, assumed.get(uid)) {
+                (None, _) => true,
+                (Some(new), Some(a)) => recorded_node(new) == a.node,
+                (Some(_), None) => false,
+            };
+            if shown {
+                assumed.remove(uid);
+            }
+        });
+        let by_node = routers.clone();
+        let on_nodes = move |c: &ferro_runtime::reflector::Change<v1::Node>| {
+            // Unplaced routers may fit now; the node's own routers may have lost it.
+            let mut routers = by_node.by_index(ROUTER_BY_NODE, "");
+            for node in c.old.iter().chain(c.new.iter()) {
+                routers.extend(by_node.by_index(ROUTER_BY_NODE, &meta(node.as_ref()).name));
+            }
+            // A lost node's routers move to the others: those on them spread anew.
+            if c.new.as_ref().is_some_and(|n| node_lost(n).is_some()) || c.new.is_none() {
+                routers.extend(by_node.list());
+            }
+            let set: BTreeSet<ObjectRef> = keys(routers).into_iter().collect();
+            set.into_iter().collect()
+        };
+        let by_gateway = routers.clone();
+        let on_networks = move |c: &ferro_runtime::reflector::Change<v1::Network>| {
+            let mut set = BTreeSet::new();
+            for network in c.old.iter().chain(c.new.iter()) {
+                set.extend(keys(
+                    by_gateway.by_index(ROUTER_BY_GATEWAY, &meta(network.as_ref()).name),
+                ));
+            }
+            set.into_iter().collect()
+        };
+        let controller = Controller::new("router", settings, metrics.clone())
+            .reconciles(&routers)
+            .owns(&ip_claims, Kind::Router)
+            .watches(&nodes, on_nodes)
+            .watches(&networks, on_networks);
+        let reconciler = Arc::new(RouterController {
+            api: api.clone(),
+            recorder: Recorder::new(api.client().clone(), owners::ROUTER_CONTROLLER),
+            hints,
+            routers,
+            nodes,
+            networks,
+            ip_claims,
+            assumed,
+        });
+        (controller, reconciler)
+    }
+
+    /// Decides placement under the lock and assumes a new decision, so the next decision
+    /// counts it.
+    fn decide(&self, router: &v1::Router) -> Placement {
+        let uid = meta(router).uid.clone();
+        let mut assumed = self.assumed.lock().unwrap_or_else(|e| e.into_inner());
+        let mut counts: HashMap<String, usize> = HashMap::new();
+        for other in self.routers.list() {
+            let node = recorded_node(&other);
+            if meta(other.as_ref()).uid != uid && !node.is_empty() {
+                *counts.entry(node.to_owned()).or_default() += 1;
+            }
+        }
+        for (other, a) in assumed.iter() {
+            let shown = self
+                .routers
+                .by_index(ferro_runtime::reflector::UID, other)
+                .first()
+                .is_some_and(|r| recorded_node(r) == a.node);
+            if *other != uid && !shown {
+                *counts.entry(a.node.clone()).or_default() += 1;
+            }
+        }
+        let mut nodes: Vec<NetworkNode> = self
+            .nodes
+            .list()
+            .iter()
+            .map(|n| network_node(n, counts.get(&meta(n.as_ref()).name).copied().unwrap_or(0)))
+            .collect();
+        nodes.sort_by(|a, b| a.name.cmp(&b.name));
+        let placement = place(recorded_node(router), &nodes);
+        if let Placement::Place(node) | Placement::Move { to: node, .. } = &placement {
+            assumed.insert(uid, Assumption { node: node.clone() });
+        }
+        placement
+    }
+
+    fn forget(&self, uid: &str) {
+        self.assumed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(uid);
+    }
+
+    async fn gateway(&self, router: &v1::Router) -> Result<(Gateway, bool), ReconcileError> {
+        let uid = &meta(router).uid;
+        let claims = self.ip_claims.by_index(OWNER_UID, uid);
+        let recorded: Option<IpAddr> = router
+            .status
+            .as_ref()
+            .and_then(|s| s.external_ips.first())
+            .and_then(|ip| ip.parse().ok());
+        let Some(gateway) = router
+            .spec
+            .as_ref()
+            .and_then(|s| s.external_gateway.clone())
+        else {
+            let release: Vec<ipam::ClaimRef> = claims
+                .iter()
+                .filter(|c| meta(c.as_ref()).deletion_timestamp.is_none())
+                .map(|c| ipam::ClaimRef {
+                    kind: Kind::IPAddress,
+                    name: meta(c.as_ref()).name.clone(),
+                    uid: meta(c.as_ref()).uid.clone(),
+                })
+                .collect();
+            external::release_claims(&self.api, &release).await?;
+            return Ok((Gateway::None, recorded.is_some()));
+        };
+        let project = &meta(router).project;
+        let network: Result<Arc<v1::Network>, Unresolved> = resolve(
+            project,
+            &gateway.network,
+            self.networks.by_index(NETWORK_BY_NAME, &gateway.network),
+        );
+        let facts = AddressFacts {
+            network: network.as_deref().map_err(Clone::clone),
+            network_name: &gateway.network,
+            requested: &gateway.fixed_ip,
+            recorded,
+            claims: claims.iter().map(|c| c.as_ref()).collect(),
+        };
+        let plan = external::plan_address(&facts);
+        external::release_claims(&self.api, &plan.release).await?;
+        match plan.address {
+            AddressPlan::Blocked { condition, clear } => {
+                Ok((Gateway::Blocked(condition), clear && recorded.is_some()))
+            }
+            AddressPlan::Claim {
+                network_uid,
+                range,
+                want,
+            } => {
+                match external::claim_address(
+                    &self.api,
+                    &self.hints,
+                    router,
+                    &network_uid,
+                    &range,
+                    &want,
+                )
+                .await?
+                {
+                    Ok(ip) => Ok((
+                        Gateway::Address(ip, gateway.network.clone()),
+                        recorded != Some(ip),
+                    )),
+                    Err(blocked) => Ok((Gateway::Blocked(blocked), false)),
+                }
+            }
+        }
+    }
+
+    fn is_assumed(&self, uid: &str) -> bool {
+        self.assumed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(uid)
+    }
+
+    async fn apply(&self, router: &v1::Router) -> Result<Action, ReconcileError> {
+        let m = meta(router);
+        if self.is_assumed(&m.uid) {
+            // A placement was written and the cache has not shown it yet; that change
+            // queues the router again.
+            return Ok(Action::AwaitChange);
+        }
+        let placement = self.decide(router);
+        let (gateway, ips_changed) = match self.gateway(router).await {
+            Ok(g) => g,
+            Err(e) => {
+                self.forget(&m.uid);
+                return Err(e);
+            }
+        };
+        let status = router.status.clone().unwrap_or_default();
+        let node_ready = placement
+            .node()
+            .and_then(|n| self.nodes.get_named("", n))
+            .is_some_and(|n| node_ready(&n));
+        let wanted = conditions(&placement, &gateway, &status.conditions, node_ready);
+        let node_changed = matches!(placement, Placement::Place(_) | Placement::Move { .. });
+        let holds = status.observed_generation == m.generation
+            && wanted
+                .iter()
+                .all(|c| condition_holds(&status.conditions, c, m.generation));
+        if !node_changed && !ips_changed && holds {
+            return Ok(match (&placement, &gateway) {
+                (Placement::Nowhere(_) | Placement::Stranded { .. }, _)
+                | (_, Gateway::Blocked(_)) => Action::Requeue(RETRY),
+                _ => Action::AwaitChange,
+            });
+        }
+        let mut fields = vec!["observedGeneration"];
+        let mut new_status = v1::RouterStatus {
+            observed_generation: m.generation,
+            ..Default::default()
+        };
+        if node_changed {
+            fields.push("node");
+            new_status.node = placement.node().unwrap_or_default().to_owned();
+        }
+        if ips_changed {
+            fields.push("externalIps");
+            if let Gateway::Address(ip, _) = &gateway {
+                new_status.external_ips = vec![ip.to_string()];
+            }
+        }
+        // Decisions are guarded by the revision they were made from.
+        let guard = if node_changed || ips_changed {
+            m.resource_version
+        } else {
+            0
+        };
+        let object = Object::Router(v1::Router {
+            metadata: router.metadata.clone(),
+            spec: None,
+            status: Some(new_status),
+        });
+        match self
+            .api
+            .update_status_at(
+                object,
+                owners::ROUTER_CONTROLLER,
+                &fields,
+                wanted.clone(),
+                guard,
+            )
+            .await
+        {
+            Ok(_) => {}
+            // Someone wrote the Router since it was read; that change queues it again.
+            Err(Error::Conflict { .. } | Error::NotFound { .. }) => {
+                self.forget(&m.uid);
+                return Ok(Action::AwaitChange);
+            }
+            Err(e) => {
+                self.forget(&m.uid);
+                return Err(e.into());
+            }
+        }
+        let previous = find(&status.conditions, SCHEDULED);
+        let scheduled = &wanted[0];
+        let told = previous
+            .is_some_and(|p| p.reason == scheduled.reason && p.message == scheduled.message);
+        match &placement {
+            Placement::Move { .. } => {
+                self.recorder
+                    .warning(router, reason::FAILED_OVER, &scheduled.message)
+                    .await;
+            }
+            Placement::Place(node) => {
+                let message = format!("placed {}/{} on node {node}", m.project, m.name);
+                self.recorder
+                    .normal(router, reason::SCHEDULED, &message)
+                    .await;
+            }
+            Placement::Nowhere(_) | Placement::Stranded { .. } if !told => {
+                self.recorder
+                    .warning(router, &scheduled.reason, &scheduled.message)
+                    .await;
+            }
+            _ => {}
+        }
+        Ok(match (&placement, &gateway) {
+            (Placement::Nowhere(_) | Placement::Stranded { .. }, _) | (_, Gateway::Blocked(_)) => {
+                Action::Requeue(RETRY)
+            }
+            _ => Action::AwaitChange,
+        })
+    }
+}
+
+impl Reconcile for RouterController {
+    type Error = ReconcileError;
+
+    async fn reconcile(&self, key: ObjectRef) -> Result<Action, ReconcileError> {
+        let Some(router) = self.routers.get(&key) else {
+            return Ok(Action::AwaitChange);
+        };
+        match finalizer::prepare(self.api.client(), ROUTER_FINALIZER, router.as_ref()).await? {
+            Step::Skip => Ok(Action::AwaitChange),
+            Step::Apply => self.apply(&router).await,
+            Step::Cleanup(cleanup) => {
+                let uid = &meta(router.as_ref()).uid;
+                let claims: Vec<ipam::ClaimRef> = self
+                    .ip_claims
+                    .by_index(OWNER_UID, uid)
+                    .iter()
+                    .map(|c| ipam::ClaimRef {
+                        kind: Kind::IPAddress,
+                        name: meta(c.as_ref()).name.clone(),
+                        uid: meta(c.as_ref()).uid.clone(),
+                    })
+                    .collect();
+                external::release_claims(&self.api, &claims).await?;
+                // A claim the cache has not shown yet goes with its owner, by the garbage
+                // collector.
+                self.forget(uid);
+                cleanup.finish().await?;
+                Ok(Action::AwaitChange)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(name: &str, role: bool, ready: bool, lost: bool, routers: usize) -> NetworkNode {
+        NetworkNode {
+            name: name.into(),
+            network_role: role,
+            ready,
+            lost: lost.then(|| "heartbeat lapsed".to_owned()),
+            cordoned: false,
+            routers,
+        }
+    }
+
+    #[test]
+    fn placement() {
+        let cases = vec![
+            (
+                "the network node with the fewest routers",
+                "",
+                vec![node("a", true, true, false, 2), node("b", true, true, false, 1)],
+                Placement::Place("b".into()),
+            ),
+            (
+                "a tie goes to the first by name",
+                "",
+                vec![node("b", true, true, false, 1), node("a", true, true, false, 1)],
+                Placement::Place("a".into()),
+            ),
+            (
+                "compute-only and unready nodes are not candidates",
+                "",
+                vec![node("a", false, true, false, 0), node("b", true, false, false, 0)],
+                Placement::Nowhere(
+                    "no Ready node with the network role: 2 nodes, 1 with the network role (1 not ready, 0 cordoned)".into(),
+                ),
+            ),
+            (
+                "a recorded node stays while merely not ready",
+                "a",
+                vec![node("a", true, false, false, 3), node("b", true, true, false, 0)],
+                Placement::Stay("a".into()),
+            ),
+            (
+                "a lost node's router moves",
+                "a",
+                vec![node("a", true, false, true, 3), node("b", true, true, false, 0)],
+                Placement::Move {
+                    from: "a".into(),
+                    to: "b".into(),
+                    why: "heartbeat lapsed".into(),
+                },
+            ),
+            (
+                "a vanished node's router moves",
+                "gone",
+                vec![node("b", true, true, false, 0)],
+                Placement::Move {
+                    from: "gone".into(),
+                    to: "b".into(),
+                    why: "node gone is gone".into(),
+                },
+            ),
+            (
+                "a lost node with nowhere to go strands the router",
+                "a",
+                vec![node("a", true, false, true, 1)],
+                Placement::Stranded {
+                    node: "a".into(),
+                    why: "heartbeat lapsed; no Ready node with the network role: 0 nodes, 0 with the network role (0 not ready, 0 cordoned)".into(),
+                },
+            ),
+        ];
+        for (what, current, nodes, want) in cases {
+            assert_eq!(place(current, &nodes), want, "{what}");
+        }
+        let mut cordoned = node("a", true, true, false, 0);
+        cordoned.cordoned = true;
+        assert_eq!(
+            place("", &[cordoned, node("b", true, true, false, 5)]),
+            Placement::Place("b".into()),
+            "a cordoned node takes no new routers"
+        );
+    }
+
+    fn status_of(c: &v1::Condition) -> (bool, &str) {
+        (
+            c.status == v1::condition::Status::True as i32,
+            c.reason.as_str(),
+        )
+    }
+
+    #[test]
+    fn readiness_waits_for_placement_gateway_and_agent() {
+        let ip: IpAddr = "203.0.113.11".parse().unwrap();
+        let addressed = Gateway::Address(ip, "public".into());
+        let plumbed = condition(PLUMBED, true, "Plumbed", "qrouter built on a");
+        let missing = Gateway::Blocked(condition(
+            "Ready",
+            false,
+            "NetworkNotFound",
+            "network public not found",
+        ));
+        /// What, placement, gateway, existing conditions, node ready, and the
+        /// `(True?, reason)` of `Scheduled`, `ExternalGateway` and `Ready`.
+        type Case = (
+            &'static str,
+            Placement,
+            Gateway,
+            Vec<v1::Condition>,
+            bool,
+            [(bool, &'static str); 3],
+        );
+        let cases: Vec<Case> = vec![
+            (
+                "nowhere to run",
+                Placement::Nowhere("none".into()),
+                Gateway::None,
+                vec![],
+                false,
+                [
+                    (false, "NoNetworkNode"),
+                    (true, "NoGateway"),
+                    (false, "NoNetworkNode"),
+                ],
+            ),
+            (
+                "placed, gateway addressed, agent not yet",
+                Placement::Place("a".into()),
+                addressed.clone(),
+                vec![],
+                true,
+                [
+                    (true, "Scheduled"),
+                    (true, "Allocated"),
+                    (false, "WaitingForAgent"),
+                ],
+            ),
+            (
+                "a missing external network is a condition, not a refusal",
+                Placement::Stay("a".into()),
+                missing,
+                vec![plumbed.clone()],
+                true,
+                [
+                    (true, "Scheduled"),
+                    (false, "NetworkNotFound"),
+                    (false, "NetworkNotFound"),
+                ],
+            ),
+            (
+                "ready when the agent says plumbed",
+                Placement::Stay("a".into()),
+                addressed.clone(),
+                vec![plumbed.clone()],
+                true,
+                [(true, "Scheduled"), (true, "Allocated"), (true, "Plumbed")],
+            ),
+            (
+                "a node not ready is not ready",
+                Placement::Stay("a".into()),
+                addressed.clone(),
+                vec![plumbed.clone()],
+                false,
+                [
+                    (true, "Scheduled"),
+                    (true, "Allocated"),
+                    (false, "NodeNotReady"),
+                ],
+            ),
+            (
+                "a move says so",
+                Placement::Move {
+                    from: "a".into(),
+                    to: "b".into(),
+                    why: "lapsed".into(),
+                },
+                addressed.clone(),
+                vec![],
+                true,
+                [
+                    (true, "FailedOver"),
+                    (true, "Allocated"),
+                    (false, "WaitingForAgent"),
+                ],
+            ),
+            (
+                "and keeps saying so on the new node",
+                Placement::Stay("b".into()),
+                addressed.clone(),
+                vec![condition(
+                    SCHEDULED,
+                    true,
+                    "FailedOver",
+                    "moved to node b from lost node a: lapsed",
+                )],
+                true,
+                [
+                    (true, "FailedOver"),
+                    (true, "Allocated"),
+                    (false, "WaitingForAgent"),
+                ],
+            ),
+            (
+                "stranded",
+                Placement::Stranded {
+                    node: "a".into(),
+                    why: "lapsed".into(),
+                },
+                addressed,
+                vec![plumbed],
+                false,
+                [
+                    (false, "NodeLost"),
+                    (true, "Allocated"),
+                    (false, "NodeLost"),
+                ],
+            ),
+        ];
+        for (what, placement, gateway, existing, ready, want) in cases {
+            let got = conditions(&placement, &gateway, &existing, ready);
+            let types: Vec<&str> = got.iter().map(|c| c.r#type.as_str()).collect();
+            assert_eq!(types, [SCHEDULED, EXTERNAL_GATEWAY, "Ready"], "{what}");
+            let got: Vec<(bool, &str)> = got.iter().map(status_of).collect();
+            assert_eq!(got, want, "{what}");
+        }
+    }
+}
