@@ -131,7 +131,7 @@ pub fn table(kind: Kind) -> &'static [Ownership] {
             own!(
                 FLOATING_IP_CONTROLLER,
                 ["address", "fixedIp", "router", "observedGeneration"],
-                ["Ready"]
+                ["Ready", "Associated"]
             ),
             own!(AGENT, [], ["Plumbed"]),
         ],

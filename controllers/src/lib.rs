@@ -11,12 +11,14 @@
 //! - [`image`]: Image status from what the nodes' caches found.
 //! - [`quota`]: a Quota's usage, recounted from the project's objects.
 //! - [`router`]: places Routers on network nodes, with their gateway addresses; failover.
+//! - [`floatingip`]: a FloatingIP's address, and the port and router it maps through.
 //!
 //! [`run`] is `ferro controllers`: it connects to the apiserver, serves metrics, contends
 //! for the `controllers` Lease and, while it leads, runs every controller over one set of
 //! caches. Losing the lease stops them all; the process then contends again.
 
 pub mod api;
+pub mod floatingip;
 pub mod gc;
 pub mod image;
 pub mod ipam;
@@ -276,6 +278,8 @@ pub async fn run_controllers(api: Api, metrics: Metrics, options: Options) {
         quota::QuotaController::build(&api, &caches, &metrics, settings);
     let (routers, router_reconciler) =
         router::RouterController::build(&api, &caches, &metrics, settings);
+    let (fips, fip_reconciler) =
+        floatingip::FloatingIpController::build(&api, &caches, &metrics, settings);
     let mut tasks = JoinSet::new();
     caches.start(&mut tasks);
     tasks.spawn(ipam.run(ipam_reconciler));
@@ -288,6 +292,7 @@ pub async fn run_controllers(api: Api, metrics: Metrics, options: Options) {
     tasks.spawn(groups.run(groups_reconciler));
     tasks.spawn(quotas.run(quota_reconciler));
     tasks.spawn(routers.run(router_reconciler));
+    tasks.spawn(fips.run(fip_reconciler));
     tasks.spawn(ferro_runtime::events::expire(
         api.client().clone(),
         options.event_ttl,

@@ -471,9 +471,23 @@ impl RouterController {
             }
             set.into_iter().collect()
         };
+        let waiting = routers.clone();
+        let on_claims = move |c: &ferro_runtime::reflector::Change<v1::IpAddress>| {
+            // A freed address may be the one a gateway without one waits for.
+            if c.new.is_some() {
+                return Vec::new();
+            }
+            let routers = waiting.list();
+            let blocked = routers.iter().filter(|r| {
+                gateway_network(r).is_some()
+                    && r.status.as_ref().is_none_or(|s| s.external_ips.is_empty())
+            });
+            blocked.map(|r| ObjectRef::of(r.as_ref())).collect()
+        };
         let controller = Controller::new("router", settings, metrics.clone())
             .reconciles(&routers)
             .owns(&ip_claims, Kind::Router)
+            .watches(&ip_claims, on_claims)
             .watches(&nodes, on_nodes)
             .watches(&networks, on_networks);
         let reconciler = Arc::new(RouterController {
