@@ -12,6 +12,7 @@
 //! - [`quota`]: a Quota's usage, recounted from the project's objects.
 //! - [`router`]: places Routers on network nodes, with their gateway addresses; failover.
 //! - [`floatingip`]: a FloatingIP's address, and the port and router it maps through.
+//! - [`securitygroup`]: a `default` SecurityGroup in every Project.
 //!
 //! [`run`] is `ferro controllers`: it connects to the apiserver, serves metrics, contends
 //! for the `controllers` Lease and, while it leads, runs every controller over one set of
@@ -27,6 +28,7 @@ pub mod nodelifecycle;
 pub mod quota;
 pub mod router;
 pub mod scheduler;
+pub mod securitygroup;
 pub mod server;
 pub mod servergroup;
 
@@ -280,6 +282,8 @@ pub async fn run_controllers(api: Api, metrics: Metrics, options: Options) {
         router::RouterController::build(&api, &caches, &metrics, settings);
     let (fips, fip_reconciler) =
         floatingip::FloatingIpController::build(&api, &caches, &metrics, settings);
+    let (security_groups, security_group_reconciler) =
+        securitygroup::SecurityGroupController::build(&api, &caches, &metrics, settings);
     let mut tasks = JoinSet::new();
     caches.start(&mut tasks);
     tasks.spawn(ipam.run(ipam_reconciler));
@@ -293,6 +297,7 @@ pub async fn run_controllers(api: Api, metrics: Metrics, options: Options) {
     tasks.spawn(quotas.run(quota_reconciler));
     tasks.spawn(routers.run(router_reconciler));
     tasks.spawn(fips.run(fip_reconciler));
+    tasks.spawn(security_groups.run(security_group_reconciler));
     tasks.spawn(ferro_runtime::events::expire(
         api.client().clone(),
         options.event_ttl,
