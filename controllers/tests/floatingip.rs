@@ -217,3 +217,59 @@ async fn a_requested_address_is_given_once() {
     .await;
     controllers.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_floating_ip_on_a_server_takes_its_first_routed_port() {
+    let cloud = Cloud::start().await;
+    let controllers = cloud.controllers();
+    external_network(&cloud).await;
+    cloud.network("isolated", "10.9.0.0/24").await;
+    cloud.network("private", "10.0.1.0/24").await;
+    cloud
+        .create("apiVersion: ferro/v1\nkind: Router\nmetadata: {name: edge}\nspec: {externalGateway: {network: public}, interfaces: [{network: private, subnet: a}]}\n")
+        .await;
+    // Its first NIC is on a network no router reaches; the second is routed.
+    cloud
+        .create("apiVersion: ferro/v1\nkind: Server\nmetadata: {name: web}\nspec: {flavor: m1.tiny, image: tiny, networks: [{network: isolated}, {network: private}]}\n")
+        .await;
+    fip(&cloud, "web-fip", "{network: public, server: web}").await;
+    let ports = eventually("the server's ports recorded", || async {
+        let server = cloud
+            .admin
+            .get_typed::<v1::Server>("default", "web")
+            .await
+            .ok()?;
+        let ports = server.status?.ports;
+        (ports.len() == 2).then_some(ports)
+    })
+    .await;
+    let routed_ip = port_ip(&cloud, &ports[1]).await;
+    let mapped = eventually("mapped to the routed port", || async {
+        let f = get(&cloud, "web-fip").await?;
+        (says(&f, "Associated") == Some((true, "Associated".into()))).then_some(f)
+    })
+    .await;
+    assert_eq!(status(&mapped).fixed_ip, routed_ip);
+    assert_eq!(status(&mapped).router, "edge");
+    let message = mapped
+        .status
+        .as_ref()
+        .unwrap()
+        .conditions
+        .iter()
+        .find(|c| c.r#type == "Associated")
+        .unwrap()
+        .message
+        .clone();
+    assert!(message.contains(&ports[1]), "{message}");
+
+    // The router goes: nothing connects the server to the external network any more.
+    cloud.delete(Kind::Router, "default", "edge").await;
+    let lost = eventually("no router", || async {
+        let f = get(&cloud, "web-fip").await?;
+        (says(&f, "Associated") == Some((false, "NoRouter".into()))).then_some(f)
+    })
+    .await;
+    assert_eq!(status(&lost).router, "");
+    controllers.abort();
+}
