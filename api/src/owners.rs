@@ -125,6 +125,8 @@ pub fn table(kind: Kind) -> &'static [Ownership] {
                 ["node", "externalIps", "observedGeneration"],
                 ["Ready", "Scheduled", "ExternalGateway"]
             ),
+            // `Plumbed`'s message begins `node <name>`; the router controller counts
+            // only one naming the router's current node, at the current generation.
             own!(AGENT, [], ["Plumbed"]),
         ],
         Kind::FloatingIP => &[
@@ -133,6 +135,8 @@ pub fn table(kind: Kind) -> &'static [Ownership] {
                 ["address", "fixedIp", "router", "observedGeneration"],
                 ["Ready", "Associated"]
             ),
+            // `Plumbed`'s message begins `node <name>: <fixedIp> via router <router>`;
+            // only one naming the current mapping, at the current generation, counts.
             own!(AGENT, [], ["Plumbed"]),
         ],
         Kind::SecurityGroup => &[own!(

@@ -17,7 +17,14 @@
 //! clearing it, rewrites them; the agent on the router's node turns them into rules.
 //!
 //! **`Ready`** is `True` once the address is held, the FloatingIP is associated, and the
-//! agent reports `Plumbed=True`; until then it carries the first reason that holds it back.
+//! agent reports `Plumbed=True` for that very mapping; until then it carries the first
+//! reason that holds it back.
+//!
+//! **The `Plumbed` contract** is the router's ([`crate::router`]): the agent on the router's
+//! node writes the message with [`plumbed_subject`] as its subject, `node <name>: <fixedIp>
+//! via router <router>`, then `: ` and details. A `Plumbed` counts only when it is of the
+//! current generation and names the node, private address and router the FloatingIP maps
+//! through now, so one left from before a move, a failover or a new target is stale.
 //!
 //! **Deletion.** The finalizer [`FLOATING_IP_FINALIZER`] releases the address's claim before
 //! the FloatingIP goes.
@@ -272,11 +279,22 @@ pub enum Address {
     Blocked(v1::Condition),
 }
 
+/// The subject of the agent's `Plumbed` message for a mapping to `fixed_ip` through
+/// `router`, built on `node`.
+pub fn plumbed_subject(node: &str, fixed_ip: IpAddr, router: &str) -> String {
+    format!("node {node}: {fixed_ip} via router {router}")
+}
+
 /// The `Associated` and `Ready` conditions of a FloatingIP. Pure.
+///
+/// `router_node` is the node of the Router it maps through, if placed; the agent's
+/// `Plumbed` counts only if it names that node and the mapping, at `generation`.
 pub fn conditions(
     address: &Address,
     association: &Association,
     existing: &[v1::Condition],
+    router_node: Option<&str>,
+    generation: i64,
 ) -> Vec<v1::Condition> {
     let associated = match association {
         Association::Associated {
@@ -293,7 +311,19 @@ pub fn conditions(
             condition(ASSOCIATED, false, reason, message.clone())
         }
     };
-    let plumbed = existing.iter().find(|c| c.r#type == PLUMBED);
+    let plumbed = match (association, router_node) {
+        (
+            Association::Associated {
+                fixed_ip, router, ..
+            },
+            Some(node),
+        ) => crate::router::plumbed_current(
+            existing,
+            &plumbed_subject(node, *fixed_ip, router),
+            generation,
+        ),
+        _ => None,
+    };
     let ready = match (address, association) {
         (Address::Blocked(c), _) => c.clone(),
         (_, Association::NotAssociated { reason, message }) => {
@@ -569,7 +599,21 @@ impl FloatingIpController {
         let (address, address_changed) = self.address(fip).await?;
         let association = self.association(fip);
         let status = fip.status.clone().unwrap_or_default();
-        let wanted = conditions(&address, &association, &status.conditions);
+        let router_node = match &association {
+            Association::Associated { router, .. } => self
+                .routers
+                .get_named(&m.project, router)
+                .and_then(|r| r.status.as_ref().map(|s| s.node.clone()))
+                .filter(|n| !n.is_empty()),
+            Association::NotAssociated { .. } => None,
+        };
+        let wanted = conditions(
+            &address,
+            &association,
+            &status.conditions,
+            router_node.as_deref(),
+            m.generation,
+        );
         let (fixed_ip, router) = match &association {
             Association::Associated {
                 fixed_ip, router, ..
@@ -814,7 +858,16 @@ mod tests {
             message: "no router".into(),
         };
         let blocked = Address::Blocked(condition("Ready", false, "NetworkNotFound", "x"));
-        let plumbed = condition(PLUMBED, true, "Plumbed", "dnat in place");
+        let plumbed = v1::Condition {
+            observed_generation: 1,
+            ..condition(
+                PLUMBED,
+                true,
+                "Built",
+                "node n1: 10.0.1.5 via router edge: dnat in place",
+            )
+        };
+        let on = Some("n1");
         let say = |c: &[v1::Condition]| -> Vec<(bool, String)> {
             c.iter()
                 .map(|c| {
@@ -827,20 +880,70 @@ mod tests {
         };
         let t = |b: bool, r: &str| (b, r.to_owned());
         assert_eq!(
-            say(&conditions(&held, &mapped, &[])),
+            say(&conditions(&held, &mapped, &[], on, 1)),
             [t(true, "Associated"), t(false, "WaitingForAgent")]
         );
         assert_eq!(
-            say(&conditions(&held, &mapped, std::slice::from_ref(&plumbed))),
+            say(&conditions(
+                &held,
+                &mapped,
+                std::slice::from_ref(&plumbed),
+                on,
+                1
+            )),
             [t(true, "Associated"), t(true, "Plumbed")]
         );
         assert_eq!(
-            say(&conditions(&held, &nowhere, std::slice::from_ref(&plumbed))),
+            say(&conditions(
+                &held,
+                &nowhere,
+                std::slice::from_ref(&plumbed),
+                on,
+                1
+            )),
             [t(false, "NoRouter"), t(false, "NoRouter")]
         );
         assert_eq!(
-            say(&conditions(&blocked, &mapped, &[plumbed])),
+            say(&conditions(
+                &blocked,
+                &mapped,
+                std::slice::from_ref(&plumbed),
+                on,
+                1
+            )),
             [t(true, "Associated"), t(false, "NetworkNotFound")]
         );
+        // A Plumbed left from before a move, a failover or a new target is stale.
+        let waiting = [t(true, "Associated"), t(false, "WaitingForAgent")];
+        let moved_router = Association::Associated {
+            port: "web".into(),
+            fixed_ip: "10.0.1.5".parse().unwrap(),
+            router: "other".into(),
+        };
+        let moved_port = Association::Associated {
+            port: "db".into(),
+            fixed_ip: "10.0.1.6".parse().unwrap(),
+            router: "edge".into(),
+        };
+        let stale: Vec<(&str, &Association, Option<&str>, i64)> = vec![
+            ("the router failed over to n2", &mapped, Some("n2"), 1),
+            ("the router is not placed", &mapped, None, 1),
+            ("another router maps it now", &moved_router, on, 1),
+            ("another fixed IP is the target now", &moved_port, on, 1),
+            ("the spec changed since", &mapped, on, 2),
+        ];
+        for (what, association, node, generation) in stale {
+            assert_eq!(
+                say(&conditions(
+                    &held,
+                    association,
+                    std::slice::from_ref(&plumbed),
+                    node,
+                    generation
+                )),
+                waiting,
+                "{what}"
+            );
+        }
     }
 }

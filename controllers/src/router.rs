@@ -22,7 +22,16 @@
 //! error: the router is placed anyway and gets its address when the network appears.
 //!
 //! **`Ready`** is `True` once the router is placed on a node that is not lost, its gateway
-//! (if any) has its address, and the node's agent reports `Plumbed=True`.
+//! (if any) has its address, and the node's agent reports `Plumbed=True` for that node.
+//!
+//! **The `Plumbed` contract.** `Plumbed` is the agent's (see the owner table in
+//! `ferro_api::owners`); after a failover the lost node's last `Plumbed=True` stays in
+//! status, because that node can no longer write. So the agent writes its message as
+//! [`plumbed_message`] makes it, `node <name>: <detail>` (e.g. `node net-2: qrouter-1a2b
+//! built`), and leaves `observedGeneration` to the apiserver, which stamps the generation
+//! it wrote at. The controller believes a `Plumbed` (True or False) only when it names the
+//! router's current node and is of the current generation ([`plumbed_current`]); any other
+//! is stale and readiness waits for the agent.
 //!
 //! **Deletion.** The finalizer [`ROUTER_FINALIZER`] releases the router's claims before the
 //! Router goes.
@@ -241,6 +250,33 @@ pub fn place(current: &str, nodes: &[NetworkNode]) -> Placement {
 // ---------------------------------------------------------------------------------------
 // Conditions.
 
+/// The message an agent writes in `Plumbed` for what it built on `node`: its subject is
+/// `node <name>`, then `: ` and details for people.
+pub fn plumbed_message(subject: &str, detail: &str) -> String {
+    format!("{subject}: {detail}")
+}
+
+/// The subject a `Plumbed` message begins with for a router on `node`.
+pub fn router_subject(node: &str) -> String {
+    format!("node {node}")
+}
+
+/// The agent's `Plumbed`, if it speaks of what is wanted now: written at `generation` and
+/// its message's subject is `subject` (exactly, or followed by `: `). Pure.
+pub fn plumbed_current<'a>(
+    existing: &'a [v1::Condition],
+    subject: &str,
+    generation: i64,
+) -> Option<&'a v1::Condition> {
+    existing.iter().find(|c| {
+        c.r#type == PLUMBED
+            && c.observed_generation == generation
+            && c.message
+                .strip_prefix(subject)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with(": "))
+    })
+}
+
 /// What became of the gateway address.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Gateway {
@@ -267,12 +303,14 @@ fn find<'a>(conditions: &'a [v1::Condition], kind: &str) -> Option<&'a v1::Condi
 ///
 /// `existing` are the Router's conditions now: a `FailedOver` that still names the node
 /// is kept rather than flattened into `Scheduled`, so the move stays visible; the agent's
-/// `Plumbed` decides readiness. `node_ready` says whether the router's node is `Ready`.
+/// `Plumbed`, if it is current for the node and `generation` ([`plumbed_current`]),
+/// decides readiness. `node_ready` says whether the router's node is `Ready`.
 pub fn conditions(
     placement: &Placement,
     gateway: &Gateway,
     existing: &[v1::Condition],
     node_ready: bool,
+    generation: i64,
 ) -> Vec<v1::Condition> {
     let scheduled = match placement {
         Placement::Stay(node) | Placement::Place(node) => {
@@ -320,7 +358,9 @@ pub fn conditions(
         ),
         Gateway::Blocked(c) => retyped(c, EXTERNAL_GATEWAY),
     };
-    let plumbed = find(existing, PLUMBED);
+    let plumbed = placement
+        .node()
+        .and_then(|node| plumbed_current(existing, &router_subject(node), generation));
     let ready = if scheduled.status != v1::condition::Status::True as i32 {
         retyped(&scheduled, "Ready")
     } else if let Gateway::Blocked(c) = gateway {
@@ -642,7 +682,13 @@ impl RouterController {
             .node()
             .and_then(|n| self.nodes.get_named("", n))
             .is_some_and(|n| node_ready(&n));
-        let wanted = conditions(&placement, &gateway, &status.conditions, node_ready);
+        let wanted = conditions(
+            &placement,
+            &gateway,
+            &status.conditions,
+            node_ready,
+            m.generation,
+        );
         let node_changed = matches!(placement, Placement::Place(_) | Placement::Move { .. });
         let holds = status.observed_generation == m.generation
             && wanted
@@ -865,7 +911,16 @@ mod tests {
     fn readiness_waits_for_placement_gateway_and_agent() {
         let ip: IpAddr = "203.0.113.11".parse().unwrap();
         let addressed = Gateway::Address(ip, "public".into());
-        let plumbed = condition(PLUMBED, true, "Plumbed", "qrouter built on a");
+        let plumbed_on = |node: &str, generation: i64| v1::Condition {
+            observed_generation: generation,
+            ..condition(
+                PLUMBED,
+                true,
+                "Built",
+                plumbed_message(&router_subject(node), "qrouter built"),
+            )
+        };
+        let plumbed = plumbed_on("a", 1);
         let missing = Gateway::Blocked(condition(
             "Ready",
             false,
@@ -973,6 +1028,69 @@ mod tests {
                 ],
             ),
             (
+                "a Plumbed left by the lost node does not make the moved router ready",
+                Placement::Move {
+                    from: "a".into(),
+                    to: "b".into(),
+                    why: "lapsed".into(),
+                },
+                addressed.clone(),
+                vec![plumbed.clone()],
+                true,
+                [
+                    (true, "FailedOver"),
+                    (true, "Allocated"),
+                    (false, "WaitingForAgent"),
+                ],
+            ),
+            (
+                "nor once it stays on the new node",
+                Placement::Stay("b".into()),
+                addressed.clone(),
+                vec![plumbed.clone()],
+                true,
+                [
+                    (true, "Scheduled"),
+                    (true, "Allocated"),
+                    (false, "WaitingForAgent"),
+                ],
+            ),
+            (
+                "the new node's Plumbed does",
+                Placement::Stay("b".into()),
+                addressed.clone(),
+                vec![plumbed_on("b", 1)],
+                true,
+                [(true, "Scheduled"), (true, "Allocated"), (true, "Plumbed")],
+            ),
+            (
+                "a Plumbed of an older generation is stale",
+                Placement::Stay("a".into()),
+                addressed.clone(),
+                vec![plumbed_on("a", 0)],
+                true,
+                [
+                    (true, "Scheduled"),
+                    (true, "Allocated"),
+                    (false, "WaitingForAgent"),
+                ],
+            ),
+            (
+                "a node whose name begins like another's is not it",
+                Placement::Stay("a".into()),
+                addressed.clone(),
+                vec![v1::Condition {
+                    message: "node ab: qrouter built".into(),
+                    ..plumbed_on("a", 1)
+                }],
+                true,
+                [
+                    (true, "Scheduled"),
+                    (true, "Allocated"),
+                    (false, "WaitingForAgent"),
+                ],
+            ),
+            (
                 "stranded",
                 Placement::Stranded {
                     node: "a".into(),
@@ -989,7 +1107,7 @@ mod tests {
             ),
         ];
         for (what, placement, gateway, existing, ready, want) in cases {
-            let got = conditions(&placement, &gateway, &existing, ready);
+            let got = conditions(&placement, &gateway, &existing, ready, 1);
             let types: Vec<&str> = got.iter().map(|c| c.r#type.as_str()).collect();
             assert_eq!(types, [SCHEDULED, EXTERNAL_GATEWAY, "Ready"], "{what}");
             let got: Vec<(bool, &str)> = got.iter().map(status_of).collect();
