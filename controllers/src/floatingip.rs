@@ -499,7 +499,12 @@ impl FloatingIpController {
             .collect()
     }
 
-    async fn address(&self, fip: &v1::FloatingIp) -> Result<(Address, bool), ReconcileError> {
+    /// The address, whether `status.address` is to change, and the claims to release once
+    /// status is written (none of them on the address status records).
+    async fn address(
+        &self,
+        fip: &v1::FloatingIp,
+    ) -> Result<(Address, bool, Vec<ipam::ClaimRef>), ReconcileError> {
         let m = meta(fip);
         let spec = fip_spec(fip);
         let claims = self.ip_claims.by_index(OWNER_UID, &m.uid);
@@ -513,11 +518,13 @@ impl FloatingIpController {
             claims: claims.iter().map(|c| c.as_ref()).collect(),
         };
         let plan = external::plan_address(&facts);
-        external::release_claims(&self.api, &plan.release).await?;
+        let release = plan.release;
         match plan.address {
-            AddressPlan::Blocked { condition, clear } => {
-                Ok((Address::Blocked(condition), clear && recorded.is_some()))
-            }
+            AddressPlan::Blocked { condition, clear } => Ok((
+                Address::Blocked(condition),
+                clear && recorded.is_some(),
+                release,
+            )),
             AddressPlan::Claim {
                 network_uid,
                 range,
@@ -532,8 +539,14 @@ impl FloatingIpController {
             )
             .await?
             {
-                Ok(ip) => Ok((Address::Held(ip), recorded != Some(ip))),
-                Err(blocked) => Ok((Address::Blocked(blocked), false)),
+                Ok(ip) => Ok((Address::Held(ip), recorded != Some(ip), release)),
+                // The recorded address's claim is gone and another holds it now: status
+                // must not keep it.
+                Err(blocked) => Ok((
+                    Address::Blocked(blocked),
+                    external::refused_recorded(&want, recorded),
+                    release,
+                )),
             },
         }
     }
@@ -596,7 +609,7 @@ impl FloatingIpController {
 
     async fn apply(&self, fip: &v1::FloatingIp) -> Result<Action, ReconcileError> {
         let m = meta(fip);
-        let (address, address_changed) = self.address(fip).await?;
+        let (address, address_changed, release) = self.address(fip).await?;
         let association = self.association(fip);
         let status = fip.status.clone().unwrap_or_default();
         let router_node = match &association {
@@ -631,6 +644,7 @@ impl FloatingIpController {
             Action::AwaitChange
         };
         if !address_changed && !observed_changed && holds {
+            external::release_claims(&self.api, &release).await?;
             return Ok(retry);
         }
         let mut fields = vec!["observedGeneration", "fixedIp", "router"];
@@ -668,8 +682,13 @@ impl FloatingIpController {
             )
             .await
         {
+            // Only now that status is written: none of these is an address it records.
+            Ok(_) => {
+                external::release_claims(&self.api, &release).await?;
+                Ok(retry)
+            }
             // Someone wrote it since it was read; that change queues it again.
-            Ok(_) | Err(Error::Conflict { .. } | Error::NotFound { .. }) => Ok(retry),
+            Err(Error::Conflict { .. } | Error::NotFound { .. }) => Ok(retry),
             Err(e) => Err(e.into()),
         }
     }

@@ -586,7 +586,12 @@ impl RouterController {
             .remove(uid);
     }
 
-    async fn gateway(&self, router: &v1::Router) -> Result<(Gateway, bool), ReconcileError> {
+    /// The gateway's address, whether `status.externalIps` is to change, and the claims to
+    /// release once status is written (none of them on the address status records).
+    async fn gateway(
+        &self,
+        router: &v1::Router,
+    ) -> Result<(Gateway, bool, Vec<ipam::ClaimRef>), ReconcileError> {
         let uid = &meta(router).uid;
         let claims = self.ip_claims.by_index(OWNER_UID, uid);
         let recorded: Option<IpAddr> = router
@@ -599,17 +604,21 @@ impl RouterController {
             .as_ref()
             .and_then(|s| s.external_gateway.clone())
         else {
+            // Status drops the address first; its claim goes on a later pass.
             let release: Vec<ipam::ClaimRef> = claims
                 .iter()
                 .filter(|c| meta(c.as_ref()).deletion_timestamp.is_none())
+                .filter(|c| {
+                    recorded.is_none()
+                        || c.spec.as_ref().and_then(|s| s.address.parse().ok()) != recorded
+                })
                 .map(|c| ipam::ClaimRef {
                     kind: Kind::IPAddress,
                     name: meta(c.as_ref()).name.clone(),
                     uid: meta(c.as_ref()).uid.clone(),
                 })
                 .collect();
-            external::release_claims(&self.api, &release).await?;
-            return Ok((Gateway::None, recorded.is_some()));
+            return Ok((Gateway::None, recorded.is_some(), release));
         };
         let project = &meta(router).project;
         let network: Result<Arc<v1::Network>, Unresolved> = resolve(
@@ -625,11 +634,13 @@ impl RouterController {
             claims: claims.iter().map(|c| c.as_ref()).collect(),
         };
         let plan = external::plan_address(&facts);
-        external::release_claims(&self.api, &plan.release).await?;
+        let release = plan.release;
         match plan.address {
-            AddressPlan::Blocked { condition, clear } => {
-                Ok((Gateway::Blocked(condition), clear && recorded.is_some()))
-            }
+            AddressPlan::Blocked { condition, clear } => Ok((
+                Gateway::Blocked(condition),
+                clear && recorded.is_some(),
+                release,
+            )),
             AddressPlan::Claim {
                 network_uid,
                 range,
@@ -648,8 +659,15 @@ impl RouterController {
                     Ok(ip) => Ok((
                         Gateway::Address(ip, gateway.network.clone()),
                         recorded != Some(ip),
+                        release,
                     )),
-                    Err(blocked) => Ok((Gateway::Blocked(blocked), false)),
+                    // The recorded address's claim is gone and another holds it now:
+                    // status must not keep it.
+                    Err(blocked) => Ok((
+                        Gateway::Blocked(blocked),
+                        external::refused_recorded(&want, recorded),
+                        release,
+                    )),
                 }
             }
         }
@@ -670,7 +688,7 @@ impl RouterController {
             return Ok(Action::AwaitChange);
         }
         let placement = self.decide(router);
-        let (gateway, ips_changed) = match self.gateway(router).await {
+        let (gateway, ips_changed, release) = match self.gateway(router).await {
             Ok(g) => g,
             Err(e) => {
                 self.forget(&m.uid);
@@ -695,6 +713,7 @@ impl RouterController {
                 .iter()
                 .all(|c| condition_holds(&status.conditions, c, m.generation));
         if !node_changed && !ips_changed && holds {
+            external::release_claims(&self.api, &release).await?;
             return Ok(match (&placement, &gateway) {
                 (Placement::Nowhere(_) | Placement::Stranded { .. }, _)
                 | (_, Gateway::Blocked(_)) => Action::Requeue(RETRY),
@@ -749,6 +768,8 @@ impl RouterController {
                 return Err(e.into());
             }
         }
+        // Only now that status is written: none of these is an address it records.
+        external::release_claims(&self.api, &release).await?;
         let previous = find(&status.conditions, SCHEDULED);
         let scheduled = &wanted[0];
         let told = previous

@@ -416,3 +416,40 @@ async fn a_router_on_a_lost_node_with_nowhere_to_go_says_so() {
     .await;
     controllers.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_gateway_clears_status_then_frees_the_address() {
+    let cloud = Cloud::start().await;
+    let controllers = cloud.controllers();
+    node(&cloud, "net-1", &[NETWORK]).await;
+    external_network(&cloud, "public", true).await;
+    router(&cloud, "edge", "{network: public, fixedIp: 203.0.113.12}").await;
+    let mut edge = eventually("edge addressed", || async {
+        let r = get(&cloud, "edge").await?;
+        (external_ips(&r) == ["203.0.113.12"]).then_some(r)
+    })
+    .await;
+    edge.spec.as_mut().unwrap().external_gateway = None;
+    edge.status = None;
+    cloud
+        .admin
+        .update(Object::Router(edge))
+        .await
+        .expect("drop the gateway");
+    eventually(
+        "status no longer names the address and its claim is gone",
+        || async {
+            let r = get(&cloud, "edge").await?;
+            let claims = cloud.list::<v1::IpAddress>().await;
+            (external_ips(&r).is_empty() && claims.is_empty()).then_some(())
+        },
+    )
+    .await;
+    router(&cloud, "next", "{network: public, fixedIp: 203.0.113.12}").await;
+    eventually("next takes the freed address", || async {
+        let r = get(&cloud, "next").await?;
+        (external_ips(&r) == ["203.0.113.12"]).then_some(())
+    })
+    .await;
+    controllers.abort();
+}

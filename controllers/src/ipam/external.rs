@@ -7,7 +7,10 @@
 //! network, and no address is ever given twice, whoever asks. The rules of
 //! [`crate::ipam`] carry over: a claim is made before it is recorded, a claim held but not
 //! recorded is reused on the next pass, and claims beyond the recorded address are released
-//! only once it is recorded.
+//! only once it is recorded. No claim on the address status records is ever released: to
+//! give an address up, the holder first writes status without it (guarded by its
+//! resourceVersion), and a later pass, planning from a status that no longer names it,
+//! releases the claim. Controllers release only after their status write succeeded.
 //!
 //! [`plan_address`] is the pure part both controllers share; [`claim_address`] makes the
 //! one claim it asks for.
@@ -101,8 +104,36 @@ fn live(claim: &v1::IpAddress) -> bool {
 /// The subnet is the one holding the requested (or recorded) address; otherwise the first
 /// IPv4 subnet, else the first subnet. A recorded address stays as long as it lies in a
 /// subnet of the network and matches the request: re-claiming it restores a claim deleted
-/// by hand, and it never moves because a hint would have chosen otherwise.
+/// by hand, and it never moves because a hint would have chosen otherwise. A claim on the
+/// recorded address is never among those released (see the module notes).
 pub fn plan_address(facts: &AddressFacts<'_>) -> Addressing {
+    let mut plan = plan_unguarded(facts);
+    plan.release
+        .retain(|c| !names_recorded(&facts.claims, &c.name, facts.recorded));
+    plan
+}
+
+/// Whether the claim called `name` is on the address status records.
+fn names_recorded(claims: &[&v1::IpAddress], name: &str, recorded: Option<IpAddr>) -> bool {
+    let Some(recorded) = recorded else {
+        return false;
+    };
+    claims.iter().any(|c| {
+        meta(*c).name == name
+            && c.spec
+                .as_ref()
+                .and_then(|s| s.address.parse::<IpAddr>().ok())
+                == Some(recorded)
+    })
+}
+
+/// Whether a refused claim leaves status recording an address no claim holds: the planner
+/// asked to claim the recorded address anew (its claim is gone) and it is another's now.
+pub fn refused_recorded(want: &IpWant, recorded: Option<IpAddr>) -> bool {
+    matches!(want, IpWant::Fixed(ip) if recorded == Some(*ip))
+}
+
+fn plan_unguarded(facts: &AddressFacts<'_>) -> Addressing {
     let everything = || {
         facts
             .claims
@@ -473,6 +504,19 @@ mod tests {
     }
 
     #[test]
+    fn a_refused_claim_on_the_recorded_address_clears_it() {
+        let ip: IpAddr = "203.0.113.12".parse().unwrap();
+        let other: IpAddr = "203.0.113.13".parse().unwrap();
+        assert!(refused_recorded(&IpWant::Fixed(ip), Some(ip)));
+        assert!(
+            !refused_recorded(&IpWant::Fixed(other), Some(ip)),
+            "still held"
+        );
+        assert!(!refused_recorded(&IpWant::Any, Some(ip)));
+        assert!(!refused_recorded(&IpWant::Fixed(ip), None));
+    }
+
+    #[test]
     fn plans() {
         let net = external("nu", true);
         let internal = external("nu", false);
@@ -538,22 +582,58 @@ mod tests {
                 release: vec![],
             },
             Case {
-                what: "claims on a network no longer named are released",
+                what: "a claim on a network no longer named stays while status records it",
                 network: Ok(&net),
                 requested: "",
                 recorded: Some("198.51.100.7"),
                 claims: vec![&old],
                 address: "v4 Any",
+                release: vec![],
+            },
+            Case {
+                what: "and is released once status records the new address",
+                network: Ok(&net),
+                requested: "",
+                recorded: Some("203.0.113.11"),
+                claims: vec![&old, &c11],
+                address: "v4 Held(203.0.113.11)",
                 release: vec![old.metadata.as_ref().unwrap().name.clone()],
             },
             Case {
-                what: "a missing network releases everything",
+                what: "a missing network clears status but keeps the recorded claim",
                 network: Err(not_found()),
                 requested: "",
                 recorded: Some("203.0.113.12"),
+                claims: vec![&c12, &c11],
+                address: "blocked NetworkNotFound clear=true",
+                release: vec![c11.metadata.as_ref().unwrap().name.clone()],
+            },
+            Case {
+                what: "and releases it once status no longer names it",
+                network: Err(not_found()),
+                requested: "",
+                recorded: None,
                 claims: vec![&c12],
                 address: "blocked NetworkNotFound clear=true",
                 release: vec![c12.metadata.as_ref().unwrap().name.clone()],
+            },
+            Case {
+                what: "a network turned internal keeps the recorded claim until status drops it",
+                network: Ok(&internal),
+                requested: "",
+                recorded: Some("203.0.113.12"),
+                claims: vec![&c12],
+                address: "blocked NetworkNotExternal clear=true",
+                release: vec![],
+            },
+            Case {
+                what: "a new fixed IP keeps the recorded claim until status records the new one",
+                network: Ok(&net),
+                requested: "203.0.113.15",
+                recorded: Some("203.0.113.12"),
+                claims: vec![&c12],
+                address: "v4 Fixed(203.0.113.15)",
+                release: vec![],
             },
             Case {
                 what: "a network that is not external is not used",
