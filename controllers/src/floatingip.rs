@@ -51,7 +51,7 @@ use ferro_runtime::{
     finalizer::{self, Step},
     meta,
     metrics::Metrics,
-    reflector::OWNER_UID,
+    reflector::{OWNER_UID, UID},
 };
 
 /// The finalizer that releases a FloatingIP's address before it goes.
@@ -468,6 +468,23 @@ impl FloatingIpController {
         resolve(project, name, self.networks.by_index(NETWORK_BY_NAME, name))
     }
 
+    /// The external network an address holder (this FloatingIP, or a Router's gateway)
+    /// plans on: the one its recorded address was claimed on while the spec still names
+    /// it, else the one `name` resolves to (see [`external::held_network_uid`]).
+    fn holder_network(
+        &self,
+        owner_uid: &str,
+        recorded: Option<IpAddr>,
+        project: &str,
+        name: &str,
+    ) -> Result<Arc<v1::Network>, Unresolved> {
+        let claims = self.ip_claims.by_index(OWNER_UID, owner_uid);
+        let refs: Vec<&v1::IpAddress> = claims.iter().map(|c| c.as_ref()).collect();
+        let held = external::held_network_uid(&refs, recorded)
+            .and_then(|uid| self.networks.by_index(UID, uid).into_iter().next());
+        external::planned_network(held, name, || self.resolve_network(project, name))
+    }
+
     /// The Routers of a project with their references resolved to uids.
     fn router_links(&self, project: &str) -> Vec<RouterLinks> {
         self.routers
@@ -483,12 +500,18 @@ impl FloatingIpController {
                         .ok()
                         .map(|n| meta(n.as_ref()).uid.clone())
                 };
+                let recorded = r
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.external_ips.first())
+                    .and_then(|ip| ip.parse().ok());
                 RouterLinks {
                     name: meta(r.as_ref()).name.clone(),
-                    gateway: spec
-                        .external_gateway
-                        .as_ref()
-                        .and_then(|g| uid_of(&g.network)),
+                    gateway: spec.external_gateway.as_ref().and_then(|g| {
+                        self.holder_network(&meta(r.as_ref()).uid, recorded, project, &g.network)
+                            .ok()
+                            .map(|n| meta(n.as_ref()).uid.clone())
+                    }),
                     interfaces: spec
                         .interfaces
                         .iter()
@@ -509,7 +532,7 @@ impl FloatingIpController {
         let spec = fip_spec(fip);
         let claims = self.ip_claims.by_index(OWNER_UID, &m.uid);
         let recorded: Option<IpAddr> = fip.status.as_ref().and_then(|s| s.address.parse().ok());
-        let network = self.resolve_network(&m.project, &spec.network);
+        let network = self.holder_network(&m.uid, recorded, &m.project, &spec.network);
         let facts = AddressFacts {
             network: network.as_deref().map_err(Clone::clone),
             network_name: &spec.network,
@@ -554,7 +577,10 @@ impl FloatingIpController {
     fn association(&self, fip: &v1::FloatingIp) -> Association {
         let m = meta(fip);
         let spec = fip_spec(fip);
-        let network = self.resolve_network(&m.project, &spec.network).ok();
+        let recorded = fip.status.as_ref().and_then(|s| s.address.parse().ok());
+        let network = self
+            .holder_network(&m.uid, recorded, &m.project, &spec.network)
+            .ok();
         let network_uid = network.as_ref().map(|n| meta(n.as_ref()).uid.clone());
         let ports_of_server: Vec<Arc<v1::Port>>;
         let named_port: Arc<v1::Port>;

@@ -19,7 +19,9 @@
 //! Router, the same claims Ports hold ([`crate::ipam::external`]), honouring
 //! `spec.externalGateway.fixedIp`, recorded in `status.externalIps`. A missing external
 //! network, or one that is not `external`, is the `ExternalGateway` condition, not an
-//! error: the router is placed anyway and gets its address when the network appears.
+//! error: the router is placed anyway and gets its address when the network appears. Once
+//! the address is held, the router plans on the network its claim is on, not on a fresh
+//! lookup by name, so a project's own Network named like the external one cannot strip it.
 //!
 //! **`Ready`** is `True` once the router is placed on a node that is not lost, its gateway
 //! (if any) has its address, and the node's agent reports `Plumbed=True` for that node.
@@ -65,7 +67,7 @@ use ferro_runtime::{
     finalizer::{self, Step},
     meta,
     metrics::Metrics,
-    reflector::OWNER_UID,
+    reflector::{OWNER_UID, UID},
 };
 
 /// The finalizer that releases a Router's claims before it goes.
@@ -621,11 +623,17 @@ impl RouterController {
             return Ok((Gateway::None, recorded.is_some(), release));
         };
         let project = &meta(router).project;
-        let network: Result<Arc<v1::Network>, Unresolved> = resolve(
-            project,
-            &gateway.network,
-            self.networks.by_index(NETWORK_BY_NAME, &gateway.network),
-        );
+        let claim_refs: Vec<&v1::IpAddress> = claims.iter().map(|c| c.as_ref()).collect();
+        let held = external::held_network_uid(&claim_refs, recorded)
+            .and_then(|uid| self.networks.by_index(UID, uid).into_iter().next());
+        let network: Result<Arc<v1::Network>, Unresolved> =
+            external::planned_network(held, &gateway.network, || {
+                resolve(
+                    project,
+                    &gateway.network,
+                    self.networks.by_index(NETWORK_BY_NAME, &gateway.network),
+                )
+            });
         let facts = AddressFacts {
             network: network.as_deref().map_err(Clone::clone),
             network_name: &gateway.network,

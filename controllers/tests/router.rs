@@ -160,6 +160,31 @@ fn external_ips(router: &v1::Router) -> Vec<String> {
 
 use ferro_api::Resource;
 
+/// Writes the router's `Plumbed=True` as its node's agent would, with this message.
+async fn plumbed(cloud: &Cloud, name: &str, message: &str) {
+    let object = Object::Router(v1::Router {
+        metadata: Some(v1::ObjectMeta {
+            name: name.into(),
+            project: "default".into(),
+            ..Default::default()
+        }),
+        spec: None,
+        status: Some(v1::RouterStatus::default()),
+    });
+    let condition = v1::Condition {
+        r#type: "Plumbed".into(),
+        status: v1::condition::Status::True as i32,
+        reason: "Built".into(),
+        message: message.into(),
+        ..Default::default()
+    };
+    cloud
+        .admin
+        .update_status(object, owners::AGENT, &[], vec![condition])
+        .await
+        .expect("Plumbed");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routers_spread_over_network_nodes_with_distinct_gateway_addresses() {
     let cloud = Cloud::start().await;
@@ -451,5 +476,43 @@ async fn dropping_the_gateway_clears_status_then_frees_the_address() {
         (external_ips(&r) == ["203.0.113.12"]).then_some(())
     })
     .await;
+    controllers.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_projects_own_network_named_like_the_external_one_does_not_take_the_address() {
+    let cloud = Cloud::start().await;
+    let controllers = cloud.controllers();
+    node(&cloud, "net-1", &[NETWORK]).await;
+    let public = cloud
+        .create("apiVersion: ferro/v1\nkind: Network\nmetadata: {name: public, project: admin}\nspec:\n  external: true\n  subnets:\n  - name: v4\n    cidr: 203.0.113.0/24\n    dhcp: false\n    allocationPools: [{start: 203.0.113.10, end: 203.0.113.20}]\n")
+        .await;
+    let public_uid = public.metadata().unwrap().uid.clone();
+    router(&cloud, "edge", "{network: public}").await;
+    let placed = eventually("edge addressed on admin's public", || async {
+        let r = get(&cloud, "edge").await?;
+        (external_ips(&r).len() == 1).then_some(r)
+    })
+    .await;
+    // The project makes a network of its own with the same name: it resolves first by
+    // name, but the held address stays on the network it was claimed on.
+    cloud.network("public", "10.9.0.0/24").await;
+    // net-1's agent then reports the router built: the router is planned again (after
+    // the controllers saw the new network, created first) and turns Ready, its address
+    // kept.
+    plumbed(&cloud, "edge", "node net-1: qrouter built").await;
+    let after = eventually("edge Ready", || async {
+        let r = get(&cloud, "edge").await?;
+        (says(&r, "Ready") == Some((true, "Plumbed".into()))).then_some(r)
+    })
+    .await;
+    assert_eq!(external_ips(&after), external_ips(&placed));
+    assert_eq!(
+        says(&after, "ExternalGateway"),
+        Some((true, "Allocated".into()))
+    );
+    let claims = cloud.list::<v1::IpAddress>().await;
+    assert_eq!(claims.len(), 1);
+    assert_eq!(claims[0].spec.as_ref().unwrap().network_uid, public_uid);
     controllers.abort();
 }

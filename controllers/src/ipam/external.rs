@@ -48,6 +48,38 @@ pub struct AddressFacts<'a> {
     pub claims: Vec<&'a v1::IpAddress>,
 }
 
+/// The uid of the network the recorded address was claimed on, from the holder's live
+/// claim of it. Pure.
+///
+/// Once an address is held, the holder plans on that network, not on a fresh lookup by
+/// name: a Network of the same name that would resolve first (a project's own, created
+/// later) must not take the decision over and strip the address.
+pub fn held_network_uid<'a>(
+    claims: &[&'a v1::IpAddress],
+    recorded: Option<IpAddr>,
+) -> Option<&'a str> {
+    let recorded = recorded?;
+    claims
+        .iter()
+        .filter(|c| live(c))
+        .filter_map(|c| c.spec.as_ref())
+        .find(|s| s.address.parse::<IpAddr>().ok() == Some(recorded))
+        .map(|s| s.network_uid.as_str())
+}
+
+/// The network to plan on: the one the held address was claimed on while the spec still
+/// names it (`held`, looked up by [`held_network_uid`]), else `resolved` by name.
+pub fn planned_network<N: std::ops::Deref<Target = v1::Network>>(
+    held: Option<N>,
+    name: &str,
+    resolved: impl FnOnce() -> Result<N, Unresolved>,
+) -> Result<N, Unresolved> {
+    match held {
+        Some(network) if meta(&*network).name == name => Ok(network),
+        _ => resolved(),
+    }
+}
+
 /// How the address is obtained.
 #[derive(Clone, Debug, PartialEq)]
 pub enum AddressPlan {
@@ -501,6 +533,50 @@ mod tests {
         };
         let released = plan.release.iter().map(|c| c.name.clone()).collect();
         (address, released)
+    }
+
+    #[test]
+    fn a_held_address_keeps_its_network_whatever_else_is_named_alike() {
+        let admins = external("admin-public", true);
+        let mut shadow = external("own-public", false);
+        shadow.metadata.as_mut().unwrap().project = "p".into();
+        let held = claim("admin-public", "203.0.113.12");
+        let elsewhere = claim("older", "198.51.100.7");
+        let ip = |s: &str| Some(s.parse::<IpAddr>().unwrap());
+        let claims = vec![&elsewhere, &held];
+        assert_eq!(
+            held_network_uid(&claims, ip("203.0.113.12")),
+            Some("admin-public")
+        );
+        assert_eq!(held_network_uid(&claims, None), None, "nothing recorded");
+        assert_eq!(
+            held_network_uid(&[], ip("203.0.113.12")),
+            None,
+            "claim gone"
+        );
+
+        // The project's own `public` resolves first by name; the held one wins.
+        let by_name = || Ok(&shadow);
+        let chosen = planned_network(Some(&admins), "public", by_name).unwrap();
+        assert_eq!(meta(chosen).uid, "admin-public");
+        let facts = AddressFacts {
+            network: Ok(chosen),
+            network_name: "public",
+            requested: "",
+            recorded: ip("203.0.113.12"),
+            claims: claims.clone(),
+        };
+        assert_eq!(
+            outcome(&plan_address(&facts)).0,
+            "v4 Held(203.0.113.12)",
+            "the address stays"
+        );
+        // A spec that names another network now is resolved afresh.
+        let chosen = planned_network(Some(&admins), "other", by_name).unwrap();
+        assert_eq!(meta(chosen).uid, "own-public");
+        // Nothing held: by name.
+        let chosen = planned_network(None, "public", by_name).unwrap();
+        assert_eq!(meta(chosen).uid, "own-public");
     }
 
     #[test]
