@@ -58,6 +58,8 @@ pub struct Options {
     pub event_ttl: Duration,
     /// The scheduler's overcommit ratios and weighing.
     pub scheduling: scheduler::plan::Settings,
+    /// How long a network node stays lost before its routers fail over.
+    pub router_failover_grace: Duration,
 }
 
 impl Default for Options {
@@ -68,6 +70,7 @@ impl Default for Options {
             reconcile_timeout: Duration::from_secs(60),
             event_ttl: Duration::from_secs(3600),
             scheduling: scheduler::plan::Settings::default(),
+            router_failover_grace: router::FAILOVER_GRACE,
         }
     }
 }
@@ -278,8 +281,13 @@ pub async fn run_controllers(api: Api, metrics: Metrics, options: Options) {
         servergroup::ServerGroupController::build(&api, &caches, &metrics, settings);
     let (quotas, quota_reconciler) =
         quota::QuotaController::build(&api, &caches, &metrics, settings);
-    let (routers, router_reconciler) =
-        router::RouterController::build(&api, &caches, &metrics, settings);
+    let (routers, router_reconciler) = router::RouterController::build(
+        &api,
+        &caches,
+        &metrics,
+        settings,
+        options.router_failover_grace,
+    );
     let (fips, fip_reconciler) =
         floatingip::FloatingIpController::build(&api, &caches, &metrics, settings);
     let (security_groups, security_group_reconciler) =

@@ -10,10 +10,15 @@
 //! every change of a Node queues the unplaced routers again.
 //!
 //! **Failover is the only re-decision.** When node lifecycle declares the router's node lost
-//! (its `Ready` turns `Unknown`: the heartbeat lapsed), or the Node is gone, the router is
-//! moved to another node that fits: `status.node` is rewritten, `Scheduled` says
-//! `FailedOver` naming both nodes, and a warning Event tells the story. A node that is merely
-//! not ready (its host reports a problem) keeps its routers.
+//! (its `Ready` turns `Unknown`: the heartbeat lapsed) and it stays so for the failover
+//! grace period (30 s by default, counted from the condition's `lastTransitionTime`; the
+//! router is queued again for that moment), or the Node is gone, the router is moved to
+//! another node that fits: `status.node` is rewritten, `Scheduled` says `FailedOver`
+//! naming both nodes, and a warning Event tells the story. When most network nodes lapsed
+//! together (at least two, and more than half), it is more likely the control plane that
+//! stalled than the nodes that died: the router stays, and `Scheduled=False`
+//! (`FailoverHeldOff`) says so. A node that is merely not ready (its host reports a
+//! problem) keeps its routers.
 //!
 //! **The gateway address** is an `IPAddress` claim on the external network owned by the
 //! Router, the same claims Ports hold ([`crate::ipam::external`]), honouring
@@ -91,6 +96,8 @@ pub mod reason {
     pub const NODE_LOST: &str = "NodeLost";
     /// The node is not ready (but not lost).
     pub const NODE_NOT_READY: &str = "NodeNotReady";
+    /// The node is lost, but so are most network nodes: no failover.
+    pub const FAILOVER_HELD_OFF: &str = "FailoverHeldOff";
     /// The gateway has its address.
     pub const ALLOCATED: &str = "Allocated";
     /// The router has no external gateway.
@@ -103,6 +110,9 @@ pub mod reason {
 
 /// How often an unplaced or blocked router is looked at again without a change.
 const RETRY: Duration = Duration::from_secs(60);
+
+/// How long a node's `Ready` stays `Unknown` before its routers fail over, by default.
+pub const FAILOVER_GRACE: Duration = Duration::from_secs(30);
 
 const ROUTER_BY_NODE: &str = "router-node";
 const ROUTER_BY_GATEWAY: &str = "router-gateway";
@@ -122,6 +132,9 @@ pub struct NetworkNode {
     pub ready: bool,
     /// Node lifecycle declared it lost (`Ready=Unknown`), with its message.
     pub lost: Option<String>,
+    /// How long `Ready` has been `Unknown` (from its `lastTransitionTime`); zero if it is
+    /// not lost.
+    pub lapsed_for: Duration,
     /// `spec.unschedulable`.
     pub cordoned: bool,
     /// How many routers it hosts (placed or assumed).
@@ -146,6 +159,13 @@ pub enum Placement {
     },
     /// Unplaced, and no node fits.
     Nowhere(String),
+    /// On a lost node, but most network nodes lapsed together: no failover.
+    HeldOff {
+        /// The lost node.
+        node: String,
+        /// Why it is lost, and why the router stays.
+        why: String,
+    },
     /// On a lost node, and no other node fits.
     Stranded {
         /// The lost node.
@@ -160,7 +180,7 @@ impl Placement {
     pub fn node(&self) -> Option<&str> {
         match self {
             Placement::Stay(n) | Placement::Place(n) | Placement::Move { to: n, .. } => Some(n),
-            Placement::Stranded { node, .. } => Some(node),
+            Placement::Stranded { node, .. } | Placement::HeldOff { node, .. } => Some(node),
             Placement::Nowhere(_) => None,
         }
     }
@@ -182,8 +202,29 @@ pub fn node_lost(node: &v1::Node) -> Option<String> {
     })
 }
 
-/// What placement knows of a Node, hosting `routers` routers.
-pub fn network_node(node: &v1::Node, routers: usize) -> NetworkNode {
+/// How long the Node's `Ready` has been `Unknown` at `now`. A condition without a
+/// `lastTransitionTime` (the apiserver stamps it; only a hand-made object lacks it) counts
+/// as lapsed long ago.
+fn lapsed_for(node: &v1::Node, now: jiff::Timestamp) -> Duration {
+    let Some(ready) = node.status.as_ref().and_then(|s| {
+        s.conditions
+            .iter()
+            .find(|c| c.r#type == "Ready" && c.status == v1::condition::Status::Unknown as i32)
+    }) else {
+        return Duration::ZERO;
+    };
+    let Some(since) = ready
+        .last_transition_time
+        .as_ref()
+        .and_then(|t| jiff::Timestamp::new(t.seconds, t.nanos).ok())
+    else {
+        return Duration::MAX;
+    };
+    Duration::try_from(now.duration_since(since)).unwrap_or(Duration::ZERO)
+}
+
+/// What placement knows of a Node at `now`, hosting `routers` routers.
+pub fn network_node(node: &v1::Node, routers: usize, now: jiff::Timestamp) -> NetworkNode {
     let roles = node
         .status
         .as_ref()
@@ -194,6 +235,7 @@ pub fn network_node(node: &v1::Node, routers: usize) -> NetworkNode {
         network_role: roles.contains(&(v1::node_status::Role::Network as i32)),
         ready: node_ready(node),
         lost: node_lost(node),
+        lapsed_for: lapsed_for(node, now),
         cordoned: node.spec.as_ref().is_some_and(|s| s.unschedulable),
         routers,
     }
@@ -221,8 +263,17 @@ fn nothing_fits(nodes: &[NetworkNode], except: &str) -> String {
     )
 }
 
-/// Decides where a Router with `current` as its recorded node runs. Pure.
-pub fn place(current: &str, nodes: &[NetworkNode]) -> Placement {
+/// How long until the router on `current` fails over, if its node is lost and the grace
+/// period has not run out. Pure.
+pub fn failover_due(current: &str, nodes: &[NetworkNode], grace: Duration) -> Option<Duration> {
+    let node = nodes.iter().find(|n| n.name == current)?;
+    node.lost.as_ref()?;
+    grace.checked_sub(node.lapsed_for).filter(|d| !d.is_zero())
+}
+
+/// Decides where a Router with `current` as its recorded node runs, failing over only once
+/// the node has been lost for `grace`. Pure.
+pub fn place(current: &str, nodes: &[NetworkNode], grace: Duration) -> Placement {
     if current.is_empty() {
         return match choose(nodes, "") {
             Some(n) => Placement::Place(n.name.clone()),
@@ -232,10 +283,24 @@ pub fn place(current: &str, nodes: &[NetworkNode]) -> Placement {
     let why = match nodes.iter().find(|n| n.name == current) {
         None => format!("node {current} is gone"),
         Some(n) => match &n.lost {
-            Some(why) => why.clone(),
-            None => return Placement::Stay(current.to_owned()),
+            Some(why) if n.lapsed_for >= grace => why.clone(),
+            // Not lost, or not for long enough: a blip is no reason to move.
+            _ => return Placement::Stay(current.to_owned()),
         },
     };
+    let role = nodes.iter().filter(|n| n.network_role).count();
+    let lapsed = nodes
+        .iter()
+        .filter(|n| n.network_role && n.lost.is_some())
+        .count();
+    if lapsed >= 2 && lapsed * 2 > role {
+        return Placement::HeldOff {
+            node: current.to_owned(),
+            why: format!(
+                "{why}; not failing over: {lapsed} of {role} network nodes lapsed together, which looks like a control-plane stall"
+            ),
+        };
+    }
     match choose(nodes, current) {
         Some(n) => Placement::Move {
             from: current.to_owned(),
@@ -344,6 +409,12 @@ pub fn conditions(
             reason::NODE_LOST,
             format!("node {node} is lost: {why}"),
         ),
+        Placement::HeldOff { node, why } => condition(
+            SCHEDULED,
+            false,
+            reason::FAILOVER_HELD_OFF,
+            format!("node {node} is lost: {why}"),
+        ),
     };
     let external = match gateway {
         Gateway::None => condition(
@@ -425,6 +496,8 @@ pub struct RouterController {
     /// Placements decided and not yet in the cache, by router uid. Its lock also
     /// serialises decisions.
     assumed: Arc<Mutex<HashMap<String, Assumption>>>,
+    /// How long a node stays lost before its routers fail over.
+    failover_grace: Duration,
 }
 
 fn recorded_node(router: &v1::Router) -> &str {
@@ -449,12 +522,14 @@ fn keys(routers: Vec<Arc<v1::Router>>) -> Vec<ObjectRef> {
 }
 
 impl RouterController {
-    /// Builds the controller over the shared caches.
+    /// Builds the controller over the shared caches; routers fail over once their node has
+    /// been lost for `failover_grace` ([`FAILOVER_GRACE`] in production).
     pub fn build(
         api: &Api,
         caches: &Caches,
         metrics: &Metrics,
         settings: Settings,
+        failover_grace: Duration,
     ) -> (Controller, Arc<RouterController>) {
         let routers = caches.store::<v1::Router>();
         let nodes = caches.store::<v1::Node>();
@@ -500,6 +575,16 @@ impl RouterController {
             if c.new.as_ref().is_some_and(|n| node_lost(n).is_some()) || c.new.is_none() {
                 routers.extend(by_node.list());
             }
+            // A node that can take routers now may be where a stranded or held-off router
+            // goes.
+            if c.new.as_ref().is_some_and(|n| node_ready(n)) {
+                routers.extend(by_node.list().into_iter().filter(|r| {
+                    r.status.as_ref().is_some_and(|s| {
+                        find(&s.conditions, SCHEDULED)
+                            .is_some_and(|c| c.status != v1::condition::Status::True as i32)
+                    })
+                }));
+            }
             let set: BTreeSet<ObjectRef> = keys(routers).into_iter().collect();
             set.into_iter().collect()
         };
@@ -541,13 +626,14 @@ impl RouterController {
             networks,
             ip_claims,
             assumed,
+            failover_grace,
         });
         (controller, reconciler)
     }
 
     /// Decides placement under the lock and assumes a new decision, so the next decision
-    /// counts it.
-    fn decide(&self, router: &v1::Router) -> Placement {
+    /// counts it. Also says when to look again if the node is lost within its grace.
+    fn decide(&self, router: &v1::Router) -> (Placement, Option<Duration>) {
         let uid = meta(router).uid.clone();
         let mut assumed = self.assumed.lock().unwrap_or_else(|e| e.into_inner());
         let mut counts: HashMap<String, usize> = HashMap::new();
@@ -571,14 +657,18 @@ impl RouterController {
             .nodes
             .list()
             .iter()
-            .map(|n| network_node(n, counts.get(&meta(n.as_ref()).name).copied().unwrap_or(0)))
+            .map(|n| {
+                let routers = counts.get(&meta(n.as_ref()).name).copied().unwrap_or(0);
+                network_node(n, routers, jiff::Timestamp::now())
+            })
             .collect();
         nodes.sort_by(|a, b| a.name.cmp(&b.name));
-        let placement = place(recorded_node(router), &nodes);
+        let placement = place(recorded_node(router), &nodes, self.failover_grace);
+        let due = failover_due(recorded_node(router), &nodes, self.failover_grace);
         if let Placement::Place(node) | Placement::Move { to: node, .. } = &placement {
             assumed.insert(uid, Assumption { node: node.clone() });
         }
-        placement
+        (placement, due)
     }
 
     fn forget(&self, uid: &str) {
@@ -695,7 +785,13 @@ impl RouterController {
             // queues the router again.
             return Ok(Action::AwaitChange);
         }
-        let placement = self.decide(router);
+        let (placement, due) = self.decide(router);
+        // When the lost node's grace runs out, look again.
+        let settle = |action: Action| match (action, due) {
+            (Action::AwaitChange, Some(due)) => Action::Requeue(due),
+            (Action::Requeue(after), Some(due)) => Action::Requeue(after.min(due)),
+            (action, _) => action,
+        };
         let (gateway, ips_changed, release) = match self.gateway(router).await {
             Ok(g) => g,
             Err(e) => {
@@ -722,11 +818,14 @@ impl RouterController {
                 .all(|c| condition_holds(&status.conditions, c, m.generation));
         if !node_changed && !ips_changed && holds {
             external::release_claims(&self.api, &release).await?;
-            return Ok(match (&placement, &gateway) {
-                (Placement::Nowhere(_) | Placement::Stranded { .. }, _)
+            return Ok(settle(match (&placement, &gateway) {
+                (
+                    Placement::Nowhere(_) | Placement::Stranded { .. } | Placement::HeldOff { .. },
+                    _,
+                )
                 | (_, Gateway::Blocked(_)) => Action::Requeue(RETRY),
                 _ => Action::AwaitChange,
-            });
+            }));
         }
         let mut fields = vec!["observedGeneration"];
         let mut new_status = v1::RouterStatus {
@@ -794,19 +893,20 @@ impl RouterController {
                     .normal(router, reason::SCHEDULED, &message)
                     .await;
             }
-            Placement::Nowhere(_) | Placement::Stranded { .. } if !told => {
+            Placement::Nowhere(_) | Placement::Stranded { .. } | Placement::HeldOff { .. }
+                if !told =>
+            {
                 self.recorder
                     .warning(router, &scheduled.reason, &scheduled.message)
                     .await;
             }
             _ => {}
         }
-        Ok(match (&placement, &gateway) {
-            (Placement::Nowhere(_) | Placement::Stranded { .. }, _) | (_, Gateway::Blocked(_)) => {
-                Action::Requeue(RETRY)
-            }
+        Ok(settle(match (&placement, &gateway) {
+            (Placement::Nowhere(_) | Placement::Stranded { .. } | Placement::HeldOff { .. }, _)
+            | (_, Gateway::Blocked(_)) => Action::Requeue(RETRY),
             _ => Action::AwaitChange,
-        })
+        }))
     }
 }
 
@@ -847,12 +947,15 @@ impl Reconcile for RouterController {
 mod tests {
     use super::*;
 
+    const GRACE: Duration = Duration::from_secs(30);
+
     fn node(name: &str, role: bool, ready: bool, lost: bool, routers: usize) -> NetworkNode {
         NetworkNode {
             name: name.into(),
             network_role: role,
             ready,
             lost: lost.then(|| "heartbeat lapsed".to_owned()),
+            lapsed_for: if lost { GRACE } else { Duration::ZERO },
             cordoned: false,
             routers,
         }
@@ -918,12 +1021,72 @@ mod tests {
             ),
         ];
         for (what, current, nodes, want) in cases {
-            assert_eq!(place(current, &nodes), want, "{what}");
+            assert_eq!(place(current, &nodes, GRACE), want, "{what}");
         }
+        // Failover waits out the grace period, and holds off when most nodes lapsed.
+        let mut blip = node("a", true, false, true, 1);
+        blip.lapsed_for = Duration::from_secs(10);
+        let others = || {
+            vec![
+                node("b", true, true, false, 0),
+                node("c", true, true, false, 0),
+            ]
+        };
+        let nodes: Vec<NetworkNode> = std::iter::once(blip.clone()).chain(others()).collect();
+        assert_eq!(
+            place("a", &nodes, GRACE),
+            Placement::Stay("a".into()),
+            "a lapse shorter than the grace period moves nothing"
+        );
+        assert_eq!(
+            failover_due("a", &nodes, GRACE),
+            Some(Duration::from_secs(20)),
+            "and the router is looked at again when it runs out"
+        );
+        assert_eq!(failover_due("b", &nodes, GRACE), None, "b is not lost");
+        assert_eq!(
+            failover_due("a", &[node("a", true, false, true, 1)], GRACE),
+            None,
+            "the grace has run out"
+        );
+        let stalled = vec![
+            node("a", true, false, true, 1),
+            node("b", true, false, true, 1),
+            node("c", true, true, false, 0),
+        ];
+        assert_eq!(
+            place("a", &stalled, GRACE),
+            Placement::HeldOff {
+                node: "a".into(),
+                why: "heartbeat lapsed; not failing over: 2 of 3 network nodes lapsed together, which looks like a control-plane stall".into(),
+            },
+            "two of three network nodes lapsing together is a stall, not two deaths"
+        );
+        let one_of_three = vec![
+            node("a", true, false, true, 1),
+            node("b", true, true, false, 1),
+            node("c", true, true, false, 0),
+        ];
+        assert_eq!(
+            place("a", &one_of_three, GRACE),
+            Placement::Move {
+                from: "a".into(),
+                to: "c".into(),
+                why: "heartbeat lapsed".into(),
+            },
+            "one of three is a lost node"
+        );
+        let held = conditions(&place("a", &stalled, GRACE), &Gateway::None, &[], false, 1);
+        assert_eq!(
+            (held[0].status, held[0].reason.as_str()),
+            (v1::condition::Status::False as i32, "FailoverHeldOff")
+        );
+        assert_eq!(held[2].reason, "FailoverHeldOff", "Ready says why too");
+
         let mut cordoned = node("a", true, true, false, 0);
         cordoned.cordoned = true;
         assert_eq!(
-            place("", &[cordoned, node("b", true, true, false, 5)]),
+            place("", &[cordoned, node("b", true, true, false, 5)], GRACE),
             Placement::Place("b".into()),
             "a cordoned node takes no new routers"
         );
