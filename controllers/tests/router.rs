@@ -20,12 +20,18 @@ fn timestamp(ago: Duration) -> prost_types::Timestamp {
     }
 }
 
-/// Writes a node's heartbeat Lease as renewed `ago`, for 60 s.
+/// How long a test heartbeat lasts: far longer than any `eventually` waits, so a node
+/// lapses only when a test says so, however slow the machine.
+const LEASE: Duration = Duration::from_secs(3600);
+/// A renewal this long ago has lapsed.
+const LAPSED: Duration = Duration::from_secs(2 * 3600);
+
+/// Writes a node's heartbeat Lease as renewed `ago`, for [`LEASE`].
 async fn heartbeat(cloud: &Cloud, name: &str, ago: Duration) {
     let lease_name = format!("node-{name}");
     let spec = v1::LeaseSpec {
         holder_identity: name.into(),
-        lease_duration_seconds: 60,
+        lease_duration_seconds: LEASE.as_secs() as u32,
         renew_time: Some(timestamp(ago)),
         ..Default::default()
     };
@@ -93,6 +99,20 @@ async fn node(cloud: &Cloud, name: &str, roles: &[v1::node_status::Role]) {
         .await
         .expect("node status");
     heartbeat(cloud, name, Duration::ZERO).await;
+}
+
+/// Waits until node lifecycle has declared the node `Ready`.
+async fn ready_node(cloud: &Cloud, name: &str) {
+    eventually(&format!("node {name} Ready"), || async {
+        let node = cloud.admin.get_typed::<v1::Node>("", name).await.ok()?;
+        node.status
+            .as_ref()?
+            .conditions
+            .iter()
+            .any(|c| c.r#type == "Ready" && c.status == v1::condition::Status::True as i32)
+            .then_some(())
+    })
+    .await;
 }
 
 const NETWORK: v1::node_status::Role = v1::node_status::Role::Network;
@@ -192,6 +212,10 @@ async fn routers_spread_over_network_nodes_with_distinct_gateway_addresses() {
     node(&cloud, "net-1", &[NETWORK]).await;
     node(&cloud, "net-2", &[NETWORK, COMPUTE]).await;
     node(&cloud, "compute-1", &[COMPUTE]).await;
+    // Placement spreads over the nodes it sees Ready: all of them, before any router.
+    for name in ["net-1", "net-2", "compute-1"] {
+        ready_node(&cloud, name).await;
+    }
     let public = external_network(&cloud, "public", true).await;
     router(&cloud, "fixed", "{network: public, fixedIp: 203.0.113.15}").await;
     for i in 0..3 {
@@ -274,18 +298,22 @@ async fn a_router_waits_for_a_network_node_and_an_external_network() {
     })
     .await;
     assert!(node_of(&edge).is_empty());
-    let events = cloud.list::<v1::Event>().await;
-    assert!(
-        events.iter().any(|e| {
-            let spec = e.spec.as_ref().unwrap();
-            spec.reason == "NoNetworkNode"
-                && spec
-                    .involved_object
-                    .as_ref()
-                    .is_some_and(|o| o.name == "edge")
-        }),
-        "an Event says why the router is not placed"
-    );
+    eventually("an Event says why the router is not placed", || async {
+        let events = cloud.list::<v1::Event>().await;
+        events
+            .iter()
+            .any(|e| {
+                e.spec.as_ref().is_some_and(|spec| {
+                    spec.reason == "NoNetworkNode"
+                        && spec
+                            .involved_object
+                            .as_ref()
+                            .is_some_and(|o| o.name == "edge")
+                })
+            })
+            .then_some(())
+    })
+    .await;
 
     // A compute node is no use; a network node is.
     node(&cloud, "compute-1", &[COMPUTE]).await;
@@ -369,12 +397,18 @@ async fn a_router_on_a_lost_node_moves_to_another_network_node() {
     })
     .await;
     node(&cloud, "net-2", &[NETWORK]).await;
-    // A second network node appearing does not move a placed router.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    ready_node(&cloud, "net-2").await;
+    // A second network node appearing does not move a placed router: once a new router
+    // lands on net-2, the controller has seen net-2 Ready, and edge is still on net-1.
+    router(&cloud, "probe", "{network: public}").await;
+    eventually("probe placed on net-2", || async {
+        (node_of(&get(&cloud, "probe").await?) == "net-2").then_some(())
+    })
+    .await;
     assert_eq!(node_of(&get(&cloud, "edge").await.unwrap()), "net-1");
 
     // net-1's heartbeat lapses: node lifecycle declares it lost.
-    heartbeat(&cloud, "net-1", Duration::from_secs(120)).await;
+    heartbeat(&cloud, "net-1", LAPSED).await;
     let moved = eventually("edge moved to net-2", || async {
         let r = get(&cloud, "edge").await?;
         (node_of(&r) == "net-2").then_some(r)
@@ -403,10 +437,17 @@ async fn a_router_on_a_lost_node_moves_to_another_network_node() {
             .then_some(())
     })
     .await;
-    // net-1 comes back: the router stays where it was moved.
+    // net-1 comes back: the router stays where it was moved. Once net-1 is Ready again,
+    // net-2's agent reports the router built; when the router turns Ready on that, it was
+    // planned with net-1 back, and stayed.
     heartbeat(&cloud, "net-1", Duration::ZERO).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let after = get(&cloud, "edge").await.unwrap();
+    ready_node(&cloud, "net-1").await;
+    plumbed(&cloud, "edge", "node net-2: qrouter built").await;
+    let after = eventually("edge Ready on net-2", || async {
+        let r = get(&cloud, "edge").await?;
+        (says(&r, "Ready") == Some((true, "Plumbed".into()))).then_some(r)
+    })
+    .await;
     assert_eq!(node_of(&after), "net-2");
     assert_eq!(condition(&after, "Scheduled").unwrap().reason, "FailedOver");
     controllers.abort();
@@ -422,7 +463,7 @@ async fn a_router_on_a_lost_node_with_nowhere_to_go_says_so() {
         (node_of(&get(&cloud, "edge").await?) == "net-1").then_some(())
     })
     .await;
-    heartbeat(&cloud, "net-1", Duration::from_secs(120)).await;
+    heartbeat(&cloud, "net-1", LAPSED).await;
     let stranded = eventually("edge stranded", || async {
         let r = get(&cloud, "edge").await?;
         (says(&r, "Scheduled") == Some((false, "NodeLost".into()))).then_some(r)
