@@ -13,7 +13,10 @@
 //! `spec.fixedIp` or the port's first IPv4 address; the Router is the first, by name, whose
 //! gateway is on the external network and which has a leg on the port's subnet.
 //! `status.fixedIp` and `status.router` follow, and `Associated` says which port, or why
-//! none (`PortNotFound`, `NoRouter`, …). Moving the FloatingIP to another target, or
+//! none (`PortNotFound`, `NoRouter`, …). One private address takes one FloatingIP: when two
+//! map the same port's address, the earlier (by creation time, then name) keeps it and the
+//! later is `Associated=False` (`FixedIpInUse`) naming it ([`first_mapping`]). Moving the
+//! FloatingIP to another target, or
 //! clearing it, rewrites them; the agent on the router's node turns them into rules.
 //!
 //! **`Ready`** is `True` once the address is held, the FloatingIP is associated, and the
@@ -81,6 +84,8 @@ pub mod reason {
     pub const NO_IPV4_ADDRESS: &str = "NoIPv4Address";
     /// No Router connects the port's subnet to the external network.
     pub const NO_ROUTER: &str = "NoRouter";
+    /// An earlier FloatingIP maps the same private address.
+    pub const FIXED_IP_IN_USE: &str = "FixedIpInUse";
     /// The agent has not reported the translation in place.
     pub const WAITING_FOR_AGENT: &str = "WaitingForAgent";
     /// The agent reports the translation in place.
@@ -270,6 +275,45 @@ pub fn associate(facts: &AssociationFacts<'_>) -> Association {
     }
 }
 
+/// Where a FloatingIP ranks among those mapping the same address: earlier creation time
+/// first, then name.
+pub type Rank = ((i64, i32), String);
+
+/// The rank of a FloatingIP.
+pub fn rank(fip: &v1::FloatingIp) -> Rank {
+    let m = meta(fip);
+    let created = m
+        .creation_timestamp
+        .as_ref()
+        .map(|t| (t.seconds, t.nanos))
+        .unwrap_or_default();
+    (created, m.name.clone())
+}
+
+/// The association once other FloatingIPs of the project are counted: if an earlier one
+/// (`others`: rank and association) maps the same port's private address, this one is
+/// `FixedIpInUse`, naming the earliest. Pure.
+pub fn first_mapping(mine: Association, me: &Rank, others: &[(Rank, Association)]) -> Association {
+    let Association::Associated { port, fixed_ip, .. } = &mine else {
+        return mine;
+    };
+    let earlier = others
+        .iter()
+        .filter(|(r, a)| {
+            r < me
+                && matches!(a, Association::Associated { port: p, fixed_ip: ip, .. }
+                    if p == port && ip == fixed_ip)
+        })
+        .min_by(|a, b| a.0.cmp(&b.0));
+    match earlier {
+        Some(((_, other), _)) => not(
+            reason::FIXED_IP_IN_USE,
+            format!("{fixed_ip} of port {port} is already mapped by floating IP {other}"),
+        ),
+        None => mine,
+    }
+}
+
 /// What became of the address.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Address {
@@ -400,7 +444,7 @@ impl FloatingIpController {
                 .collect()
         }
         let (f1, f2, f3, f4) = (fips.clone(), fips.clone(), fips.clone(), fips.clone());
-        let f5 = fips.clone();
+        let (f5, f6) = (fips.clone(), fips.clone());
         let controller = Controller::new("floating-ip", settings, metrics.clone())
             .reconciles(&fips)
             .owns(&ip_claims, Kind::FloatingIP)
@@ -414,6 +458,14 @@ impl FloatingIpController {
                     .filter(|f| f.status.as_ref().is_none_or(|s| s.address.is_empty()))
                     .map(|f| ObjectRef::of(f.as_ref()))
                     .collect()
+            })
+            .watches(&fips, move |c| {
+                // Which of two FloatingIPs keeps a private address depends on the other.
+                let mut keys = BTreeSet::new();
+                for f in c.old.iter().chain(c.new.iter()) {
+                    keys.extend(in_project(&f6, &meta(f.as_ref()).project));
+                }
+                keys.into_iter().collect()
             })
             .watches(&ports, move |c| {
                 let mut keys = BTreeSet::new();
@@ -636,7 +688,17 @@ impl FloatingIpController {
     async fn apply(&self, fip: &v1::FloatingIp) -> Result<Action, ReconcileError> {
         let m = meta(fip);
         let (address, address_changed, release) = self.address(fip).await?;
-        let association = self.association(fip);
+        let others: Vec<(Rank, Association)> = self
+            .fips
+            .by_index(BY_PROJECT, &m.project)
+            .iter()
+            .filter(|o| {
+                let om = meta(o.as_ref());
+                om.uid != m.uid && om.deletion_timestamp.is_none()
+            })
+            .map(|o| (rank(o), self.association(o)))
+            .collect();
+        let association = first_mapping(self.association(fip), &rank(fip), &others);
         let status = fip.status.clone().unwrap_or_default();
         let router_node = match &association {
             Association::Associated { router, .. } => self
@@ -888,6 +950,72 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn one_private_address_takes_one_floating_ip() {
+        let mapped = |port: &str, ip: &str| Association::Associated {
+            port: port.into(),
+            fixed_ip: ip.parse().unwrap(),
+            router: "edge".into(),
+        };
+        let at = |secs: i64, name: &str| ((secs, 0), name.to_owned());
+        let others = vec![
+            (at(5, "b"), mapped("web", "10.0.1.5")),
+            (at(5, "a"), mapped("web", "10.0.1.5")),
+            (at(1, "z"), mapped("db", "10.0.1.6")),
+        ];
+        let cases = vec![
+            (
+                "a later one is refused, naming the earliest",
+                at(9, "c"),
+                "web",
+                "10.0.1.5",
+                "FixedIpInUse a",
+            ),
+            (
+                "the same time: by name",
+                at(5, "c"),
+                "web",
+                "10.0.1.5",
+                "FixedIpInUse a",
+            ),
+            (
+                "the earliest keeps it",
+                at(5, "a"),
+                "web",
+                "10.0.1.5",
+                "web",
+            ),
+            (
+                "an earlier one keeps it",
+                at(2, "x"),
+                "web",
+                "10.0.1.5",
+                "web",
+            ),
+            (
+                "another address is free",
+                at(9, "c"),
+                "web",
+                "10.0.1.7",
+                "web",
+            ),
+        ];
+        for (what, me, port, ip, want) in cases {
+            let got = match first_mapping(mapped(port, ip), &me, &others) {
+                Association::Associated { port, .. } => port,
+                Association::NotAssociated { reason, message } => {
+                    format!("{reason} {}", message.rsplit(' ').next().unwrap())
+                }
+            };
+            assert_eq!(got, want, "{what}");
+        }
+        let nowhere = not(reason::NO_ROUTER, "x".into());
+        assert_eq!(
+            first_mapping(nowhere.clone(), &at(9, "c"), &others),
+            nowhere
+        );
     }
 
     #[test]

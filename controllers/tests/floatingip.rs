@@ -273,3 +273,52 @@ async fn a_floating_ip_on_a_server_takes_its_first_routed_port() {
     assert_eq!(status(&lost).router, "");
     controllers.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_floating_ip_on_the_same_fixed_ip_is_refused() {
+    let cloud = Cloud::start().await;
+    let controllers = cloud.controllers();
+    external_network(&cloud).await;
+    cloud.network("private", "10.0.1.0/24").await;
+    cloud.port("web", "private").await;
+    cloud
+        .create("apiVersion: ferro/v1\nkind: Router\nmetadata: {name: edge}\nspec: {externalGateway: {network: public}, interfaces: [{network: private, subnet: a}]}\n")
+        .await;
+    fip(&cloud, "first", "{network: public, port: web}").await;
+    eventually("first associated", || async {
+        let f = get(&cloud, "first").await?;
+        (says(&f, "Associated") == Some((true, "Associated".into()))).then_some(())
+    })
+    .await;
+    fip(&cloud, "second", "{network: public, port: web}").await;
+    let refused = eventually("second refused", || async {
+        let f = get(&cloud, "second").await?;
+        (says(&f, "Associated") == Some((false, "FixedIpInUse".into()))).then_some(f)
+    })
+    .await;
+    let message = &refused
+        .status
+        .as_ref()
+        .unwrap()
+        .conditions
+        .iter()
+        .find(|c| c.r#type == "Associated")
+        .unwrap()
+        .message;
+    assert!(message.ends_with("floating IP first"), "{message}");
+    assert!(status(&refused).fixed_ip.is_empty());
+    let first = get(&cloud, "first").await.unwrap();
+    assert_eq!(
+        says(&first, "Associated"),
+        Some((true, "Associated".into()))
+    );
+
+    // The first goes: the second takes the address.
+    cloud.delete(Kind::FloatingIP, "default", "first").await;
+    eventually("second associated once first is gone", || async {
+        let f = get(&cloud, "second").await?;
+        (says(&f, "Associated") == Some((true, "Associated".into()))).then_some(())
+    })
+    .await;
+    controllers.abort();
+}
