@@ -323,6 +323,26 @@ pub enum Address {
     Blocked(v1::Condition),
 }
 
+/// The `Associated=True` message: `mapped to <fixedIp> of port <port> through router
+/// <router>`; [`associated_port`] reads the port back.
+pub fn associated_message(fixed_ip: IpAddr, port: &str, router: &str) -> String {
+    format!("mapped to {fixed_ip} of port {port} through router {router}")
+}
+
+/// The port the controller resolved, from an `Associated=True` condition among
+/// `conditions` (status has no field for it), for `ferro get -o wide`.
+pub fn associated_port(conditions: &[v1::Condition]) -> Option<&str> {
+    let c = conditions.iter().find(|c| {
+        c.r#type == ASSOCIATED
+            && c.status == v1::condition::Status::True as i32
+            && c.reason == reason::ASSOCIATED
+    })?;
+    let rest = c.message.strip_prefix("mapped to ")?;
+    let (_, rest) = rest.split_once(" of port ")?;
+    let (port, _) = rest.rsplit_once(" through router ")?;
+    Some(port)
+}
+
 /// The subject of the agent's `Plumbed` message for a mapping to `fixed_ip` through
 /// `router`, built on `node`.
 pub fn plumbed_subject(node: &str, fixed_ip: IpAddr, router: &str) -> String {
@@ -349,7 +369,7 @@ pub fn conditions(
             ASSOCIATED,
             true,
             reason::ASSOCIATED,
-            format!("mapped to {fixed_ip} of port {port} through router {router}"),
+            associated_message(*fixed_ip, port, router),
         ),
         Association::NotAssociated { reason, message } => {
             condition(ASSOCIATED, false, reason, message.clone())
@@ -950,6 +970,23 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn the_associated_port_reads_back() {
+        let mapped = Association::Associated {
+            port: "web-0".into(),
+            fixed_ip: "10.0.1.5".parse().unwrap(),
+            router: "edge".into(),
+        };
+        let held = Address::Held("203.0.113.7".parse().unwrap());
+        let written = conditions(&held, &mapped, &[], None, 1);
+        assert_eq!(associated_port(&written), Some("web-0"));
+        let nowhere = not(reason::NO_ROUTER, "no router".into());
+        assert_eq!(
+            associated_port(&conditions(&held, &nowhere, &[], None, 1)),
+            None
+        );
     }
 
     #[test]

@@ -319,6 +319,12 @@ fn columns(object: &Object, wide: bool) -> Vec<(&'static str, String)> {
             cells.push(("TARGET", target));
             cells.push(("FIXED-IP", status.fixed_ip.clone()));
             cells.push(("READY", condition(&status.conditions, "Ready")));
+            wide_cells.push((
+                "PORT",
+                ferro_controllers::floatingip::associated_port(&status.conditions)
+                    .unwrap_or_default()
+                    .to_owned(),
+            ));
             wide_cells.push(("ROUTER", status.router.clone()));
             wide_cells.push(("REASON", not_ready_reason(&status.conditions)));
         }
@@ -569,10 +575,35 @@ mod tests {
                 ..Default::default()
             }),
         });
+        let associated = v1::Condition {
+            message: ferro_controllers::floatingip::associated_message(
+                "10.0.1.5".parse().unwrap(),
+                "web-0",
+                "edge",
+            ),
+            ..condition("Associated", true, "Associated")
+        };
+        let on_server = Object::FloatingIP(v1::FloatingIp {
+            metadata: meta("db"),
+            spec: Some(v1::FloatingIpSpec {
+                network: "public".into(),
+                server: "web".into(),
+                ..Default::default()
+            }),
+            status: Some(v1::FloatingIpStatus {
+                address: "203.0.113.13".into(),
+                fixed_ip: "10.0.1.5".into(),
+                router: "edge".into(),
+                conditions: vec![associated, condition("Ready", true, "Plumbed")],
+                ..Default::default()
+            }),
+        });
+        // A server's floating IP shows the port the controller chose.
         assert_eq!(
-            render(&[fip], true, false),
-            "NAME   ADDRESS        NETWORK   TARGET       FIXED-IP   READY   ROUTER   REASON   AGE\n\
-             web    203.0.113.12   public    port/web-0   10.0.1.5   True    edge     <none>   <none>\n"
+            render(&[fip, on_server], true, false),
+            "NAME   ADDRESS        NETWORK   TARGET       FIXED-IP   READY   PORT     ROUTER   REASON   AGE\n\
+             web    203.0.113.12   public    port/web-0   10.0.1.5   True    <none>   edge     <none>   <none>\n\
+             db     203.0.113.13   public    server/web   10.0.1.5   True    web-0    edge     <none>   <none>\n"
         );
     }
 
