@@ -70,7 +70,9 @@ pub(super) fn check_router(
             let Some(m) = other.metadata.as_ref() else {
                 return false;
             };
-            if m.project == meta.project && m.name == meta.name {
+            // Itself, or a router on its way out (its legs go with it).
+            if (m.project == meta.project && m.name == meta.name) || m.deletion_timestamp.is_some()
+            {
                 return false;
             }
             other
@@ -244,6 +246,15 @@ mod tests {
         }
         // A router's own interfaces do not conflict with themselves on update.
         assert_eq!(errors(EDGE, &existing), Vec::<String>::new());
+        // A router being deleted no longer holds its subnets.
+        let mut going = others(&[PUBLIC, PRIVATE, EDGE]);
+        going.routers[0]
+            .metadata
+            .as_mut()
+            .unwrap()
+            .deletion_timestamp = Some(prost_types::Timestamp::default());
+        let doc = "kind: Router\nmetadata: {name: other}\nspec: {interfaces: [{network: private, subnet: a}]}";
+        assert_eq!(errors(doc, &going), Vec::<String>::new());
         // The same subnet name on another network is another subnet.
         let elsewhere = others(&[
             PRIVATE,
