@@ -123,7 +123,7 @@ pub fn table(kind: Kind) -> &'static [Ownership] {
             own!(
                 ROUTER_CONTROLLER,
                 ["node", "externalIps", "observedGeneration"],
-                ["Ready", "Scheduled", "ExternalGateway"]
+                ["Ready", "Scheduled", "ExternalGateway", "Interfaces"]
             ),
             // `Plumbed`'s message begins `node <name>`; the router controller counts
             // only one naming the router's current node, at the current generation.

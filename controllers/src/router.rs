@@ -40,6 +40,12 @@
 //! router's current node and is of the current generation ([`plumbed_current`]); any other
 //! is stale and readiness waits for the agent.
 //!
+//! **One router per subnet.** Admission refuses a leg on a subnet another router joins, but
+//! two applies can pass it together. So the controller checks too ([`interface_conflict`],
+//! pure): of routers sharing a subnet the earliest (creation time, then project and name)
+//! keeps it, and a later one is `Interfaces=False` and `Ready=False`, reason
+//! `InterfaceConflict`, naming the other. Routers being deleted do not count.
+//!
 //! **Deletion.** The finalizer [`ROUTER_FINALIZER`] releases the router's claims before the
 //! Router goes.
 
@@ -83,6 +89,8 @@ pub const SCHEDULED: &str = "Scheduled";
 pub const EXTERNAL_GATEWAY: &str = "ExternalGateway";
 /// The agent's condition: the router's namespace is built on its node.
 pub const PLUMBED: &str = "Plumbed";
+/// The condition saying whether another router already joins one of this one's subnets.
+pub const INTERFACES: &str = "Interfaces";
 
 /// Condition reasons the router controller writes.
 pub mod reason {
@@ -106,6 +114,10 @@ pub mod reason {
     pub const WAITING_FOR_AGENT: &str = "WaitingForAgent";
     /// The node's agent reports the router built.
     pub const PLUMBED: &str = "Plumbed";
+    /// No other router joins the router's subnets.
+    pub const NO_CONFLICT: &str = "NoConflict";
+    /// An earlier router joins one of the router's subnets.
+    pub const INTERFACE_CONFLICT: &str = "InterfaceConflict";
 }
 
 /// How often an unplaced or blocked router is looked at again without a change.
@@ -115,7 +127,7 @@ const RETRY: Duration = Duration::from_secs(60);
 pub const FAILOVER_GRACE: Duration = Duration::from_secs(30);
 
 const ROUTER_BY_NODE: &str = "router-node";
-const ROUTER_BY_GATEWAY: &str = "router-gateway";
+const ROUTER_BY_NETWORK: &str = "router-network";
 const NETWORK_BY_NAME: &str = "router-network-name";
 
 // ---------------------------------------------------------------------------------------
@@ -476,6 +488,85 @@ pub fn conditions(
 }
 
 // ---------------------------------------------------------------------------------------
+// Legs.
+
+/// One leg of a Router, its network resolved.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Leg {
+    /// The Network's uid.
+    pub network_uid: String,
+    /// The Network's name, for messages.
+    pub network: String,
+    /// The subnet's name.
+    pub subnet: String,
+}
+
+/// Where a Router ranks among those sharing a subnet: creation time, project, name.
+pub type RouterRank = ((i64, i32), String, String);
+
+/// The rank of a Router.
+pub fn router_rank(router: &v1::Router) -> RouterRank {
+    let m = meta(router);
+    let created = m
+        .creation_timestamp
+        .as_ref()
+        .map(|t| (t.seconds, t.nanos))
+        .unwrap_or_default();
+    (created, m.project.clone(), m.name.clone())
+}
+
+/// Why this router may not have its legs: an earlier router (of `others`, with their
+/// ranks and legs) joins one of the same subnets. Pure.
+pub fn interface_conflict(
+    me: &RouterRank,
+    mine: &[Leg],
+    others: &[(RouterRank, Vec<Leg>)],
+) -> Option<String> {
+    mine.iter().find_map(|leg| {
+        let (rank, _) = others
+            .iter()
+            .filter(|(rank, legs)| {
+                rank < me
+                    && legs
+                        .iter()
+                        .any(|l| l.network_uid == leg.network_uid && l.subnet == leg.subnet)
+            })
+            .min_by(|a, b| a.0.cmp(&b.0))?;
+        Some(format!(
+            "subnet {} of network {} already has router {}/{}",
+            leg.subnet, leg.network, rank.1, rank.2
+        ))
+    })
+}
+
+/// `wanted` with the `Interfaces` condition, and `Ready` made `False` by a conflict. Pure.
+pub fn with_interfaces(
+    mut wanted: Vec<v1::Condition>,
+    conflict: Option<String>,
+) -> Vec<v1::Condition> {
+    match conflict {
+        None => wanted.push(condition(
+            INTERFACES,
+            true,
+            reason::NO_CONFLICT,
+            "no other router joins its subnets",
+        )),
+        Some(why) => {
+            for c in wanted.iter_mut().filter(|c| c.r#type == "Ready") {
+                *c = condition("Ready", false, reason::INTERFACE_CONFLICT, why.clone());
+            }
+            wanted.push(condition(
+                INTERFACES,
+                false,
+                reason::INTERFACE_CONFLICT,
+                why,
+            ));
+        }
+    }
+    wanted
+}
+
+// ---------------------------------------------------------------------------------------
 // The controller.
 
 /// A placement decided and not yet visible in the cache.
@@ -538,8 +629,17 @@ impl RouterController {
         routers.add_index(ROUTER_BY_NODE, |r: &v1::Router| {
             vec![recorded_node(r).to_owned()]
         });
-        routers.add_index(ROUTER_BY_GATEWAY, |r: &v1::Router| {
-            gateway_network(r).map(str::to_owned).into_iter().collect()
+        // Every network a router names: its gateway's and its legs'.
+        routers.add_index(ROUTER_BY_NETWORK, |r: &v1::Router| {
+            let legs = r.spec.iter().flat_map(|s| &s.interfaces);
+            let mut names: Vec<String> = gateway_network(r)
+                .map(str::to_owned)
+                .into_iter()
+                .chain(legs.map(|i| i.network.clone()))
+                .collect();
+            names.sort();
+            names.dedup();
+            names
         });
         networks.add_index(NETWORK_BY_NAME, |n: &v1::Network| {
             vec![meta(n).name.clone()]
@@ -593,7 +693,7 @@ impl RouterController {
             let mut set = BTreeSet::new();
             for network in c.old.iter().chain(c.new.iter()) {
                 set.extend(keys(
-                    by_gateway.by_index(ROUTER_BY_GATEWAY, &meta(network.as_ref()).name),
+                    by_gateway.by_index(ROUTER_BY_NETWORK, &meta(network.as_ref()).name),
                 ));
             }
             set.into_iter().collect()
@@ -611,8 +711,30 @@ impl RouterController {
             });
             blocked.map(|r| ObjectRef::of(r.as_ref())).collect()
         };
+        let with_legs = routers.clone();
+        let on_routers = move |c: &ferro_runtime::reflector::Change<v1::Router>| {
+            // Which of two routers keeps a subnet depends on the other: when a router's legs
+            // change, or it comes or goes, routers with legs look again.
+            let legs = |r: &Option<Arc<v1::Router>>| {
+                r.as_ref().map(|r| {
+                    (
+                        r.spec.as_ref().map(|s| s.interfaces.clone()),
+                        meta(r.as_ref()).deletion_timestamp.is_some(),
+                    )
+                })
+            };
+            if legs(&c.old) == legs(&c.new) {
+                return Vec::new();
+            }
+            let routers = with_legs.list();
+            let joined = routers
+                .iter()
+                .filter(|r| r.spec.as_ref().is_some_and(|s| !s.interfaces.is_empty()));
+            joined.map(|r| ObjectRef::of(r.as_ref())).collect()
+        };
         let controller = Controller::new("router", settings, metrics.clone())
             .reconciles(&routers)
+            .watches(&routers, on_routers)
             .owns(&ip_claims, Kind::Router)
             .watches(&ip_claims, on_claims)
             .watches(&nodes, on_nodes)
@@ -771,6 +893,51 @@ impl RouterController {
         }
     }
 
+    /// The Router's legs whose networks resolve.
+    fn legs(&self, router: &v1::Router) -> Vec<Leg> {
+        let project = &meta(router).project;
+        router
+            .spec
+            .as_ref()
+            .map(|s| s.interfaces.as_slice())
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|i| {
+                let network = resolve(
+                    project,
+                    &i.network,
+                    self.networks.by_index(NETWORK_BY_NAME, &i.network),
+                )
+                .ok()?;
+                Some(Leg {
+                    network_uid: meta(network.as_ref()).uid.clone(),
+                    network: i.network.clone(),
+                    subnet: i.subnet.clone(),
+                })
+            })
+            .collect()
+    }
+
+    /// Whether an earlier Router joins one of this one's subnets (see the module notes).
+    fn interface_conflict(&self, router: &v1::Router) -> Option<String> {
+        let mine = self.legs(router);
+        if mine.is_empty() {
+            return None;
+        }
+        let uid = &meta(router).uid;
+        let others: Vec<(RouterRank, Vec<Leg>)> = self
+            .routers
+            .list()
+            .iter()
+            .filter(|o| {
+                let om = meta(o.as_ref());
+                om.uid != *uid && om.deletion_timestamp.is_none()
+            })
+            .map(|o| (router_rank(o), self.legs(o)))
+            .collect();
+        interface_conflict(&router_rank(router), &mine, &others)
+    }
+
     fn is_assumed(&self, uid: &str) -> bool {
         self.assumed
             .lock()
@@ -804,12 +971,15 @@ impl RouterController {
             .node()
             .and_then(|n| self.nodes.get_named("", n))
             .is_some_and(|n| node_ready(&n));
-        let wanted = conditions(
-            &placement,
-            &gateway,
-            &status.conditions,
-            node_ready,
-            m.generation,
+        let wanted = with_interfaces(
+            conditions(
+                &placement,
+                &gateway,
+                &status.conditions,
+                node_ready,
+                m.generation,
+            ),
+            self.interface_conflict(router),
         );
         let node_changed = matches!(placement, Placement::Place(_) | Placement::Move { .. });
         let holds = status.observed_generation == m.generation
@@ -1090,6 +1260,58 @@ mod tests {
             Placement::Place("b".into()),
             "a cordoned node takes no new routers"
         );
+    }
+
+    #[test]
+    fn a_subnet_takes_one_router() {
+        let leg = |uid: &str, subnet: &str| Leg {
+            network_uid: uid.into(),
+            network: format!("net-{uid}"),
+            subnet: subnet.into(),
+        };
+        let at = |secs: i64, project: &str, name: &str| ((secs, 0), project.into(), name.into());
+        let others = vec![
+            (at(5, "p", "b"), vec![leg("u1", "a")]),
+            (at(5, "p", "a"), vec![leg("u2", "x"), leg("u1", "a")]),
+            (at(1, "q", "z"), vec![leg("u9", "a")]),
+        ];
+        let mine = vec![leg("u1", "b"), leg("u1", "a")];
+        assert_eq!(
+            interface_conflict(&at(9, "p", "c"), &mine, &others).as_deref(),
+            Some("subnet a of network net-u1 already has router p/a"),
+            "a later router is refused, naming the earliest"
+        );
+        assert_eq!(
+            interface_conflict(&at(4, "p", "m"), &mine, &others),
+            None,
+            "an earlier router keeps it"
+        );
+        assert_eq!(
+            interface_conflict(&at(9, "p", "c"), &[leg("u1", "b")], &others),
+            None,
+            "another subnet of the same network is free"
+        );
+        assert_eq!(
+            interface_conflict(&at(9, "p", "c"), &[leg("u3", "a")], &others),
+            None,
+            "the same subnet name on another network is another subnet"
+        );
+        let ready = condition("Ready", true, reason::PLUMBED, "built");
+        let said = with_interfaces(vec![ready.clone()], Some("taken".into()));
+        let reasons: Vec<(&str, &str)> = said
+            .iter()
+            .map(|c| (c.r#type.as_str(), c.reason.as_str()))
+            .collect();
+        assert_eq!(
+            reasons,
+            [
+                ("Ready", "InterfaceConflict"),
+                ("Interfaces", "InterfaceConflict")
+            ]
+        );
+        let fine = with_interfaces(vec![ready], None);
+        assert_eq!(fine[0].reason, reason::PLUMBED);
+        assert_eq!(fine[1].reason, reason::NO_CONFLICT);
     }
 
     fn status_of(c: &v1::Condition) -> (bool, &str) {

@@ -557,3 +557,53 @@ async fn a_projects_own_network_named_like_the_external_one_does_not_take_the_ad
     assert_eq!(claims[0].spec.as_ref().unwrap().network_uid, public_uid);
     controllers.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_routers_on_one_subnet_the_later_says_so() {
+    let cloud = Cloud::start().await;
+    let controllers = cloud.controllers();
+    node(&cloud, "net-1", &[NETWORK]).await;
+    // Both pass admission: the network does not exist yet, as when two applies race.
+    let legs = "{interfaces: [{network: later, subnet: a}]}";
+    cloud
+        .create(&format!(
+            "apiVersion: ferro/v1\nkind: Router\nmetadata: {{name: first}}\nspec: {legs}\n"
+        ))
+        .await;
+    cloud
+        .create(&format!(
+            "apiVersion: ferro/v1\nkind: Router\nmetadata: {{name: second}}\nspec: {legs}\n"
+        ))
+        .await;
+    cloud.network("later", "10.0.7.0/24").await;
+    let second = eventually("second says its subnet is taken", || async {
+        let r = get(&cloud, "second").await?;
+        (says(&r, "Interfaces") == Some((false, "InterfaceConflict".into()))).then_some(r)
+    })
+    .await;
+    assert_eq!(
+        condition(&second, "Interfaces").unwrap().message,
+        "subnet a of network later already has router default/first"
+    );
+    assert_eq!(
+        says(&second, "Ready"),
+        Some((false, "InterfaceConflict".into()))
+    );
+    let first = eventually("first keeps it", || async {
+        let r = get(&cloud, "first").await?;
+        (says(&r, "Interfaces") == Some((true, "NoConflict".into()))).then_some(r)
+    })
+    .await;
+    assert_eq!(
+        says(&first, "Ready"),
+        Some((false, "WaitingForAgent".into()))
+    );
+    // The first goes: the second has the subnet.
+    cloud.delete(Kind::Router, "default", "first").await;
+    eventually("second has the subnet once first is gone", || async {
+        let r = get(&cloud, "second").await?;
+        (says(&r, "Interfaces") == Some((true, "NoConflict".into()))).then_some(())
+    })
+    .await;
+    controllers.abort();
+}
