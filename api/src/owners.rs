@@ -123,16 +123,20 @@ pub fn table(kind: Kind) -> &'static [Ownership] {
             own!(
                 ROUTER_CONTROLLER,
                 ["node", "externalIps", "observedGeneration"],
-                ["Ready", "Scheduled"]
+                ["Ready", "Scheduled", "ExternalGateway", "Interfaces"]
             ),
+            // `Plumbed`'s message begins `node <name>`; the router controller counts
+            // only one naming the router's current node, at the current generation.
             own!(AGENT, [], ["Plumbed"]),
         ],
         Kind::FloatingIP => &[
             own!(
                 FLOATING_IP_CONTROLLER,
                 ["address", "fixedIp", "router", "observedGeneration"],
-                ["Ready"]
+                ["Ready", "Associated"]
             ),
+            // `Plumbed`'s message begins `node <name>: <fixedIp> via router <router>`;
+            // only one naming the current mapping, at the current generation, counts.
             own!(AGENT, [], ["Plumbed"]),
         ],
         Kind::SecurityGroup => &[own!(

@@ -446,6 +446,54 @@ enum Change {
 }
 
 impl ApiServer {
+    /// The objects [`validation::validate_references`] needs for an object of `kind`, read
+    /// from the store; `None` for kinds it does not check.
+    async fn others_for(&self, kind: Kind) -> Result<Option<validation::Others>, Error> {
+        if !validation::checks_references(kind) {
+            return Ok(None);
+        }
+        let mut others = validation::Others::default();
+        for object in self.read_all(Kind::Network).await? {
+            if let Object::Network(network) = object {
+                others.networks.push(network);
+            }
+        }
+        if kind == Kind::Router {
+            for object in self.read_all(Kind::Router).await? {
+                if let Object::Router(router) = object {
+                    others.routers.push(router);
+                }
+            }
+        }
+        Ok(Some(others))
+    }
+
+    /// Every object of a kind, in every project.
+    async fn read_all(&self, kind: Kind) -> Result<Vec<Object>, Error> {
+        let page = self
+            .store
+            .range(RangeRequest::prefix(kind.prefix(None)))
+            .await
+            .map_err(store_error)?;
+        page.kvs.iter().map(|kv| decode_kv(kind, kv)).collect()
+    }
+
+    /// Refuses a Router or FloatingIP whose spec contradicts the objects it names; a write
+    /// that leaves the spec as `before` had it is not checked again.
+    async fn check_references(
+        &self,
+        object: &Object,
+        before: Option<&Object>,
+    ) -> Result<(), Error> {
+        if before.is_some_and(|b| spec_equal(b, object)) {
+            return Ok(());
+        }
+        if let Some(others) = self.others_for(object.kind()).await? {
+            validation::validate_references(object, &others)?;
+        }
+        Ok(())
+    }
+
     async fn get_kv(&self, key: &str) -> Result<Option<KeyValue>, Error> {
         self.store.get(key).await.map_err(store_error)
     }
@@ -850,6 +898,7 @@ impl ApiServer {
                     self.authorizer
                         .authorize(who, &auth::Request::new(Verb::Create, kind, &key.name))?;
                     let mut new = prepare_new(applied.clone())?;
+                    self.check_references(&new, None).await?;
                     let (labels, annotations) = {
                         let m = new.metadata_mut();
                         (m.labels.clone(), m.annotations.clone())
@@ -887,6 +936,7 @@ impl ApiServer {
                         });
                     }
                     validation::validate_update(&next, &current)?;
+                    self.check_references(&next, Some(&current)).await?;
                     if request.dry_run {
                         self.quota().check(Some(&current), &next).await?;
                         return Ok(v1::ApplyResponse {
@@ -924,6 +974,7 @@ impl ApiServer {
             &auth::Request::new(Verb::Create, object.kind(), object.name()),
         )?;
         let new = prepare_new(object)?;
+        self.check_references(&new, None).await?;
         if request.dry_run {
             self.quota().check(None, &new).await?;
             return Ok(new);
@@ -959,6 +1010,8 @@ impl ApiServer {
         let dry_run = request.dry_run;
         let display = key.display();
         let mut final_object = None;
+        // Read before the read-modify-write, whose decisions cannot wait on the store.
+        let others = self.others_for(kind).await?;
         let (object, _, _) = self
             .modify(&key, |current| {
                 if kind == Kind::Event {
@@ -1011,6 +1064,11 @@ impl ApiServer {
                     return Ok(Change::Unchanged(current));
                 }
                 validation::validate_update(&next, &current)?;
+                if let Some(others) = &others
+                    && !spec_equal(&current, &next)
+                {
+                    validation::validate_references(&next, others)?;
+                }
                 if dry_run {
                     final_object = Some(next.clone());
                     return Ok(Change::Unchanged(current));

@@ -14,6 +14,12 @@
 //!   users write it (`spec.subnets[1].cidr`, `metadata.labels["app"]`).
 //! - Status is not checked here: status writes are checked against the table of writers.
 //!
+//! [`validate_references`] is the exception that proves the rule: it checks a Router or
+//! FloatingIP against other objects the apiserver read (a gateway on a Network that exists
+//! and is not external, a subnet that already has a router, an address outside the pools
+//! it would come from). It too is pure, and it refuses only contradictions of objects that
+//! exist: a missing reference is still a condition.
+//!
 //! One submodule per schema file holds its kinds' defaults, rules and immutable fields
 //! (`compute`, `network`, `storage`, `image`, `identity`, `operations`, `allocation`);
 //! `meta` checks the metadata every kind shares; `syntax` holds the grammars of values
@@ -31,6 +37,7 @@ mod image;
 mod meta;
 mod network;
 mod operations;
+mod references;
 mod ssh;
 mod storage;
 mod syntax;
@@ -39,6 +46,7 @@ mod syntax;
 mod tests;
 
 pub use network::{DEFAULT_UNDERLAY_MTU, VXLAN_OVERHEAD, set_underlay_mtu};
+pub use references::Others;
 pub use ssh::ssh_fingerprint;
 
 /// The largest object accepted, in bytes of its protobuf encoding.
@@ -159,6 +167,26 @@ pub fn validate_update(new: &Object, old: &Object) -> Result<(), Invalid> {
         check_spec_update(new, old, &mut out);
     }
     out.into_result(new)
+}
+
+/// The kinds [`validate_references`] checks: the apiserver reads [`Others`] only for them.
+pub fn checks_references(kind: crate::Kind) -> bool {
+    matches!(kind, crate::Kind::Router | crate::Kind::FloatingIP)
+}
+
+/// Validates a (defaulted, otherwise valid) object against the other objects it names:
+/// see the module notes. Objects of other kinds always pass.
+pub fn validate_references(object: &Object, others: &Others) -> Result<(), Invalid> {
+    let mut out = Violations::default();
+    let meta = object.metadata().cloned().unwrap_or_default();
+    match object {
+        Object::Router(o) => references::check_router(&meta, &spec(&o.spec), others, &mut out),
+        Object::FloatingIP(o) => {
+            references::check_floating_ip(&meta, &spec(&o.spec), others, &mut out)
+        }
+        _ => {}
+    }
+    out.into_result(object)
 }
 
 fn check_object(object: &Object, out: &mut Violations) {

@@ -154,6 +154,7 @@ both_backends!(
     stale_update_is_rejected,
     immutable_fields_are_named,
     invalid_objects_write_nothing,
+    contradicting_references_write_nothing,
     owner_table_is_enforced,
     bind_happens_once_under_races,
     finalizers_hold_deletion_until_removed,
@@ -368,6 +369,89 @@ async fn invalid_objects_write_nothing(h: Harness) {
         "{err}"
     );
     assert_eq!(h.revision().await, before);
+}
+
+/// A Router or FloatingIP that contradicts objects that exist is refused with the field
+/// named, by create, apply and update alike, and nothing is written; one that names what
+/// does not exist yet is accepted.
+async fn contradicting_references_write_nothing(h: Harness) {
+    for doc in [
+        "apiVersion: ferro/v1\nkind: Network\nmetadata: {name: public}\nspec: {external: true, subnets: [{name: v4, cidr: 203.0.113.0/24, allocationPools: [{start: 203.0.113.10, end: 203.0.113.20}]}]}\n",
+        "apiVersion: ferro/v1\nkind: Network\nmetadata: {name: private}\nspec: {subnets: [{name: a, cidr: 10.0.1.0/24}]}\n",
+        "apiVersion: ferro/v1\nkind: Router\nmetadata: {name: edge}\nspec: {externalGateway: {network: public}, interfaces: [{network: private, subnet: a}]}\n",
+    ] {
+        h.admin.create(yaml(doc)).await.expect("create");
+    }
+    let refused = |err: Error| match err {
+        Error::InvalidArgument { object, violations } => (
+            object,
+            violations
+                .iter()
+                .map(|v| format!("{}: {}", v.path, v.reason))
+                .collect::<Vec<_>>(),
+        ),
+        other => panic!("{other:?}"),
+    };
+    let before = h.revision().await;
+    let second = yaml(
+        "apiVersion: ferro/v1\nkind: Router\nmetadata: {name: second}\nspec: {interfaces: [{network: private, subnet: a}]}\n",
+    );
+    let err = h.admin.create(second.clone()).await.unwrap_err();
+    assert_eq!(
+        refused(err),
+        (
+            "routers/second".to_owned(),
+            vec!["spec.interfaces[0].subnet: subnet a of network private already has router default/edge".to_owned()]
+        )
+    );
+    let err = h.admin.apply(second, "test", false).await.unwrap_err();
+    assert_eq!(refused(err).0, "routers/second");
+    let gateway = yaml(
+        "apiVersion: ferro/v1\nkind: Router\nmetadata: {name: inside}\nspec: {externalGateway: {network: private}}\n",
+    );
+    let err = h.admin.apply(gateway, "test", false).await.unwrap_err();
+    assert_eq!(
+        refused(err).1,
+        ["spec.externalGateway.network: network private is not external (spec.external: true)"]
+    );
+    let fip = yaml(
+        "apiVersion: ferro/v1\nkind: FloatingIP\nmetadata: {name: far}\nspec: {network: public, address: 203.0.113.99}\n",
+    );
+    let err = h.admin.create(fip).await.unwrap_err();
+    assert_eq!(
+        refused(err).1,
+        [
+            "spec.address: 203.0.113.99 is outside the allocation pools of subnet v4 (203.0.113.10–203.0.113.20)"
+        ]
+    );
+    assert_eq!(h.revision().await, before, "nothing written");
+
+    // An update that moves the gateway onto the internal network is refused too.
+    let Object::Router(mut edge) = h.admin.get(Kind::Router, "default", "edge").await.unwrap()
+    else {
+        panic!()
+    };
+    edge.spec
+        .as_mut()
+        .unwrap()
+        .external_gateway
+        .as_mut()
+        .unwrap()
+        .network = "private".into();
+    let err = h.admin.update(Object::Router(edge)).await.unwrap_err();
+    assert_eq!(
+        refused(err).1,
+        ["spec.externalGateway.network: network private is not external (spec.external: true)"]
+    );
+    assert_eq!(h.revision().await, before, "nothing written");
+
+    // What does not exist yet is not refused: the controllers report it.
+    h.admin
+        .create(yaml(
+            "apiVersion: ferro/v1\nkind: FloatingIP\nmetadata: {name: later}\nspec: {network: not-yet, address: 198.51.100.7}\n",
+        ))
+        .await
+        .expect("a missing network is a condition, not a refusal");
 }
 
 async fn owner_table_is_enforced(h: Harness) {

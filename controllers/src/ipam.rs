@@ -31,6 +31,7 @@
 //! Decisions are final: changing `fixedIps` after the Port was addressed does not move it.
 
 pub mod allocator;
+pub mod external;
 #[cfg(test)]
 mod model;
 
@@ -1052,6 +1053,23 @@ pub struct IpamController {
     exhausted_condition: bool,
 }
 
+/// Keeps the address hints in step with the claim cache.
+pub fn follow_ip_claims(hints: &Arc<Hints>, ip_claims: &Store<v1::IpAddress>) {
+    let h = hints.clone();
+    ip_claims.listen(move |c| {
+        for (object, present) in [(c.old.as_deref(), false), (c.new.as_deref(), true)] {
+            let Some(spec) = object.and_then(|o| o.spec.as_ref()) else {
+                continue;
+            };
+            if let Ok(ip) = spec.address.parse() {
+                // The old value goes before the new one arrives; claims never change
+                // value, so this only ever adds or removes.
+                h.observe_ip(&spec.network_uid, ip, present);
+            }
+        }
+    });
+}
+
 /// Whether the status owner table lets IPAM write the `IpAddressExhausted` condition.
 fn ipam_owns_exhausted_condition() -> bool {
     owners::table(Kind::Port)
@@ -1113,19 +1131,7 @@ impl IpamController {
         });
 
         let hints = Arc::new(Hints::new());
-        let h = hints.clone();
-        ip_claims.listen(move |c| {
-            for (object, present) in [(c.old.as_deref(), false), (c.new.as_deref(), true)] {
-                let Some(spec) = object.and_then(|o| o.spec.as_ref()) else {
-                    continue;
-                };
-                if let Ok(ip) = spec.address.parse() {
-                    // The old value goes before the new one arrives; claims never change
-                    // value, so this only ever adds or removes.
-                    h.observe_ip(&spec.network_uid, ip, present);
-                }
-            }
-        });
+        follow_ip_claims(&hints, &ip_claims);
         let h = hints.clone();
         mac_claims.listen(move |c| {
             for (object, present) in [(c.old.as_deref(), false), (c.new.as_deref(), true)] {

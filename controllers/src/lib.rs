@@ -10,19 +10,25 @@
 //! - [`server`]: a Server's Ports, resolved references, phase and readiness.
 //! - [`image`]: Image status from what the nodes' caches found.
 //! - [`quota`]: a Quota's usage, recounted from the project's objects.
+//! - [`router`]: places Routers on network nodes, with their gateway addresses; failover.
+//! - [`floatingip`]: a FloatingIP's address, and the port and router it maps through.
+//! - [`securitygroup`]: a `default` SecurityGroup in every Project.
 //!
 //! [`run`] is `ferro controllers`: it connects to the apiserver, serves metrics, contends
 //! for the `controllers` Lease and, while it leads, runs every controller over one set of
 //! caches. Losing the lease stops them all; the process then contends again.
 
 pub mod api;
+pub mod floatingip;
 pub mod gc;
 pub mod image;
 pub mod ipam;
 pub mod network;
 pub mod nodelifecycle;
 pub mod quota;
+pub mod router;
 pub mod scheduler;
+pub mod securitygroup;
 pub mod server;
 pub mod servergroup;
 
@@ -52,6 +58,8 @@ pub struct Options {
     pub event_ttl: Duration,
     /// The scheduler's overcommit ratios and weighing.
     pub scheduling: scheduler::plan::Settings,
+    /// How long a network node stays lost before its routers fail over.
+    pub router_failover_grace: Duration,
 }
 
 impl Default for Options {
@@ -62,6 +70,7 @@ impl Default for Options {
             reconcile_timeout: Duration::from_secs(60),
             event_ttl: Duration::from_secs(3600),
             scheduling: scheduler::plan::Settings::default(),
+            router_failover_grace: router::FAILOVER_GRACE,
         }
     }
 }
@@ -272,6 +281,17 @@ pub async fn run_controllers(api: Api, metrics: Metrics, options: Options) {
         servergroup::ServerGroupController::build(&api, &caches, &metrics, settings);
     let (quotas, quota_reconciler) =
         quota::QuotaController::build(&api, &caches, &metrics, settings);
+    let (routers, router_reconciler) = router::RouterController::build(
+        &api,
+        &caches,
+        &metrics,
+        settings,
+        options.router_failover_grace,
+    );
+    let (fips, fip_reconciler) =
+        floatingip::FloatingIpController::build(&api, &caches, &metrics, settings);
+    let (security_groups, security_group_reconciler) =
+        securitygroup::SecurityGroupController::build(&api, &caches, &metrics, settings);
     let mut tasks = JoinSet::new();
     caches.start(&mut tasks);
     tasks.spawn(ipam.run(ipam_reconciler));
@@ -283,6 +303,9 @@ pub async fn run_controllers(api: Api, metrics: Metrics, options: Options) {
     tasks.spawn(image.run(image_reconciler));
     tasks.spawn(groups.run(groups_reconciler));
     tasks.spawn(quotas.run(quota_reconciler));
+    tasks.spawn(routers.run(router_reconciler));
+    tasks.spawn(fips.run(fip_reconciler));
+    tasks.spawn(security_groups.run(security_group_reconciler));
     tasks.spawn(ferro_runtime::events::expire(
         api.client().clone(),
         options.event_ttl,

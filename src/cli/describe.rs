@@ -129,6 +129,9 @@ async fn describe(
     if let Object::Server(server) = &object {
         server_sections(&mut out, server);
     }
+    if let Object::Router(router) = &object {
+        router_sections(&mut out, router);
+    }
     if let Some(waiting) = waiting_for_controllers(&object) {
         let leader = controllers_leader(client).await;
         let _ = writeln!(out, "Waiting for: {waiting}; {leader}");
@@ -262,6 +265,47 @@ fn server_sections(out: &mut String, server: &v1::Server) {
     }
 }
 
+/// Where a Router runs, or why nowhere, and why it is not ready.
+fn router_sections(out: &mut String, router: &v1::Router) {
+    let status = router.status.clone().unwrap_or_default();
+    let find = |kind: &str| status.conditions.iter().find(|c| c.r#type == kind);
+    let _ = writeln!(out, "Placement:");
+    match (status.node.is_empty(), find("Scheduled")) {
+        (true, Some(c)) => {
+            let _ = writeln!(out, "  not placed: {}", reason_and_message(c));
+        }
+        (true, None) => {
+            let _ = writeln!(out, "  not placed yet");
+        }
+        (false, Some(c)) if status_name(c) != "True" => {
+            let _ = writeln!(
+                out,
+                "  Node:      {} ({})",
+                status.node,
+                reason_and_message(c)
+            );
+        }
+        (false, Some(c)) if c.reason == "FailedOver" => {
+            let _ = writeln!(out, "  Node:      {} ({})", status.node, c.message);
+        }
+        (false, _) => {
+            let _ = writeln!(out, "  Node:      {}", status.node);
+        }
+    }
+    if let Some(c) = find("ExternalGateway").filter(|c| status_name(c) != "True") {
+        let _ = writeln!(out, "  Gateway:   {}", reason_and_message(c));
+    }
+    match find("Ready") {
+        Some(c) if status_name(c) == "True" => {}
+        Some(c) => {
+            let _ = writeln!(out, "Not ready:   {}", reason_and_message(c));
+        }
+        None => {
+            let _ = writeln!(out, "Not ready:   no Ready condition reported yet");
+        }
+    }
+}
+
 /// What a controller has yet to decide for the object, when it has decided nothing yet:
 /// `None` once the decision is in status (or the kind has none).
 fn waiting_for_controllers(object: &Object) -> Option<&'static str> {
@@ -287,6 +331,16 @@ fn waiting_for_controllers(object: &Object) -> Option<&'static str> {
             .as_ref()
             .is_none_or(|s| s.node.is_empty())
             .then_some("the scheduler to place the server"),
+        Object::Router(router) => router
+            .status
+            .as_ref()
+            .is_none_or(|s| s.node.is_empty() && s.conditions.is_empty())
+            .then_some("the router controller to place the router"),
+        Object::FloatingIP(fip) => fip
+            .status
+            .as_ref()
+            .is_none_or(|s| s.address.is_empty() && s.conditions.is_empty())
+            .then_some("the floating IP controller to allocate an address"),
         _ => None,
     }
 }
@@ -465,5 +519,37 @@ mod tests {
         assert!(waiting_for_controllers(&port("fa:16:3e:00:00:01")).is_none());
         assert!(waiting_for_controllers(&Object::Network(v1::Network::default())).is_some());
         assert!(waiting_for_controllers(&Object::Flavor(v1::Flavor::default())).is_none());
+        assert!(waiting_for_controllers(&Object::Router(v1::Router::default())).is_some());
+    }
+
+    #[test]
+    fn a_router_without_a_node_says_why() {
+        let scheduled = v1::Condition {
+            r#type: "Scheduled".into(),
+            status: v1::condition::Status::False as i32,
+            reason: "NoNetworkNode".into(),
+            message: "no Ready node with the network role: 2 nodes, 0 with the network role (0 not ready, 0 cordoned)".into(),
+            ..Default::default()
+        };
+        let ready = v1::Condition {
+            r#type: "Ready".into(),
+            ..scheduled.clone()
+        };
+        let router = v1::Router {
+            status: Some(v1::RouterStatus {
+                conditions: vec![scheduled, ready],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let mut out = String::new();
+        router_sections(&mut out, &router);
+        assert_eq!(
+            out,
+            "Placement:\n  not placed: NoNetworkNode: no Ready node with the network role: 2 nodes, 0 with the network role (0 not ready, 0 cordoned)\n\
+             Not ready:   NoNetworkNode: no Ready node with the network role: 2 nodes, 0 with the network role (0 not ready, 0 cordoned)\n"
+        );
+        // Once the controller has spoken, describe does not also say it waits for it.
+        assert!(waiting_for_controllers(&Object::Router(router)).is_none());
     }
 }

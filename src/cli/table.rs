@@ -95,6 +95,16 @@ fn condition(conditions: &[v1::Condition], kind: &str) -> String {
         .unwrap_or_default()
 }
 
+/// The reason `Ready` is not `True` (`NoNetworkNode`, `NoRouter`, `WaitingForAgent`);
+/// empty once it is.
+fn not_ready_reason(conditions: &[v1::Condition]) -> String {
+    conditions
+        .iter()
+        .find(|c| c.r#type == "Ready" && c.status != v1::condition::Status::True as i32)
+        .map(|c| c.reason.clone())
+        .unwrap_or_default()
+}
+
 /// A Server's STATUS as kubectl shows a pod's: the reason that holds it where `Ready` is
 /// False for one (`FlavorNotFound`, `NoValidHost`, `ImageNotFound`, `Stopped`), else the
 /// phase. The reasons that only restate the phase (`Building`, `Unscheduled`) show the
@@ -294,6 +304,7 @@ fn columns(object: &Object, wide: bool) -> Vec<(&'static str, String)> {
                 "EXTERNAL-IPS",
                 join(status.external_ips.iter().map(String::as_str)),
             ));
+            wide_cells.push(("REASON", not_ready_reason(&status.conditions)));
         }
         Object::FloatingIP(o) => {
             let spec = or_default(&o.spec);
@@ -307,7 +318,15 @@ fn columns(object: &Object, wide: bool) -> Vec<(&'static str, String)> {
             cells.push(("NETWORK", spec.network.clone()));
             cells.push(("TARGET", target));
             cells.push(("FIXED-IP", status.fixed_ip.clone()));
+            cells.push(("READY", condition(&status.conditions, "Ready")));
+            wide_cells.push((
+                "PORT",
+                ferro_controllers::floatingip::associated_port(&status.conditions)
+                    .unwrap_or_default()
+                    .to_owned(),
+            ));
             wide_cells.push(("ROUTER", status.router.clone()));
+            wide_cells.push(("REASON", not_ready_reason(&status.conditions)));
         }
         Object::SecurityGroup(o) => {
             let spec = or_default(&o.spec);
@@ -499,6 +518,92 @@ mod tests {
             "NAME       VCPUS   RAM     DISK   AGE\n\
              m1.tiny    1       512Mi   20Gi   <none>\n\
              m1.large   4       8Gi     20Gi   <none>\n"
+        );
+    }
+
+    #[test]
+    fn routers_and_floating_ips_show_where_they_are_and_why_not_ready() {
+        let condition = |kind: &str, ok: bool, reason: &str| v1::Condition {
+            r#type: kind.into(),
+            status: if ok {
+                v1::condition::Status::True as i32
+            } else {
+                v1::condition::Status::False as i32
+            },
+            reason: reason.into(),
+            ..Default::default()
+        };
+        let meta = |name: &str| {
+            Some(v1::ObjectMeta {
+                name: name.into(),
+                ..Default::default()
+            })
+        };
+        let router = Object::Router(v1::Router {
+            metadata: meta("edge"),
+            spec: Some(v1::RouterSpec {
+                external_gateway: Some(v1::RouterGateway {
+                    network: "public".into(),
+                    fixed_ip: String::new(),
+                }),
+                ..Default::default()
+            }),
+            status: Some(v1::RouterStatus {
+                node: "net-1".into(),
+                external_ips: vec!["203.0.113.11".into()],
+                conditions: vec![condition("Ready", false, "WaitingForAgent")],
+                ..Default::default()
+            }),
+        });
+        assert_eq!(
+            render(&[router], true, false),
+            "NAME   GATEWAY   INTERFACES   NODE    READY   EXTERNAL-IPS   REASON            AGE\n\
+             edge   public    <none>       net-1   False   203.0.113.11   WaitingForAgent   <none>\n"
+        );
+        let fip = Object::FloatingIP(v1::FloatingIp {
+            metadata: meta("web"),
+            spec: Some(v1::FloatingIpSpec {
+                network: "public".into(),
+                port: "web-0".into(),
+                ..Default::default()
+            }),
+            status: Some(v1::FloatingIpStatus {
+                address: "203.0.113.12".into(),
+                fixed_ip: "10.0.1.5".into(),
+                router: "edge".into(),
+                conditions: vec![condition("Ready", true, "Plumbed")],
+                ..Default::default()
+            }),
+        });
+        let associated = v1::Condition {
+            message: ferro_controllers::floatingip::associated_message(
+                "10.0.1.5".parse().unwrap(),
+                "web-0",
+                "edge",
+            ),
+            ..condition("Associated", true, "Associated")
+        };
+        let on_server = Object::FloatingIP(v1::FloatingIp {
+            metadata: meta("db"),
+            spec: Some(v1::FloatingIpSpec {
+                network: "public".into(),
+                server: "web".into(),
+                ..Default::default()
+            }),
+            status: Some(v1::FloatingIpStatus {
+                address: "203.0.113.13".into(),
+                fixed_ip: "10.0.1.5".into(),
+                router: "edge".into(),
+                conditions: vec![associated, condition("Ready", true, "Plumbed")],
+                ..Default::default()
+            }),
+        });
+        // A server's floating IP shows the port the controller chose.
+        assert_eq!(
+            render(&[fip, on_server], true, false),
+            "NAME   ADDRESS        NETWORK   TARGET       FIXED-IP   READY   PORT     ROUTER   REASON   AGE\n\
+             web    203.0.113.12   public    port/web-0   10.0.1.5   True    <none>   edge     <none>   <none>\n\
+             db     203.0.113.13   public    server/web   10.0.1.5   True    web-0    edge     <none>   <none>\n"
         );
     }
 

@@ -563,7 +563,15 @@ fn check_rule(rule: &SecurityGroupRule, path: &FieldPath, out: &mut Violations) 
     if !rule.remote_group.is_empty() && !rule.remote_cidr.is_empty() {
         out.add(&group_path, "cannot be set together with `remoteCidr`");
     }
-    out.reference(&group_path, &rule.remote_group);
+    if rule.remote_group.contains('/') {
+        // `project/name` would reach into another project's membership.
+        out.add(
+            &group_path,
+            "must name a SecurityGroup of this project; a group in another project cannot be a remote group",
+        );
+    } else {
+        out.reference(&group_path, &rule.remote_group);
+    }
 }
 
 #[cfg(test)]
@@ -1049,6 +1057,12 @@ mod tests {
                     "{rules: [{direction: Ingress, remoteGroup: Web}]}",
                     &[
                         "spec.rules[0].remoteGroup: `Web` is not a DNS-1123 label: lower-case letters, digits and '-', starting and ending with a letter or digit",
+                    ],
+                ),
+                (
+                    "{rules: [{direction: Ingress, remoteGroup: other/web}]}",
+                    &[
+                        "spec.rules[0].remoteGroup: must name a SecurityGroup of this project; a group in another project cannot be a remote group",
                     ],
                 ),
                 (

@@ -163,6 +163,8 @@ impl Cloud {
     pub fn controllers(&self) -> tokio::task::JoinHandle<()> {
         let options = Options {
             resync: Duration::from_secs(20),
+            // Short, so failover tests wait little; still waited out through a requeue.
+            router_failover_grace: Duration::from_secs(1),
             ..Options::default()
         };
         tokio::spawn(run_controllers(self.api(), Metrics::new(), options))
