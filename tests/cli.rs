@@ -2550,3 +2550,75 @@ fn quota_show_prints_limits_beside_use_and_apply_is_refused_past_them() {
     assert!(text.contains("\nsecurityGroups   0      5\n"), "{text}");
     assert!(text.contains("\nservers          0      -\n"), "{text}");
 }
+
+#[test]
+fn routers_and_floating_ips_are_placed_and_addressed_and_contradictions_refused() {
+    let cloud = Cloud::start();
+    let manifests = Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests");
+    // The floating IP first: what it names comes later, and it waits for them.
+    for file in ["floating-ip.yaml", "router.yaml", "network.yaml"] {
+        cloud
+            .run(&["apply", "-f", path(&manifests.join(file))])
+            .success();
+    }
+    // This host's node has the network role: the router runs there, with a gateway
+    // address from the external network's pool.
+    let routers = wait_for_row(&cloud, &["get", "router", "edge", "-o", "wide"], |row| {
+        row.split_whitespace()
+            .any(|cell| cell.starts_with("203.0.113."))
+    });
+    let header: Vec<&str> = routers.lines().next().unwrap().split_whitespace().collect();
+    let row: Vec<&str> = routers.lines().nth(1).unwrap().split_whitespace().collect();
+    let node = row[header.iter().position(|h| *h == "NODE").unwrap()];
+    assert_ne!(node, "<none>", "{routers}");
+    // The floating IP holds an address of its own, and says what it waits for: there is
+    // no server web-1.
+    let fips = wait_for_row(&cloud, &["get", "fip", "web-1", "-o", "wide"], |row| {
+        row.split_whitespace()
+            .any(|cell| cell.starts_with("203.0.113."))
+    });
+    let gateway = row
+        .iter()
+        .find(|cell| cell.starts_with("203.0.113."))
+        .unwrap();
+    assert!(!fips.contains(&format!(" {gateway} ")), "{routers}\n{fips}");
+    assert!(fips.contains("ServerNotFound"), "{fips}");
+
+    // A second router on the same subnet, and a floating IP on a tenant network: refused
+    // with the field named, nothing written.
+    let refused = |name: &str, text: &str, expected: &[&str]| {
+        let file = cloud.write(name, text);
+        let out = cloud.run(&["apply", "-f", path(&file)]).failure();
+        let err = stderr(&out);
+        for e in expected {
+            assert!(err.contains(e), "`{e}` not in:\n{err}");
+        }
+        assert!(err.contains("0 of 1 objects applied"), "{err}");
+    };
+    refused(
+        "second-router.yaml",
+        "apiVersion: ferro/v1\nkind: Router\nmetadata: {name: edge-2}\n\
+         spec: {interfaces: [{network: private, subnet: private-v4}]}\n",
+        &[
+            "spec.interfaces[0].subnet",
+            "already has router default/edge",
+        ],
+    );
+    refused(
+        "tenant-fip.yaml",
+        "apiVersion: ferro/v1\nkind: FloatingIP\nmetadata: {name: inside}\n\
+         spec: {network: private}\n",
+        &["spec.network", "not external"],
+    );
+    cloud.run(&["get", "router", "edge-2"]).failure();
+    cloud.run(&["get", "fip", "inside"]).failure();
+
+    // Deleting them gives their addresses back.
+    for file in ["floating-ip.yaml", "router.yaml"] {
+        cloud
+            .run(&["delete", "-f", path(&manifests.join(file))])
+            .success();
+    }
+    cloud.wait_until_gone("router", "edge");
+    cloud.wait_until_gone("floatingip", "web-1");
+}
