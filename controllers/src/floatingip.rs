@@ -10,8 +10,10 @@
 //! and Routers of the FloatingIP's project ([`associate`], pure): the target is `spec.port`,
 //! or the first Port of `spec.server` (in the order of `status.ports`) on a network some
 //! Router connects to the FloatingIP's external network; the private address is
-//! `spec.fixedIp` or the port's first IPv4 address; the Router is the first, by name, whose
-//! gateway is on the external network and which has a leg on the port's subnet.
+//! `spec.fixedIp` or the port's first IPv4 address; the Router is the one whose gateway is
+//! on the external network and which has a leg on the port's subnet — of several, the one
+//! that keeps the subnet (the earliest, by creation time, project and name; a later one is
+//! in `InterfaceConflict`). Routers of other projects on a shared network are not seen.
 //! `status.fixedIp` and `status.router` follow, and `Associated` says which port, or why
 //! none (`PortNotFound`, `NoRouter`, …). One private address takes one FloatingIP: when two
 //! map the same port's address, the earlier (by creation time, then name) keeps it and the
@@ -46,6 +48,7 @@ use crate::{
         self, Hints,
         external::{self, AddressFacts, AddressPlan},
     },
+    router::{RouterRank, router_rank},
 };
 use ferro_runtime::{
     Action, Caches, Controller, ObjectRef, Reconcile, ReconcileError, Store, condition,
@@ -111,6 +114,9 @@ pub struct RouterLinks {
     pub gateway: Option<String>,
     /// Its legs: `(network uid, subnet name)`.
     pub interfaces: Vec<(String, String)>,
+    /// Where it ranks among routers sharing a subnet: the earliest keeps the subnet, and a
+    /// later one is in `InterfaceConflict` (see [`crate::router`]).
+    pub rank: RouterRank,
 }
 
 /// What the FloatingIP targets, as found in the caches.
@@ -238,7 +244,8 @@ fn through(port: &v1::Port, facts: &AssociationFacts<'_>) -> Association {
                     .any(|(n, s)| *n == status.network_uid && s == subnet)
         })
         .collect();
-    routers.sort_by(|a, b| a.name.cmp(&b.name));
+    // Of routers sharing the subnet, the one that keeps it: never one in conflict.
+    routers.sort_by(|a, b| a.rank.cmp(&b.rank));
     match routers.first() {
         Some(router) => Association::Associated {
             port: name,
@@ -578,6 +585,7 @@ impl FloatingIpController {
                     .and_then(|s| s.external_ips.first())
                     .and_then(|ip| ip.parse().ok());
                 RouterLinks {
+                    rank: router_rank(r),
                     name: meta(r.as_ref()).name.clone(),
                     gateway: spec.external_gateway.as_ref().and_then(|g| {
                         self.holder_network(&meta(r.as_ref()).uid, recorded, project, &g.network)
@@ -864,6 +872,7 @@ mod tests {
 
     fn router(name: &str, gateway: &str, legs: &[(&str, &str)]) -> RouterLinks {
         RouterLinks {
+            rank: ((0, 0), "default".into(), name.into()),
             name: name.into(),
             gateway: (!gateway.is_empty()).then(|| gateway.to_owned()),
             interfaces: legs
@@ -898,7 +907,7 @@ mod tests {
         let cases: Vec<(&str, TargetFacts, &str, &str)> = vec![
             ("no target", TargetFacts::None, "", "NoTarget"),
             (
-                "the port's first IPv4 address, through the first router by name",
+                "the port's first IPv4 address, through the router created first (then by name)",
                 TargetFacts::Ports(vec![&dual]),
                 "",
                 "web 10.0.1.5 via edge",
@@ -970,6 +979,21 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+
+        // Of two routers on the subnet, the earlier keeps it (the later is in
+        // InterfaceConflict), whatever their names.
+        let mut earlier = router("zeta", "ext", &[("u1", "v4")]);
+        earlier.rank.0 = (100, 0);
+        let mut later = router("edge", "ext", &[("u1", "v4")]);
+        later.rank.0 = (200, 0);
+        let facts = AssociationFacts {
+            network_name: "public",
+            network_uid: Some("ext"),
+            fixed_ip: "",
+            target: TargetFacts::Ports(vec![&dual]),
+            routers: &[later, earlier],
+        };
+        assert_eq!(outcome(&associate(&facts)), "web 10.0.1.5 via zeta");
     }
 
     #[test]
