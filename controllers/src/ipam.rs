@@ -125,27 +125,6 @@ fn port_uid(port: &v1::Port) -> &str {
     &meta(port).uid
 }
 
-fn ip_claim(port: &v1::Port, network_uid: &str, subnet: &str, ip: IpAddr) -> Object {
-    let labels = [
-        (OWNER_UID_LABEL.to_owned(), port_uid(port).to_owned()),
-        (NETWORK_UID_LABEL.to_owned(), network_uid.to_owned()),
-    ];
-    Object::IPAddress(v1::IpAddress {
-        metadata: Some(v1::ObjectMeta {
-            name: ip_claim_name(network_uid, ip),
-            labels: labels.into_iter().collect(),
-            owner_references: vec![controller_reference(port, true)],
-            ..Default::default()
-        }),
-        spec: Some(v1::IpAddressSpec {
-            network_uid: network_uid.to_owned(),
-            subnet: subnet.to_owned(),
-            address: ip.to_string(),
-        }),
-        status: None,
-    })
-}
-
 fn mac_claim(port: &v1::Port, mac: &str) -> Object {
     Object::MACAddress(v1::MacAddress {
         metadata: Some(v1::ObjectMeta {
@@ -546,7 +525,12 @@ fn plan_decided(facts: &PortFacts<'_>) -> PortPlan {
     missing.sort_by(|a, b| a.0.cmp(b.0));
     for (_, address) in missing {
         if let Ok(ip) = address.ip.parse() {
-            verify.push(ip_claim(port, &status.network_uid, &address.subnet, ip));
+            verify.push(external::address_claim(
+                port,
+                &status.network_uid,
+                &address.subnet,
+                ip,
+            ));
         }
     }
     if !mac_seen {
@@ -802,7 +786,13 @@ async fn claim_addresses<B: IpamBackend>(
                 if hints.reserve_ip(network_uid, ip) {
                     inflight.ips.push(ip);
                 }
-                match claim(backend, ip_claim(port, network_uid, subnet, ip), uid).await? {
+                match claim(
+                    backend,
+                    external::address_claim(port, network_uid, subnet, ip),
+                    uid,
+                )
+                .await?
+                {
                     Claimed::Ours => ip,
                     Claimed::Theirs => {
                         return Ok(Err(blocked(
@@ -822,8 +812,12 @@ async fn claim_addresses<B: IpamBackend>(
                         return Ok(Err(blocked(reason::EXHAUSTED, message, Some(network_uid))));
                     };
                     inflight.ips.push(candidate);
-                    if let Claimed::Ours =
-                        claim(backend, ip_claim(port, network_uid, subnet, candidate), uid).await?
+                    if let Claimed::Ours = claim(
+                        backend,
+                        external::address_claim(port, network_uid, subnet, candidate),
+                        uid,
+                    )
+                    .await?
                     {
                         found = Some(candidate);
                         break;

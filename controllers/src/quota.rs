@@ -97,13 +97,7 @@ fn quotas_in_project<T>(quotas: &Store<v1::Quota>, change: &Change<T>) -> Vec<Ob
     quotas
         .by_index(QUOTA_BY_PROJECT, &change.key.project)
         .iter()
-        .map(|q| {
-            ObjectRef::new(
-                Kind::Quota,
-                meta(q.as_ref()).project.clone(),
-                meta(q.as_ref()).name.clone(),
-            )
-        })
+        .map(|q| ObjectRef::of(q.as_ref()))
         .collect()
 }
 
@@ -121,19 +115,7 @@ impl QuotaController {
         });
         let every_quota = {
             let quotas = quotas.clone();
-            move |_: &Change<v1::Flavor>| {
-                quotas
-                    .list()
-                    .iter()
-                    .map(|q| {
-                        ObjectRef::new(
-                            Kind::Quota,
-                            meta(q.as_ref()).project.clone(),
-                            meta(q.as_ref()).name.clone(),
-                        )
-                    })
-                    .collect()
-            }
+            move |_: &Change<v1::Flavor>| quotas.keys()
         };
         macro_rules! in_project {
             () => {{

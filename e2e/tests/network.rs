@@ -150,17 +150,9 @@ spec:
   - {{network: lan, fixedIp: 10.0.0.11}}
   userData: |
 {script}---
-apiVersion: ferro/v1
-kind: Server
-metadata: {{name: beta}}
-spec:
-  flavor: m1.tiny
-  image: tiny
-  serverGroup: apart
-  networks:
-  - {{network: lan, fixedIp: 10.0.0.12}}
-"#,
+{beta}"#,
         script = block(&checker("10.0.0.12"), 4),
+        beta = beta(false),
     )
 }
 
