@@ -43,6 +43,11 @@ pub struct AgentArgs {
     /// instance when unset.
     #[arg(long, value_name = "unix:PATH")]
     pub ovsdb: Option<String>,
+    /// The interface this node's provider bridge (`br-ex`) holds, which leads to the
+    /// external networks: routers' gateways and floating IPs use it. Routers placed on a
+    /// node without one are built without their gateway.
+    #[arg(long, value_name = "DEVICE")]
+    pub provider_interface: Option<String>,
 }
 
 /// Runs `ferro agent` until SIGTERM or SIGINT; guests keep running after it exits.
@@ -56,6 +61,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
     config.metrics_addr = args.metrics_addr;
     config.network_driver = args.network_driver;
     config.ovsdb = args.ovsdb;
+    config.provider_interface = args.provider_interface;
     config.roles = ferro_agent::node::parse_roles(&args.roles).map_err(anyhow::Error::msg)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

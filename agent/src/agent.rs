@@ -72,6 +72,7 @@ use crate::links::Links;
 use crate::links::netlink::NetlinkLinks;
 use crate::network::{InsideChecks, NODE_KEY, NetworkHealth, NetworkReconciler};
 use crate::node::{self, HostTools, NodeReport};
+use crate::router::{ROUTERS_KEY, RouterReconciler};
 use crate::server::{self, ServerReconciler};
 use crate::switch::ovs::{OvsConfig, OvsSwitch};
 use crate::wiring::linuxbridge::LinuxBridge;
@@ -236,6 +237,10 @@ pub struct AgentConfig {
     /// driver; the system's instance when unset. `ferro up` starts a private instance per
     /// node and names its socket here.
     pub ovsdb: Option<String>,
+    /// The interface the node's provider bridge (`br-ex`) holds: routers' gateways and
+    /// floating IPs reach external networks through it (`--provider-interface`). Without
+    /// one, routers placed here are built without their gateway and say why.
+    pub provider_interface: Option<String>,
 }
 
 impl AgentConfig {
@@ -267,6 +272,7 @@ impl AgentConfig {
             metrics_addr: None,
             network_driver: DriverKind::Ovs,
             ovsdb: None,
+            provider_interface: None,
         }
     }
 
@@ -394,6 +400,7 @@ pub async fn run(config: AgentConfig, drivers: Drivers) -> anyhow::Result<()> {
         // Read by the network reconciler's wiring.
         network_driver: _,
         ovsdb: _,
+        provider_interface,
     } = config;
     if node.is_empty() {
         bail!("the node needs a name");
@@ -478,11 +485,46 @@ pub async fn run(config: AgentConfig, drivers: Drivers) -> anyhow::Result<()> {
     let network_controller = network.map(|network| {
         let networks = Store::<v1::Network>::new();
         let nodes = Store::<v1::Node>::new();
+        let routers = Store::<v1::Router>::new();
+        let floating_ips = Store::<v1::FloatingIp>::new();
         tasks.spawn(
             Reflector::new(client.clone(), networks.clone())
                 .with_metrics(metrics.clone())
                 .run(),
         );
+        tasks.spawn(
+            Reflector::new(client.clone(), routers.clone())
+                .with_metrics(metrics.clone())
+                .run(),
+        );
+        tasks.spawn(
+            Reflector::new(client.clone(), floating_ips.clone())
+                .with_metrics(metrics.clone())
+                .run(),
+        );
+        let router_reconciler = Arc::new(RouterReconciler {
+            client: client.clone(),
+            node: node.clone(),
+            provider: provider_interface.clone(),
+            links: network.links.clone(),
+            routers: routers.clone(),
+            networks: networks.clone(),
+            floating_ips: floating_ips.clone(),
+        });
+        let routers_key = || vec![ROUTERS_KEY.to_owned()];
+        let router_controller = Controller::<String>::new(
+            crate::router::ROUTER_CONTROLLER,
+            Settings {
+                concurrency: 1,
+                timeout: Duration::from_secs(120),
+                ..settings
+            },
+            metrics.clone(),
+        )
+        .watches(&routers, move |_| routers_key())
+        .watches(&floating_ips, move |_| routers_key())
+        .watches(&networks, move |_| routers_key())
+        .resync_with(routers_key);
         tasks.spawn(
             Reflector::new(client.clone(), nodes.clone())
                 .with_metrics(metrics.clone())
@@ -499,6 +541,7 @@ pub async fn run(config: AgentConfig, drivers: Drivers) -> anyhow::Result<()> {
             ports: ports.clone(),
             networks: networks.clone(),
             nodes: nodes.clone(),
+            routers: routers.clone(),
             health: health.clone(),
             inside_checks: InsideChecks::every(crate::network::INSIDE_CHECK_EVERY),
         });
@@ -523,8 +566,9 @@ pub async fn run(config: AgentConfig, drivers: Drivers) -> anyhow::Result<()> {
         })
         .watches(&networks, move |_| key())
         .watches(&nodes, move |_| key())
+        .watches(&routers, move |_| key())
         .resync_with(key);
-        (controller, reconciler)
+        (controller, reconciler, router_controller, router_reconciler)
     });
     tasks.spawn(
         Reflector::new(client.clone(), ports.clone())
@@ -561,13 +605,18 @@ pub async fn run(config: AgentConfig, drivers: Drivers) -> anyhow::Result<()> {
     let stopped_too = stopped.clone();
     let mut controllers = tokio::spawn(async move {
         let network = async move {
-            if let Some((controller, reconciler)) = network_controller {
+            if let Some((controller, reconciler, router_controller, router_reconciler)) =
+                network_controller
+            {
                 let mut stopped = stopped_too;
-                controller
-                    .run_until(reconciler, async move {
-                        let _ = stopped.wait_for(|s| *s).await;
-                    })
-                    .await;
+                let mut stopped_routers = stopped.clone();
+                let networks = controller.run_until(reconciler, async move {
+                    let _ = stopped.wait_for(|s| *s).await;
+                });
+                let routers = router_controller.run_until(router_reconciler, async move {
+                    let _ = stopped_routers.wait_for(|s| *s).await;
+                });
+                tokio::join!(networks, routers);
             }
         };
         let mut stopped = stopped;

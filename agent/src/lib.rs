@@ -23,6 +23,7 @@ pub mod images;
 pub mod links;
 pub mod network;
 pub mod node;
+pub mod router;
 pub mod server;
 pub mod switch;
 pub mod wiring;

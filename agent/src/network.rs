@@ -113,6 +113,8 @@ pub struct NetworkReconciler {
     pub networks: Store<v1::Network>,
     /// Every Node.
     pub nodes: Store<v1::Node>,
+    /// Every Router: the legs of those placed here are wired like DHCP ports.
+    pub routers: Store<v1::Router>,
     /// Where `NetworkReady` is published for the Node's status.
     pub health: NetworkHealth,
     /// When the insides of the node's namespaces were last checked.
@@ -185,6 +187,7 @@ impl NetworkReconciler {
             ports: self.ports.list(),
             networks: self.networks.list(),
             nodes: self.nodes.list(),
+            routers: self.routers.list(),
         }
     }
 
@@ -213,7 +216,9 @@ impl NetworkReconciler {
             .await?
             .into_iter()
             .filter(|n| {
-                n.starts_with(DHCP_NAMESPACE_PREFIX) || n.starts_with(PROBE_NAMESPACE_PREFIX)
+                n.starts_with(DHCP_NAMESPACE_PREFIX)
+                    || n.starts_with(PROBE_NAMESPACE_PREFIX)
+                    || n.starts_with(crate::router::plan::ROUTER_NAMESPACE_PREFIX)
             })
             .collect();
         let dhcp = self
@@ -664,9 +669,10 @@ impl NetworkReconciler {
     }
 }
 
-/// Removes everything the network reconciler made on a node, for `ferro down`: the DHCP
-/// servers under `state_dir`, and in the node's network namespace (`netns`, or the
-/// caller's) every Ferro device with the namespace it leads into. Switch ports and
+/// Removes everything the network and router reconcilers made on a node, for `ferro
+/// down`: the DHCP servers under `state_dir`, and in the node's network namespace
+/// (`netns`, or the caller's) every Ferro device (a tap or veth of a Port or router leg, a
+/// router's gateway leg) with the namespace it leads into. Switch ports and
 /// bridges go with the node's switch instance or namespace. Returns how many things it
 /// removed; what is already gone is not an error.
 pub async fn clear_node(
@@ -689,7 +695,8 @@ pub async fn clear_node(
             continue;
         };
         let (uid, namespace) = split_alias(alias);
-        if uid.is_empty() || tap_name(uid) != link.name {
+        let gateway_leg = crate::wiring::device_name(crate::router::plan::GATEWAY_HOST_PREFIX, uid);
+        if uid.is_empty() || (tap_name(uid) != link.name && gateway_leg != link.name) {
             continue;
         }
         if let Some(namespace) = namespace

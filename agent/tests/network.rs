@@ -246,6 +246,7 @@ impl Agent {
             ports: Store::new(),
             networks: Store::new(),
             nodes: Store::new(),
+            routers: Store::new(),
             health: NetworkHealth::default(),
             // Every pass looks inside namespaces, so drift there is mended at once.
             inside_checks: InsideChecks::every(std::time::Duration::ZERO),

@@ -239,6 +239,10 @@ fn node_may(node: &str, r: &Request<'_>) -> bool {
         (Verb::UpdateStatus, Kind::Server | Kind::Router | Kind::Volume) => {
             bound_here && r.writer == Some(owners::AGENT)
         }
+        // A FloatingIP is translated by its Router's node, which the request does not
+        // show; the owner table limits the agent to `Plumbed`, and the floating IP
+        // controller believes one only when it names the router's current node.
+        (Verb::UpdateStatus, Kind::FloatingIP) => r.writer == Some(owners::AGENT),
         (Verb::PatchMetadata, Kind::Server | Kind::Port | Kind::Router | Kind::Volume) => {
             bound_here
                 && r.finalizers_only
@@ -312,6 +316,8 @@ mod tests {
             Request::new(Verb::Create, Kind::Event, "x"),
             status(Kind::Node, "n1", None, Some(owners::AGENT)),
             status(Kind::Server, "s", Some("n1"), Some(owners::AGENT)),
+            // The agent of a floating IP's router reports it plumbed.
+            status(Kind::FloatingIP, "fip", None, Some(owners::AGENT)),
             // Claiming an unbound Port, keeping it, and releasing it.
             port(None, Some("n1")),
             port(Some(""), Some("n1")),
@@ -352,6 +358,12 @@ mod tests {
                 Some(owners::SERVER_CONTROLLER),
             ),
             status(Kind::Network, "net", None, Some(owners::AGENT)),
+            status(
+                Kind::FloatingIP,
+                "fip",
+                None,
+                Some(owners::FLOATING_IP_CONTROLLER),
+            ),
             // Another node's Port, or binding one to another node.
             port(Some("n2"), Some("n1")),
             port(None, Some("n2")),

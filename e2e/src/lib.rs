@@ -15,6 +15,8 @@
 //! The `ferro` binary is the one `cargo test --workspace` builds; the harness asks cargo
 //! to bring it up to date first (set `FERRO_BIN` to use another).
 
+pub mod net;
+
 use std::collections::HashMap;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -340,6 +342,12 @@ impl Cloud {
     /// The network namespace of node `i` (from 1) of a multi-node cloud.
     pub fn node_netns(&self, i: u32) -> String {
         format!("{}-node-{i}", self.options.prefix)
+    }
+
+    /// The namespace standing for the world beyond the provider network of a multi-node
+    /// cloud; it holds the external network's upstream address, `203.0.113.1`.
+    pub fn outside_netns(&self) -> String {
+        format!("{}-outside", self.options.prefix)
     }
 
     /// Host objects of this cloud's prefix: its namespaces and host links.

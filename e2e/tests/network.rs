@@ -15,11 +15,13 @@
 //! Deleting everything leaves every node's links, switch and the machine's namespaces
 //! exactly as they were before.
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, ensure};
+use ferro_e2e::net::{
+    block, bound_probe, namespaces_of_ferro, node_state, ovsdb_socket, pings, probe,
+};
 use ferro_e2e::{Cloud, Options, signal, table, tiny_guest, wait_for};
 use rustix::process::Signal;
 
@@ -74,33 +76,6 @@ spec:
     )
 }
 
-/// What a node has: its links and, with Open vSwitch, `ovs-vsctl show`, each sorted by
-/// line (port order is not part of the state).
-fn node_state(cloud: &Cloud, node: u32) -> anyhow::Result<Vec<String>> {
-    let netns = cloud.node_netns(node);
-    let links = Command::new("ip")
-        .args(["-n", &netns, "-o", "link", "show"])
-        .output()?;
-    let mut state: Vec<String> = String::from_utf8_lossy(&links.stdout)
-        .lines()
-        .filter_map(|l| l.split(": ").nth(1))
-        .map(|name| format!("link {}", name.split('@').next().unwrap_or(name)))
-        .collect();
-    if let Some(socket) = ovsdb_socket(cloud.data_dir(), node) {
-        let show = Command::new("ovs-vsctl")
-            .arg(format!("--db=unix:{}", socket.display()))
-            .args(["--timeout=10", "show"])
-            .output()?;
-        state.extend(
-            String::from_utf8_lossy(&show.stdout)
-                .lines()
-                .map(|l| format!("ovs {}", l.trim())),
-        );
-    }
-    state.sort();
-    Ok(state)
-}
-
 /// `(transmitted, received)` from a guest's `FERRO-PINGS` line.
 fn ping_summary(console: &str) -> Option<(u64, u64)> {
     let line = console.lines().find(|l| l.contains("FERRO-PINGS"))?;
@@ -115,13 +90,6 @@ fn node_number(name: &str) -> anyhow::Result<u32> {
     name.strip_prefix("node-")
         .and_then(|n| n.parse().ok())
         .with_context(|| format!("{name} is not a node of ferro up --nodes"))
-}
-
-/// Indents a script as a YAML block scalar under `userData: |`.
-fn block(text: &str, indent: usize) -> String {
-    text.lines()
-        .map(|l| format!("{}{l}\n", " ".repeat(indent)))
-        .collect()
 }
 
 fn manifests(images: &str) -> String {
@@ -156,51 +124,6 @@ spec:
     )
 }
 
-/// A probe Port on `node`: the node wires it as a namespace with the Port's address.
-fn probe(project: &str, name: &str, network: &str, node: &str, ip: &str) -> String {
-    format!(
-        r#"apiVersion: ferro/v1
-kind: Port
-metadata:
-  name: {name}
-  project: {project}
-  annotations: {{ferro.io/probe-node: {node}}}
-spec:
-  network: {network}
-  deviceOwner: "network:probe"
-  fixedIps: [{{ipAddress: {ip}}}]
-"#
-    )
-}
-
-/// The uid of a Port, from `ferro get -o yaml`.
-fn uid_of(cloud: &Cloud, project: &str, what: &str) -> anyhow::Result<String> {
-    let yaml = cloud.run(["get", "port", what, "-p", project, "-o", "yaml"])?;
-    yaml.lines()
-        .find_map(|l| l.trim().strip_prefix("uid: "))
-        .map(|u| u.trim_matches('"').to_owned())
-        .with_context(|| format!("{what} has no uid:\n{yaml}"))
-}
-
-/// Whether `ip` answers one ping from inside `netns`.
-fn pings(netns: &str, ip: &str) -> bool {
-    Command::new("ip")
-        .args([
-            "netns", "exec", netns, "busybox", "ping", "-c", "1", "-W", "1", ip,
-        ])
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
-
-/// The probe's namespace once its node has bound it.
-fn bound_probe(cloud: &Cloud, project: &str, name: &str) -> anyhow::Result<String> {
-    wait_for(&format!("probe {project}/{name} bound"), WAIT, || {
-        let yaml = cloud.run(["get", "port", name, "-p", project, "-o", "yaml"])?;
-        Ok(yaml.contains("bound: true").then_some(()))
-    })?;
-    Ok(format!("qprobe-{}", uid_of(cloud, project, name)?))
-}
-
 /// What Ferro has wired on one node: taps, probe and DHCP namespaces of its own, and
 /// switch ports on `br-int` (for OVS).
 fn wired_on(cloud: &Cloud, node: u32) -> anyhow::Result<Vec<String>> {
@@ -227,36 +150,6 @@ fn wired_on(cloud: &Cloud, node: u32) -> anyhow::Result<Vec<String>> {
         );
     }
     Ok(found)
-}
-
-/// The OVSDB socket of node `i`'s private Open vSwitch instance, if it has one.
-fn ovsdb_socket(data_dir: &Path, node: u32) -> Option<PathBuf> {
-    let nodes = data_dir.join("nodes").join(format!("node-{node}"));
-    find_named(&nodes, "db.sock")
-}
-
-fn find_named(dir: &Path, name: &str) -> Option<PathBuf> {
-    for entry in std::fs::read_dir(dir).ok()?.flatten() {
-        let path = entry.path();
-        if path.file_name().is_some_and(|n| n == name) {
-            return Some(path);
-        }
-        if path.is_dir()
-            && let Some(found) = find_named(&path, name)
-        {
-            return Some(found);
-        }
-    }
-    None
-}
-
-fn namespaces_of_ferro() -> anyhow::Result<Vec<String>> {
-    let out = Command::new("ip").args(["netns", "list"]).output()?;
-    Ok(String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.split_whitespace().next())
-        .map(str::to_owned)
-        .collect())
 }
 
 fn tenant_networks_work_across_nodes(driver: &str) -> anyhow::Result<()> {

@@ -232,6 +232,13 @@ pub fn children(
             "--network-driver".into(),
             args.network_driver.as_str().into(),
         ];
+        if !built.nodes.is_empty() {
+            // Each node namespace has a link into `<prefix>-outside`: the provider network.
+            agent.extend([
+                "--provider-interface".into(),
+                topology::NODE_PROVIDER_DEVICE.into(),
+            ]);
+        }
         if args.network_driver == DriverKind::Ovs {
             let socket = OvsInstance::new(ovs_dir).db_socket();
             agent.extend([

@@ -74,6 +74,8 @@ pub struct Facts {
     pub networks: Vec<Arc<v1::Network>>,
     /// Every Node.
     pub nodes: Vec<Arc<v1::Node>>,
+    /// Every Router.
+    pub routers: Vec<Arc<v1::Router>>,
 }
 
 /// Where a wanted Port's device lives.
@@ -369,6 +371,77 @@ pub fn desired(facts: &Facts) -> Desired {
         );
     }
 
+    // The legs of the routers placed here, as veths into their namespaces.
+    if let Some(local_ip) = facts.local_ip {
+        for router in &facts.routers {
+            if router.status.as_ref().is_none_or(|s| s.node != facts.node) {
+                continue;
+            }
+            for leg in crate::router::plan::legs(router, &facts.networks) {
+                let Some(network) = networks.get(leg.network_uid.as_str()).copied() else {
+                    continue;
+                };
+                let segment_id = network.status.as_ref().map(|s| s.segment_id).unwrap_or(0);
+                let deleting = network
+                    .metadata
+                    .as_ref()
+                    .is_some_and(|m| m.deletion_timestamp.is_some());
+                if segment_id == 0 || deleting {
+                    continue;
+                }
+                let mtu = network.spec.as_ref().and_then(|s| s.mtu).unwrap_or(1450);
+                out.networks
+                    .entry(leg.network_uid.clone())
+                    .or_insert_with(|| NetworkWiring {
+                        uid: leg.network_uid.clone(),
+                        segment_id,
+                        mtu,
+                        local_ip,
+                        peers: BTreeSet::new(),
+                    });
+                out.ports.insert(
+                    leg.uid.clone(),
+                    WantedPort {
+                        // A leg has no Port object to write a binding to.
+                        project: String::new(),
+                        name: String::new(),
+                        wiring: PortWiring {
+                            uid: leg.uid.clone(),
+                            network_uid: leg.network_uid.clone(),
+                            device: tap_name(&leg.uid),
+                            mac: leg.mac.clone(),
+                            server_uid: None,
+                        },
+                        place: Place::Namespace {
+                            namespace: crate::router::plan::router_namespace(&leg.router_uid),
+                            inner: device_name(crate::router::plan::LEG_DEVICE_PREFIX, &leg.uid),
+                            addresses: vec![leg.address],
+                        },
+                        mtu,
+                    },
+                );
+            }
+        }
+    }
+
+    // Tunnels to the nodes of routers with a leg on a Network wired here.
+    for router in &facts.routers {
+        let Some(status) = &router.status else {
+            continue;
+        };
+        let Some(address) = addresses.get(status.node.as_str()) else {
+            continue;
+        };
+        if status.node == facts.node || Some(*address) == facts.local_ip {
+            continue;
+        }
+        for leg in crate::router::plan::legs(router, &facts.networks) {
+            if let Some(network) = out.networks.get_mut(&leg.network_uid) {
+                network.peers.insert(*address);
+            }
+        }
+    }
+
     // Tunnels: to every other node with a bound Port on a Network wired here; DHCP hosts:
     // every addressed Port of a Network served here.
     for port in &facts.ports {
@@ -578,7 +651,71 @@ mod tests {
                 node("n2", "198.18.0.12", false),
                 node("n3", "198.18.0.13", false),
             ],
+            routers: Vec::new(),
         }
+    }
+
+    fn router(node: &str, network: &str) -> Arc<v1::Router> {
+        Arc::new(v1::Router {
+            metadata: Some(v1::ObjectMeta {
+                name: "edge".into(),
+                project: "p".into(),
+                uid: "r-uid".into(),
+                ..Default::default()
+            }),
+            spec: Some(v1::RouterSpec {
+                interfaces: vec![v1::RouterInterface {
+                    network: network.into(),
+                    subnet: "v4".into(),
+                }],
+                ..Default::default()
+            }),
+            status: Some(v1::RouterStatus {
+                node: node.into(),
+                conditions: vec![ferro_runtime::condition(
+                    "Interfaces",
+                    true,
+                    "NoConflict",
+                    "",
+                )],
+                ..Default::default()
+            }),
+        })
+    }
+
+    #[test]
+    fn a_routers_legs_are_wired_on_its_node_and_tunnelled_to_from_the_others() {
+        let mut here = facts();
+        here.routers = vec![router("n1", "b")];
+        let wanted = desired(&here);
+        let leg = wanted
+            .ports
+            .values()
+            .find(|p| p.wiring.network_uid == "net-b" && p.project.is_empty())
+            .expect("the router's leg on b");
+        match &leg.place {
+            Place::Namespace {
+                namespace,
+                inner,
+                addresses,
+            } => {
+                assert_eq!(namespace, "qrouter-r-uid");
+                assert!(inner.starts_with("qr-"), "{inner}");
+                assert_eq!(addresses.len(), 1, "the subnet's gateway address");
+            }
+            Place::Guest => panic!("a leg lives in the router's namespace"),
+        }
+
+        // On another node wiring network a, the router's node is a tunnel peer.
+        let mut elsewhere = facts();
+        elsewhere.routers = vec![router("n3", "a")];
+        let wanted = desired(&elsewhere);
+        assert!(
+            wanted.networks["net-a"]
+                .peers
+                .contains(&"198.18.0.13".parse().unwrap())
+        );
+        assert!(wanted.ports.values().all(|p| !p.project.is_empty()));
     }
 
     #[test]

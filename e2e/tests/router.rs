@@ -1,0 +1,318 @@
+//! Routers and floating IPs end to end, under `ferro up --nodes 3`, once per network
+//! driver, with real guests.
+//!
+//! A router joins two tenant networks and the external network `public` (whose upstream,
+//! `203.0.113.1`, is in the cloud's `outside` namespace). Guest `alpha` on `lan` and guest
+//! `beta` on `lan2` are kept on different nodes; alpha pings beta and talks TCP to it
+//! through the router, from a script in its user data. A floating IP mapped to alpha
+//! answers ping and HTTP (the guest serves its hostname) from the outside namespace, and
+//! alpha's own connection to a listener there arrives from the floating IP. A rule
+//! flushed by hand inside the router's namespace comes back. Deleting the stack leaves
+//! every node's links and switch, and the machine's namespaces, exactly as they were.
+
+use std::time::Duration;
+
+use anyhow::{Context, ensure};
+use ferro_e2e::net::{Listener, block, namespaces_of_ferro, node_state, pings};
+use ferro_e2e::{Cloud, Options, table, tiny_guest, wait_for};
+
+/// How long the nodes, guests and wiring may take, on a loaded 2-core machine.
+const WAIT: Duration = Duration::from_secs(240);
+
+/// Alpha's user data: through the router to beta (ping, then TCP to its port-7
+/// responder), then out to the listener in the outside namespace, each retried until it
+/// works, saying so on the console.
+const ALPHA_SCRIPT: &str = r#"#!/bin/sh
+(
+  end=$(($(date +%s) + 240))
+  until ping -c 1 -W 1 10.1.0.12 >/dev/null 2>&1; do
+    [ "$(date +%s)" -lt "$end" ] || { echo "FERRO-ROUTED-FAILED"; exit 1; }
+    sleep 0.5
+  done
+  until out=$(echo hello | nc -w 2 10.1.0.12 7 | head -n 1) && [ -n "$out" ]; do
+    [ "$(date +%s)" -lt "$end" ] || { echo "FERRO-ROUTED-FAILED tcp"; exit 1; }
+    sleep 0.5
+  done
+  echo "FERRO-ROUTED-OK $out"
+  until echo hello | nc -w 2 203.0.113.1 8080 >/dev/null 2>&1; do
+    [ "$(date +%s)" -lt "$end" ] || { echo "FERRO-OUT-FAILED"; exit 1; }
+    sleep 1
+  done
+  echo "FERRO-OUT-OK"
+) >/dev/console 2>&1 &
+"#;
+
+fn manifests(images: &str) -> String {
+    format!(
+        r#"{images}---
+apiVersion: ferro/v1
+kind: Network
+metadata: {{name: public}}
+spec:
+  external: true
+  mtu: 1500
+  subnets:
+  - name: v4
+    cidr: 203.0.113.0/24
+    gateway: 203.0.113.1
+    dhcp: false
+    allocationPools: [{{start: 203.0.113.100, end: 203.0.113.200}}]
+---
+apiVersion: ferro/v1
+kind: Network
+metadata: {{name: lan}}
+spec:
+  subnets:
+  - {{name: v4, cidr: 10.0.0.0/24}}
+---
+apiVersion: ferro/v1
+kind: Network
+metadata: {{name: lan2}}
+spec:
+  subnets:
+  - {{name: v4, cidr: 10.1.0.0/24}}
+---
+apiVersion: ferro/v1
+kind: Router
+metadata: {{name: edge}}
+spec:
+  externalGateway: {{network: public}}
+  interfaces:
+  - {{network: lan, subnet: v4}}
+  - {{network: lan2, subnet: v4}}
+---
+apiVersion: ferro/v1
+kind: ServerGroup
+metadata: {{name: apart}}
+spec: {{policy: AntiAffinity}}
+---
+apiVersion: ferro/v1
+kind: Server
+metadata: {{name: alpha}}
+spec:
+  flavor: m1.tiny
+  image: tiny
+  serverGroup: apart
+  networks:
+  - {{network: lan, fixedIp: 10.0.0.11}}
+  userData: |
+{script}---
+apiVersion: ferro/v1
+kind: Server
+metadata: {{name: beta}}
+spec:
+  flavor: m1.tiny
+  image: tiny
+  serverGroup: apart
+  networks:
+  - {{network: lan2, fixedIp: 10.1.0.12}}
+---
+apiVersion: ferro/v1
+kind: FloatingIP
+metadata: {{name: web}}
+spec:
+  network: public
+  server: alpha
+"#,
+        script = block(ALPHA_SCRIPT, 4),
+    )
+}
+
+/// The body of `GET /` from `ip:80`, fetched from inside `netns` (busybox's `nc`: its
+/// `wget` is not dependable in a static build), if the server answers 200.
+fn http_get(netns: &str, ip: &str) -> Option<String> {
+    let mut child = std::process::Command::new("ip")
+        .args(["netns", "exec", netns, "busybox", "nc", "-w", "3", ip, "80"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .ok()?;
+    std::io::Write::write_all(
+        child.stdin.as_mut()?,
+        b"GET / HTTP/1.0\r\nHost: floating\r\n\r\n",
+    )
+    .ok()?;
+    let out = child.wait_with_output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200")
+        .then(|| body.trim().to_owned())
+}
+
+/// The postrouting rules of the router's table in `netns`, as `nft` lists them.
+fn snat_rules(netns: &str) -> usize {
+    std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            netns,
+            "nft",
+            "list",
+            "chain",
+            "ip",
+            "ferro-router",
+            "postrouting",
+        ])
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .filter(|l| l.contains("snat to"))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+fn routers_and_floating_ips_work(driver: &str) -> anyhow::Result<()> {
+    let guest = tiny_guest()?;
+    let cloud = Cloud::start_with(Options {
+        nodes: 3,
+        driver: driver.into(),
+        ..Options::default()
+    })?;
+    wait_for("three nodes Ready", WAIT, || {
+        let rows = table(&cloud.run(["get", "nodes"])?);
+        Ok((rows.len() == 3 && rows.iter().all(|r| r["READY"] == "True")).then_some(()))
+    })?;
+    let before = namespaces_of_ferro()?;
+    let nodes_before = (1..=3)
+        .map(|node| node_state(&cloud, node))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let outside = cloud.outside_netns();
+
+    let file = cloud.data_dir().join("../router.yaml");
+    std::fs::write(&file, manifests(&guest.image_manifests()))?;
+    cloud.run(["apply", "-f", file.to_str().context("path")?])?;
+    for server in ["alpha", "beta"] {
+        cloud.run([
+            "wait",
+            &format!("server/{server}"),
+            "--for",
+            "condition=Ready",
+            "--timeout",
+            "300s",
+        ])?;
+    }
+    let nodes: Vec<String> = table(&cloud.run(["get", "servers", "-o", "wide"])?)
+        .iter()
+        .map(|r| r["NODE"].clone())
+        .collect();
+    ensure!(
+        nodes.len() == 2 && nodes[0] != nodes[1],
+        "guests apart: {nodes:?}"
+    );
+    // Between tenant networks, through the router.
+    cloud.run([
+        "wait",
+        "server/alpha",
+        "--for",
+        "console=FERRO-ROUTED-OK ferro-tiny beta",
+        "--timeout",
+        "240s",
+    ])?;
+    cloud.run([
+        "wait",
+        "router/edge",
+        "--for",
+        "condition=Ready",
+        "--timeout",
+        "60s",
+    ])?;
+
+    // The floating IP, from the outside.
+    cloud.run([
+        "wait",
+        "floatingip/web",
+        "--for",
+        "condition=Ready",
+        "--timeout",
+        "120s",
+    ])?;
+    let rows = table(&cloud.run(["get", "floatingip", "web", "-o", "wide"])?);
+    let fip = rows
+        .first()
+        .map(|r| r["ADDRESS"].clone())
+        .context("no floating IP row")?;
+    wait_for(&format!("{fip} answering ping from outside"), WAIT, || {
+        Ok(pings(&outside, &fip).then_some(()))
+    })?;
+    let hostname = wait_for(&format!("http://{fip}/ from outside"), WAIT, || {
+        Ok(http_get(&outside, &fip))
+    })?;
+    ensure!(hostname == "alpha", "http://{fip}/ served {hostname:?}");
+
+    // The guest's own connection leaves as its floating IP.
+    let listener = Listener::start(&outside, "203.0.113.1:8080".parse()?)?;
+    let peer = listener.peer(WAIT)?;
+    ensure!(
+        peer.ip().to_string() == fip,
+        "alpha's connection came from {peer}, not {fip}"
+    );
+    cloud.run([
+        "wait",
+        "server/alpha",
+        "--for",
+        "console=FERRO-OUT-OK",
+        "--timeout",
+        "60s",
+    ])?;
+
+    // A rule flushed by hand comes back.
+    let router_ns = namespaces_of_ferro()?
+        .into_iter()
+        .find(|n| n.starts_with("qrouter-"))
+        .context("no qrouter namespace")?;
+    let rules = snat_rules(&router_ns);
+    ensure!(rules == 3, "{rules} SNAT rules in {router_ns}, not 3");
+    let flushed = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &router_ns,
+            "nft",
+            "flush",
+            "chain",
+            "ip",
+            "ferro-router",
+            "postrouting",
+        ])
+        .status()?;
+    ensure!(flushed.success(), "nft flush failed");
+    wait_for("the flushed rules back", WAIT, || {
+        Ok((snat_rules(&router_ns) == 3).then_some(()))
+    })?;
+
+    // Deleting the stack leaves nothing behind on any node.
+    cloud.run(["delete", "-f", file.to_str().context("path")?])?;
+    wait_for("no namespace left", WAIT, || {
+        let after = namespaces_of_ferro()?;
+        let left: Vec<String> = after.into_iter().filter(|n| !before.contains(n)).collect();
+        Ok(left.is_empty().then_some(()).or_else(|| {
+            eprintln!("still there: {left:?}");
+            None
+        }))
+    })?;
+    wait_for("every node as before", WAIT, || {
+        for (i, was) in nodes_before.iter().enumerate() {
+            let now = node_state(&cloud, i as u32 + 1)?;
+            if &now != was {
+                let gone: Vec<&String> = was.iter().filter(|l| !now.contains(l)).collect();
+                let new: Vec<&String> = now.iter().filter(|l| !was.contains(l)).collect();
+                eprintln!("node-{}: gone {gone:?}, new {new:?}", i + 1);
+                return Ok(None);
+            }
+        }
+        Ok(Some(()))
+    })?;
+    Ok(())
+}
+
+#[test]
+fn routers_and_floating_ips_with_open_vswitch() -> anyhow::Result<()> {
+    routers_and_floating_ips_work("ovs")
+}
+
+#[test]
+fn routers_and_floating_ips_with_linux_bridges() -> anyhow::Result<()> {
+    routers_and_floating_ips_work("linuxbridge")
+}
