@@ -7,14 +7,17 @@
 //! through the router, from a script in its user data. A floating IP mapped to alpha
 //! answers ping and HTTP (the guest serves its hostname) from the outside namespace, and
 //! alpha's own connection to a listener there arrives from the floating IP. A rule
-//! flushed by hand inside the router's namespace comes back. Deleting the stack leaves
-//! every node's links and switch, and the machine's namespaces, exactly as they were.
+//! flushed by hand inside the router's namespace comes back. With Open vSwitch, the
+//! router's node then dies (its agent stopped, its namespace deleted): the router fails
+//! over to the other network node and a floating IP answers again. Deleting the stack
+//! leaves every node's links and switch, and the machine's namespaces, exactly as they
+//! were.
 
 use std::time::Duration;
 
 use anyhow::{Context, ensure};
-use ferro_e2e::net::{Listener, block, namespaces_of_ferro, node_state, pings};
-use ferro_e2e::{Cloud, Options, table, tiny_guest, wait_for};
+use ferro_e2e::net::{Listener, block, bound_probe, namespaces_of_ferro, node_state, pings, probe};
+use ferro_e2e::{Cloud, Options, Signal, signal, table, tiny_guest, wait_for};
 
 /// How long the nodes, guests and wiring may take, on a loaded 2-core machine.
 const WAIT: Duration = Duration::from_secs(240);
@@ -163,7 +166,95 @@ fn snat_rules(netns: &str) -> usize {
         .unwrap_or(0)
 }
 
-fn routers_and_floating_ips_work(driver: &str) -> anyhow::Result<()> {
+/// Resumes a SIGSTOPped process when dropped, so a failing test leaves no stopped agent
+/// that `ferro down` could not end.
+struct Stopped(u32);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        signal(self.0, Signal::CONT);
+    }
+}
+
+/// The router's node dies (its agent stopped, its namespace gone): the router moves to the
+/// other network node, which builds it, and a floating IP of a probe on the third node
+/// answers again. The old node's agent, resumed, removes its stale copy. Returns the
+/// manifest of what it applied.
+fn fails_over(cloud: &Cloud, router_ns: &str) -> anyhow::Result<std::path::PathBuf> {
+    let outside = cloud.outside_netns();
+    let router_node = |cloud: &Cloud| -> anyhow::Result<String> {
+        let rows = table(&cloud.run(["get", "router", "edge", "-o", "wide"])?);
+        Ok(rows.first().map(|r| r["NODE"].clone()).unwrap_or_default())
+    };
+    let old = router_node(cloud)?;
+    let third = "node-3";
+    ensure!(old != third, "the router is on {old}, not a network node");
+    let file = cloud.data_dir().join("../far.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "{}---\napiVersion: ferro/v1\nkind: FloatingIP\nmetadata: {{name: far}}\nspec: {{network: public, port: far}}\n",
+            probe("default", "far", "lan", third, "10.0.0.31"),
+        ),
+    )?;
+    cloud.run(["apply", "-f", file.to_str().context("path")?])?;
+    let far = bound_probe(cloud, "default", "far")?;
+    // A probe holds only its address; the way back to the outside is the test's to add.
+    let routed = std::process::Command::new("ip")
+        .args(["-n", &far, "route", "replace", "default", "via", "10.0.0.1"])
+        .status()?;
+    ensure!(routed.success(), "cannot route {far} through the router");
+    cloud.run([
+        "wait",
+        "floatingip/far",
+        "--for",
+        "condition=Ready",
+        "--timeout",
+        "120s",
+    ])?;
+    let fip = table(&cloud.run(["get", "floatingip", "far", "-o", "wide"])?)
+        .first()
+        .map(|r| r["ADDRESS"].clone())
+        .context("no floating IP row")?;
+    wait_for(&format!("{fip} answering ping from outside"), WAIT, || {
+        Ok(pings(&outside, &fip).then_some(()))
+    })?;
+
+    let number = old.strip_prefix("node-").context("a ferro up node")?;
+    let pidfile = cloud
+        .data_dir()
+        .join(format!("run/agent-node-{number}.pid"));
+    let pid: u32 = std::fs::read_to_string(&pidfile)
+        .with_context(|| format!("reading {}", pidfile.display()))?
+        .trim()
+        .parse()?;
+    let died = std::time::Instant::now();
+    signal(pid, Signal::STOP);
+    let stopped = Stopped(pid);
+    let deleted = std::process::Command::new("ip")
+        .args(["netns", "delete", router_ns])
+        .status()?;
+    ensure!(deleted.success(), "cannot delete {router_ns}");
+    let new = wait_for("the router failing over", Duration::from_secs(300), || {
+        let now = router_node(cloud)?;
+        Ok((!now.is_empty() && now != old).then_some(now))
+    })?;
+    ensure!(
+        new != third,
+        "the router moved to {new}, not a network node"
+    );
+    wait_for(&format!("{fip} answering again"), WAIT, || {
+        Ok(pings(&outside, &fip).then_some(()))
+    })?;
+    eprintln!(
+        "router failover {old} → {new}: floating IP answering again {:.1} s after the node died",
+        died.elapsed().as_secs_f64()
+    );
+    drop(stopped);
+    Ok(file)
+}
+
+fn routers_and_floating_ips_work(driver: &str, failover: bool) -> anyhow::Result<()> {
     let guest = tiny_guest()?;
     let cloud = Cloud::start_with(Options {
         nodes: 3,
@@ -282,7 +373,16 @@ fn routers_and_floating_ips_work(driver: &str) -> anyhow::Result<()> {
         Ok((snat_rules(&router_ns) == 3).then_some(()))
     })?;
 
+    let probes = if failover {
+        Some(fails_over(&cloud, &router_ns)?)
+    } else {
+        None
+    };
+
     // Deleting the stack leaves nothing behind on any node.
+    if let Some(probes) = probes {
+        cloud.run(["delete", "-f", probes.to_str().context("path")?])?;
+    }
     cloud.run(["delete", "-f", file.to_str().context("path")?])?;
     wait_for("no namespace left", WAIT, || {
         let after = namespaces_of_ferro()?;
@@ -309,10 +409,10 @@ fn routers_and_floating_ips_work(driver: &str) -> anyhow::Result<()> {
 
 #[test]
 fn routers_and_floating_ips_with_open_vswitch() -> anyhow::Result<()> {
-    routers_and_floating_ips_work("ovs")
+    routers_and_floating_ips_work("ovs", true)
 }
 
 #[test]
 fn routers_and_floating_ips_with_linux_bridges() -> anyhow::Result<()> {
-    routers_and_floating_ips_work("linuxbridge")
+    routers_and_floating_ips_work("linuxbridge", false)
 }

@@ -209,10 +209,11 @@ pub fn children(
             lease: "controllers".to_owned(),
         },
     });
-    // The first node also plays the network role: it serves DHCP (and, later, routers).
-    let network_node = args.node_names().into_iter().next().unwrap_or_default();
+    // The first two nodes also play the network role: they serve DHCP and host routers,
+    // and a router on one fails over to the other.
+    let network_nodes: Vec<String> = args.node_names().into_iter().take(2).collect();
     let agent = |node: &str, server: &str, state_dir: PathBuf, ovs_dir: PathBuf| {
-        let roles = if node == network_node {
+        let roles = if network_nodes.iter().any(|n| n == node) {
             "compute,network"
         } else {
             "compute"
