@@ -103,8 +103,12 @@ pub struct RouterReconciler {
 enum Built {
     /// Everything it wants is in place.
     Done(String),
-    /// Part of it waits for something (its legs, an address); the message says what.
+    /// Part of it waits for something the API will announce (an address, a provider
+    /// interface); the message says what.
     Waiting(String),
+    /// It waits for its legs, which the network reconciler makes without a word to the
+    /// API: look again soon.
+    WaitingForLegs(String),
 }
 
 impl RouterReconciler {
@@ -141,15 +145,17 @@ impl RouterReconciler {
                 crate::images::error_chain(&e)
             ));
         }
+        // Without the provider bridge no router here can be built.
+        let unbuildable = failed.first().cloned();
         for router in wanted.values() {
-            let outcome = if failed.is_empty() {
-                self.build(router, &links, &namespaces).await
-            } else {
-                Ok(Built::Waiting(failed[0].clone()))
+            let outcome = match &unbuildable {
+                None => self.build(router, &links, &namespaces).await,
+                Some(why) => Ok(Built::Waiting(why.clone())),
             };
             let (ok, reason, detail) = match outcome {
                 Ok(Built::Done(detail)) => (true, "Built", detail),
-                Ok(Built::Waiting(why)) => {
+                Ok(Built::Waiting(why)) => (false, "Building", why),
+                Ok(Built::WaitingForLegs(why)) => {
                     again = true;
                     (false, "Building", why)
                 }
@@ -316,7 +322,7 @@ impl RouterReconciler {
         });
         ensure_table(ns, table.as_ref()).await?;
         if !missing.is_empty() {
-            return Ok(Built::Waiting(format!(
+            return Ok(Built::WaitingForLegs(format!(
                 "waiting for legs {} in {ns}",
                 missing.join(", ")
             )));

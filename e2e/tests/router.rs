@@ -8,7 +8,8 @@
 //! answers ping and HTTP (the guest serves its hostname) from the outside namespace, and
 //! alpha's own connection to a listener there arrives from the floating IP. A rule
 //! flushed by hand inside the router's namespace comes back. With Open vSwitch, the
-//! router's node then dies (its agent stopped, its namespace deleted): the router fails
+//! router's node then dies (its agent stopped, its uplink down, its namespace deleted): the
+//! router fails
 //! over to the other network node and a floating IP answers again. Deleting the stack
 //! leaves every node's links and switch, and the machine's namespaces, exactly as they
 //! were.
@@ -166,20 +167,26 @@ fn snat_rules(netns: &str) -> usize {
         .unwrap_or(0)
 }
 
-/// Resumes a SIGSTOPped process when dropped, so a failing test leaves no stopped agent
-/// that `ferro down` could not end.
-struct Stopped(u32);
+/// A node made dead: its agent SIGSTOPped, its provider link down. Resumed when dropped,
+/// so a failing test leaves no stopped agent that `ferro down` could not end.
+struct Stopped {
+    pid: u32,
+    node_ns: String,
+}
 
 impl Drop for Stopped {
     fn drop(&mut self) {
-        signal(self.0, Signal::CONT);
+        signal(self.pid, Signal::CONT);
+        let _ = std::process::Command::new("ip")
+            .args(["-n", &self.node_ns, "link", "set", "provider0", "up"])
+            .status();
     }
 }
 
-/// The router's node dies (its agent stopped, its namespace gone): the router moves to the
-/// other network node, which builds it, and a floating IP of a probe on the third node
-/// answers again. The old node's agent, resumed, removes its stale copy. Returns the
-/// manifest of what it applied.
+/// The router's node dies (its agent stopped, its uplink down, its namespace gone): the
+/// router moves to the other network node, which builds it, and a floating IP of a probe
+/// on the third node answers again. The old node's agent, resumed, removes its stale
+/// copy. Returns the manifest of what it applied.
 fn fails_over(cloud: &Cloud, router_ns: &str) -> anyhow::Result<std::path::PathBuf> {
     let outside = cloud.outside_netns();
     let router_node = |cloud: &Cloud| -> anyhow::Result<String> {
@@ -230,11 +237,17 @@ fn fails_over(cloud: &Cloud, router_ns: &str) -> anyhow::Result<std::path::PathB
         .parse()?;
     let died = std::time::Instant::now();
     signal(pid, Signal::STOP);
-    let stopped = Stopped(pid);
-    let deleted = std::process::Command::new("ip")
-        .args(["netns", "delete", router_ns])
-        .status()?;
-    ensure!(deleted.success(), "cannot delete {router_ns}");
+    let node_ns = cloud.node_netns(number.parse()?);
+    let stopped = Stopped { pid, node_ns };
+    // Dead to the outside too: its uplink down and its router gone (a namespace a stopped
+    // process still holds would otherwise go on answering).
+    for args in [
+        vec!["-n", &stopped.node_ns, "link", "set", "provider0", "down"],
+        vec!["netns", "delete", router_ns],
+    ] {
+        let done = std::process::Command::new("ip").args(&args).status()?;
+        ensure!(done.success(), "ip {args:?} failed");
+    }
     let new = wait_for("the router failing over", Duration::from_secs(300), || {
         let now = router_node(cloud)?;
         Ok((!now.is_empty() && now != old).then_some(now))

@@ -24,6 +24,22 @@
 //!   supervisor starts it again); the figure is the time until the new agent has finished
 //!   a network pass, and the packets a 10/s ping between the node-1 and node-2 reference
 //!   probes lost across it.
+//! - **(d) floating IP association**: a Router joins the network to an external one
+//!   (`203.0.113.0/24`, whose upstream is the cloud's `outside` namespace), and
+//!   `--floating-ips` of the (a) Ports get a FloatingIP each, created four at a time; each
+//!   is timed from its create until it answers an echo request the bench sends every 20 ms
+//!   from the outside namespace; p50 and p99.
+//! - **(e) TCP through SNAT**: one stream from the reference probe on the router's node
+//!   out through the router's SNAT to a listener in the outside namespace, against a SNAT
+//!   path the bench builds by hand on that node from the same pieces (a client namespace
+//!   on the driver's kind of switch, a namespace forwarding with one nftables SNAT rule, a
+//!   kernel bridge with an uplink into the outside bridge); `--rounds` rounds,
+//!   alternating; the medians and their ratio.
+//! - **(f) router failover**: the router's node dies — its agent SIGSTOPped, its
+//!   provider link down, its `qrouter-` namespace deleted — and the figure is the time until the first floating
+//!   IP answers from outside again, through the other network node (the agent is resumed
+//!   afterwards). It is bounded below by the heartbeat lease (40 s) and the router
+//!   controller's failover grace (30 s).
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -61,6 +77,12 @@ pub struct NetBenchArgs {
     /// How many alternating rounds of (b) to run.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
     pub rounds: u32,
+    /// Floating IPs timed in (d), on as many of the (a) ports (at most 200).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(0..=200))]
+    pub floating_ips: u64,
+    /// Whether to time (f), a router failover (about 75 s per driver).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub failover: bool,
 }
 
 /// A three-node `ferro up` in a scratch directory; stopped (with `ferro down`) on drop.
@@ -625,6 +647,13 @@ struct Figures {
     readopt: Duration,
     sent: u64,
     received: u64,
+    /// (d): create → first reply from outside, per floating IP.
+    floating: Vec<Duration>,
+    /// (f): the router's node dead → its floating IP answering again, and where to.
+    failover: Option<(Duration, String, String)>,
+    /// (e): per round, through the router's SNAT and through the hand-made one.
+    snat_gbps: Vec<f64>,
+    raw_snat_gbps: Vec<f64>,
 }
 
 /// The middle value (the mean of the two middle ones for an even count).
@@ -688,6 +717,28 @@ pub async fn run_bench(args: NetBenchArgs) -> anyhow::Result<()> {
             f.received,
             f.sent.saturating_sub(f.received),
         );
+        let mut floating = f.floating.clone();
+        floating.sort();
+        println!(
+            "  (d) floating IP, create → first reply to a ping from outside, {} floating IPs: p50 {:.0} ms, p99 {:.0} ms (aim p50 < 1000)",
+            floating.len(),
+            percentile(&floating, 0.5).as_secs_f64() * 1e3,
+            percentile(&floating, 0.99).as_secs_f64() * 1e3,
+        );
+        let (ferro, raw) = (median(&f.snat_gbps), median(&f.raw_snat_gbps));
+        println!(
+            "  (e) TCP out through the router's SNAT, median of {} rounds: Ferro {ferro:.2} Gbit/s (probe on the router's node), the same pieces by hand {raw:.2} Gbit/s, ratio {:.2} (aim ≥ 0.8)",
+            f.snat_gbps.len(),
+            ferro / raw.max(1e-9),
+        );
+        if let Some((took, from, to)) = &f.failover {
+            println!(
+                "  (f) router failover, {from} dead (agent stopped, uplink down, namespace gone) → a floating IP answers again through {to}: {:.1} s (lease {} s + failover grace {} s + rebuild)",
+                took.as_secs_f64(),
+                40,
+                30,
+            );
+        }
     }
     Ok(())
 }
@@ -846,6 +897,15 @@ async fn one_driver(args: &NetBenchArgs, driver: &str, prefix: &str) -> anyhow::
     let out = ping.wait_with_output()?;
     let text = String::from_utf8_lossy(&out.stdout);
     let (sent, received) = ping_counts(&text).with_context(|| format!("ping said: {text}"))?;
+
+    let floating =
+        floating_ips(&cloud, driver, (args.floating_ips as usize).min(args.ports)).await?;
+    let (snat_gbps, raw_snat_gbps) = snat_throughput(&cloud, driver, &references, args).await?;
+    let failover = if args.failover {
+        Some(failover(&cloud, driver).await?)
+    } else {
+        None
+    };
     Ok(Figures {
         driver: driver.to_owned(),
         wiring,
@@ -854,7 +914,378 @@ async fn one_driver(args: &NetBenchArgs, driver: &str, prefix: &str) -> anyhow::
         readopt,
         sent,
         received,
+        floating,
+        failover,
+        snat_gbps,
+        raw_snat_gbps,
     })
+}
+
+/// (e) One TCP stream from a probe on the router's node out through the router's SNAT to
+/// a listener in the outside namespace, and one through a SNAT namespace the bench builds
+/// by hand (client namespace, veth, a namespace forwarding with one nftables SNAT rule,
+/// veth into the outside bridge); `--rounds` rounds, alternating.
+async fn snat_throughput(
+    cloud: &Cloud,
+    driver: &str,
+    references: &[String],
+    args: &NetBenchArgs,
+) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
+    eprintln!("{driver}: (e) TCP through SNAT");
+    let router = cloud
+        .client
+        .get_typed::<v1::Router>("default", "edge")
+        .await
+        .map_err(|e| anyhow!("{e}"))?;
+    let node: usize = router
+        .status
+        .unwrap_or_default()
+        .node
+        .strip_prefix("node-")
+        .and_then(|n| n.parse().ok())
+        .context("the router's node")?;
+    let client = references[node - 1].clone();
+    run(
+        "ip",
+        &[
+            "-n", &client, "route", "replace", "default", "via", "10.8.0.1",
+        ],
+    )?;
+    let raw = RawSnat::build(cloud, node, driver)?;
+    let outside = format!("{}-outside", cloud.prefix);
+    let upstream = Ipv4Addr::new(203, 0, 113, 1);
+    let (mut ferro, mut hand) = (Vec::new(), Vec::new());
+    for _ in 0..args.rounds {
+        let seconds = args.seconds;
+        let (from, to) = (client.clone(), outside.clone());
+        ferro.push(
+            tokio::task::spawn_blocking(move || tcp_throughput(&from, &to, upstream, seconds))
+                .await??,
+        );
+        let (from, to) = (raw.client.clone(), outside.clone());
+        hand.push(
+            tokio::task::spawn_blocking(move || tcp_throughput(&from, &to, upstream, seconds))
+                .await??,
+        );
+    }
+    Ok((ferro, hand))
+}
+
+/// A hand-made SNAT path on the router's node, built from the same pieces as the
+/// router's: `<prefix>-sc` (192.168.77.2, MTU 1450) → veth → the driver's kind of switch
+/// (a kernel bridge, or a userspace Open vSwitch bridge) → veth → `<prefix>-sr`
+/// (forwarding, `snat to 203.0.113.9` in one nftables rule) → veth → a kernel bridge →
+/// veth into the outside bridge. Removed on drop.
+struct RawSnat {
+    client: String,
+    router: String,
+    node: String,
+    ovsdb: Option<PathBuf>,
+}
+
+impl RawSnat {
+    fn build(cloud: &Cloud, node: usize, driver: &str) -> anyhow::Result<RawSnat> {
+        let raw = RawSnat {
+            client: format!("{}-sc", cloud.prefix),
+            router: format!("{}-sr", cloud.prefix),
+            node: cloud.node_netns(node),
+            ovsdb: (driver == "ovs").then(|| cloud.ovsdb(node)),
+        };
+        let outside = format!("{}-outside", cloud.prefix);
+        let uplink = format!("{}-sx", cloud.prefix);
+        let (c, r, n) = (raw.client.as_str(), raw.router.as_str(), raw.node.as_str());
+        for ns in [c, r] {
+            run("ip", &["netns", "add", ns])?;
+            run("ip", &["-n", ns, "link", "set", "lo", "up"])?;
+        }
+        // The tenant side: client and router leg on the driver's kind of switch.
+        let veth = |ns: &str, inner: &str, outer: &str| {
+            run(
+                "ip",
+                &[
+                    "-n", n, "link", "add", outer, "type", "veth", "peer", "name", inner, "netns",
+                    ns,
+                ],
+            )
+        };
+        veth(c, "eth0", "rawc")?;
+        veth(r, "in0", "rawr")?;
+        match &raw.ovsdb {
+            Some(db) => {
+                let db = format!("--db=unix:{}", db.display());
+                run(
+                    "ovs-vsctl",
+                    &[
+                        &db,
+                        "--",
+                        "add-br",
+                        "br-rawlan",
+                        "--",
+                        "set",
+                        "bridge",
+                        "br-rawlan",
+                        "datapath_type=netdev",
+                        "--",
+                        "add-port",
+                        "br-rawlan",
+                        "rawc",
+                        "--",
+                        "add-port",
+                        "br-rawlan",
+                        "rawr",
+                    ],
+                )?;
+                run(
+                    "ip",
+                    &["netns", "exec", c, "ethtool", "-K", "eth0", "tx", "off"],
+                )?;
+                run(
+                    "ip",
+                    &["netns", "exec", r, "ethtool", "-K", "in0", "tx", "off"],
+                )?;
+            }
+            None => {
+                run("ip", &["-n", n, "link", "add", "rawlan", "type", "bridge"])?;
+                run("ip", &["-n", n, "link", "set", "rawlan", "up"])?;
+                for port in ["rawc", "rawr"] {
+                    run("ip", &["-n", n, "link", "set", port, "master", "rawlan"])?;
+                }
+            }
+        }
+        for (ns, dev) in [(n, "rawc"), (n, "rawr"), (c, "eth0"), (r, "in0")] {
+            run("ip", &["-n", ns, "link", "set", dev, "mtu", "1450", "up"])?;
+        }
+        run(
+            "ip",
+            &["-n", c, "addr", "add", "192.168.77.2/24", "dev", "eth0"],
+        )?;
+        run(
+            "ip",
+            &["-n", c, "route", "add", "default", "via", "192.168.77.1"],
+        )?;
+        run(
+            "ip",
+            &["-n", r, "addr", "add", "192.168.77.1/24", "dev", "in0"],
+        )?;
+        // The external side: a kernel bridge, as br-ex, with an uplink into the outside.
+        veth(r, "out0", "rawg")?;
+        run("ip", &["-n", n, "link", "add", "rawex", "type", "bridge"])?;
+        run(
+            "ip",
+            &[
+                "-n", n, "link", "add", "rawup", "type", "veth", "peer", "name", &uplink, "netns",
+                &outside,
+            ],
+        )?;
+        for port in ["rawg", "rawup"] {
+            run(
+                "ip",
+                &["-n", n, "link", "set", port, "master", "rawex", "up"],
+            )?;
+        }
+        run("ip", &["-n", n, "link", "set", "rawex", "up"])?;
+        run(
+            "ip",
+            &[
+                "-n",
+                &outside,
+                "link",
+                "set",
+                &uplink,
+                "master",
+                "br-outside",
+                "up",
+            ],
+        )?;
+        run(
+            "ip",
+            &["-n", r, "addr", "add", "203.0.113.9/24", "dev", "out0"],
+        )?;
+        run("ip", &["-n", r, "link", "set", "out0", "up"])?;
+        run(
+            "ip",
+            &["-n", r, "route", "add", "default", "via", "203.0.113.1"],
+        )?;
+        run(
+            "ip",
+            &["netns", "exec", r, "sysctl", "-qw", "net.ipv4.ip_forward=1"],
+        )?;
+        run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                r,
+                "nft",
+                "add table ip raw; add chain ip raw post { type nat hook postrouting priority srcnat; }; add rule ip raw post ip saddr 192.168.77.0/24 oifname out0 snat to 203.0.113.9",
+            ],
+        )?;
+        Ok(raw)
+    }
+}
+
+impl Drop for RawSnat {
+    fn drop(&mut self) {
+        // The namespaces take their veths with them; `rawup` takes its outside end.
+        for ns in [&self.router, &self.client] {
+            let _ = run("ip", &["netns", "del", ns]);
+        }
+        for link in ["rawex", "rawup", "rawlan"] {
+            let _ = run("ip", &["-n", &self.node, "link", "del", link]);
+        }
+        if let Some(db) = &self.ovsdb {
+            let db = format!("--db=unix:{}", db.display());
+            let _ = run("ovs-vsctl", &[&db, "--if-exists", "del-br", "br-rawlan"]);
+        }
+    }
+}
+
+/// The address of the `i`th floating IP of (d).
+fn floating_ip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(203, 0, 113, 20 + i as u8)
+}
+
+/// (d) A router joins the bench network to an external one, and `count` of the (a) Ports
+/// get a floating IP each, created four at a time; each is timed from its create until it
+/// answers a ping from the cloud's outside namespace.
+async fn floating_ips(cloud: &Cloud, driver: &str, count: usize) -> anyhow::Result<Vec<Duration>> {
+    eprintln!("{driver}: (d) {count} floating IPs");
+    cloud
+        .apply(
+            "apiVersion: ferro/v1\nkind: Network\nmetadata: {name: public}\nspec:\n  external: true\n  mtu: 1500\n  subnets:\n  - {name: v4, cidr: 203.0.113.0/24, gateway: 203.0.113.1, dhcp: false, allocationPools: [{start: 203.0.113.10, end: 203.0.113.250}]}\n---\napiVersion: ferro/v1\nkind: Router\nmetadata: {name: edge}\nspec:\n  externalGateway: {network: public, fixedIp: 203.0.113.10}\n  interfaces:\n  - {network: bench, subnet: v4}\n",
+        )
+        .await?;
+    let client = cloud.client.clone();
+    wait_for("the router Ready", TIMEOUT, || {
+        let client = client.clone();
+        async move {
+            let router = client
+                .get_typed::<v1::Router>("default", "edge")
+                .await
+                .ok()?;
+            router
+                .status
+                .as_ref()?
+                .conditions
+                .iter()
+                .any(|c| c.r#type == "Ready" && c.status == v1::condition::Status::True as i32)
+                .then_some(())
+        }
+    })
+    .await?;
+    // A probe holds only its address: the way back to the outside is the bench's to add.
+    for i in 0..count {
+        let ns = cloud.bound_probe(&format!("p-{i}")).await?;
+        run(
+            "ip",
+            &["-n", &ns, "route", "replace", "default", "via", "10.8.0.1"],
+        )?;
+    }
+    let outside = format!("{}-outside", cloud.prefix);
+    run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &outside,
+            "sh",
+            "-c",
+            "for d in /proc/sys/net/ipv4/neigh/*; do echo 20 > $d/retrans_time_ms; \
+             echo 1000 > $d/mcast_solicit; done",
+        ],
+    )?;
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        let next = next.clone();
+        let client = cloud.client.clone();
+        let outside = outside.clone();
+        workers.spawn(async move {
+            let mut times = Vec::new();
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= count {
+                    return anyhow::Ok(times);
+                }
+                let address = floating_ip(i);
+                let yaml = format!(
+                    "apiVersion: ferro/v1\nkind: FloatingIP\nmetadata: {{name: f-{i}}}\nspec: \
+                     {{network: public, port: p-{i}, address: {address}}}\n"
+                );
+                let object = ferro_api::codec::decode_yaml(&yaml)?
+                    .pop()
+                    .context("one floating IP")?;
+                let began = Instant::now();
+                client.create(object).await.map_err(|e| anyhow!("{e}"))?;
+                let outside = outside.clone();
+                let answered = tokio::task::spawn_blocking(move || {
+                    std::thread::spawn(move || first_echo_reply(&outside, address, TIMEOUT))
+                        .join()
+                        .map_err(|_| anyhow!("the prober panicked"))?
+                })
+                .await??;
+                times.push(answered.saturating_duration_since(began));
+            }
+        });
+    }
+    let mut times = Vec::new();
+    while let Some(done) = workers.join_next().await {
+        times.extend(done??);
+    }
+    Ok(times)
+}
+
+/// (f) The router's node dies — its agent stopped (SIGSTOP), its provider link down, its
+/// router namespace deleted — and the time until the first floating IP answers a ping from outside again, through
+/// the node the router fails over to. The agent is resumed afterwards.
+async fn failover(cloud: &Cloud, driver: &str) -> anyhow::Result<(Duration, String, String)> {
+    eprintln!("{driver}: (f) router failover");
+    let router = cloud
+        .client
+        .get_typed::<v1::Router>("default", "edge")
+        .await
+        .map_err(|e| anyhow!("{e}"))?;
+    let from = router.status.clone().unwrap_or_default().node;
+    let uid = router.metadata.clone().unwrap_or_default().uid;
+    let number: usize = from
+        .strip_prefix("node-")
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("the router is on {from:?}"))?;
+    let pid = cloud.agent_pid(number)?;
+    let pid = rustix::process::Pid::from_raw(pid as i32).context("a pid")?;
+    let outside = format!("{}-outside", cloud.prefix);
+    let node = cloud.node_netns(number);
+    let died = Instant::now();
+    rustix::process::kill_process(pid, rustix::process::Signal::STOP)?;
+    // Dead to the outside too: its uplink down and its router gone (a namespace a stopped
+    // process still holds would otherwise go on answering).
+    let deleted = run("ip", &["-n", &node, "link", "set", "provider0", "down"])
+        .and_then(|()| run("ip", &["netns", "delete", &format!("qrouter-{uid}")]));
+    let answered = match deleted {
+        Ok(()) => tokio::task::spawn_blocking(move || {
+            std::thread::spawn(move || {
+                first_echo_reply(&outside, floating_ip(0), Duration::from_secs(300))
+            })
+            .join()
+            .map_err(|_| anyhow!("the prober panicked"))?
+        })
+        .await
+        .map_err(anyhow::Error::from)
+        .and_then(|r| r),
+        Err(e) => Err(e),
+    };
+    rustix::process::kill_process(pid, rustix::process::Signal::CONT)?;
+    run("ip", &["-n", &node, "link", "set", "provider0", "up"])?;
+    let took = answered?.saturating_duration_since(died);
+    let to = cloud
+        .client
+        .get_typed::<v1::Router>("default", "edge")
+        .await
+        .map_err(|e| anyhow!("{e}"))?
+        .status
+        .unwrap_or_default()
+        .node;
+    Ok((took, from, to))
 }
 
 /// `ferro_controller_reconciles_total{controller="agent-network"}` of an agent, if it
