@@ -399,13 +399,11 @@ impl RouterReconciler {
         let mut writes = Vec::new();
         if let Some(current) = self.routers.get_named(&router.project, &router.name) {
             let cond = condition(PLUMBED, ok, reason, format!("{subject}: {detail}"));
-            let generation = current.metadata.as_ref().map_or(0, |m| m.generation);
-            let conditions = current
-                .status
-                .as_ref()
-                .map(|s| s.conditions.as_slice())
-                .unwrap_or_default();
-            if !same(conditions, &cond, generation) {
+            if !holds(
+                current.metadata.as_ref(),
+                current.status.as_ref().map(|s| &s.conditions),
+                &cond,
+            ) {
                 writes.push((
                     Object::Router(v1::Router {
                         metadata: current.metadata.clone(),
@@ -420,24 +418,21 @@ impl RouterReconciler {
             let Some(current) = self.floating_ips.get_named(&mapping.project, &mapping.name) else {
                 continue;
             };
+            let what = if ok {
+                format!("{} translated to {}", mapping.address, mapping.fixed_ip)
+            } else {
+                detail.to_owned()
+            };
             let message = format!(
-                "{subject}: {} via router {}: {}",
-                mapping.fixed_ip,
-                router.name,
-                if ok {
-                    format!("{} translated to {}", mapping.address, mapping.fixed_ip)
-                } else {
-                    detail.to_owned()
-                }
+                "{subject}: {} via router {}: {what}",
+                mapping.fixed_ip, router.name
             );
             let cond = condition(PLUMBED, ok, reason, message);
-            let generation = current.metadata.as_ref().map_or(0, |m| m.generation);
-            let conditions = current
-                .status
-                .as_ref()
-                .map(|s| s.conditions.as_slice())
-                .unwrap_or_default();
-            if !same(conditions, &cond, generation) {
+            if !holds(
+                current.metadata.as_ref(),
+                current.status.as_ref().map(|s| &s.conditions),
+                &cond,
+            ) {
                 writes.push((
                     Object::FloatingIP(v1::FloatingIp {
                         metadata: current.metadata.clone(),
@@ -464,15 +459,14 @@ impl RouterReconciler {
     }
 }
 
-/// Whether `conditions` holds `cond` already, written at `generation`.
-fn same(conditions: &[v1::Condition], cond: &v1::Condition, generation: i64) -> bool {
-    conditions.iter().any(|c| {
-        c.r#type == cond.r#type
-            && c.status == cond.status
-            && c.reason == cond.reason
-            && c.message == cond.message
-            && c.observed_generation == generation
-    })
+/// Whether an object's `conditions` say `cond` already, at its current generation.
+fn holds(
+    metadata: Option<&v1::ObjectMeta>,
+    conditions: Option<&Vec<v1::Condition>>,
+    cond: &v1::Condition,
+) -> bool {
+    let generation = metadata.map_or(0, |m| m.generation);
+    ferro_runtime::condition_holds(conditions.map_or(&[], |c| c.as_slice()), cond, generation)
 }
 
 fn full_length(ip: IpAddr) -> u8 {

@@ -193,3 +193,20 @@ pub fn tcp_line(netns: &str, ip: &str, port: u16) -> Option<String> {
         .map(str::to_owned)
         .filter(|l| !l.is_empty())
 }
+
+/// Waits until every node of `cloud` has exactly the links and switch it had in
+/// `before` (one [`node_state`] per node, from node 1), saying what differs meanwhile.
+pub fn wait_as_before(cloud: &Cloud, before: &[Vec<String>]) -> anyhow::Result<()> {
+    wait_for("every node as before", WAIT, || {
+        for (i, was) in before.iter().enumerate() {
+            let now = node_state(cloud, i as u32 + 1)?;
+            if &now != was {
+                let gone: Vec<&String> = was.iter().filter(|l| !now.contains(l)).collect();
+                let new: Vec<&String> = now.iter().filter(|l| !was.contains(l)).collect();
+                eprintln!("node-{}: gone {gone:?}, new {new:?}", i + 1);
+                return Ok(None);
+            }
+        }
+        Ok(Some(()))
+    })
+}

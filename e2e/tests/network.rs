@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use anyhow::{Context, ensure};
 use ferro_e2e::net::{
-    block, bound_probe, namespaces_of_ferro, node_state, ovsdb_socket, pings, probe,
+    block, bound_probe, namespaces_of_ferro, node_state, ovsdb_socket, pings, probe, wait_as_before,
 };
 use ferro_e2e::{Cloud, Options, signal, table, tiny_guest, wait_for};
 use rustix::process::Signal;
@@ -337,18 +337,7 @@ fn tenant_networks_work_across_nodes(driver: &str) -> anyhow::Result<()> {
         }))
     })?;
     // Every node's links and switch are exactly as before the test.
-    wait_for("every node as before", WAIT, || {
-        for (i, was) in nodes_before.iter().enumerate() {
-            let now = node_state(&cloud, i as u32 + 1)?;
-            if &now != was {
-                let gone: Vec<&String> = was.iter().filter(|l| !now.contains(l)).collect();
-                let new: Vec<&String> = now.iter().filter(|l| !was.contains(l)).collect();
-                eprintln!("node-{}: gone {gone:?}, new {new:?}", i + 1);
-                return Ok(None);
-            }
-        }
-        Ok(Some(()))
-    })?;
+    wait_as_before(&cloud, &nodes_before)?;
     Ok(())
 }
 

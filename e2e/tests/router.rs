@@ -17,7 +17,9 @@
 use std::time::Duration;
 
 use anyhow::{Context, ensure};
-use ferro_e2e::net::{Listener, block, bound_probe, namespaces_of_ferro, node_state, pings, probe};
+use ferro_e2e::net::{
+    Listener, block, bound_probe, namespaces_of_ferro, node_state, pings, probe, wait_as_before,
+};
 use ferro_e2e::{Cloud, Options, Signal, signal, table, tiny_guest, wait_for};
 
 /// How long the nodes, guests and wiring may take, on a loaded 2-core machine.
@@ -405,18 +407,7 @@ fn routers_and_floating_ips_work(driver: &str, failover: bool) -> anyhow::Result
             None
         }))
     })?;
-    wait_for("every node as before", WAIT, || {
-        for (i, was) in nodes_before.iter().enumerate() {
-            let now = node_state(&cloud, i as u32 + 1)?;
-            if &now != was {
-                let gone: Vec<&String> = was.iter().filter(|l| !now.contains(l)).collect();
-                let new: Vec<&String> = now.iter().filter(|l| !was.contains(l)).collect();
-                eprintln!("node-{}: gone {gone:?}, new {new:?}", i + 1);
-                return Ok(None);
-            }
-        }
-        Ok(Some(()))
-    })?;
+    wait_as_before(&cloud, &nodes_before)?;
     Ok(())
 }
 

@@ -108,6 +108,11 @@ pub enum Step {
         peer: String,
         /// The node end's address, if any.
         peer_address: Option<String>,
+        /// Whether the node end must fill in TCP checksums itself (`ethtool -K tx off`):
+        /// when Open vSwitch's userspace datapath, which fills in none, sends through it.
+        /// Off, segmentation offload goes too, so it is asked only where needed.
+        #[serde(default)]
+        tx_checksum_off: bool,
     },
     /// A private Open vSwitch instance in `dir`, inside `netns` (the host's when unset).
     /// Undone by stopping its daemons.
@@ -275,6 +280,8 @@ pub fn plan(layout: &Layout, net: Ipv4Net) -> Vec<Step> {
             peer_netns: node.netns.clone(),
             peer: NODE_UNDERLAY_DEVICE.into(),
             peer_address: Some(cidr(node.address)),
+            // The underlay joins `br-phy` under Open vSwitch.
+            tx_checksum_off: layout.ovs,
         });
         steps.push(Step::Veth {
             netns: outside.clone(),
@@ -283,6 +290,8 @@ pub fn plan(layout: &Layout, net: Ipv4Net) -> Vec<Step> {
             peer_netns: node.netns.clone(),
             peer: NODE_PROVIDER_DEVICE.into(),
             peer_address: None,
+            // The provider link joins the kernel bridge `br-ex` under either driver.
+            tx_checksum_off: false,
         });
         if layout.ovs {
             steps.push(Step::Switch {
@@ -543,6 +552,7 @@ async fn run_step(step: &Step) -> anyhow::Result<Option<OvsInstance>> {
             peer_netns,
             peer,
             peer_address,
+            tx_checksum_off,
         } => {
             ip(&[
                 "-n", netns, "link", "add", name, "type", "veth", "peer", "name", peer, "netns",
@@ -555,7 +565,9 @@ async fn run_step(step: &Step) -> anyhow::Result<Option<OvsInstance>> {
             ip(&["-n", peer_netns, "link", "set", peer, "up"])?;
             // A veth end in a namespace that Open vSwitch's userspace datapath sends
             // through must not leave TCP checksums to an offload nobody performs.
-            checksum_offload_off(peer_netns, peer);
+            if *tx_checksum_off {
+                checksum_offload_off(peer_netns, peer);
+            }
         }
         Step::Switch { dir, netns } => {
             let mut instance = OvsInstance::new(dir);
@@ -793,6 +805,7 @@ mod tests {
             peer_netns: format!("ft1-node-{i}"),
             peer: "underlay0".into(),
             peer_address: Some(a.into()),
+            tx_checksum_off: true,
         };
         let outside = |i: u32| Step::Veth {
             netns: "ft1-outside".into(),
@@ -801,6 +814,7 @@ mod tests {
             peer_netns: format!("ft1-node-{i}"),
             peer: "provider0".into(),
             peer_address: None,
+            tx_checksum_off: false,
         };
         let switch = |i: u32| Step::Switch {
             dir: format!("/d/nodes/node-{i}/ovs").into(),
