@@ -524,7 +524,12 @@ async fn ensure_inner(
     Ok(())
 }
 
-/// Runs `program args` inside `ns` (with `ip netns exec`), feeding it `input`; its output.
+/// Runs `program args` inside `ns`, feeding it `input`; its output.
+///
+/// `nsenter --net` enters only the network namespace. `ip netns exec` (and `ip -n`) would
+/// also make a mount namespace of the child's own, in which every `/run/netns` file is a
+/// mount point while it runs: a namespace deleted meanwhile, by this agent or anyone, can
+/// then fail with EBUSY and stay behind.
 async fn in_namespace(
     ns: &str,
     program: &str,
@@ -532,8 +537,14 @@ async fn in_namespace(
     input: Option<&[u8]>,
 ) -> Result<String, RouterError> {
     let command = format!("{program} {}", args.join(" "));
-    let mut child = tokio::process::Command::new("ip")
-        .args(["netns", "exec", ns, program])
+    let mut child = tokio::process::Command::new("nsenter")
+        .arg(format!(
+            "--net={}",
+            std::path::Path::new(crate::links::netlink::NETNS_RUN_DIR)
+                .join(ns)
+                .display()
+        ))
+        .args(["--", program])
         .args(args)
         .stdin(if input.is_some() {
             Stdio::piped()

@@ -243,13 +243,22 @@ fn fails_over(cloud: &Cloud, router_ns: &str) -> anyhow::Result<std::path::PathB
     let stopped = Stopped { pid, node_ns };
     // Dead to the outside too: its uplink down and its router gone (a namespace a stopped
     // process still holds would otherwise go on answering).
-    for args in [
-        vec!["-n", &stopped.node_ns, "link", "set", "provider0", "down"],
-        vec!["netns", "delete", router_ns],
-    ] {
-        let done = std::process::Command::new("ip").args(&args).status()?;
-        ensure!(done.success(), "ip {args:?} failed");
-    }
+    let down = std::process::Command::new("ip")
+        .args(["-n", &stopped.node_ns, "link", "set", "provider0", "down"])
+        .status()?;
+    ensure!(down.success(), "cannot take provider0 of {old} down");
+    // While a process elsewhere runs `ip netns exec`, its private mount namespace holds
+    // every namespace file and the delete fails with EBUSY: try again for a while.
+    wait_for(
+        &format!("{router_ns} deleted"),
+        Duration::from_secs(10),
+        || {
+            let done = std::process::Command::new("ip")
+                .args(["netns", "delete", router_ns])
+                .status()?;
+            Ok(done.success().then_some(()))
+        },
+    )?;
     let new = wait_for("the router failing over", Duration::from_secs(300), || {
         let now = router_node(cloud)?;
         Ok((!now.is_empty() && now != old).then_some(now))

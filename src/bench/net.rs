@@ -922,9 +922,8 @@ async fn one_driver(args: &NetBenchArgs, driver: &str, prefix: &str) -> anyhow::
 }
 
 /// (e) One TCP stream from a probe on the router's node out through the router's SNAT to
-/// a listener in the outside namespace, and one through a SNAT namespace the bench builds
-/// by hand (client namespace, veth, a namespace forwarding with one nftables SNAT rule,
-/// veth into the outside bridge); `--rounds` rounds, alternating.
+/// a listener in the outside namespace, and one through the same pieces built by hand
+/// ([`RawSnat`]); `--rounds` rounds, alternating.
 async fn snat_throughput(
     cloud: &Cloud,
     driver: &str,
@@ -1140,6 +1139,23 @@ impl Drop for RawSnat {
     }
 }
 
+/// `ip netns delete NAME`, tried again for a few seconds: while a process elsewhere
+/// runs `ip netns exec` its private mount namespace holds every namespace file, and the
+/// delete fails with EBUSY.
+fn delete_namespace(name: &str) -> anyhow::Result<()> {
+    let mut tries = 0;
+    loop {
+        match run("ip", &["netns", "delete", name]) {
+            Ok(()) => return Ok(()),
+            Err(e) if tries >= 25 => return Err(e),
+            Err(_) => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+}
+
 /// The address of the `i`th floating IP of (d).
 fn floating_ip(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(203, 0, 113, 20 + i as u8)
@@ -1260,7 +1276,7 @@ async fn failover(cloud: &Cloud, driver: &str) -> anyhow::Result<(Duration, Stri
     // Dead to the outside too: its uplink down and its router gone (a namespace a stopped
     // process still holds would otherwise go on answering).
     let deleted = run("ip", &["-n", &node, "link", "set", "provider0", "down"])
-        .and_then(|()| run("ip", &["netns", "delete", &format!("qrouter-{uid}")]));
+        .and_then(|()| delete_namespace(&format!("qrouter-{uid}")));
     let answered = match deleted {
         Ok(()) => tokio::task::spawn_blocking(move || {
             std::thread::spawn(move || {
