@@ -72,7 +72,7 @@ use crate::links::Links;
 use crate::links::netlink::NetlinkLinks;
 use crate::network::{InsideChecks, NODE_KEY, NetworkHealth, NetworkReconciler};
 use crate::node::{self, HostTools, NodeReport};
-use crate::router::{ROUTERS_KEY, RouterReconciler};
+use crate::router::{ROUTER_RECORD_DIR, ROUTERS_KEY, RouterReconciler};
 use crate::server::{self, ServerReconciler};
 use crate::switch::ovs::{OvsConfig, OvsSwitch};
 use crate::wiring::linuxbridge::LinuxBridge;
@@ -510,6 +510,7 @@ pub async fn run(config: AgentConfig, drivers: Drivers) -> anyhow::Result<()> {
             routers: routers.clone(),
             networks: networks.clone(),
             floating_ips: floating_ips.clone(),
+            marks: crate::router::Marks::new(state_dir.join(ROUTER_RECORD_DIR)),
         });
         let routers_key = || vec![ROUTERS_KEY.to_owned()];
         let router_controller = Controller::<String>::new(

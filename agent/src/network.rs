@@ -334,6 +334,14 @@ impl NetworkReconciler {
             if !desired.networks.contains_key(&port.wiring.network_uid) {
                 continue;
             }
+            // A router's namespace is the router reconciler's to make (and to remove): a
+            // leg waits for it.
+            if let Place::Namespace { namespace, .. } = &port.place
+                && is_router_namespace(namespace)
+                && !host.namespaces.contains(namespace)
+            {
+                continue;
+            }
             let began = std::time::Instant::now();
             match self.ensure_device(port, host, look_inside).await {
                 Ok(made) => changed |= made,
@@ -421,7 +429,9 @@ impl NetworkReconciler {
             })
             .collect();
         for namespace in &host.namespaces {
-            if mine.contains(namespace.as_str()) && !wanted_namespaces.contains(namespace.as_str())
+            if mine.contains(namespace.as_str())
+                && !wanted_namespaces.contains(namespace.as_str())
+                && !is_router_namespace(namespace)
             {
                 tracing::info!(namespace, "removing a namespace nothing wants");
                 if let Err(e) = self.links.delete_namespace(namespace).await {
@@ -708,6 +718,12 @@ pub async fn clear_node(
         links.delete_link(&link.name).await?;
         removed += 1;
     }
+    // Router namespaces nothing leads into any more.
+    let marks = crate::router::Marks::new(state_dir.join(crate::router::ROUTER_RECORD_DIR));
+    removed += marks
+        .clear(links.as_ref())
+        .await
+        .map_err(|e| NetworkError::Steps(vec![crate::images::error_chain(&e)]))?;
     Ok(removed)
 }
 
@@ -716,6 +732,12 @@ pub async fn clear_node(
 fn split_alias(alias: &str) -> (&str, Option<&str>) {
     let uid = crate::wiring::port_uid_of_alias(alias);
     (uid, alias.split_once('@').map(|(_, namespace)| namespace))
+}
+
+/// Whether `namespace` is a router's (`qrouter-…`), which the router reconciler makes and
+/// removes; the network reconciler only wires legs into it.
+fn is_router_namespace(namespace: &str) -> bool {
+    namespace.starts_with(crate::router::plan::ROUTER_NAMESPACE_PREFIX)
 }
 
 fn is_link_local(ip: IpAddr) -> bool {

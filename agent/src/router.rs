@@ -20,9 +20,11 @@
 //! Everything is read back on every pass and only what differs is changed: a rule flushed
 //! by hand, an address deleted, a route removed come back on the next pass (the resync, at
 //! the latest). A namespace or gateway leg of a router no longer placed here (deleted, or
-//! moved away by a failover while this node was lost) is removed; a `qrouter-…` namespace
-//! is this node's only when one of its own devices leads into it, because namespaces are
-//! global to the machine under `ferro up --nodes N`.
+//! moved away by a failover while this node was lost) is removed. A `qrouter-…` namespace
+//! is this node's when it is in the node's record ([`Marks`]) or one of its devices leads
+//! into it: namespaces are global to the machine under `ferro up --nodes N`. The router
+//! reconciler alone makes and removes router namespaces; the network reconciler wires legs
+//! into them once they exist.
 //!
 //! What it writes back: `Plumbed` on each Router built here (`node <name>: …`, the contract
 //! of the router controller) and on each FloatingIP it maps (`node <name>: <fixedIp> via
@@ -55,6 +57,10 @@ pub const ROUTERS_KEY: &str = "routers";
 /// The router reconciler's name, in logs and metric labels.
 pub const ROUTER_CONTROLLER: &str = "agent-router";
 
+/// Where, in the agent's state directory, the record of its router namespaces is kept
+/// ([`Marks`]).
+pub const ROUTER_RECORD_DIR: &str = "routers";
+
 /// The condition the agent writes on Routers and FloatingIPs.
 pub const PLUMBED: &str = "Plumbed";
 
@@ -76,9 +82,100 @@ pub enum RouterError {
         /// What it said.
         message: String,
     },
+    /// The record of the router namespaces this node made could not be kept.
+    #[error("the record of router namespaces")]
+    Record(#[from] std::io::Error),
     /// Some routers failed; the others were built.
     #[error("{} of the node's router steps failed; first: {}", .0.len(), .0[0])]
     Steps(Vec<String>),
+}
+
+/// The record of the `qrouter-` namespaces this node made: an empty file per router uid in
+/// a directory of the agent's state.
+///
+/// It is how a namespace is known to be this node's even when nothing of the node leads
+/// into it any more (its legs and gateway removed first, or lost with a node that was
+/// declared dead): namespaces are global to a machine, and under `ferro up --nodes N`
+/// other nodes' are listed too. A namespace is recorded before it is made, bound to the
+/// inode of the instance this node made (so a namespace another node of the machine made
+/// under the same name, after a failover, is told apart and left alone), and forgotten
+/// only once it is gone: a crash in between leaves a record, never an orphan.
+#[derive(Debug, Clone)]
+pub struct Marks {
+    dir: std::path::PathBuf,
+}
+
+impl Marks {
+    /// The record in `dir` (made when first needed).
+    pub fn new(dir: impl Into<std::path::PathBuf>) -> Marks {
+        Marks { dir: dir.into() }
+    }
+
+    /// Records router `uid`'s namespace.
+    fn mark(&self, uid: &str) -> std::io::Result<()> {
+        let path = self.dir.join(uid);
+        if !path.exists() {
+            std::fs::create_dir_all(&self.dir)?;
+            std::fs::write(path, b"")?;
+        }
+        Ok(())
+    }
+
+    /// Records which namespace instance router `uid`'s is: its inode, which a namespace
+    /// made again under the same name (by another node of the same machine) does not
+    /// share.
+    fn bind(&self, uid: &str, instance: u64) -> std::io::Result<()> {
+        if self.instance(uid) != Some(instance) {
+            std::fs::create_dir_all(&self.dir)?;
+            std::fs::write(self.dir.join(uid), instance.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// The namespace instance recorded for router `uid`, if one was.
+    fn instance(&self, uid: &str) -> Option<u64> {
+        std::fs::read_to_string(self.dir.join(uid))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// Forgets router `uid`'s namespace.
+    fn unmark(&self, uid: &str) -> std::io::Result<()> {
+        match std::fs::remove_file(self.dir.join(uid)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// The routers whose namespaces are recorded.
+    pub fn list(&self) -> std::io::Result<Vec<String>> {
+        match std::fs::read_dir(&self.dir) {
+            Ok(entries) => Ok(entries
+                .flatten()
+                .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+                .collect()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Removes every recorded namespace (through `links`), then its record, for `ferro
+    /// down`; returns how many it removed.
+    pub async fn clear(&self, links: &dyn Links) -> Result<usize, RouterError> {
+        let mut removed = 0;
+        for uid in self.list()? {
+            let ns = plan::router_namespace(&uid);
+            let current = namespace_instance(&ns);
+            if current.is_some() && self.instance(&uid).is_none_or(|r| Some(r) == current) {
+                links.delete_namespace(&ns).await?;
+                removed += 1;
+            }
+            self.unmark(&uid)?;
+        }
+        Ok(removed)
+    }
 }
 
 /// Reconciles this node's routers. See the module notes.
@@ -97,6 +194,8 @@ pub struct RouterReconciler {
     pub networks: Store<v1::Network>,
     /// Every FloatingIP.
     pub floating_ips: Store<v1::FloatingIp>,
+    /// The record of the router namespaces this node made.
+    pub marks: Marks,
 }
 
 /// How far a router got in one pass.
@@ -246,9 +345,16 @@ impl RouterReconciler {
                 || "the router has no gateway and no interfaces".into(),
             )));
         }
+        // Recorded before it is made: see [`Marks`].
+        self.marks.mark(&router.uid)?;
         if !namespaces.contains(ns) {
-            // Harmless if the network reconciler made it for a leg just now.
             self.links.create_namespace(ns).await?;
+            // Bound only to an instance this node made: a pass that acts on a stale cache
+            // (an agent resumed after its router failed over) may find the new node's
+            // namespace under the same name, and must not take it for its own.
+            if let Some(instance) = namespace_instance(ns) {
+                self.marks.bind(&router.uid, instance)?;
+            }
         }
         let inside = self.links.namespace(ns);
         if !inside.link("lo").await?.is_some_and(|lo| lo.up) {
@@ -374,14 +480,31 @@ impl RouterReconciler {
                 }
             }
         }
+        match self.marks.list() {
+            Ok(marked) => mine.extend(marked.iter().map(|uid| plan::router_namespace(uid))),
+            Err(e) => failed.push(format!("reading the record of router namespaces: {e}")),
+        }
         let wanted_namespaces: BTreeSet<&str> =
             wanted.values().map(|r| r.namespace.as_str()).collect();
-        for ns in namespaces {
-            if mine.contains(ns) && !wanted_namespaces.contains(ns.as_str()) {
+        for ns in &mine {
+            if wanted_namespaces.contains(ns.as_str()) {
+                continue;
+            }
+            let uid = ns.strip_prefix(ROUTER_NAMESPACE_PREFIX).unwrap_or(ns);
+            // Made again by another node of this machine since: not this node's copy.
+            let other = self
+                .marks
+                .instance(uid)
+                .is_some_and(|recorded| namespace_instance(ns) != Some(recorded));
+            if namespaces.contains(ns) && !other {
                 tracing::info!(namespace = %ns, "removing a router namespace nothing wants");
                 if let Err(e) = self.links.delete_namespace(ns).await {
                     failed.push(format!("removing {ns}: {e}"));
+                    continue;
                 }
+            }
+            if let Err(e) = self.marks.unmark(uid) {
+                failed.push(format!("forgetting {ns}: {e}"));
             }
         }
     }
@@ -457,6 +580,13 @@ impl RouterReconciler {
             }
         }
     }
+}
+
+/// The inode of a named namespace (which namespace instance the name is bound to now).
+fn namespace_instance(ns: &str) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let path = std::path::Path::new(crate::links::netlink::NETNS_RUN_DIR).join(ns);
+    std::fs::metadata(path).ok().map(|m| m.ino())
 }
 
 /// Whether an object's `conditions` say `cond` already, at its current generation.
@@ -661,5 +791,35 @@ impl Reconcile<String> for RouterReconciler {
 
     async fn reconcile(&self, _key: String) -> Result<Action, RouterError> {
         self.reconcile_routers().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_record_keeps_a_namespace_until_it_is_gone_and_tells_instances_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let marks = Marks::new(dir.path().join("routers"));
+        assert!(
+            marks.list().unwrap().is_empty(),
+            "no record before the first router"
+        );
+        marks.mark("r1").unwrap();
+        assert_eq!(marks.instance("r1"), None, "recorded before it is made");
+        marks.bind("r1", 4026532001).unwrap();
+        marks.mark("r1").unwrap();
+        assert_eq!(
+            marks.instance("r1"),
+            Some(4026532001),
+            "marking again keeps the instance"
+        );
+        marks.bind("r1", 4026532002).unwrap();
+        assert_eq!(marks.instance("r1"), Some(4026532002));
+        assert_eq!(marks.list().unwrap(), ["r1"]);
+        marks.unmark("r1").unwrap();
+        marks.unmark("r1").unwrap();
+        assert!(marks.list().unwrap().is_empty());
     }
 }
