@@ -373,10 +373,18 @@ fn routers_and_floating_ips_work(driver: &str, failover: bool) -> anyhow::Result
     ])?;
 
     // A rule flushed by hand comes back.
-    let router_ns = namespaces_of_ferro()?
-        .into_iter()
-        .find(|n| n.starts_with("qrouter-"))
-        .context("no qrouter namespace")?;
+    // This cloud's router: the other driver's test may run beside this one.
+    let yaml = cloud.run(["get", "router", "edge", "-o", "yaml"])?;
+    let uid = yaml
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("uid: "))
+        .map(|u| u.trim_matches('"').to_owned())
+        .with_context(|| format!("router edge has no uid:\n{yaml}"))?;
+    let router_ns = format!("qrouter-{uid}");
+    ensure!(
+        namespaces_of_ferro()?.contains(&router_ns),
+        "no namespace {router_ns}"
+    );
     let rules = snat_rules(&router_ns);
     ensure!(rules == 3, "{rules} SNAT rules in {router_ns}, not 3");
     let flushed = std::process::Command::new("ip")
