@@ -341,6 +341,51 @@ pub trait Links: Send + Sync {
     async fn add_default_route(&self, gateway: IpAddr) -> Result<(), LinksError>;
 }
 
+/// Makes a device (a veth end inside a namespace, say) have `mac`, `mtu` and exactly
+/// `addresses` (IPv6 link-local ones, which the kernel makes, are left alone); returns the
+/// device as it was found, so the caller can see whether it is up.
+pub async fn converge_device(
+    links: &dyn Links,
+    name: &str,
+    mac: MacAddress,
+    mtu: u32,
+    addresses: &[ipnet::IpNet],
+) -> Result<Link, LinksError> {
+    let link = links
+        .link(name)
+        .await?
+        .ok_or_else(|| LinksError::NoSuchDevice(name.to_owned()))?;
+    if link.mac != Some(mac) {
+        links.set_mac(name, mac).await?;
+    }
+    if link.mtu != mtu {
+        links.set_mtu(name, mtu).await?;
+    }
+    let wanted: std::collections::BTreeSet<Address> = addresses
+        .iter()
+        .map(|a| Address {
+            ip: a.addr(),
+            prefix_len: a.prefix_len(),
+        })
+        .collect();
+    let found: std::collections::BTreeSet<Address> = links
+        .list_addresses(name)
+        .await?
+        .into_iter()
+        .filter(|a| match a.ip {
+            IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) != 0xfe80,
+            IpAddr::V4(_) => true,
+        })
+        .collect();
+    for address in wanted.difference(&found) {
+        links.add_address(name, *address).await?;
+    }
+    for address in found.difference(&wanted) {
+        links.delete_address(name, *address).await?;
+    }
+    Ok(link)
+}
+
 /// Checks a device name as the kernel would: 1 to 15 bytes, no `/`, whitespace or `:`.
 pub fn validate_link_name(name: &str) -> Result<(), LinksError> {
     let ok = !name.is_empty()

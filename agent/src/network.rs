@@ -36,7 +36,7 @@ use ferro_api::{Object, owners, v1};
 use ferro_runtime::{Action, Reconcile, Store, condition};
 
 use crate::dhcp::Dhcp;
-use crate::links::{Address, LinkKind, Links, VethPeer};
+use crate::links::{LinkKind, Links, VethPeer};
 use crate::wiring::{NetworkDriver, Observed, WiringError};
 use plan::{
     DHCP_NAMESPACE_PREFIX, Desired, Facts, PROBE_NAMESPACE_PREFIX, Place, TAP_PREFIX, WantedPort,
@@ -531,36 +531,8 @@ impl NetworkReconciler {
         inner: &str,
         addresses: &[ipnet::IpNet],
     ) -> Result<(), NetworkError> {
-        let link = inside
-            .link(inner)
-            .await?
-            .ok_or_else(|| crate::links::LinksError::NoSuchDevice(inner.to_owned()))?;
         let mac: crate::links::MacAddress = port.wiring.mac.parse()?;
-        if link.mac != Some(mac) {
-            inside.set_mac(inner, mac).await?;
-        }
-        if link.mtu != port.mtu {
-            inside.set_mtu(inner, port.mtu).await?;
-        }
-        let wanted: BTreeSet<Address> = addresses
-            .iter()
-            .map(|a| Address {
-                ip: a.addr(),
-                prefix_len: a.prefix_len(),
-            })
-            .collect();
-        let found: BTreeSet<Address> = inside
-            .list_addresses(inner)
-            .await?
-            .into_iter()
-            .filter(|a| !a.ip.is_ipv6() || !is_link_local(a.ip))
-            .collect();
-        for address in wanted.difference(&found) {
-            inside.add_address(inner, *address).await?;
-        }
-        for address in found.difference(&wanted) {
-            inside.delete_address(inner, *address).await?;
-        }
+        let link = crate::links::converge_device(inside, inner, mac, port.mtu, addresses).await?;
         if self.driver.needs_tx_checksum_off() && inside.tx_checksum(inner).await? {
             inside.disable_tx_checksum(inner).await?;
         }
@@ -738,13 +710,6 @@ fn split_alias(alias: &str) -> (&str, Option<&str>) {
 /// removes; the network reconciler only wires legs into it.
 fn is_router_namespace(namespace: &str) -> bool {
     namespace.starts_with(crate::router::plan::ROUTER_NAMESPACE_PREFIX)
-}
-
-fn is_link_local(ip: IpAddr) -> bool {
-    match ip {
-        IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) == 0xfe80,
-        IpAddr::V4(v4) => v4.is_link_local(),
-    }
 }
 
 impl Reconcile<String> for NetworkReconciler {

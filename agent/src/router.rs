@@ -45,7 +45,7 @@ use ferro_runtime::{Action, Reconcile, Store, condition};
 use ipnet::IpNet;
 use tokio::io::AsyncWriteExt;
 
-use crate::links::{Address, Links, LinksError, VethPeer};
+use crate::links::{Links, LinksError, VethPeer};
 use plan::{
     EXTERNAL_MTU, GATEWAY_HOST_PREFIX, LEG_DEVICE_PREFIX, PROVIDER_BRIDGE, ROUTER_NAMESPACE_PREFIX,
     WantedRouter,
@@ -618,36 +618,8 @@ async fn ensure_inner(
     mtu: u32,
     addresses: &[IpNet],
 ) -> Result<(), RouterError> {
-    let link = inside
-        .link(device)
-        .await?
-        .ok_or_else(|| LinksError::NoSuchDevice(device.to_owned()))?;
     let mac: crate::links::MacAddress = mac.parse()?;
-    if link.mac != Some(mac) {
-        inside.set_mac(device, mac).await?;
-    }
-    if link.mtu != mtu {
-        inside.set_mtu(device, mtu).await?;
-    }
-    let wanted: BTreeSet<Address> = addresses
-        .iter()
-        .map(|a| Address {
-            ip: a.addr(),
-            prefix_len: a.prefix_len(),
-        })
-        .collect();
-    let found: BTreeSet<Address> = inside
-        .list_addresses(device)
-        .await?
-        .into_iter()
-        .filter(|a| a.ip.is_ipv4())
-        .collect();
-    for address in wanted.difference(&found) {
-        inside.add_address(device, *address).await?;
-    }
-    for address in found.difference(&wanted) {
-        inside.delete_address(device, *address).await?;
-    }
+    let link = crate::links::converge_device(inside, device, mac, mtu, addresses).await?;
     if !link.up {
         inside.set_up(device, true).await?;
     }
