@@ -9,7 +9,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use ferro_api::{Error as ApiError, Object, codec};
+use ferro_api::{Error as ApiError, codec};
 use serde_json::Value as Json;
 use similar::TextDiff;
 
@@ -98,8 +98,12 @@ fn run(connection: &ConnectionArgs, args: DiffArgs) -> anyhow::Result<bool> {
                 continue;
             }
         };
-        let before = current.as_ref().map(comparable).unwrap_or_default();
-        let after = comparable(&applied);
+        let live = current.as_ref().map(codec::encode_object);
+        let before = live.clone().map(comparable).unwrap_or_default();
+        let after = comparable(with_status_of(
+            codec::encode_object(&applied),
+            live.as_ref(),
+        ));
         if before != after {
             differs = true;
             let label = object_label(kind, &name);
@@ -124,9 +128,21 @@ fn run(connection: &ConnectionArgs, args: DiffArgs) -> anyhow::Result<bool> {
     Ok(differs)
 }
 
-/// The YAML of an object without the fields that differ on every write.
-fn comparable(object: &Object) -> String {
-    let mut json = codec::encode_object(object);
+/// The dry-run result with the live object's status: an apply never writes status, but
+/// controllers do, and one that wrote between the read and the dry run would otherwise show
+/// as a change the apply makes.
+fn with_status_of(mut applied: Json, live: Option<&Json>) -> Json {
+    if let (Json::Object(fields), Some(live)) = (&mut applied, live) {
+        match live.get("status") {
+            Some(status) => fields.insert("status".to_owned(), status.clone()),
+            None => fields.remove("status"),
+        };
+    }
+    applied
+}
+
+/// The YAML of an object's JSON without the fields that differ on every write.
+fn comparable(mut json: Json) -> String {
     if let Some(Json::Object(meta)) = json.get_mut("metadata") {
         meta.remove("resourceVersion");
     }
@@ -158,5 +174,22 @@ mod tests {
             text,
             "--- x (live)\n+++ x (applied)\n@@ -1,3 +1,3 @@\n a: 1\n-b: 2\n+b: 5\n c: 3\n"
         );
+    }
+
+    #[test]
+    fn the_live_status_stands_for_the_applied_one() {
+        let applied = serde_json::json!({"spec": {"a": 2}, "status": {"phase": "Running"}});
+        let live = serde_json::json!({"spec": {"a": 1}, "status": {"phase": "Pending"}});
+        assert_eq!(
+            with_status_of(applied.clone(), Some(&live)),
+            serde_json::json!({"spec": {"a": 2}, "status": {"phase": "Pending"}})
+        );
+        let bare = serde_json::json!({"spec": {"a": 1}});
+        assert_eq!(
+            with_status_of(applied.clone(), Some(&bare)),
+            serde_json::json!({"spec": {"a": 2}})
+        );
+        // A new object has no live status to stand in.
+        assert_eq!(with_status_of(applied.clone(), None), applied);
     }
 }
