@@ -65,6 +65,7 @@ use tokio::task::JoinSet;
 
 use crate::dhcp::Dhcp;
 use crate::dhcp::dnsmasq::DnsmasqDhcp;
+use crate::firewall::{FIREWALL_KEY, FirewallReconciler, NftTables};
 use crate::hypervisor::qemu::{AccelPolicy, QemuConfig, QemuDriver};
 use crate::hypervisor::{Accel, Hypervisor};
 use crate::images::{FileImageCache, ImageCache, error_chain};
@@ -531,6 +532,40 @@ pub async fn run(config: AgentConfig, drivers: Drivers) -> anyhow::Result<()> {
                 .with_metrics(metrics.clone())
                 .run(),
         );
+        // Security groups: the Linux bridge driver's ports are filtered by nftables; the
+        // OVS userspace datapath's are not (yet), and the Node says so.
+        let firewall = (network.driver.kind() == DriverKind::LinuxBridge).then(|| {
+            let groups = Store::<v1::SecurityGroup>::new();
+            tasks.spawn(
+                Reflector::new(client.clone(), groups.clone())
+                    .with_metrics(metrics.clone())
+                    .run(),
+            );
+            let reconciler = Arc::new(FirewallReconciler::new(
+                node.clone(),
+                Arc::new(NftTables),
+                servers.clone(),
+                ports.clone(),
+                groups.clone(),
+                networks.clone(),
+            ));
+            let key = || vec![FIREWALL_KEY.to_owned()];
+            let controller = Controller::<String>::new(
+                crate::firewall::FIREWALL_CONTROLLER,
+                Settings {
+                    concurrency: 1,
+                    timeout: Duration::from_secs(120),
+                    ..settings
+                },
+                metrics.clone(),
+            )
+            .watches(&servers, move |_| key())
+            .watches(&ports, move |_| key())
+            .watches(&groups, move |_| key())
+            .watches(&networks, move |_| key())
+            .resync_with(key);
+            (controller, reconciler)
+        });
         let reconciler = Arc::new(NetworkReconciler {
             client: client.clone(),
             node: node.clone(),
@@ -569,7 +604,13 @@ pub async fn run(config: AgentConfig, drivers: Drivers) -> anyhow::Result<()> {
         .watches(&nodes, move |_| key())
         .watches(&routers, move |_| key())
         .resync_with(key);
-        (controller, reconciler, router_controller, router_reconciler)
+        (
+            controller,
+            reconciler,
+            router_controller,
+            router_reconciler,
+            firewall,
+        )
     });
     tasks.spawn(
         Reflector::new(client.clone(), ports.clone())
@@ -606,18 +647,28 @@ pub async fn run(config: AgentConfig, drivers: Drivers) -> anyhow::Result<()> {
     let stopped_too = stopped.clone();
     let mut controllers = tokio::spawn(async move {
         let network = async move {
-            if let Some((controller, reconciler, router_controller, router_reconciler)) =
+            if let Some((controller, reconciler, router_controller, router_reconciler, firewall)) =
                 network_controller
             {
                 let mut stopped = stopped_too;
                 let mut stopped_routers = stopped.clone();
+                let mut stopped_firewall = stopped.clone();
                 let networks = controller.run_until(reconciler, async move {
                     let _ = stopped.wait_for(|s| *s).await;
                 });
                 let routers = router_controller.run_until(router_reconciler, async move {
                     let _ = stopped_routers.wait_for(|s| *s).await;
                 });
-                tokio::join!(networks, routers);
+                let firewall = async move {
+                    if let Some((controller, reconciler)) = firewall {
+                        controller
+                            .run_until(reconciler, async move {
+                                let _ = stopped_firewall.wait_for(|s| *s).await;
+                            })
+                            .await;
+                    }
+                };
+                tokio::join!(networks, routers, firewall);
             }
         };
         let mut stopped = stopped;

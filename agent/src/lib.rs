@@ -18,6 +18,7 @@ pub mod agent;
 pub mod configdrive;
 pub mod console;
 pub mod dhcp;
+pub mod firewall;
 pub mod hypervisor;
 pub mod images;
 pub mod links;
