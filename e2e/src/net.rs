@@ -210,3 +210,116 @@ pub fn wait_as_before(cloud: &Cloud, before: &[Vec<String>]) -> anyhow::Result<(
         Ok(Some(()))
     })
 }
+
+/// Runs `f` on a thread inside the namespace `netns` (which the test or Ferro made).
+fn in_netns<T: Send + 'static>(
+    netns: &str,
+    f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> std::thread::JoinHandle<anyhow::Result<T>> {
+    let path = format!("/run/netns/{netns}");
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).with_context(|| format!("open {path}"))?;
+        // Only this thread changes namespace, and it ends with `f`.
+        rustix::thread::move_into_link_name_space(
+            std::os::fd::AsFd::as_fd(&file),
+            Some(rustix::thread::LinkNameSpaceType::Network),
+        )
+        .with_context(|| format!("enter {path}"))?;
+        f()
+    })
+}
+
+/// Whether a TCP connection to `addr` from inside `netns` is accepted within `timeout`.
+pub fn connects(netns: &str, addr: std::net::SocketAddr, timeout: Duration) -> bool {
+    in_netns(netns, move || {
+        Ok(std::net::TcpStream::connect_timeout(&addr, timeout).is_ok())
+    })
+    .join()
+    .is_ok_and(|r| r.is_ok_and(|ok| ok))
+}
+
+/// A TCP echo server inside a namespace, stopped on drop (so that nothing of the test's
+/// holds the namespace once Ferro removes it).
+pub struct EchoServer {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl EchoServer {
+    /// Serves on `addr` inside `netns`; each connection is echoed until it closes or is
+    /// idle for 5 s.
+    pub fn start(netns: &str, addr: std::net::SocketAddr) -> anyhow::Result<EchoServer> {
+        use std::sync::atomic::Ordering;
+        let (bound_tx, bound_rx) = std::sync::mpsc::channel();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = in_netns(netns, move || {
+            let listener = match std::net::TcpListener::bind(addr)
+                .and_then(|l| l.set_nonblocking(true).map(|()| l))
+            {
+                Ok(listener) => {
+                    let _ = bound_tx.send(Ok(()));
+                    listener
+                }
+                Err(e) => {
+                    let _ = bound_tx.send(Err(anyhow::Error::from(e)));
+                    return Ok(());
+                }
+            };
+            while !stopped.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        std::thread::spawn(move || {
+                            stream.set_nonblocking(false)?;
+                            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+                            let mut reader = stream;
+                            let mut writer = reader.try_clone()?;
+                            std::io::copy(&mut reader, &mut writer)
+                        });
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+            Ok(())
+        });
+        bound_rx.recv().context("the echo thread ended")??;
+        Ok(EchoServer {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Talks to an echo server at `addr` from inside `netns` for `duration`, one byte every
+/// 100 ms over one connection; an error says when it stopped answering.
+pub fn echo_for(
+    netns: &str,
+    addr: std::net::SocketAddr,
+    duration: Duration,
+) -> std::thread::JoinHandle<anyhow::Result<()>> {
+    use std::io::{Read, Write};
+    in_netns(netns, move || {
+        let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+            .with_context(|| format!("connect to {addr}"))?;
+        stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+        let started = std::time::Instant::now();
+        while started.elapsed() < duration {
+            let mut byte = [0u8];
+            stream
+                .write_all(b"x")
+                .and_then(|()| stream.read_exact(&mut byte))
+                .with_context(|| format!("no echo after {:?}", started.elapsed()))?;
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(())
+    })
+}

@@ -6,10 +6,11 @@
 //! `beta` on `lan2` are kept on different nodes; alpha pings beta and talks TCP to it
 //! through the router, from a script in its user data. A floating IP mapped to alpha
 //! answers ping and HTTP (the guest serves its hostname) from the outside namespace, and
-//! alpha's own connection to a listener there arrives from the floating IP. A rule
-//! flushed by hand inside the router's namespace comes back. With Open vSwitch, the
-//! router's node then dies (its agent stopped, its uplink down, its namespace deleted): the
-//! router fails
+//! alpha's own connection to a listener there arrives from the floating IP. With Linux
+//! bridges, alpha's security groups hold HTTP back until a rule for port 80 is added, keep
+//! port 7 closed, and drop what alpha sends from an address not its own. A rule flushed
+//! by hand inside the router's namespace comes back. With Open vSwitch, the router's node
+//! then dies (its agent stopped, its uplink down, its namespace deleted): the router fails
 //! over to the other network node and a floating IP answers again. Deleting the stack
 //! leaves every node's links and switch, and the machine's namespaces, exactly as they
 //! were.
@@ -18,7 +19,8 @@ use std::time::Duration;
 
 use anyhow::{Context, ensure};
 use ferro_e2e::net::{
-    Listener, block, bound_probe, namespaces_of_ferro, node_state, pings, probe, wait_as_before,
+    Listener, block, bound_probe, namespaces_of_ferro, node_state, pings, probe, tcp_line,
+    wait_as_before,
 };
 use ferro_e2e::{Cloud, Options, Signal, signal, table, tiny_guest, wait_for};
 
@@ -27,7 +29,8 @@ const WAIT: Duration = Duration::from_secs(240);
 
 /// Alpha's user data: through the router to beta (ping, then TCP to its port-7
 /// responder), then out to the listener in the outside namespace, each retried until it
-/// works, saying so on the console.
+/// works, saying so on the console; then a ping from an address that is not its Port's,
+/// which security groups drop.
 const ALPHA_SCRIPT: &str = r#"#!/bin/sh
 (
   end=$(($(date +%s) + 240))
@@ -45,6 +48,13 @@ const ALPHA_SCRIPT: &str = r#"#!/bin/sh
     sleep 1
   done
   echo "FERRO-OUT-OK"
+  ip addr add 10.0.0.99/24 dev eth0
+  if ping -c 3 -W 1 -I 10.0.0.99 10.1.0.12 >/dev/null 2>&1; then
+    echo "FERRO-SPOOF-PASSED"
+  else
+    echo "FERRO-SPOOF-DROPPED"
+  fi
+  ip addr del 10.0.0.99/24 dev eth0
 ) >/dev/console 2>&1 &
 "#;
 
@@ -92,6 +102,7 @@ kind: ServerGroup
 metadata: {{name: apart}}
 spec: {{policy: AntiAffinity}}
 ---
+{web}---
 apiVersion: ferro/v1
 kind: Server
 metadata: {{name: alpha}}
@@ -99,6 +110,7 @@ spec:
   flavor: m1.tiny
   image: tiny
   serverGroup: apart
+  securityGroups: [default, web]
   networks:
   - {{network: lan, fixedIp: 10.0.0.11}}
   userData: |
@@ -121,6 +133,19 @@ spec:
   server: alpha
 "#,
         script = block(ALPHA_SCRIPT, 4),
+        web = web_group(false),
+    )
+}
+
+/// Alpha's second group: ping from anywhere, and HTTP once `http` is set.
+fn web_group(http: bool) -> String {
+    let http = if http {
+        "  - {direction: Ingress, protocol: TCP, portRangeMin: 80}\n"
+    } else {
+        ""
+    };
+    format!(
+        "apiVersion: ferro/v1\nkind: SecurityGroup\nmetadata: {{name: web}}\nspec:\n  rules:\n  - {{direction: Ingress, protocol: ICMP}}\n{http}"
     )
 }
 
@@ -351,10 +376,38 @@ fn routers_and_floating_ips_work(driver: &str, failover: bool) -> anyhow::Result
     wait_for(&format!("{fip} answering ping from outside"), WAIT, || {
         Ok(pings(&outside, &fip).then_some(()))
     })?;
+    // Security groups: alpha's port 80 is closed until a rule of its group opens it, and
+    // port 7 stays closed. (Linux bridge nodes filter; Open vSwitch nodes do not yet.)
+    let filtered = driver == "linuxbridge";
+    if filtered {
+        ensure!(
+            http_get(&outside, &fip).is_none(),
+            "http://{fip}/ answered before a rule let it in"
+        );
+    }
+    let group = cloud.data_dir().join("../web.yaml");
+    std::fs::write(&group, web_group(true))?;
+    let opened = std::time::Instant::now();
+    cloud.run(["apply", "-f", group.to_str().context("path")?])?;
     let hostname = wait_for(&format!("http://{fip}/ from outside"), WAIT, || {
         Ok(http_get(&outside, &fip))
     })?;
+    eprintln!(
+        "http://{fip}/ answered {} ms after the rule was applied",
+        opened.elapsed().as_millis()
+    );
     ensure!(hostname == "alpha", "http://{fip}/ served {hostname:?}");
+    if filtered {
+        ensure!(
+            opened.elapsed() < Duration::from_secs(10),
+            "the rule took {:?} to let HTTP in",
+            opened.elapsed()
+        );
+        ensure!(
+            tcp_line(&outside, &fip, 7).is_none(),
+            "port 7 of {fip} answered with no rule for it"
+        );
+    }
 
     // The guest's own connection leaves as its floating IP.
     let listener = Listener::start(&outside, "203.0.113.1:8080".parse()?)?;
@@ -371,6 +424,13 @@ fn routers_and_floating_ips_work(driver: &str, failover: bool) -> anyhow::Result
         "--timeout",
         "60s",
     ])?;
+    // A packet from an address that is not alpha's Port's goes nowhere.
+    let spoof = if filtered {
+        "console=FERRO-SPOOF-DROPPED"
+    } else {
+        "console=FERRO-SPOOF-PASSED"
+    };
+    cloud.run(["wait", "server/alpha", "--for", spoof, "--timeout", "60s"])?;
 
     // A rule flushed by hand comes back.
     // This cloud's router: the other driver's test may run beside this one.
