@@ -40,6 +40,16 @@
 //!   IP answers from outside again, through the other network node (the agent is resumed
 //!   afterwards). It is bounded below by the heartbeat lease (40 s) and the router
 //!   controller's failover grace (30 s).
+//! - **(g) security group rule change → enforced** (Linux bridges; Open vSwitch nodes do
+//!   not filter yet): `--sg-ports` probe Ports on node 1 in one SecurityGroup, which lets
+//!   everything out and nothing in; then `--sg-changes` times a rule for one more TCP port
+//!   is added to the group, each timed from the apply until a connection from the node-2
+//!   reference probe to that port of the first of those Ports is accepted (attempts every
+//!   50 ms); p50 and p99. Every change rewrites the ingress chain of every Port in the
+//!   group.
+//!
+//! Since ports are filtered, the bench adds a rule letting ping in from anywhere to the
+//! project's `default` group before (d).
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -83,6 +93,12 @@ pub struct NetBenchArgs {
     /// Whether to time (f), a router failover (about 75 s per driver).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub failover: bool,
+    /// Ports on node 1 in the security group of (g) (0 skips it).
+    #[arg(long, default_value_t = 500)]
+    pub sg_ports: usize,
+    /// Rule changes timed in (g).
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    pub sg_changes: u64,
 }
 
 /// A three-node `ferro up` in a scratch directory; stopped (with `ferro down`) on drop.
@@ -654,6 +670,8 @@ struct Figures {
     /// (e): per round, through the router's SNAT and through the hand-made one.
     snat_gbps: Vec<f64>,
     raw_snat_gbps: Vec<f64>,
+    /// (g): rule change → enforced, and on how many ports; `None` when not measured.
+    rule_changes: Option<(usize, Vec<Duration>)>,
 }
 
 /// The middle value (the mean of the two middle ones for an even count).
@@ -738,6 +756,22 @@ pub async fn run_bench(args: NetBenchArgs) -> anyhow::Result<()> {
                 40,
                 30,
             );
+        }
+        match &f.rule_changes {
+            Some((ports, times)) => {
+                let mut sorted = times.clone();
+                sorted.sort();
+                println!(
+                    "  (g) security group rule change → enforced, {ports} ports on node-1 in the group, {} changes: p50 {:.0} ms, p99 {:.0} ms (aim p50 < 1000)",
+                    sorted.len(),
+                    percentile(&sorted, 0.5).as_secs_f64() * 1e3,
+                    percentile(&sorted, 0.99).as_secs_f64() * 1e3,
+                );
+            }
+            None if f.driver == "ovs" => {
+                println!("  (g) security groups: not enforced on Open vSwitch nodes yet")
+            }
+            None => {}
         }
     }
     Ok(())
@@ -898,11 +932,26 @@ async fn one_driver(args: &NetBenchArgs, driver: &str, prefix: &str) -> anyhow::
     let text = String::from_utf8_lossy(&out.stdout);
     let (sent, received) = ping_counts(&text).with_context(|| format!("ping said: {text}"))?;
 
+    // Ports are filtered: ping from outside must be let in for (d) and (f).
+    let default = ferro_api::codec::decode_yaml(DEFAULT_GROUP_WITH_PING)?
+        .pop()
+        .context("one security group")?;
+    cloud
+        .client
+        .apply(default, "ferro-bench", false)
+        .await
+        .map_err(|e| anyhow!("{e}"))?;
     let floating =
         floating_ips(&cloud, driver, (args.floating_ips as usize).min(args.ports)).await?;
     let (snat_gbps, raw_snat_gbps) = snat_throughput(&cloud, driver, &references, args).await?;
     let failover = if args.failover {
         Some(failover(&cloud, driver).await?)
+    } else {
+        None
+    };
+    let rule_changes = if driver == "linuxbridge" && args.sg_ports > 0 {
+        let times = rule_changes(&cloud, driver, &references, args).await?;
+        Some((args.sg_ports, times))
     } else {
         None
     };
@@ -918,7 +967,167 @@ async fn one_driver(args: &NetBenchArgs, driver: &str, prefix: &str) -> anyhow::
         failover,
         snat_gbps,
         raw_snat_gbps,
+        rule_changes,
     })
+}
+
+/// The project's default group as Ferro makes it, and ping from anywhere.
+const DEFAULT_GROUP_WITH_PING: &str = "apiVersion: ferro/v1
+kind: SecurityGroup
+metadata: {name: default}
+spec:
+  description: Ingress from members of this group only; all egress; and ping.
+  rules:
+  - {direction: Ingress, ethertype: IPv4, remoteGroup: default}
+  - {direction: Ingress, ethertype: IPv6, remoteGroup: default}
+  - {direction: Egress, ethertype: IPv4}
+  - {direction: Egress, ethertype: IPv6}
+  - {direction: Ingress, protocol: ICMP}
+";
+
+/// The first TCP port of (g)'s rules.
+const SG_FIRST_PORT: u16 = 20000;
+
+/// The (g) group, letting everything out and TCP in to the first `open` ports from
+/// [`SG_FIRST_PORT`].
+fn bench_group(open: u64) -> String {
+    let mut yaml = "apiVersion: ferro/v1\nkind: SecurityGroup\nmetadata: {name: bench-sg}\nspec:\n  rules:\n  - {direction: Egress}\n".to_owned();
+    for k in 0..open {
+        yaml.push_str(&format!(
+            "  - {{direction: Ingress, protocol: TCP, portRangeMin: {}}}\n",
+            u64::from(SG_FIRST_PORT) + k
+        ));
+    }
+    yaml
+}
+
+/// The address of the `i`th port of (g) (10.8.100.0 onwards).
+fn sg_port_ip(i: usize) -> Ipv4Addr {
+    let n = 100 * 256 + i as u32;
+    Ipv4Addr::new(10, 8, (n / 256) as u8, (n % 256) as u8)
+}
+
+/// (g) `--sg-ports` probes on node 1 in group `bench-sg`, then `--sg-changes` rule
+/// changes, each timed until the port it opens on the first probe accepts a connection
+/// from the node-2 reference probe.
+async fn rule_changes(
+    cloud: &Cloud,
+    driver: &str,
+    references: &[String],
+    args: &NetBenchArgs,
+) -> anyhow::Result<Vec<Duration>> {
+    let count = args.sg_ports;
+    eprintln!(
+        "{driver}: (g) {count} ports in a security group, {} rule changes",
+        args.sg_changes
+    );
+    let group = ferro_api::codec::decode_yaml(&bench_group(0))?
+        .pop()
+        .context("one group")?;
+    cloud
+        .client
+        .apply(group, "ferro-bench", false)
+        .await
+        .map_err(|e| anyhow!("{e}"))?;
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        let next = next.clone();
+        let client = cloud.client.clone();
+        workers.spawn(async move {
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= count {
+                    return anyhow::Ok(());
+                }
+                let yaml = format!(
+                    "apiVersion: ferro/v1\nkind: Port\nmetadata: {{name: s-{i}, annotations: \
+                     {{ferro.io/probe-node: node-1}}}}\nspec: {{network: bench, deviceOwner: \
+                     \"network:probe\", securityGroups: [bench-sg], fixedIps: [{{ipAddress: {}}}]}}\n",
+                    sg_port_ip(i)
+                );
+                let object = ferro_api::codec::decode_yaml(&yaml)?
+                    .pop()
+                    .context("one port")?;
+                client.create(object).await.map_err(|e| anyhow!("{e}"))?;
+            }
+        });
+    }
+    while let Some(done) = workers.join_next().await {
+        done??;
+    }
+    for i in 0..count {
+        cloud.bound_probe(&format!("s-{i}")).await?;
+    }
+    let target = cloud.bound_probe("s-0").await?;
+    let changes = args.sg_changes;
+    let listening = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let (bound_tx, bound_rx) = std::sync::mpsc::channel();
+    let still = listening.clone();
+    let listener = std::thread::spawn(move || -> anyhow::Result<()> {
+        // A thread of its own: it enters the target's namespace for good.
+        enter(&target)?;
+        let listeners = (0..changes)
+            .map(|k| {
+                let port = SG_FIRST_PORT + k as u16;
+                let l = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))?;
+                l.set_nonblocking(true)?;
+                Ok(l)
+            })
+            .collect::<std::io::Result<Vec<_>>>();
+        let listeners = match listeners {
+            Ok(l) => {
+                let _ = bound_tx.send(Ok(()));
+                l
+            }
+            Err(e) => {
+                let _ = bound_tx.send(Err(e));
+                return Ok(());
+            }
+        };
+        while still.load(std::sync::atomic::Ordering::Relaxed) {
+            for l in &listeners {
+                while l.accept().is_ok() {}
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(())
+    });
+    bound_rx.recv().context("the listener thread ended")??;
+    let mut times = Vec::new();
+    let from = references[1].clone();
+    for k in 0..changes {
+        let group = ferro_api::codec::decode_yaml(&bench_group(k + 1))?
+            .pop()
+            .context("one group")?;
+        let address = SocketAddr::from((sg_port_ip(0), SG_FIRST_PORT + k as u16));
+        let began = Instant::now();
+        cloud
+            .client
+            .apply(group, "ferro-bench", false)
+            .await
+            .map_err(|e| anyhow!("{e}"))?;
+        let from = from.clone();
+        let accepted = tokio::task::spawn_blocking(move || {
+            std::thread::spawn(move || -> anyhow::Result<Instant> {
+                enter(&from)?;
+                let deadline = Instant::now() + TIMEOUT;
+                while Instant::now() < deadline {
+                    if TcpStream::connect_timeout(&address, Duration::from_millis(50)).is_ok() {
+                        return Ok(Instant::now());
+                    }
+                }
+                bail!("{address} never accepted a connection from {from}")
+            })
+            .join()
+            .map_err(|_| anyhow!("the connector panicked"))?
+        })
+        .await??;
+        times.push(accepted.saturating_duration_since(began));
+    }
+    listening.store(false, std::sync::atomic::Ordering::Relaxed);
+    let _ = listener.join();
+    Ok(times)
 }
 
 /// (e) One TCP stream from a probe on the router's node out through the router's SNAT to
