@@ -512,6 +512,10 @@ pub async fn run(config: AgentConfig, drivers: Drivers) -> anyhow::Result<()> {
             networks: networks.clone(),
             floating_ips: floating_ips.clone(),
             marks: crate::router::Marks::new(state_dir.join(ROUTER_RECORD_DIR)),
+            metadata: Arc::new(crate::metadata::MetadataService::new(
+                client.clone(),
+                ports.clone(),
+            )),
         });
         let routers_key = || vec![ROUTERS_KEY.to_owned()];
         let router_controller = Controller::<String>::new(

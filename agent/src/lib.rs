@@ -22,6 +22,7 @@ pub mod firewall;
 pub mod hypervisor;
 pub mod images;
 pub mod links;
+pub mod metadata;
 pub mod network;
 pub mod node;
 pub mod router;

@@ -85,6 +85,9 @@ pub enum RouterError {
     /// The record of the router namespaces this node made could not be kept.
     #[error("the record of router namespaces")]
     Record(#[from] std::io::Error),
+    /// The metadata service could not listen in the router's namespace.
+    #[error("the metadata service: {0}")]
+    Metadata(String),
     /// Some routers failed; the others were built.
     #[error("{} of the node's router steps failed; first: {}", .0.len(), .0[0])]
     Steps(Vec<String>),
@@ -196,6 +199,8 @@ pub struct RouterReconciler {
     pub floating_ips: Store<v1::FloatingIp>,
     /// The record of the router namespaces this node made.
     pub marks: Marks,
+    /// The metadata listeners in the router namespaces.
+    pub metadata: Arc<crate::metadata::MetadataService>,
 }
 
 /// How far a router got in one pass.
@@ -416,17 +421,33 @@ impl RouterReconciler {
             }
         }
         ensure_forwarding(ns).await?;
-        let table = router.gateway.as_ref().map(|g| nft::Table {
-            gateway_device: g.inner.clone(),
-            snat_to: router.snat.then_some(g.address.addr()),
+        let table = (router.gateway.is_some() || !router.legs.is_empty()).then(|| nft::Table {
+            gateway_device: router
+                .gateway
+                .as_ref()
+                .map(|g| g.inner.clone())
+                .unwrap_or_default(),
+            snat_to: router
+                .gateway
+                .as_ref()
+                .filter(|_| router.snat)
+                .map(|g| g.address.addr()),
             subnets: router.tenant_subnets(),
             mappings: router
                 .mappings
                 .iter()
                 .map(|m| (m.address, m.fixed_ip))
                 .collect(),
+            metadata: !router.legs.is_empty(),
         });
         ensure_table(ns, table.as_ref()).await?;
+        if !router.legs.is_empty() {
+            let networks = router.legs.iter().map(|l| l.network_uid.clone()).collect();
+            self.metadata
+                .ensure(&router.uid, ns, networks)
+                .await
+                .map_err(|e| RouterError::Metadata(e.to_string()))?;
+        }
         if !missing.is_empty() {
             return Ok(Built::WaitingForLegs(format!(
                 "waiting for legs {} in {ns}",
@@ -484,6 +505,11 @@ impl RouterReconciler {
             Ok(marked) => mine.extend(marked.iter().map(|uid| plan::router_namespace(uid))),
             Err(e) => failed.push(format!("reading the record of router namespaces: {e}")),
         }
+        for uid in self.metadata.routers().await {
+            if !wanted.contains_key(&uid) {
+                self.metadata.stop(&uid).await;
+            }
+        }
         let wanted_namespaces: BTreeSet<&str> =
             wanted.values().map(|r| r.namespace.as_str()).collect();
         for ns in &mine {
@@ -496,6 +522,8 @@ impl RouterReconciler {
                 .marks
                 .instance(uid)
                 .is_some_and(|recorded| namespace_instance(ns) != Some(recorded));
+            // Its metadata listener holds the namespace: it goes first.
+            self.metadata.stop(uid).await;
             if namespaces.contains(ns) && !other {
                 tracing::info!(namespace = %ns, "removing a router namespace nothing wants");
                 if let Err(e) = self.links.delete_namespace(ns).await {
@@ -583,7 +611,7 @@ impl RouterReconciler {
 }
 
 /// The inode of a named namespace (which namespace instance the name is bound to now).
-fn namespace_instance(ns: &str) -> Option<u64> {
+pub(crate) fn namespace_instance(ns: &str) -> Option<u64> {
     use std::os::unix::fs::MetadataExt;
     let path = std::path::Path::new(crate::links::netlink::NETNS_RUN_DIR).join(ns);
     std::fs::metadata(path).ok().map(|m| m.ino())

@@ -30,7 +30,7 @@ const WAIT: Duration = Duration::from_secs(240);
 /// Alpha's user data: through the router to beta (ping, then TCP to its port-7
 /// responder), then out to the listener in the outside namespace, each retried until it
 /// works, saying so on the console; then a ping from an address that is not its Port's,
-/// which security groups drop.
+/// which security groups drop; then its hostname, key and uuid from the metadata service.
 const ALPHA_SCRIPT: &str = r#"#!/bin/sh
 (
   end=$(($(date +%s) + 240))
@@ -55,6 +55,14 @@ const ALPHA_SCRIPT: &str = r#"#!/bin/sh
     echo "FERRO-SPOOF-DROPPED"
   fi
   ip addr del 10.0.0.99/24 dev eth0
+  md() { printf 'GET %s HTTP/1.0\r\n\r\n' "$1" | nc -w 5 169.254.169.254 80; }
+  until host=$(md /latest/meta-data/hostname | tail -n 1) && [ -n "$host" ]; do
+    [ "$(date +%s)" -lt "$end" ] || { echo "FERRO-METADATA-FAILED"; exit 1; }
+    sleep 1
+  done
+  echo "FERRO-METADATA hostname=$host"
+  echo "FERRO-METADATA key=$(md /latest/meta-data/public-keys/0/openssh-key | tail -n 1)"
+  echo "FERRO-METADATA $(md /openstack/latest/meta_data.json | grep -o '"uuid": *"[^"]*"')"
 ) >/dev/console 2>&1 &
 "#;
 
@@ -104,12 +112,19 @@ spec: {{policy: AntiAffinity}}
 ---
 {web}---
 apiVersion: ferro/v1
+kind: KeyPair
+metadata: {{name: alice}}
+spec:
+  publicKey: {key}
+---
+apiVersion: ferro/v1
 kind: Server
 metadata: {{name: alpha}}
 spec:
   flavor: m1.tiny
   image: tiny
   serverGroup: apart
+  keyPair: alice
   securityGroups: [default, web]
   networks:
   - {{network: lan, fixedIp: 10.0.0.11}}
@@ -134,8 +149,13 @@ spec:
 "#,
         script = block(ALPHA_SCRIPT, 4),
         web = web_group(false),
+        key = ALICE,
     )
 }
+
+/// Alpha's public key.
+const ALICE: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJ65XlM9xwTrwBb2VYfUbi9VU/mF0doEHYlbtQsEKTh5 alice@ferro";
 
 /// Alpha's second group: ping from anywhere, and HTTP once `http` is set.
 fn web_group(http: bool) -> String {
@@ -152,6 +172,20 @@ fn web_group(http: bool) -> String {
 /// The body of `GET /` from `ip:80`, fetched from inside `netns` (busybox's `nc`: its
 /// `wget` is not dependable in a static build), if the server answers 200.
 fn http_get(netns: &str, ip: &str) -> Option<String> {
+    let (head, body) = http(netns, ip, "/")?;
+    head.starts_with("HTTP/1.1 200")
+        .then(|| body.trim().to_owned())
+}
+
+/// The status line of `GET path` from `ip:80`, fetched from inside `netns`, if any came.
+fn http_status(netns: &str, ip: &str, path: &str) -> Option<String> {
+    let (head, _) = http(netns, ip, path)?;
+    head.lines().next().map(str::to_owned)
+}
+
+/// The head and body of `GET path` from `ip:80`, fetched from inside `netns` with
+/// busybox's `nc`.
+fn http(netns: &str, ip: &str, path: &str) -> Option<(String, String)> {
     let mut child = std::process::Command::new("ip")
         .args(["netns", "exec", netns, "busybox", "nc", "-w", "3", ip, "80"])
         .stdin(std::process::Stdio::piped())
@@ -160,14 +194,13 @@ fn http_get(netns: &str, ip: &str) -> Option<String> {
         .ok()?;
     std::io::Write::write_all(
         child.stdin.as_mut()?,
-        b"GET / HTTP/1.0\r\nHost: floating\r\n\r\n",
+        format!("GET {path} HTTP/1.0\r\nHost: floating\r\n\r\n").as_bytes(),
     )
     .ok()?;
     let out = child.wait_with_output().ok()?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let (head, body) = text.split_once("\r\n\r\n")?;
-    head.starts_with("HTTP/1.1 200")
-        .then(|| body.trim().to_owned())
+    Some((head.to_owned(), body.to_owned()))
 }
 
 /// The postrouting rules of the router's table in `netns`, as `nft` lists them.
@@ -424,6 +457,54 @@ fn routers_and_floating_ips_work(driver: &str, failover: bool) -> anyhow::Result
         "--timeout",
         "60s",
     ])?;
+    // The metadata service tells alpha its own hostname, key and uuid, and an address
+    // that is no server's Port's nothing.
+    let alpha_uid = cloud
+        .run(["get", "server", "alpha", "-o", "yaml"])?
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("uid: "))
+        .map(|u| u.trim_matches('"').to_owned())
+        .context("alpha has no uid")?;
+    for line in [
+        "FERRO-METADATA hostname=alpha".to_owned(),
+        format!("FERRO-METADATA key={ALICE}"),
+        format!("FERRO-METADATA \"uuid\": \"{alpha_uid}\""),
+    ] {
+        cloud.run([
+            "wait",
+            "server/alpha",
+            "--for",
+            &format!("console={line}"),
+            "--timeout",
+            "120s",
+        ])?;
+    }
+    let snoop_file = cloud.data_dir().join("../snoop.yaml");
+    std::fs::write(
+        &snoop_file,
+        probe("default", "snoop", "lan", "node-1", "10.0.0.40"),
+    )?;
+    cloud.run(["apply", "-f", snoop_file.to_str().context("path")?])?;
+    let snoop = bound_probe(&cloud, "default", "snoop")?;
+    let routed = std::process::Command::new("ip")
+        .args([
+            "-n", &snoop, "route", "replace", "default", "via", "10.0.0.1",
+        ])
+        .status()?;
+    ensure!(routed.success(), "cannot route {snoop} through the router");
+    let status = wait_for("an answer to the probe from 169.254.169.254", WAIT, || {
+        Ok(http_status(
+            &snoop,
+            "169.254.169.254",
+            "/latest/meta-data/hostname",
+        ))
+    })?;
+    ensure!(
+        status.starts_with("HTTP/1.0 404"),
+        "the metadata service answered a probe with {status:?}"
+    );
+    cloud.run(["delete", "-f", snoop_file.to_str().context("path")?])?;
+
     // A packet from an address that is not alpha's Port's goes nowhere.
     let spoof = if filtered {
         "console=FERRO-SPOOF-DROPPED"

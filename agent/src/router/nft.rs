@@ -45,6 +45,9 @@ pub struct Table {
     pub subnets: Vec<IpNet>,
     /// Floating address → private address.
     pub mappings: Vec<(IpAddr, IpAddr)>,
+    /// Whether TCP to the metadata address arriving on a tenant leg goes to the metadata
+    /// service's port in the namespace.
+    pub metadata: bool,
 }
 
 impl Table {
@@ -52,6 +55,42 @@ impl Table {
     fn rules(&self) -> Vec<(&'static str, String, Vec<Statement<'static>>)> {
         let mut rules = Vec::new();
         let out = self.gateway_device.clone();
+        if self.metadata {
+            rules.push((
+                PREROUTING,
+                "metadata".to_owned(),
+                vec![
+                    matches(
+                        iifname(),
+                        Expression::String(Cow::Owned(format!(
+                            "{}*",
+                            super::plan::LEG_DEVICE_PREFIX
+                        ))),
+                    ),
+                    matches(
+                        ip_field("daddr"),
+                        Expression::String(Cow::Borrowed(crate::metadata::METADATA_ADDRESS)),
+                    ),
+                    matches(
+                        Expression::Named(NamedExpression::Payload(Payload::PayloadField(
+                            PayloadField {
+                                protocol: Cow::Borrowed("tcp"),
+                                field: Cow::Borrowed("dport"),
+                            },
+                        ))),
+                        Expression::Number(80),
+                    ),
+                    Statement::Redirect(Some(NAT {
+                        addr: None,
+                        family: None,
+                        port: Some(Expression::Number(u32::from(
+                            crate::metadata::METADATA_PORT,
+                        ))),
+                        flags: None,
+                    })),
+                ],
+            ));
+        }
         for (fip, fixed) in &self.mappings {
             rules.push((
                 PREROUTING,
@@ -197,6 +236,12 @@ fn ip_field(field: &'static str) -> Expression<'static> {
     )))
 }
 
+fn iifname() -> Expression<'static> {
+    Expression::Named(NamedExpression::Meta(Meta {
+        key: MetaKey::Iifname,
+    }))
+}
+
 fn oifname() -> Expression<'static> {
     Expression::Named(NamedExpression::Meta(Meta {
         key: MetaKey::Oifname,
@@ -233,6 +278,7 @@ mod tests {
             snat_to: Some("203.0.113.10".parse().unwrap()),
             subnets: vec!["10.0.0.0/24".parse().unwrap()],
             mappings: vec![("203.0.113.20".parse().unwrap(), "10.0.0.5".parse().unwrap())],
+            metadata: false,
         }
     }
 
