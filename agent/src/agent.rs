@@ -65,7 +65,8 @@ use tokio::task::JoinSet;
 
 use crate::dhcp::Dhcp;
 use crate::dhcp::dnsmasq::DnsmasqDhcp;
-use crate::firewall::{FIREWALL_KEY, FirewallReconciler, NftTables};
+use crate::firewall::ovs::OvsEnforcer;
+use crate::firewall::{Enforcer, FIREWALL_KEY, FirewallReconciler, NftEnforcer, NftTables};
 use crate::hypervisor::qemu::{AccelPolicy, QemuConfig, QemuDriver};
 use crate::hypervisor::{Accel, Hypervisor};
 use crate::images::{FileImageCache, ImageCache, error_chain};
@@ -123,6 +124,8 @@ pub struct NetworkDrivers {
     pub links: Arc<dyn Links>,
     /// The DHCP servers.
     pub dhcp: Arc<dyn Dhcp>,
+    /// What enforces security groups on the driver's switch.
+    pub firewall: Arc<dyn Enforcer>,
 }
 
 impl Drivers {
@@ -154,7 +157,9 @@ impl NetworkDrivers {
     /// with its files under `<state_dir>/dhcp`.
     pub fn real(config: &AgentConfig, state_dir: &Path) -> anyhow::Result<NetworkDrivers> {
         let links: Arc<dyn Links> = Arc::new(NetlinkLinks::new());
-        let driver: Arc<dyn NetworkDriver> = match config.network_driver {
+        let (driver, firewall): (Arc<dyn NetworkDriver>, Arc<dyn Enforcer>) = match config
+            .network_driver
+        {
             DriverKind::Ovs => {
                 let ovs = match &config.ovsdb {
                     Some(remote) => {
@@ -167,12 +172,16 @@ impl NetworkDrivers {
                     }
                     None => OvsConfig::system(),
                 };
-                Arc::new(
-                    OvsWiring::new(Arc::new(OvsSwitch::new(ovs)))
-                        .reuse_flows_for(OVS_FLOWS_FRESH_FOR),
+                let switch = Arc::new(OvsSwitch::new(ovs));
+                (
+                    Arc::new(OvsWiring::new(switch.clone()).reuse_flows_for(OVS_FLOWS_FRESH_FOR)),
+                    Arc::new(OvsEnforcer::new(switch)),
                 )
             }
-            DriverKind::LinuxBridge => Arc::new(LinuxBridge::new(links.clone())),
+            DriverKind::LinuxBridge => (
+                Arc::new(LinuxBridge::new(links.clone())),
+                Arc::new(NftEnforcer::new(Arc::new(NftTables))),
+            ),
         };
         let dhcp = DnsmasqDhcp::new(state_dir)
             .with_context(|| format!("cannot keep DHCP servers in {}", state_dir.display()))?;
@@ -180,6 +189,7 @@ impl NetworkDrivers {
             driver,
             links,
             dhcp: Arc::new(dhcp),
+            firewall,
         })
     }
 }
@@ -503,6 +513,11 @@ pub async fn run(config: AgentConfig, drivers: Drivers) -> anyhow::Result<()> {
                 .with_metrics(metrics.clone())
                 .run(),
         );
+        // One metadata service: routers' listeners and isolated networks'.
+        let metadata = Arc::new(crate::metadata::MetadataService::new(
+            client.clone(),
+            ports.clone(),
+        ));
         let router_reconciler = Arc::new(RouterReconciler {
             client: client.clone(),
             node: node.clone(),
@@ -512,10 +527,7 @@ pub async fn run(config: AgentConfig, drivers: Drivers) -> anyhow::Result<()> {
             networks: networks.clone(),
             floating_ips: floating_ips.clone(),
             marks: crate::router::Marks::new(state_dir.join(ROUTER_RECORD_DIR)),
-            metadata: Arc::new(crate::metadata::MetadataService::new(
-                client.clone(),
-                ports.clone(),
-            )),
+            metadata: metadata.clone(),
         });
         let routers_key = || vec![ROUTERS_KEY.to_owned()];
         let router_controller = Controller::<String>::new(
@@ -536,9 +548,9 @@ pub async fn run(config: AgentConfig, drivers: Drivers) -> anyhow::Result<()> {
                 .with_metrics(metrics.clone())
                 .run(),
         );
-        // Security groups: the Linux bridge driver's ports are filtered by nftables; the
-        // OVS userspace datapath's are not (yet), and the Node says so.
-        let firewall = (network.driver.kind() == DriverKind::LinuxBridge).then(|| {
+        // Security groups: nftables on Linux bridge nodes, OpenFlow with conntrack on
+        // Open vSwitch nodes.
+        let firewall = Some(network.firewall.clone()).map(|enforcer| {
             let groups = Store::<v1::SecurityGroup>::new();
             tasks.spawn(
                 Reflector::new(client.clone(), groups.clone())
@@ -547,7 +559,7 @@ pub async fn run(config: AgentConfig, drivers: Drivers) -> anyhow::Result<()> {
             );
             let reconciler = Arc::new(FirewallReconciler::new(
                 node.clone(),
-                Arc::new(NftTables),
+                enforcer,
                 servers.clone(),
                 ports.clone(),
                 groups.clone(),
@@ -584,6 +596,7 @@ pub async fn run(config: AgentConfig, drivers: Drivers) -> anyhow::Result<()> {
             routers: routers.clone(),
             health: health.clone(),
             inside_checks: InsideChecks::every(crate::network::INSIDE_CHECK_EVERY),
+            metadata: Some(metadata),
         });
         let key = || vec![NODE_KEY.to_owned()];
         let controller = Controller::<String>::new(

@@ -1,25 +1,32 @@
 //! The node's security group reconciler: what the ports of this node may send and receive.
 //!
 //! [`plan::desired`] says from the caches which ports of this node are filtered and by
-//! which rules (their groups', with remote groups as member sets); [`nft::wanted`] turns
-//! that into nftables chains, sets and maps; a pass compares them with what the tables
-//! hold and carries out the difference in one transaction ([`Tables::apply`]). Every
+//! which rules (their groups', with remote groups as member sets); the [`Enforcer`] turns
+//! that into the switch's terms, compares them with what the switch has and carries out
+//! the difference. Every
 //! change of a Port, SecurityGroup, Network or of this node's Servers queues the one key
 //! [`FIREWALL_KEY`], so bursts coalesce into one pass.
 //!
-//! A port's chains exist before its guest's tap is plugged: they match the device by name,
-//! so a guest is filtered from its first packet. Nothing is kept in memory that a restart
+//! On Linux bridges a port's chains exist before its guest's tap is plugged (they match the
+//! device by name), so a guest is filtered from its first packet; OpenFlow matches the
+//! port's OpenFlow number, which exists once the port is plugged, so there a port passes
+//! unfiltered for the moment between its plug and the next pass (which the Port's
+//! binding queues). Nothing is kept in memory that a restart
 //! needs: the first pass reads the tables back ([`Tables::read`]) and changes only what
 //! differs, so a restarted agent touches no rule and no connection. Later passes trust what
 //! the last one left, and read the tables again every [`FULL_CHECK_EVERY`] (and after any
 //! failure), so a rule flushed by hand is back within that time, as the network
 //! reconciler's inside checks are.
 //!
-//! The Linux bridge driver is the one with these tables (see [`nft`]); the Open vSwitch
-//! userspace datapath never hands packets to the kernel's netfilter, so on an OVS node
-//! ports are not filtered yet, and the Node's `NetworkReady` message says so.
+//! What enforces the rules depends on the driver ([`Enforcer`]): nftables tables on Linux
+//! bridge nodes ([`nft`]), OpenFlow flows with the switch's connection tracking on Open
+//! vSwitch nodes, whose userspace datapath never hands packets to netfilter ([`ovs`]).
+//! Either way each port's rules are replaced alone, and a remote group's membership is
+//! kept apart from the rules that name it where the switch allows (an nftables set; one
+//! flow per member with OpenFlow).
 
 pub mod nft;
+pub mod ovs;
 pub mod plan;
 
 use std::sync::{Arc, Mutex};
@@ -181,12 +188,61 @@ impl Tables for MemoryTables {
     }
 }
 
+/// Makes a node's switch enforce what [`plan::desired`] says: nftables for Linux bridges
+/// ([`NftEnforcer`]), OpenFlow with connection tracking for Open vSwitch
+/// ([`ovs::OvsEnforcer`]). Each remembers what its last call left and reads the host
+/// again when `full` is set (or after a failure).
+#[async_trait]
+pub trait Enforcer: Send + Sync {
+    /// Makes the switch enforce `desired`; returns how many changes that took.
+    async fn enforce(&self, desired: &plan::Desired, full: bool) -> Result<usize, FirewallError>;
+}
+
+/// [`Enforcer`] with nftables tables ([`nft`]), for Linux bridges.
+pub struct NftEnforcer {
+    tables: Arc<dyn Tables>,
+    known: Mutex<Option<State>>,
+}
+
+impl NftEnforcer {
+    /// An enforcer over `tables` that has read nothing yet.
+    pub fn new(tables: Arc<dyn Tables>) -> NftEnforcer {
+        NftEnforcer {
+            tables,
+            known: Mutex::new(None),
+        }
+    }
+}
+
+#[async_trait]
+impl Enforcer for NftEnforcer {
+    async fn enforce(&self, desired: &plan::Desired, full: bool) -> Result<usize, FirewallError> {
+        let want = nft::wanted(desired, crate::wiring::linuxbridge::bridge_name);
+        let known = self.known.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let have = match known {
+            Some(state) if !full => state,
+            _ => {
+                if !want.chains.is_empty() {
+                    self.tables.prepare().await?;
+                }
+                self.tables.read().await?
+            }
+        };
+        let ops = nft::changes(&want, &have);
+        if !ops.is_empty() {
+            self.tables.apply(&ops).await?;
+        }
+        *self.known.lock().unwrap_or_else(|e| e.into_inner()) = Some(nft::after(have, &ops));
+        Ok(ops.len())
+    }
+}
+
 /// Reconciles the security groups of this node's ports. See the module notes.
 pub struct FirewallReconciler {
     /// This node's name.
     pub node: String,
-    /// The tables.
-    pub tables: Arc<dyn Tables>,
+    /// What enforces the rules.
+    pub enforcer: Arc<dyn Enforcer>,
     /// The Servers bound to this node.
     pub servers: Store<v1::Server>,
     /// Every Port.
@@ -195,16 +251,16 @@ pub struct FirewallReconciler {
     pub groups: Store<v1::SecurityGroup>,
     /// Every Network.
     pub networks: Store<v1::Network>,
-    /// What the last pass left in the tables, and when they were last read; `None` before
-    /// the first pass and after a failure.
-    pub known: Mutex<Option<(State, Instant)>>,
+    /// When the host was last read whole; `None` before the first pass and after a
+    /// failure.
+    pub read_at: Mutex<Option<Instant>>,
 }
 
 impl FirewallReconciler {
     /// A reconciler that has read nothing yet.
     pub fn new(
         node: String,
-        tables: Arc<dyn Tables>,
+        enforcer: Arc<dyn Enforcer>,
         servers: Store<v1::Server>,
         ports: Store<v1::Port>,
         groups: Store<v1::SecurityGroup>,
@@ -212,12 +268,12 @@ impl FirewallReconciler {
     ) -> FirewallReconciler {
         FirewallReconciler {
             node,
-            tables,
+            enforcer,
             servers,
             ports,
             groups,
             networks,
-            known: Mutex::new(None),
+            read_at: Mutex::new(None),
         }
     }
 
@@ -231,33 +287,30 @@ impl FirewallReconciler {
         }
     }
 
-    /// One pass: the tables made to hold what this node's ports should enforce.
+    /// One pass: the switch made to enforce what this node's ports should.
     pub async fn reconcile_firewall(&self) -> Result<Action, FirewallError> {
         let started = Instant::now();
         let desired = plan::desired(&self.facts());
-        let want = nft::wanted(&desired, crate::wiring::linuxbridge::bridge_name);
-        let known = self.known.lock().unwrap_or_else(|e| e.into_inner()).take();
-        let (have, read_at) = match known {
-            Some((state, at)) if at.elapsed() < FULL_CHECK_EVERY => (state, at),
-            _ => {
-                if !want.chains.is_empty() {
-                    self.tables.prepare().await?;
-                }
-                (self.tables.read().await?, started)
-            }
-        };
-        let ops = nft::changes(&want, &have);
-        if !ops.is_empty() {
-            self.tables.apply(&ops).await?;
+        let last = self
+            .read_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let full = last.is_none_or(|at| at.elapsed() >= FULL_CHECK_EVERY);
+        let changes = self.enforcer.enforce(&desired, full).await?;
+        if changes > 0 {
             tracing::info!(
                 ports = desired.ports.len(),
-                changes = ops.len(),
+                changes,
                 took_ms = started.elapsed().as_millis() as u64,
                 "security group rules applied"
             );
         }
-        *self.known.lock().unwrap_or_else(|e| e.into_inner()) =
-            Some((nft::after(have, &ops), read_at));
+        *self.read_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(if full {
+            started
+        } else {
+            last.unwrap_or(started)
+        });
         Ok(Action::Requeue(FULL_CHECK_EVERY))
     }
 }
@@ -316,7 +369,14 @@ mod tests {
             }),
         });
         groups.apply(group(vec![]));
-        FirewallReconciler::new("n1".into(), tables, servers, ports, groups, Store::new())
+        FirewallReconciler::new(
+            "n1".into(),
+            Arc::new(NftEnforcer::new(tables)),
+            servers,
+            ports,
+            groups,
+            Store::new(),
+        )
     }
 
     fn group(rules: Vec<v1::SecurityGroupRule>) -> v1::SecurityGroup {
@@ -378,7 +438,7 @@ mod tests {
             name: "web".into(),
         };
         reconciler.servers.remove(&web, 1);
-        *reconciler.known.lock().unwrap() = None;
+        *reconciler.read_at.lock().unwrap() = None;
         reconciler.reconcile_firewall().await.unwrap();
         assert_eq!(*tables.state.lock().unwrap(), State::default());
     }

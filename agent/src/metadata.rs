@@ -15,8 +15,13 @@
 //! dated ones) and the EC2-style tree (`/latest/meta-data/hostname`, `instance-id`,
 //! `local-ipv4`, `public-keys/0/openssh-key`, `/latest/user-data`).
 //!
-//! A listener holds its namespace alive: it is stopped (and waited for) before the router
-//! reconciler removes the namespace, and started again when the namespace is a new one.
+//! A network no router has a leg on is served from its DHCP namespace instead, as Neutron
+//! does for isolated networks: that namespace holds the metadata address, the agent
+//! listens there on port 80, and DHCP gives guests a route to the address through the
+//! DHCP port (option 121).
+//!
+//! A listener holds its namespace alive: it is stopped (and waited for) before the
+//! namespace is removed, and started again when the namespace is a new one.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
@@ -69,12 +74,14 @@ impl MetadataService {
         }
     }
 
-    /// Makes sure router `uid` has a listener in `namespace` (a new one if the namespace
-    /// is not the one it was bound in), answering for `networks`.
+    /// Makes sure the listener `uid` (`router-<uid>`, `dhcp-<network-uid>`) listens on
+    /// `port` in `namespace` (a new one if the namespace is not the one it was bound in),
+    /// answering for `networks`.
     pub async fn ensure(
         self: &Arc<Self>,
         uid: &str,
         namespace: &str,
+        port: u16,
         networks: BTreeSet<String>,
     ) -> std::io::Result<()> {
         let instance = crate::router::namespace_instance(namespace);
@@ -90,7 +97,7 @@ impl MetadataService {
             old.task.abort();
             let _ = old.task.await;
         }
-        let listener = bind_in(namespace, METADATA_PORT).await?;
+        let listener = bind_in(namespace, port).await?;
         let networks = Arc::new(Mutex::new(networks));
         let service = self.clone();
         let serving = networks.clone();
@@ -112,7 +119,12 @@ impl MetadataService {
                 });
             }
         });
-        tracing::info!(router = uid, namespace, "metadata service listening");
+        tracing::info!(
+            listener = uid,
+            namespace,
+            port,
+            "metadata service listening"
+        );
         running.insert(
             uid.to_owned(),
             Running {
@@ -124,8 +136,8 @@ impl MetadataService {
         Ok(())
     }
 
-    /// Stops router `uid`'s listener and its connections, and waits until their sockets
-    /// are closed (so the namespace can go).
+    /// Stops the listener `uid` and its connections, and waits until their sockets are
+    /// closed (so the namespace can go).
     pub async fn stop(&self, uid: &str) {
         let old = self.running.lock().await.remove(uid);
         if let Some(old) = old {
@@ -134,9 +146,15 @@ impl MetadataService {
         }
     }
 
-    /// The routers with a listener.
-    pub async fn routers(&self) -> BTreeSet<String> {
-        self.running.lock().await.keys().cloned().collect()
+    /// The listeners whose names start with `prefix`.
+    pub async fn listeners(&self, prefix: &str) -> BTreeSet<String> {
+        self.running
+            .lock()
+            .await
+            .keys()
+            .filter(|k| k.starts_with(prefix))
+            .cloned()
+            .collect()
     }
 
     async fn serve(

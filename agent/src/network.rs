@@ -119,7 +119,13 @@ pub struct NetworkReconciler {
     pub health: NetworkHealth,
     /// When the insides of the node's namespaces were last checked.
     pub inside_checks: InsideChecks,
+    /// The metadata listeners of isolated networks, in their DHCP namespaces (none where
+    /// the node serves no metadata, as in tests on in-memory links).
+    pub metadata: Option<Arc<crate::metadata::MetadataService>>,
 }
+
+/// The prefix of an isolated network's metadata listener's name.
+const METADATA_LISTENER_PREFIX: &str = "dhcp-";
 
 /// How often a pass looks inside the `qdhcp-`/`qprobe-` namespaces at devices it already
 /// found in place, in [`InsideChecks`].
@@ -378,6 +384,23 @@ impl NetworkReconciler {
                 note(format!("the DHCP server of network {uid}"), &e);
             }
         }
+        if let Some(metadata) = &self.metadata {
+            for (uid, namespace) in &desired.metadata {
+                let networks = BTreeSet::from([uid.clone()]);
+                let listener = format!("{METADATA_LISTENER_PREFIX}{uid}");
+                if let Err(e) = metadata.ensure(&listener, namespace, 80, networks).await {
+                    note(format!("the metadata service of network {uid}"), &e);
+                }
+            }
+            for listener in metadata.listeners(METADATA_LISTENER_PREFIX).await {
+                let uid = listener
+                    .strip_prefix(METADATA_LISTENER_PREFIX)
+                    .unwrap_or_default();
+                if !desired.metadata.contains_key(uid) {
+                    metadata.stop(&listener).await;
+                }
+            }
+        }
         if !desired.dhcp.is_empty() {
             tracing::debug!(
                 servers = desired.dhcp.len(),
@@ -434,6 +457,15 @@ impl NetworkReconciler {
                 && !is_router_namespace(namespace)
             {
                 tracing::info!(namespace, "removing a namespace nothing wants");
+                // A metadata listener there holds it: it goes first.
+                if let (Some(metadata), Some(uid)) = (
+                    &self.metadata,
+                    namespace.strip_prefix(DHCP_NAMESPACE_PREFIX),
+                ) {
+                    metadata
+                        .stop(&format!("{METADATA_LISTENER_PREFIX}{uid}"))
+                        .await;
+                }
                 if let Err(e) = self.links.delete_namespace(namespace).await {
                     note(format!("removing namespace {namespace}"), &e);
                 }

@@ -203,6 +203,14 @@ pub struct RouterReconciler {
     pub metadata: Arc<crate::metadata::MetadataService>,
 }
 
+/// The prefix of a router's metadata listener's name.
+const METADATA_LISTENER_PREFIX: &str = "router-";
+
+/// The name of a router's metadata listener.
+fn metadata_listener(uid: &str) -> String {
+    format!("{METADATA_LISTENER_PREFIX}{uid}")
+}
+
 /// How far a router got in one pass.
 enum Built {
     /// Everything it wants is in place.
@@ -444,7 +452,12 @@ impl RouterReconciler {
         if !router.legs.is_empty() {
             let networks = router.legs.iter().map(|l| l.network_uid.clone()).collect();
             self.metadata
-                .ensure(&router.uid, ns, networks)
+                .ensure(
+                    &metadata_listener(&router.uid),
+                    ns,
+                    crate::metadata::METADATA_PORT,
+                    networks,
+                )
                 .await
                 .map_err(|e| RouterError::Metadata(e.to_string()))?;
         }
@@ -505,9 +518,12 @@ impl RouterReconciler {
             Ok(marked) => mine.extend(marked.iter().map(|uid| plan::router_namespace(uid))),
             Err(e) => failed.push(format!("reading the record of router namespaces: {e}")),
         }
-        for uid in self.metadata.routers().await {
-            if !wanted.contains_key(&uid) {
-                self.metadata.stop(&uid).await;
+        for listener in self.metadata.listeners(METADATA_LISTENER_PREFIX).await {
+            let uid = listener
+                .strip_prefix(METADATA_LISTENER_PREFIX)
+                .unwrap_or_default();
+            if !wanted.contains_key(uid) {
+                self.metadata.stop(&listener).await;
             }
         }
         let wanted_namespaces: BTreeSet<&str> =
@@ -523,7 +539,7 @@ impl RouterReconciler {
                 .instance(uid)
                 .is_some_and(|recorded| namespace_instance(ns) != Some(recorded));
             // Its metadata listener holds the namespace: it goes first.
-            self.metadata.stop(uid).await;
+            self.metadata.stop(&metadata_listener(uid)).await;
             if namespaces.contains(ns) && !other {
                 tracing::info!(namespace = %ns, "removing a router namespace nothing wants");
                 if let Err(e) = self.links.delete_namespace(ns).await {

@@ -473,7 +473,10 @@ pub fn validate_flows(flows: &[FlowSpec]) -> Result<(), SwitchError> {
             if text.contains(['\n', '\r']) {
                 return Err(invalid(field, "must be one line"));
             }
-            if text.contains("cookie=") || text.contains("table=") || text.contains("priority=") {
+            // Actions may name a table inside parentheses (`ct(table=71)`), never at the
+            // top level.
+            let top = outside_parentheses(text);
+            if top.contains("cookie=") || top.contains("table=") || top.contains("priority=") {
                 return Err(invalid(
                     field,
                     "cookie, table and priority have their own fields",
@@ -488,6 +491,21 @@ pub fn validate_flows(flows: &[FlowSpec]) -> Result<(), SwitchError> {
         }
     }
     Ok(())
+}
+
+/// `text` without what is inside parentheses.
+fn outside_parentheses(text: &str) -> String {
+    let mut depth = 0usize;
+    text.chars()
+        .filter(|c| {
+            match c {
+                '(' => depth += 1,
+                ')' => depth = depth.saturating_sub(1),
+                _ => return depth == 0,
+            }
+            false
+        })
+        .collect()
 }
 
 fn validate_interface_name(field: &'static str, name: &str) -> Result<(), SwitchError> {

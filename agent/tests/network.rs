@@ -250,6 +250,7 @@ impl Agent {
             health: NetworkHealth::default(),
             // Every pass looks inside namespaces, so drift there is mended at once.
             inside_checks: InsideChecks::every(std::time::Duration::ZERO),
+            metadata: None,
         };
         Agent {
             reconciler,

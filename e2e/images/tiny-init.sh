@@ -133,7 +133,13 @@ case "$1" in
     prefix=${mask:-$(ipcalc -p "$ip" "$subnet" | sed 's/PREFIX=//')}
     ip addr flush dev "$interface"
     ip addr add "$ip/$prefix" dev "$interface"
-    for r in $router; do ip route add default via "$r" dev "$interface" 2>/dev/null; break; done
+    # Classless static routes (option 121), when given, include the default route.
+    if [ -n "$staticroutes" ]; then
+      set -- $staticroutes
+      while [ $# -ge 2 ]; do ip route add "$1" via "$2" dev "$interface" 2>/dev/null; shift 2; done
+    else
+      for r in $router; do ip route add default via "$r" dev "$interface" 2>/dev/null; break; done
+    fi
     : >/etc/resolv.conf
     for d in $dns; do echo "nameserver $d" >>/etc/resolv.conf; done
     echo "FERRO-ADDR $interface $ip/$prefix" >/dev/console
@@ -155,7 +161,7 @@ nic_list() {
 # A NIC appeared: link up, DHCP in the background, and say so.
 nic_up() {
   ip link set "$1" up
-  udhcpc -f -i "$1" -s /run/udhcpc.script -t 3 -T 1 -A 2 -x hostname:"$host" >/dev/null 2>&1 &
+  udhcpc -f -i "$1" -s /run/udhcpc.script -t 3 -T 1 -A 2 -O staticroutes -x hostname:"$host" >/dev/null 2>&1 &
   echo $! >"/run/udhcpc.$1.pid"
   echo "FERRO-NIC $1 $2"
 }

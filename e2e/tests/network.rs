@@ -30,7 +30,8 @@ const WAIT: Duration = Duration::from_secs(240);
 
 /// A guest that checks, in the background so that it does not hold up its boot, that it
 /// reaches `peer` by ping and by TCP (the peer's port-7 responder answers `ferro-tiny
-/// <hostname>`), and says so on its console.
+/// <hostname>`), then reads its hostname from the metadata service, and says so on its
+/// console.
 fn checker(peer: &str) -> String {
     format!(
         r#"#!/bin/sh
@@ -50,6 +51,13 @@ fn checker(peer: &str) -> String {
   echo "FERRO-PINGING {peer}"
   summary=$(ping -q -c 300 -i 0.1 -W 1 {peer} | grep 'packets transmitted')
   echo "FERRO-PINGS $summary"
+  # The network has no router: its DHCP namespace serves the metadata.
+  md() {{ printf 'GET %s HTTP/1.0\r\n\r\n' "$1" | nc -w 5 169.254.169.254 80; }}
+  until host=$(md /latest/meta-data/hostname | tail -n 1) && [ -n "$host" ]; do
+    [ "$(date +%s)" -lt "$((end + 120))" ] || {{ echo "FERRO-METADATA-FAILED"; exit 1; }}
+    sleep 1
+  done
+  echo "FERRO-METADATA hostname=$host"
 ) >/dev/console 2>&1 &
 "#
     )
@@ -247,6 +255,16 @@ fn tenant_networks_work_across_nodes(driver: &str) -> anyhow::Result<()> {
         sent - received
     );
     eprintln!("pings across the agents' SIGKILL: {received} of {sent} answered");
+    // The metadata service of a network without a router, from its DHCP namespace (which
+    // DHCP routes 169.254.169.254 to), served by the agents started again.
+    cloud.run([
+        "wait",
+        "server/alpha",
+        "--for",
+        "console=FERRO-METADATA hostname=alpha",
+        "--timeout",
+        "180s",
+    ])?;
 
     // Probes: the third node reaches both guests; another project's network with the
     // same CIDR reaches neither.

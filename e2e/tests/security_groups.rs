@@ -1,4 +1,5 @@
-//! Security groups end to end, under `ferro up --nodes 2` with Linux bridges, with probes
+//! Security groups end to end, under `ferro up --nodes 2`, once per network driver
+//! (nftables on Linux bridges, OpenFlow with conntrack on Open vSwitch), with probes
 //! (namespaces on the tenant network, filtered as guests are) instead of guests.
 //!
 //! `pa` (node 1) and `pb` (node 2) are in their project's `default` group; `pc` (node 2)
@@ -14,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
 use ferro_e2e::net::{
-    EchoServer, bound_probe, connects, echo_for, namespaces_of_ferro, node_state, pings, uid_of,
-    wait_as_before,
+    EchoServer, bound_probe, connects, echo_for, namespaces_of_ferro, node_state, ovsdb_socket,
+    pings, uid_of, wait_as_before,
 };
 use ferro_e2e::{Cloud, Options, table, wait_for};
 
@@ -56,6 +57,67 @@ fn stack(pc_groups: &[&str], web_rules: &[&str]) -> String {
         probe("pb", "node-2", "10.0.0.6", &[]),
         probe("pc", "node-2", "10.0.0.7", pc_groups),
     )
+}
+
+/// How many rules enforce port `uid` on a node: its ingress chain's (Linux bridges) or its
+/// flows (Open vSwitch).
+fn port_rules(cloud: &Cloud, node: u32, uid: &str) -> usize {
+    match ovsdb_socket(cloud.data_dir(), node) {
+        Some(socket) => {
+            let mgmt = socket.with_file_name("br-int.mgmt");
+            let cookie = format!("cookie={:#x},", port_cookie(uid));
+            Command::new("ovs-ofctl")
+                .args(["dump-flows", &format!("unix:{}", mgmt.display())])
+                .output()
+                .map(|o| {
+                    String::from_utf8_lossy(&o.stdout)
+                        .lines()
+                        .filter(|l| l.contains(&cookie))
+                        .count()
+                })
+                .unwrap_or(0)
+        }
+        None => chain_rules(&cloud.node_netns(node), &format!("i_{uid}")),
+    }
+}
+
+/// Removes a share of port `uid`'s rules by hand: its ingress chain's (Linux bridges) or
+/// its flows in the ingress table (Open vSwitch).
+fn flush_by_hand(cloud: &Cloud, node: u32, uid: &str) -> anyhow::Result<()> {
+    let status = match ovsdb_socket(cloud.data_dir(), node) {
+        Some(socket) => {
+            let mgmt = socket.with_file_name("br-int.mgmt");
+            Command::new("ovs-ofctl")
+                .args([
+                    "del-flows",
+                    &format!("unix:{}", mgmt.display()),
+                    &format!("cookie={:#x}/-1,table=73", port_cookie(uid)),
+                ])
+                .status()?
+        }
+        None => Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &cloud.node_netns(node),
+                "nft",
+                "flush",
+                "chain",
+                "bridge",
+                "ferro-sg",
+                &format!("i_{uid}"),
+            ])
+            .status()?,
+    };
+    ensure!(status.success(), "flushing {uid}'s rules failed");
+    Ok(())
+}
+
+/// The cookie of a filtered port's flows, as the agent derives it.
+fn port_cookie(uid: &str) -> u64 {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(format!("firewall-{uid}").as_bytes());
+    u64::from_be_bytes(digest[..8].try_into().expect("8 bytes")).max(1)
 }
 
 /// The rules of a chain of `bridge ferro-sg` on a node's namespace.
@@ -108,9 +170,18 @@ fn pings_from(netns: &str, source: &str, to: &str) -> bool {
 
 #[test]
 fn security_groups_filter_ports_with_linux_bridges() -> anyhow::Result<()> {
+    security_groups_filter_ports("linuxbridge")
+}
+
+#[test]
+fn security_groups_filter_ports_with_open_vswitch() -> anyhow::Result<()> {
+    security_groups_filter_ports("ovs")
+}
+
+fn security_groups_filter_ports(driver: &str) -> anyhow::Result<()> {
     let cloud = Cloud::start_with(Options {
         nodes: 2,
-        driver: "linuxbridge".into(),
+        driver: driver.into(),
         ..Options::default()
     })?;
     wait_for("two nodes Ready", WAIT, || {
@@ -210,26 +281,23 @@ fn security_groups_filter_ports_with_linux_bridges() -> anyhow::Result<()> {
         Ok(pings(&pc, "10.0.0.5").then_some(()))
     })?;
 
-    // A chain flushed by hand is put back.
+    // Rules removed by hand are put back.
     let pa_uid = uid_of(&cloud, "default", "pa")?;
-    let node1 = cloud.node_netns(1);
-    let chain = format!("i_{pa_uid}");
-    let rules = chain_rules(&node1, &chain);
-    ensure!(rules > 3, "{chain} has {rules} rules");
-    let flushed = Command::new("ip")
-        .args([
-            "netns", "exec", &node1, "nft", "flush", "chain", "bridge", "ferro-sg", &chain,
-        ])
-        .status()?;
-    ensure!(flushed.success(), "nft flush failed");
-    wait_for("the flushed chain back", WAIT, || {
-        Ok((chain_rules(&node1, &chain) == rules).then_some(()))
+    let rules = port_rules(&cloud, 1, &pa_uid);
+    ensure!(rules > 3, "pa has {rules} rules");
+    flush_by_hand(&cloud, 1, &pa_uid)?;
+    wait_for("the flushed rules back", WAIT, || {
+        Ok((port_rules(&cloud, 1, &pa_uid) == rules).then_some(()))
     })?;
 
     // Deleting everything leaves nothing behind.
     cloud.run(["delete", "-f", file.to_str().context("path")?])?;
-    wait_for("no ferro-sg table left", WAIT, || {
-        Ok((tables(&node1)?.is_empty() && tables(&cloud.node_netns(2))?.is_empty()).then_some(()))
+    wait_for("no security group rule left", WAIT, || {
+        let left = (1..=2).any(|node| {
+            port_rules(&cloud, node, &pa_uid) > 0
+                || tables(&cloud.node_netns(node)).is_ok_and(|t| !t.is_empty())
+        });
+        Ok((!left).then_some(()))
     })?;
     wait_for("no namespace left", WAIT, || {
         let left: Vec<String> = namespaces_of_ferro()?

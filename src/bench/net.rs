@@ -40,13 +40,13 @@
 //!   IP answers from outside again, through the other network node (the agent is resumed
 //!   afterwards). It is bounded below by the heartbeat lease (40 s) and the router
 //!   controller's failover grace (30 s).
-//! - **(g) security group rule change → enforced** (Linux bridges; Open vSwitch nodes do
-//!   not filter yet): `--sg-ports` probe Ports on node 1 in one SecurityGroup, which lets
+//! - **(g) security group rule change → enforced**: `--sg-ports` probe Ports on node 1
+//!   in one SecurityGroup, which lets
 //!   everything out and nothing in; then `--sg-changes` times a rule for one more TCP port
 //!   is added to the group, each timed from the apply until a connection from the node-2
 //!   reference probe to that port of the first of those Ports is accepted (attempts every
-//!   50 ms); p50 and p99. Every change rewrites the ingress chain of every Port in the
-//!   group.
+//!   50 ms); p50 and p99. Every change rewrites the ingress rules of every Port in the
+//!   group (nftables chains; OpenFlow flows under each Port's cookie).
 //!
 //! Since ports are filtered, the bench adds a rule letting ping in from anywhere to the
 //! project's `default` group before (d).
@@ -768,9 +768,6 @@ pub async fn run_bench(args: NetBenchArgs) -> anyhow::Result<()> {
                     percentile(&sorted, 0.99).as_secs_f64() * 1e3,
                 );
             }
-            None if f.driver == "ovs" => {
-                println!("  (g) security groups: not enforced on Open vSwitch nodes yet")
-            }
             None => {}
         }
     }
@@ -949,7 +946,7 @@ async fn one_driver(args: &NetBenchArgs, driver: &str, prefix: &str) -> anyhow::
     } else {
         None
     };
-    let rule_changes = if driver == "linuxbridge" && args.sg_ports > 0 {
+    let rule_changes = if args.sg_ports > 0 {
         let times = rule_changes(&cloud, driver, &references, args).await?;
         Some((args.sg_ports, times))
     } else {

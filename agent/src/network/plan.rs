@@ -32,6 +32,9 @@ use crate::dhcp::{
 };
 use crate::wiring::{NetworkWiring, PortWiring, device_name};
 
+/// The metadata address, as a host address.
+const METADATA_ADDRESS: std::net::Ipv4Addr = std::net::Ipv4Addr::new(169, 254, 169, 254);
+
 /// The `deviceOwner` of a Network's DHCP Port (made by the network controller).
 pub const DHCP_DEVICE_OWNER: &str = "network:dhcp";
 /// The `deviceOwner` prefix of a Server's Ports: `compute:<server>`.
@@ -134,6 +137,9 @@ pub struct Desired {
     pub dhcp: BTreeMap<String, DhcpServer>,
     /// Ports this node should wire but cannot yet, by uid.
     pub waiting: BTreeMap<String, Waiting>,
+    /// The DHCP namespaces that serve metadata, by Network uid: those of networks no
+    /// router has a leg on (a routed network's guests ask their router).
+    pub metadata: BTreeMap<String, String>,
 }
 
 fn uid_of<T: ferro_api::Resource>(object: &T) -> &str {
@@ -209,6 +215,14 @@ pub fn desired(facts: &Facts) -> Desired {
             let m = p.metadata.as_ref()?;
             Some(((m.project.as_str(), m.name.as_str()), p.as_ref()))
         })
+        .collect();
+
+    // The networks some router has a leg on.
+    let routed: BTreeSet<String> = facts
+        .routers
+        .iter()
+        .flat_map(|r| crate::router::plan::legs(r, &facts.networks))
+        .map(|leg| leg.network_uid)
         .collect();
 
     // Which Ports are this node's: its Servers', the DHCP Ports it serves, its probes.
@@ -314,10 +328,20 @@ pub fn desired(facts: &Facts) -> Desired {
         }
         let spec = network.spec.clone().unwrap_or_default();
         let mtu = spec.mtu.unwrap_or(1450);
-        let in_namespace = |namespace: String| Place::Namespace {
-            namespace,
-            inner: device_name(NS_DEVICE_PREFIX, &m.uid),
-            addresses: prefixed(&status.addresses, &spec.subnets),
+        // A network no router has a leg on gets its metadata from its DHCP namespace,
+        // which holds the metadata address and is the next hop of a route to it.
+        let isolated = !routed.contains(net_meta.uid.as_str());
+        let metadata_here = matches!(usage, Use::Dhcp) && isolated;
+        let in_namespace = |namespace: String| {
+            let mut addresses = prefixed(&status.addresses, &spec.subnets);
+            if metadata_here {
+                addresses.push(IpNet::from(IpAddr::V4(METADATA_ADDRESS)));
+            }
+            Place::Namespace {
+                namespace,
+                inner: device_name(NS_DEVICE_PREFIX, &m.uid),
+                addresses,
+            }
         };
         let (place, server) = match usage {
             Use::Guest(server) => (Place::Guest, Some(server)),
@@ -340,6 +364,23 @@ pub fn desired(facts: &Facts) -> Desired {
             },
         ) = (usage, &place)
         {
+            let mut subnets = dhcp_subnets(&spec.subnets);
+            if metadata_here {
+                out.metadata.insert(net_meta.uid.clone(), namespace.clone());
+                for subnet in &mut subnets {
+                    let own = status
+                        .addresses
+                        .iter()
+                        .filter_map(|a| a.ip.parse::<IpAddr>().ok())
+                        .find(|ip| ip.is_ipv4() && subnet.cidr.contains(ip));
+                    if let Some(nexthop) = own {
+                        subnet.host_routes.push(HostRoute {
+                            destination: IpNet::from(IpAddr::V4(METADATA_ADDRESS)),
+                            nexthop,
+                        });
+                    }
+                }
+            }
             out.dhcp.insert(
                 net_meta.uid.clone(),
                 DhcpServer {
@@ -348,7 +389,7 @@ pub fn desired(facts: &Facts) -> Desired {
                     interface: inner.clone(),
                     mtu,
                     domain: DEFAULT_DOMAIN.to_owned(),
-                    subnets: dhcp_subnets(&spec.subnets),
+                    subnets,
                     hosts: Vec::new(),
                 },
             );
@@ -754,7 +795,23 @@ mod tests {
         let Place::Namespace { addresses, .. } = &wanted.ports["port-04"].place else {
             panic!("the DHCP port lives in its namespace");
         };
-        assert_eq!(addresses, &["10.0.0.2/24".parse::<IpNet>().unwrap()]);
+        // The network has no router: its DHCP namespace serves metadata, and DHCP gives
+        // the route there.
+        assert_eq!(
+            addresses,
+            &[
+                "10.0.0.2/24".parse::<IpNet>().unwrap(),
+                "169.254.169.254/32".parse().unwrap()
+            ]
+        );
+        assert_eq!(wanted.metadata["net-a"], "qdhcp-net-a");
+        assert_eq!(
+            dhcp.subnets[0].host_routes,
+            [HostRoute {
+                destination: "169.254.169.254/32".parse().unwrap(),
+                nexthop: "10.0.0.2".parse().unwrap(),
+            }]
+        );
         // A compute-only node serves none.
         let mut other = facts();
         other.node = "n2".into();
