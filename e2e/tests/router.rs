@@ -261,7 +261,7 @@ fn fails_over(cloud: &Cloud, router_ns: &str) -> anyhow::Result<std::path::PathB
     std::fs::write(
         &file,
         format!(
-            "{}---\napiVersion: ferro/v1\nkind: FloatingIP\nmetadata: {{name: far}}\nspec: {{network: public, port: far}}\n",
+            "{}  securityGroups: [default, web]\n---\napiVersion: ferro/v1\nkind: FloatingIP\nmetadata: {{name: far}}\nspec: {{network: public, port: far}}\n",
             probe("default", "far", "lan", third, "10.0.0.31"),
         ),
     )?;
