@@ -421,6 +421,23 @@ pub trait Switch: Send + Sync {
     /// Removes every flow under `cookie`. None left is not an error.
     async fn remove_flows(&self, bridge: &str, cookie: FlowCookie) -> Result<(), SwitchError>;
 
+    /// Replaces the flows of several cookies at once (an empty set removes a cookie's
+    /// flows), in one step where the switch can.
+    async fn replace_flow_sets(
+        &self,
+        bridge: &str,
+        sets: &[(FlowCookie, Vec<FlowSpec>)],
+    ) -> Result<(), SwitchError> {
+        for (cookie, flows) in sets {
+            if flows.is_empty() {
+                self.remove_flows(bridge, *cookie).await?;
+            } else {
+                self.replace_flows(bridge, *cookie, flows).await?;
+            }
+        }
+        Ok(())
+    }
+
     /// The bridge's flows: those under `cookie`, or all of them.
     async fn dump_flows(
         &self,

@@ -396,7 +396,7 @@ impl Enforcer for OvsEnforcer {
             Some(known) if !full => (known, true),
             _ => (self.read().await?, false),
         };
-        let mut changes = 0;
+        let mut sets: Vec<(FlowCookie, Vec<FlowSpec>)> = Vec::new();
         for (cookie, flows) in &want {
             let same = have.get(cookie).is_some_and(|had| {
                 if exact {
@@ -406,22 +406,20 @@ impl Enforcer for OvsEnforcer {
                 }
             });
             if !same {
-                self.switch
-                    .replace_flows(INTEGRATION_BRIDGE, *cookie, flows)
-                    .await
-                    .map_err(switch_error)?;
-                changes += 1;
+                sets.push((*cookie, flows.clone()));
             }
         }
         for cookie in have.keys() {
             if !want.contains_key(cookie) {
-                self.switch
-                    .remove_flows(INTEGRATION_BRIDGE, *cookie)
-                    .await
-                    .map_err(switch_error)?;
-                changes += 1;
+                sets.push((*cookie, Vec::new()));
             }
         }
+        // One bundle: every port's change at once, none half-applied.
+        self.switch
+            .replace_flow_sets(INTEGRATION_BRIDGE, &sets)
+            .await
+            .map_err(switch_error)?;
+        let changes = sets.len();
         *self.known.lock().unwrap_or_else(|e| e.into_inner()) = Some(want);
         Ok(changes)
     }

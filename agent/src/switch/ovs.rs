@@ -815,6 +815,31 @@ impl Switch for OvsSwitch {
         Ok(())
     }
 
+    async fn replace_flow_sets(
+        &self,
+        bridge: &str,
+        sets: &[(FlowCookie, Vec<FlowSpec>)],
+    ) -> Result<(), SwitchError> {
+        if sets.is_empty() {
+            return Ok(());
+        }
+        for (_, flows) in sets {
+            validate_flows(flows)?;
+        }
+        self.require_bridge(bridge).await?;
+        let mut input = String::new();
+        for (cookie, flows) in sets {
+            input.push_str(&format!("delete cookie={cookie}/-1\n"));
+            for flow in flows {
+                input.push_str(&format!("add {}\n", flow_line(*cookie, flow)));
+            }
+        }
+        let target = self.ofctl_target(bridge);
+        self.ofctl(&["--bundle", "add-flows", &target, "-"], Some(input))
+            .await?;
+        Ok(())
+    }
+
     async fn remove_flows(&self, bridge: &str, cookie: FlowCookie) -> Result<(), SwitchError> {
         validate_bridge_name(bridge)?;
         let target = self.ofctl_target(bridge);
