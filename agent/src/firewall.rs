@@ -196,6 +196,12 @@ impl Tables for MemoryTables {
 pub trait Enforcer: Send + Sync {
     /// Makes the switch enforce `desired`; returns how many changes that took.
     async fn enforce(&self, desired: &plan::Desired, full: bool) -> Result<usize, FirewallError>;
+
+    /// How soon to look again when nothing in the API changes: what the rules need from
+    /// the switch may change without the API saying so (an OpenFlow port number).
+    fn recheck_every(&self) -> Duration {
+        FULL_CHECK_EVERY
+    }
 }
 
 /// [`Enforcer`] with nftables tables ([`nft`]), for Linux bridges.
@@ -311,7 +317,7 @@ impl FirewallReconciler {
         } else {
             last.unwrap_or(started)
         });
-        Ok(Action::Requeue(FULL_CHECK_EVERY))
+        Ok(Action::Requeue(self.enforcer.recheck_every()))
     }
 }
 

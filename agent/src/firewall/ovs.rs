@@ -386,8 +386,17 @@ fn shape(flows: &[FlowSpec]) -> Vec<(u8, u16)> {
     shape
 }
 
+/// How soon an Open vSwitch node looks at `br-int`'s ports again: a port plugged without
+/// a change of its Port (a router's leg, a port plugged again) needs its table-0 flow, or
+/// frames from it would bypass connection tracking.
+pub const RECHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
 #[async_trait]
 impl Enforcer for OvsEnforcer {
+    fn recheck_every(&self) -> std::time::Duration {
+        RECHECK_EVERY
+    }
+
     async fn enforce(&self, desired: &Desired, full: bool) -> Result<usize, FirewallError> {
         let bridge = self.bridge().await?;
         let want = wanted(desired, &bridge);
