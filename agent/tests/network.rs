@@ -328,10 +328,11 @@ async fn a_guest_port_is_wired_bound_and_served_by_dhcp() -> Result<()> {
         inner.mac.map(|m| m.to_string()),
         dhcp_port.status.as_ref().map(|s| s.mac.clone())
     );
+    // The network has no router: its DHCP namespace also holds the metadata address.
     let addresses = inside.list_addresses(&server.interface).await?;
     assert_eq!(
         addresses.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
-        ["10.0.0.2/24"]
+        ["10.0.0.2/24", "169.254.169.254/32"]
     );
     assert!(dhcp_port.status.unwrap().bound);
     // db-0 is nobody's on this node: it is served, not wired.
