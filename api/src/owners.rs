@@ -100,9 +100,10 @@ pub fn table(kind: Kind) -> &'static [Ownership] {
                     "address",
                     "agentVersion",
                     "accelerator",
-                    "networkDriver"
+                    "networkDriver",
+                    "storage"
                 ],
-                ["HostReady", "NetworkReady"],
+                ["HostReady", "NetworkReady", "StorageReady"],
             ),
             own!(NODE_LIFECYCLE, [], ["Ready"]),
         ],
@@ -150,7 +151,9 @@ pub fn table(kind: Kind) -> &'static [Ownership] {
                 ["phase", "node", "attachments", "observedGeneration"],
                 ["Ready", "Scheduled"]
             ),
-            own!(AGENT, ["sizeGib"], ["Provisioned"]),
+            // `Provisioned`'s message begins `node <name>`; the volume controller counts
+            // only one naming the volume's node, at the current generation.
+            own!(AGENT, ["sizeGib", "exports"], ["Provisioned"]),
         ],
         Kind::VolumeSnapshot => &[own!(
             VOLUME_CONTROLLER,

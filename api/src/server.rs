@@ -400,6 +400,31 @@ fn with_part(object: &Object, name: &str, value: Option<DynamicMessage>) -> Obje
     Object::from_dynamic(object.kind(), &message).expect("an object re-encodes as its own kind")
 }
 
+/// Refuses to delete a Volume that a guest has attached (as `status.attachments`, which
+/// the volume controller recomputes from what the servers' nodes observe, says): its
+/// data would go from under a running guest. Detaching it first is the user's move.
+fn refuse_deleting_in_use(object: &Object, display: &str) -> Result<(), Error> {
+    let Object::Volume(volume) = object else {
+        return Ok(());
+    };
+    let servers: Vec<&str> = volume
+        .status
+        .iter()
+        .flat_map(|s| &s.attachments)
+        .map(|a| a.server.as_str())
+        .collect();
+    if servers.is_empty() {
+        return Ok(());
+    }
+    Err(Error::FailedPrecondition {
+        object: display.to_owned(),
+        message: format!(
+            "is attached to server {}: remove it from that server's spec.volumes first",
+            servers.join(", ")
+        ),
+    })
+}
+
 /// Strips what only the server may set from a client's object.
 fn admit(mut object: Object) -> Object {
     object.clear_status();
@@ -448,11 +473,25 @@ enum Change {
 impl ApiServer {
     /// The objects [`validation::validate_references`] needs for an object of `kind`, read
     /// from the store; `None` for kinds it does not check.
-    async fn others_for(&self, kind: Kind) -> Result<Option<validation::Others>, Error> {
-        if !validation::checks_references(kind) {
+    async fn others_for(&self, object: &Object) -> Result<Option<validation::Others>, Error> {
+        let kind = object.kind();
+        if !validation::checks_references(object) {
             return Ok(None);
         }
         let mut others = validation::Others::default();
+        if kind == Kind::Server {
+            for object in self.read_all(Kind::Volume).await? {
+                if let Object::Volume(volume) = object {
+                    others.volumes.push(volume);
+                }
+            }
+            for object in self.read_all(Kind::Server).await? {
+                if let Object::Server(server) = object {
+                    others.servers.push(server);
+                }
+            }
+            return Ok(Some(others));
+        }
         for object in self.read_all(Kind::Network).await? {
             if let Object::Network(network) = object {
                 others.networks.push(network);
@@ -488,7 +527,7 @@ impl ApiServer {
         if before.is_some_and(|b| spec_equal(b, object)) {
             return Ok(());
         }
-        if let Some(others) = self.others_for(object.kind()).await? {
+        if let Some(others) = self.others_for(object).await? {
             validation::validate_references(object, &others)?;
         }
         Ok(())
@@ -1011,7 +1050,7 @@ impl ApiServer {
         let display = key.display();
         let mut final_object = None;
         // Read before the read-modify-write, whose decisions cannot wait on the store.
-        let others = self.others_for(kind).await?;
+        let others = self.others_for(&wanted).await?;
         let (object, _, _) = self
             .modify(&key, |current| {
                 if kind == Kind::Event {
@@ -1376,6 +1415,7 @@ impl ApiServer {
                 if meta.deletion_timestamp.is_some() {
                     return Ok(Change::Unchanged(current));
                 }
+                refuse_deleting_in_use(&current, &display)?;
                 let mut next = current.clone();
                 let next_meta = next.metadata_mut();
                 let extra = match propagation {

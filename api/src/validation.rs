@@ -169,9 +169,14 @@ pub fn validate_update(new: &Object, old: &Object) -> Result<(), Invalid> {
     out.into_result(new)
 }
 
-/// The kinds [`validate_references`] checks: the apiserver reads [`Others`] only for them.
-pub fn checks_references(kind: crate::Kind) -> bool {
-    matches!(kind, crate::Kind::Router | crate::Kind::FloatingIP)
+/// Whether [`validate_references`] checks `object`: the apiserver reads [`Others`] only
+/// for Routers, FloatingIPs and Servers that attach volumes.
+pub fn checks_references(object: &Object) -> bool {
+    match object {
+        Object::Router(_) | Object::FloatingIP(_) => true,
+        Object::Server(o) => o.spec.as_ref().is_some_and(|s| !s.volumes.is_empty()),
+        _ => false,
+    }
 }
 
 /// Validates a (defaulted, otherwise valid) object against the other objects it names:
@@ -184,6 +189,7 @@ pub fn validate_references(object: &Object, others: &Others) -> Result<(), Inval
         Object::FloatingIP(o) => {
             references::check_floating_ip(&meta, &spec(&o.spec), others, &mut out)
         }
+        Object::Server(o) => references::check_server(&meta, &spec(&o.spec), others, &mut out),
         _ => {}
     }
     out.into_result(object)

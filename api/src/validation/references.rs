@@ -24,6 +24,10 @@ pub struct Others {
     pub networks: Vec<v1::Network>,
     /// Every Router, of every project.
     pub routers: Vec<v1::Router>,
+    /// Every Volume, of every project (only for a Server).
+    pub volumes: Vec<v1::Volume>,
+    /// Every Server, of every project (only for a Server).
+    pub servers: Vec<v1::Server>,
 }
 
 fn find<'a, T: Referable>(project: &str, name: &str, all: &'a [T]) -> Option<&'a T> {
@@ -93,6 +97,50 @@ pub(super) fn check_router(
                 format!(
                     "subnet {} of network {} already has router {}/{}",
                     leg.subnet, leg.network, holder.project, holder.name
+                ),
+            );
+        }
+    }
+}
+
+/// A Server: a volume it attaches that is not `multiattach` is attached to no other
+/// server (listed in another live server's `spec.volumes`).
+pub(super) fn check_server(
+    meta: &v1::ObjectMeta,
+    spec: &v1::ServerSpec,
+    others: &Others,
+    out: &mut Violations,
+) {
+    let path = FieldPath::spec().field("volumes");
+    for (i, wanted) in spec.volumes.iter().enumerate() {
+        let Some(volume) = others.volumes.iter().find(|v| {
+            v.metadata
+                .as_ref()
+                .is_some_and(|m| m.project == meta.project && m.name == wanted.volume)
+        }) else {
+            continue;
+        };
+        if volume.spec.as_ref().is_some_and(|s| s.multiattach) {
+            continue;
+        }
+        let holder = others.servers.iter().find_map(|other| {
+            let m = other.metadata.as_ref()?;
+            let elsewhere = m.project == meta.project
+                && m.name != meta.name
+                && m.deletion_timestamp.is_none()
+                && other
+                    .spec
+                    .as_ref()
+                    .is_some_and(|s| s.volumes.iter().any(|v| v.volume == wanted.volume));
+            elsewhere.then_some(m.name.as_str())
+        });
+        if let Some(holder) = holder {
+            out.add(
+                &path.index(i).field("volume"),
+                format!(
+                    "volume {} is attached to server {holder} and is not multiattach: \
+                     remove it from that server first",
+                    wanted.volume
                 ),
             );
         }
@@ -199,6 +247,8 @@ mod tests {
             match defaulted(doc) {
                 Object::Network(n) => others.networks.push(n),
                 Object::Router(r) => others.routers.push(r),
+                Object::Volume(v) => others.volumes.push(v),
+                Object::Server(v) => others.servers.push(v),
                 other => panic!("{other:?}"),
             }
         }
@@ -212,6 +262,37 @@ mod tests {
 
     fn errors(doc: &str, existing: &Others) -> Vec<String> {
         messages(validate_references(&defaulted(doc), existing))
+    }
+
+    #[test]
+    fn a_volume_that_is_not_multiattach_goes_to_one_server() {
+        let existing = others(&[
+            "kind: Volume\nmetadata: {name: data}\nspec: {sizeGib: 1}",
+            "kind: Volume\nmetadata: {name: shared}\nspec: {sizeGib: 1, multiattach: true}",
+            "kind: Volume\nmetadata: {name: data, project: other}\nspec: {sizeGib: 1}",
+            "kind: Server\nmetadata: {name: db}\nspec: {flavor: f, image: i, volumes: [{volume: data}, {volume: shared}]}",
+            "kind: Server\nmetadata: {name: web, project: other}\nspec: {flavor: f, image: i, volumes: [{volume: data}]}",
+        ]);
+        let server = |name: &str, volumes: &str| {
+            format!(
+                "kind: Server\nmetadata: {{name: {name}}}\nspec: {{flavor: f, image: i, volumes: {volumes}}}"
+            )
+        };
+        // Another server holds it: refused, naming the field and the holder.
+        assert_eq!(
+            errors(
+                &server("web", "[{volume: logs}, {volume: data}]"),
+                &existing
+            ),
+            [
+                "spec.volumes[1].volume: volume data is attached to server db and is not \
+              multiattach: remove it from that server first"
+            ]
+        );
+        // The holder itself, a multiattach volume, a volume not made yet: fine.
+        assert!(errors(&server("db", "[{volume: data}]"), &existing).is_empty());
+        assert!(errors(&server("web", "[{volume: shared}]"), &existing).is_empty());
+        assert!(errors(&server("web", "[{volume: logs}]"), &existing).is_empty());
     }
 
     #[test]
