@@ -31,6 +31,7 @@ pub mod scheduler;
 pub mod securitygroup;
 pub mod server;
 pub mod servergroup;
+pub mod volume;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -292,6 +293,8 @@ pub async fn run_controllers(api: Api, metrics: Metrics, options: Options) {
         floatingip::FloatingIpController::build(&api, &caches, &metrics, settings);
     let (security_groups, security_group_reconciler) =
         securitygroup::SecurityGroupController::build(&api, &caches, &metrics, settings);
+    let (volumes, volume_reconciler) =
+        volume::VolumeController::build(&api, &caches, &metrics, settings);
     let mut tasks = JoinSet::new();
     caches.start(&mut tasks);
     tasks.spawn(ipam.run(ipam_reconciler));
@@ -306,6 +309,7 @@ pub async fn run_controllers(api: Api, metrics: Metrics, options: Options) {
     tasks.spawn(routers.run(router_reconciler));
     tasks.spawn(fips.run(fip_reconciler));
     tasks.spawn(security_groups.run(security_group_reconciler));
+    tasks.spawn(volumes.run(volume_reconciler));
     tasks.spawn(ferro_runtime::events::expire(
         api.client().clone(),
         options.event_ttl,
