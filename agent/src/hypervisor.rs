@@ -16,6 +16,13 @@
 //! [`Hypervisor::nics`] reads back what the VM really has, so a reconciler restarted
 //! after a hot-plug compares the wanted NICs with the hypervisor's, not with its memory.
 //!
+//! Data disks ([`Disk`], one per attached Volume) work the same way: an identity of their
+//! own ([`Disk::id`], the Volume's uid), cold-plugged from [`VmSpec::disks`] at start,
+//! hot-plugged with [`Hypervisor::attach_disk`] and [`Hypervisor::detach_disk`], read back
+//! with [`Hypervisor::disks`], grown online with [`Hypervisor::resize_disk`]. NICs and
+//! disks share the VM's hot-plug slots, [`MAX_DEVICES`] of them at most. The boot disk and
+//! the config drive are not data disks: they are fixed for the VM's life.
+//!
 //! The real driver is [`qemu::QemuDriver`]; [`memory::MemoryHypervisor`] is its in-memory
 //! double for tests without root. The driver-level types here deliberately do
 //! not depend on the API crate.
@@ -55,6 +62,11 @@ pub struct VmSpec {
     pub config_drive: Option<ConfigDrive>,
     /// NICs, in the order the guest enumerates them.
     pub nics: Vec<Nic>,
+    /// Data disks, cold-plugged at start in this order (after the boot disk and the
+    /// config drive, so the guest finds them as `vdc`, `vdd`, …). Specs recorded before
+    /// disks existed read back with none.
+    #[serde(default)]
+    pub disks: Vec<Disk>,
     /// Free-form facts the driver records with the VM and reports back in
     /// [`VmStatus::labels`]: the agent keeps the owning Server's project and name here, so
     /// that a VM whose Server is gone can be recognised as an orphan.
@@ -74,7 +86,7 @@ pub struct BootDisk {
     pub size_bytes: Option<u64>,
 }
 
-/// Disk image formats a base image may have.
+/// Disk image formats a base image or a volume file may have.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DiskFormat {
@@ -120,6 +132,52 @@ pub struct Nic {
     pub tap: String,
     /// The guest-visible MAC address, `aa:bb:cc:dd:ee:ff`.
     pub mac: String,
+}
+
+/// A data disk: a Volume attached to a VM, on a root port of its own.
+///
+/// Data disks have an identity of their own, like NICs: the driver names its devices from
+/// [`Disk::id`], so attaching or detaching one disk never renames another.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Disk {
+    /// The disk's identity: the Volume's uid. Names QEMU's `vol-<id>` device and (see
+    /// [`qemu`]'s notes on block node names) `volume-<id>` block node. Letters, digits,
+    /// `-` and `_`, at most 64 characters, as [`Nic::id`].
+    pub id: String,
+    /// Where the bytes are.
+    pub source: DiskSource,
+    /// The serial the guest sees (`/sys/block/vdX/serial`), at most 20 bytes of printable
+    /// ASCII without `,`: Ferro passes the first 20 characters of the volume uid. Empty
+    /// gives the disk no serial.
+    pub serial: String,
+    /// Attached read-only: the guest cannot write, and neither can the hypervisor.
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+/// Where a data disk's bytes are.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", tag = "kind")]
+pub enum DiskSource {
+    /// A file on this host (a qcow2 or raw volume file).
+    File {
+        /// The volume file. Made absolute (against the agent's working directory) before
+        /// use, so the hypervisor, which may run elsewhere, opens the same file.
+        path: PathBuf,
+        /// The file's format.
+        format: DiskFormat,
+    },
+    /// An NBD export on another node (`qemu-storage-daemon`), which QEMU connects to
+    /// itself (no kernel NBD). The export carries raw bytes: any image format lives on
+    /// the storage node's side of it.
+    Nbd {
+        /// The storage node's address or name.
+        host: String,
+        /// The NBD server's TCP port.
+        port: u16,
+        /// The export's name.
+        export: String,
+    },
 }
 
 /// How a VM's CPU is virtualised.
@@ -196,10 +254,11 @@ impl VmStatus {
     }
 }
 
-/// The most NICs one VM can have: each sits on a PCIe root port of its own (so that every
-/// one of them can be unplugged), and the driver has this many ports to give, spare
-/// hot-plug ports included.
-pub const MAX_NICS: usize = 15;
+/// The most hot-pluggable devices (NICs and data disks together) one VM can have: each
+/// sits on a PCIe root port of its own (so that every one of them can be unplugged), and
+/// the driver has this many ports to give, spare hot-plug ports included (the free slots
+/// of a q35's root bus).
+pub const MAX_DEVICES: usize = 15;
 
 /// How [`Hypervisor::stop`] ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -279,12 +338,12 @@ pub enum HypervisorError {
     #[error("config drive")]
     ConfigDrive(#[from] ConfigDriveError),
     /// Every hot-plug port of the VM holds a device already.
-    #[error("VM {uid} has no free hot-plug port for NIC {nic}")]
+    #[error("VM {uid} has no free hot-plug port for {device}")]
     NoFreePort {
         /// The VM's uid.
         uid: String,
-        /// The NIC that did not fit.
-        nic: String,
+        /// The device that did not fit: `NIC <id>` or `disk <id>`.
+        device: String,
     },
     /// The VM has a NIC with this id that is not the one asked for.
     #[error("VM {uid} already has NIC {nic} with {found}")]
@@ -296,14 +355,32 @@ pub enum HypervisorError {
         /// What the NIC in the VM has (tap and MAC).
         found: String,
     },
-    /// The guest did not release a NIC in time (it may not run an OS that handles
+    /// The VM has a data disk with this id that is not the one asked for.
+    #[error("VM {uid} already has disk {disk} with {found}")]
+    DiskConflict {
+        /// The VM's uid.
+        uid: String,
+        /// The disk's id.
+        disk: String,
+        /// What the disk in the VM has (source, serial, read-only).
+        found: String,
+    },
+    /// The VM has no data disk with this id.
+    #[error("VM {uid} has no disk {disk}")]
+    NoSuchDisk {
+        /// The VM's uid.
+        uid: String,
+        /// The disk's id.
+        disk: String,
+    },
+    /// The guest did not release a device in time (it may not run an OS that handles
     /// hot-unplug yet). The unplug stays requested; asking again waits again.
-    #[error("VM {uid}: the guest did not release NIC {nic} within {waited:?}")]
+    #[error("VM {uid}: the guest did not release {device} within {waited:?}")]
     UnplugTimeout {
         /// The VM's uid.
         uid: String,
-        /// The NIC's id.
-        nic: String,
+        /// The device: `NIC <id>` or `disk <id>`.
+        device: String,
         /// How long we waited.
         waited: Duration,
     },
@@ -357,6 +434,39 @@ pub trait Hypervisor: Send + Sync {
     /// VM does not run.
     async fn nics(&self, uid: &str) -> Result<Vec<Nic>, HypervisorError>;
 
+    /// Plugs data disk `disk` into the running VM, on a free hot-plug port, and records it
+    /// with the VM's spec so that a cold start of the recorded spec brings it back. A disk
+    /// with this id that is already there as asked (source, serial, read-only) is
+    /// success; one that differs is [`HypervisorError::DiskConflict`] (detach it first).
+    /// [`HypervisorError::NoFreePort`] when every port holds a device;
+    /// [`HypervisorError::NotRunning`] when the VM does not run: its next start takes its
+    /// disks from the spec it is given. File paths are made absolute first.
+    async fn attach_disk(&self, uid: &str, disk: &Disk) -> Result<(), HypervisorError>;
+
+    /// Unplugs data disk `disk_id` from the running VM: asks the guest to release it, waits
+    /// until it has, closes the volume (QEMU's block nodes) and drops it from the recorded
+    /// spec. A disk that is not there is not an error.
+    async fn detach_disk(&self, uid: &str, disk_id: &str) -> Result<(), HypervisorError>;
+
+    /// The data disks the running VM has, read from the hypervisor (never from memory), in
+    /// the order of the ports they sit on. [`HypervisorError::NotRunning`] when the VM
+    /// does not run.
+    async fn disks(&self, uid: &str) -> Result<Vec<Disk>, HypervisorError>;
+
+    /// Grows data disk `disk_id` of the running VM to `size_bytes` while the guest runs
+    /// (the guest sees the new capacity at once; growing its file system is its own
+    /// business). The same size is success; a smaller one is
+    /// [`HypervisorError::InvalidSpec`], as disks never shrink; a disk the VM lacks is
+    /// [`HypervisorError::NoSuchDisk`]. QEMU 7.2 grows neither a read-only disk nor one
+    /// over NBD (the export has to grow on the storage node, and QEMU's NBD client does
+    /// not learn the new size): it refuses, as [`HypervisorError::Control`].
+    async fn resize_disk(
+        &self,
+        uid: &str,
+        disk_id: &str,
+        size_bytes: u64,
+    ) -> Result<(), HypervisorError>;
+
     /// The accelerator new VMs get, reported in `Node.status.accelerator`. A driver that
     /// has no choice to make keeps this default, TCG.
     async fn accel(&self) -> Accel {
@@ -387,8 +497,8 @@ pub fn validate_spec(spec: &VmSpec) -> Result<(), HypervisorError> {
     {
         return invalid("kernel.cmdline", "must be one line");
     }
-    if spec.nics.len() > MAX_NICS {
-        return invalid("nics", "at most 15 NICs");
+    if spec.nics.len() + spec.disks.len() > MAX_DEVICES {
+        return invalid("nics", "at most 15 NICs and disks together");
     }
     for (i, nic) in spec.nics.iter().enumerate() {
         validate_nic(nic)?;
@@ -399,7 +509,85 @@ pub fn validate_spec(spec: &VmSpec) -> Result<(), HypervisorError> {
             return invalid("nics.tap", "a tap backs one NIC");
         }
     }
+    for (i, disk) in spec.disks.iter().enumerate() {
+        validate_disk(disk)?;
+        if spec.disks[..i].iter().any(|other| other.id == disk.id) {
+            return invalid("disks.id", "disk ids must be unique");
+        }
+    }
     Ok(())
+}
+
+/// Checks a data disk: an id fit for device names, a serial the guest can be given, a
+/// source that names something. File paths need not be absolute yet: see
+/// [`resolve_disk`].
+pub fn validate_disk(disk: &Disk) -> Result<(), HypervisorError> {
+    let invalid = |field, reason: &str| {
+        Err(HypervisorError::InvalidSpec {
+            field,
+            reason: reason.to_owned(),
+        })
+    };
+    if !is_device_id(&disk.id) {
+        return invalid("disks.id", "1 to 64 letters, digits, '-' or '_'");
+    }
+    // virtio-blk has room for 20 bytes; a comma would end QEMU's option value.
+    if disk.serial.len() > 20
+        || !disk
+            .serial
+            .bytes()
+            .all(|b| (b' '..=b'~').contains(&b) && b != b',')
+    {
+        return invalid(
+            "disks.serial",
+            "at most 20 printable ASCII characters, without ','",
+        );
+    }
+    match &disk.source {
+        DiskSource::File { path, .. } => {
+            if path.as_os_str().is_empty() {
+                return invalid("disks.source.path", "must name a file");
+            }
+            if path.to_str().is_none() {
+                return invalid("disks.source.path", "must be UTF-8");
+            }
+        }
+        DiskSource::Nbd { host, port, export } => {
+            if *port == 0 {
+                return invalid("disks.source.port", "must not be 0");
+            }
+            if host.is_empty() || host.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return invalid("disks.source.host", "must name a host");
+            }
+            if export.is_empty() || export.len() > 4096 || export.chars().any(char::is_control) {
+                return invalid("disks.source.export", "1 to 4096 characters, one line");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A valid disk with its file path made absolute (`std::path::absolute`, against the
+/// agent's working directory), which is how drivers use and record it.
+pub fn resolve_disk(disk: &Disk) -> Result<Disk, HypervisorError> {
+    validate_disk(disk)?;
+    let mut resolved = disk.clone();
+    if let DiskSource::File { path, .. } = &mut resolved.source {
+        *path = std::path::absolute(&*path).map_err(|source| HypervisorError::Io {
+            what: format!("resolving {}", path.display()),
+            source,
+        })?;
+    }
+    Ok(resolved)
+}
+
+/// Whether `id` is fit to name a device: letters, digits, `-` and `_`, 1 to 64 of them.
+fn is_device_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 /// Checks a NIC: an id fit for device names, a tap name the kernel takes, a MAC.
@@ -410,13 +598,7 @@ pub fn validate_nic(nic: &Nic) -> Result<(), HypervisorError> {
             reason: reason.to_owned(),
         })
     };
-    if nic.id.is_empty()
-        || nic.id.len() > 64
-        || !nic
-            .id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    {
+    if !is_device_id(&nic.id) {
         return invalid("nics.id", "1 to 64 letters, digits, '-' or '_'");
     }
     if nic.tap.is_empty()
@@ -480,7 +662,31 @@ mod tests {
                 tap: "tap0b5c3a52-5a".into(),
                 mac: "52:54:00:12:34:56".into(),
             }],
+            disks: vec![disk("vol-a")],
             labels: BTreeMap::new(),
+        }
+    }
+
+    fn disk(id: &str) -> Disk {
+        Disk {
+            id: id.into(),
+            source: DiskSource::File {
+                path: format!("/var/lib/ferro/volumes/{id}.qcow2").into(),
+                format: DiskFormat::Qcow2,
+            },
+            serial: id.chars().take(20).collect(),
+            read_only: false,
+        }
+    }
+
+    fn nbd(host: &str, port: u16, export: &str) -> Disk {
+        Disk {
+            source: DiskSource::Nbd {
+                host: host.into(),
+                port,
+                export: export.into(),
+            },
+            ..disk("vol-n")
         }
     }
 
@@ -594,11 +800,110 @@ mod tests {
     }
 
     #[test]
+    fn rejects_disks_the_driver_could_not_name_or_reach() {
+        let with = |disks: Vec<Disk>| rejected_field(VmSpec { disks, ..spec() });
+        assert_eq!(with(vec![disk("")]), "disks.id");
+        assert_eq!(with(vec![disk("a,b")]), "disks.id");
+        assert_eq!(with(vec![disk(&"x".repeat(65))]), "disks.id");
+        assert_eq!(with(vec![disk("v1"), disk("v1")]), "disks.id");
+        let serial = |serial: &str| Disk {
+            serial: serial.into(),
+            ..disk("v1")
+        };
+        assert_eq!(with(vec![serial(&"s".repeat(21))]), "disks.serial");
+        assert_eq!(with(vec![serial("a,b")]), "disks.serial");
+        assert_eq!(with(vec![serial("tab\there")]), "disks.serial");
+        assert_eq!(with(vec![serial("né")]), "disks.serial");
+        validate_disk(&serial(&"s".repeat(20))).unwrap();
+        validate_disk(&serial("")).unwrap();
+        let path = |path: &str| Disk {
+            source: DiskSource::File {
+                path: path.into(),
+                format: DiskFormat::Raw,
+            },
+            ..disk("v1")
+        };
+        assert_eq!(with(vec![path("")]), "disks.source.path");
+        assert_eq!(with(vec![nbd("", 10809, "v")]), "disks.source.host");
+        assert_eq!(with(vec![nbd("a b", 10809, "v")]), "disks.source.host");
+        assert_eq!(with(vec![nbd("h", 0, "v")]), "disks.source.port");
+        assert_eq!(with(vec![nbd("h", 10809, "")]), "disks.source.export");
+        validate_disk(&nbd("::1", 10809, "volume-1")).unwrap();
+        // NICs and disks share the fifteen ports.
+        let nics = spec().nics;
+        let disks: Vec<_> = (0..14).map(|i| disk(&format!("v{i}"))).collect();
+        validate_spec(&VmSpec {
+            disks: disks.clone(),
+            ..spec()
+        })
+        .unwrap();
+        let one_too_many = [disks, vec![disk("v14")]].concat();
+        assert_eq!(
+            rejected_field(VmSpec {
+                nics,
+                disks: one_too_many,
+                ..spec()
+            }),
+            "nics"
+        );
+    }
+
+    #[test]
+    fn a_relative_volume_path_is_resolved_against_the_working_directory() {
+        let relative = Disk {
+            source: DiskSource::File {
+                path: "volumes/v1.qcow2".into(),
+                format: DiskFormat::Qcow2,
+            },
+            ..disk("v1")
+        };
+        let resolved = resolve_disk(&relative).unwrap();
+        let DiskSource::File { path, .. } = &resolved.source else {
+            panic!("{resolved:?}");
+        };
+        assert_eq!(
+            *path,
+            std::env::current_dir().unwrap().join("volumes/v1.qcow2")
+        );
+        // Absolute paths and NBD exports are left as they are.
+        assert_eq!(resolve_disk(&disk("v1")).unwrap(), disk("v1"));
+        let remote = nbd("10.0.0.2", 10809, "v1");
+        assert_eq!(resolve_disk(&remote).unwrap(), remote);
+    }
+
+    #[test]
+    fn disks_serialise_with_a_tagged_source() {
+        let json = serde_json::to_value(nbd("10.0.0.2", 10809, "vol-n")).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "id": "vol-n",
+                "source": {"kind": "nbd", "host": "10.0.0.2", "port": 10809, "export": "vol-n"},
+                "serial": "vol-n",
+                "read_only": false,
+            })
+        );
+        let file: Disk = serde_json::from_str(
+            r#"{"id":"v1","serial":"v1","source":{"kind":"file","path":"/v/v1.raw","format":"raw"}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            file.source,
+            DiskSource::File {
+                path: "/v/v1.raw".into(),
+                format: DiskFormat::Raw
+            }
+        );
+        assert!(!file.read_only);
+    }
+
+    #[test]
     fn specs_recorded_before_nic_ids_still_read() {
         let old = r#"{"uid":"vm1","name":"vm1","vcpus":1,"memory_mib":128,"boot_disk":null,
             "kernel":null,"nics":[{"tap":"tap1","mac":"52:54:00:12:34:56"}]}"#;
         let spec: VmSpec = serde_json::from_str(old).unwrap();
         assert_eq!(spec.nics[0].id, "");
         assert_eq!(spec.nics[0].tap, "tap1");
+        assert!(spec.disks.is_empty());
     }
 }

@@ -19,7 +19,8 @@ mod common;
 use ferro_agent::configdrive::{ConfigDrive, GuestAddress, GuestNic, NetworkData};
 use ferro_agent::hypervisor::qemu::{AccelPolicy, QemuConfig, QemuDriver, is_vm_process};
 use ferro_agent::hypervisor::{
-    Accel, BootDisk, DirectKernel, DiskFormat, Hypervisor, Nic, StopOutcome, VmSpec, VmState,
+    Accel, BootDisk, DirectKernel, Disk, DiskFormat, DiskSource, Hypervisor, HypervisorError, Nic,
+    StopOutcome, VmSpec, VmState,
 };
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
@@ -110,6 +111,7 @@ fn tiny_spec(uid: &str, hostname: &str, user_data: Option<&str>) -> VmSpec {
             ..ConfigDrive::default()
         }),
         nics: vec![],
+        disks: vec![],
         labels: BTreeMap::from([("server".to_owned(), hostname.to_owned())]),
     }
 }
@@ -923,4 +925,399 @@ async fn nics_are_hot_plugged_and_unplugged_and_survive_a_cold_restart() -> Resu
     let recorded = host.driver.recorded_spec(&uid).context("vm.json")?;
     ensure!(recorded.nics == [nic_b.clone()], "{recorded:?}");
     destroy_and_check(&host.driver, &uid).await
+}
+
+/// Makes a qcow2 volume file of `size` bytes, as a file volume backend would.
+fn create_volume(path: &Path, size: u64) -> Result<()> {
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            path.to_str().context("UTF-8 path")?,
+            &size.to_string(),
+        ],
+    )?;
+    Ok(())
+}
+
+/// A volume's first bytes, read from its qcow2 file (nothing may hold the file open).
+fn volume_head(path: &Path, len: usize) -> Result<Vec<u8>> {
+    let out = path.with_extension("head");
+    run(
+        "qemu-img",
+        &[
+            "dd",
+            "-f",
+            "qcow2",
+            "-O",
+            "raw",
+            "bs=512",
+            "count=1",
+            &format!("if={}", path.display()),
+            &format!("of={}", out.display()),
+        ],
+    )?;
+    let mut head = std::fs::read(&out)?;
+    head.truncate(len);
+    Ok(head)
+}
+
+/// The virtual size QEMU's tools see in a qcow2 volume file.
+fn volume_size(path: &Path) -> Result<u64> {
+    let info = run(
+        "qemu-img",
+        &[
+            "info",
+            "-U",
+            "--output=json",
+            path.to_str().context("UTF-8")?,
+        ],
+    )?;
+    let info: serde_json::Value = serde_json::from_str(&info)?;
+    info["virtual-size"].as_u64().context("virtual-size")
+}
+
+/// Every block node the VM's QEMU has, as `(node-name, driver, file)`, asked directly
+/// over QMP rather than through the driver under test.
+async fn block_nodes(driver: &QemuDriver, uid: &str) -> Result<Vec<(String, String, String)>> {
+    let mut qmp = driver.qmp(uid).await?;
+    let nodes = qmp
+        .execute(
+            "query-named-block-nodes",
+            Some(serde_json::json!({ "flat": true })),
+        )
+        .await?;
+    Ok(nodes
+        .as_array()
+        .context("a list of nodes")?
+        .iter()
+        .map(|n| {
+            let field = |name: &str| n[name].as_str().unwrap_or_default().to_owned();
+            (field("node-name"), field("drv"), field("file"))
+        })
+        .collect())
+}
+
+/// The guest's block device for a disk, from the FERRO-DISK line that announced it:
+/// `FERRO-DISK vdc SERIAL BYTES`.
+fn guest_device(marker: &str) -> Result<String> {
+    marker
+        .split_whitespace()
+        .nth(1)
+        .map(str::to_owned)
+        .with_context(|| format!("no device in {marker:?}"))
+}
+
+#[tokio::test]
+async fn volumes_are_hot_plugged_grown_survive_a_cold_restart_and_unplug_cleanly() -> Result<()> {
+    let volumes = tempfile::tempdir()?;
+    let host = Host::new();
+    let uid = new_uid();
+    let spec = tiny_spec(&uid, "web-11", None);
+    let status = host.driver.start(&spec).await?;
+    let log = status.serial_log.clone();
+    wait_for_console(&log, 0, "FERRO-READY").await?;
+    ensure!(host.driver.disks(&uid).await?.is_empty());
+
+    let image = volumes.path().join("volume.qcow2");
+    create_volume(&image, 64 << 20)?;
+    let volume = new_uid();
+    let disk = Disk {
+        id: volume.clone(),
+        source: DiskSource::File {
+            path: image.clone(),
+            format: DiskFormat::Qcow2,
+        },
+        serial: volume[..20].to_owned(),
+        read_only: false,
+    };
+
+    // Hot-plug: the guest finds it behind the boot disk and the config drive, with its
+    // serial and size; QEMU lists it; the recorded spec has it.
+    let from = log_len(&log);
+    let plugging = Instant::now();
+    host.driver.attach_disk(&uid, &disk).await?;
+    let attached = plugging.elapsed();
+    let (_, seen) = wait_for_console(&log, from, "FERRO-DISK ").await?;
+    eprintln!(
+        "file volume hot-plug: attach_disk took {} ms, the guest reported it {} ms after the call",
+        attached.as_millis(),
+        plugging.elapsed().as_millis()
+    );
+    ensure!(
+        seen == format!("FERRO-DISK vdc {} {}", disk.serial, 64 << 20),
+        "{seen}"
+    );
+    ensure!(host.driver.disks(&uid).await? == std::slice::from_ref(&disk));
+    ensure!(host.second_driver().disks(&uid).await? == std::slice::from_ref(&disk));
+    let recorded = host.driver.recorded_spec(&uid).context("vm.json")?;
+    ensure!(recorded.disks == [disk.clone()], "{recorded:?}");
+    let nodes = block_nodes(&host.driver, &uid).await?;
+    ensure!(
+        nodes
+            .iter()
+            .any(|(name, drv, file)| name.starts_with("volume-")
+                && drv == "qcow2"
+                && file == image.to_str().unwrap()),
+        "{nodes:?}"
+    );
+    // Asked again, nothing changes; the same id with another mode is refused.
+    host.driver.attach_disk(&uid, &disk).await?;
+    let conflict = host
+        .driver
+        .attach_disk(
+            &uid,
+            &Disk {
+                read_only: true,
+                ..disk.clone()
+            },
+        )
+        .await
+        .expect_err("a read-only twin was attached");
+    ensure!(
+        matches!(conflict, HypervisorError::DiskConflict { .. }),
+        "{conflict}"
+    );
+
+    // Grown online: QEMU's tools and the guest see the new size; it never shrinks.
+    let from = log_len(&log);
+    host.driver.resize_disk(&uid, &volume, 128 << 20).await?;
+    let grown = format!("FERRO-DISK vdc {} {}", disk.serial, 128 << 20);
+    wait_for_console(&log, from, &grown).await?;
+    ensure!(volume_size(&image)? == 128 << 20);
+    let shrink = host
+        .driver
+        .resize_disk(&uid, &volume, 64 << 20)
+        .await
+        .expect_err("the disk shrank");
+    ensure!(
+        matches!(shrink, HypervisorError::InvalidSpec { .. }),
+        "{shrink}"
+    );
+
+    // A cold restart from the recorded spec brings it back, as vdc, from the command line.
+    ensure!(host.driver.stop(&uid, Duration::from_secs(60)).await? == StopOutcome::Graceful);
+    let from = log_len(&log);
+    host.driver
+        .start(&VmSpec {
+            config_drive: spec.config_drive.clone(),
+            ..recorded
+        })
+        .await?;
+    let (console, _) = wait_for_console(&log, from, "FERRO-READY").await?;
+    ensure!(console.contains(&grown), "{console}");
+    ensure!(host.driver.disks(&uid).await? == std::slice::from_ref(&disk));
+
+    // Unplug: gone from the guest, from QEMU (device and block nodes) and from the spec.
+    let from = log_len(&log);
+    let unplugging = Instant::now();
+    host.driver.detach_disk(&uid, &volume).await?;
+    eprintln!(
+        "file volume hot-unplug: detach_disk took {} ms",
+        unplugging.elapsed().as_millis()
+    );
+    wait_for_console(&log, from, "FERRO-DISK-GONE vdc").await?;
+    ensure!(host.driver.disks(&uid).await?.is_empty());
+    let nodes = block_nodes(&host.driver, &uid).await?;
+    ensure!(
+        !nodes.iter().any(
+            |(name, _, file)| name.starts_with("vol") || file.contains(image.to_str().unwrap())
+        ),
+        "block nodes left behind: {nodes:?}"
+    );
+    let recorded = host.driver.recorded_spec(&uid).context("vm.json")?;
+    ensure!(recorded.disks.is_empty(), "{recorded:?}");
+    host.driver.detach_disk(&uid, &volume).await?;
+    destroy_and_check(&host.driver, &uid).await?;
+    // The volume outlives the VM.
+    ensure!(volume_size(&image)? == 128 << 20);
+    Ok(())
+}
+
+/// A `qemu-storage-daemon` exporting one qcow2 volume over NBD on 127.0.0.1, as a storage
+/// node serves a volume to guests on other nodes. Tracked by the pid it writes (it
+/// daemonizes); killed by that pid on drop, passed or failed.
+struct StorageDaemon {
+    pid: u32,
+    port: u16,
+    image: PathBuf,
+}
+
+impl StorageDaemon {
+    fn start(image: &Path, export: &str, port: u16) -> Result<StorageDaemon> {
+        let pidfile = image.with_extension("qsd.pid");
+        let _ = std::fs::remove_file(&pidfile);
+        run(
+            "qemu-storage-daemon",
+            &[
+                "--blockdev",
+                &format!("driver=file,node-name=f,filename={}", image.display()),
+                "--blockdev",
+                "driver=qcow2,node-name=v,file=f",
+                "--nbd-server",
+                &format!("addr.type=inet,addr.host=127.0.0.1,addr.port={port}"),
+                "--export",
+                &format!("type=nbd,id=e,node-name=v,name={export},writable=on"),
+                "--pidfile",
+                pidfile.to_str().context("UTF-8")?,
+                "--daemonize",
+            ],
+        )?;
+        let pid = std::fs::read_to_string(&pidfile)?.trim().parse()?;
+        Ok(StorageDaemon {
+            pid,
+            port,
+            image: image.to_owned(),
+        })
+    }
+
+    fn is_alive(&self) -> bool {
+        std::fs::read(format!("/proc/{}/cmdline", self.pid))
+            .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&self.image.display().to_string()))
+    }
+
+    /// Kills the daemon and waits until it is gone.
+    fn stop(&self) -> Result<()> {
+        if self.is_alive() {
+            kill(self.pid);
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.is_alive() {
+            ensure!(
+                Instant::now() < deadline,
+                "qemu-storage-daemon {} lives on",
+                self.pid
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for StorageDaemon {
+    fn drop(&mut self) {
+        if let Err(e) = self.stop() {
+            eprintln!("cleaning up: {e}");
+        }
+    }
+}
+
+/// A TCP port nobody listens on now.
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+#[tokio::test]
+async fn a_volume_served_over_nbd_is_hot_plugged_and_survives_a_daemon_restart() -> Result<()> {
+    let volumes = tempfile::tempdir()?;
+    let image = volumes.path().join("remote.qcow2");
+    create_volume(&image, 64 << 20)?;
+    let volume = new_uid();
+    let export = format!("volume-{volume}");
+    // Declared before the host, so that on failure QEMU is killed before its NBD server.
+    let mut daemon = StorageDaemon::start(&image, &export, free_port()?)?;
+    let host = Host::new();
+    let uid = new_uid();
+    let status = host.driver.start(&tiny_spec(&uid, "web-12", None)).await?;
+    let log = status.serial_log.clone();
+    wait_for_console(&log, 0, "FERRO-READY").await?;
+
+    let disk = Disk {
+        id: volume.clone(),
+        source: DiskSource::Nbd {
+            host: "127.0.0.1".into(),
+            port: daemon.port,
+            export: export.clone(),
+        },
+        serial: volume[..20].to_owned(),
+        read_only: false,
+    };
+    let from = log_len(&log);
+    let plugging = Instant::now();
+    host.driver.attach_disk(&uid, &disk).await?;
+    let attached = plugging.elapsed();
+    let (_, seen) = wait_for_console(&log, from, "FERRO-DISK ").await?;
+    eprintln!(
+        "NBD volume hot-plug: attach_disk took {} ms, the guest reported it {} ms after the call",
+        attached.as_millis(),
+        plugging.elapsed().as_millis()
+    );
+    ensure!(
+        seen == format!("FERRO-DISK vdc {} {}", disk.serial, 64 << 20),
+        "{seen}"
+    );
+    let vd = guest_device(&seen)?;
+    ensure!(host.driver.disks(&uid).await? == std::slice::from_ref(&disk));
+    let nodes = block_nodes(&host.driver, &uid).await?;
+    let url = format!("nbd://127.0.0.1:{}/{export}", daemon.port);
+    ensure!(
+        nodes
+            .iter()
+            .any(|(name, drv, file)| name.starts_with("volfile-") && drv == "nbd" && *file == url),
+        "{nodes:?}"
+    );
+
+    // The guest writes through QEMU's NBD client into the storage node's qcow2.
+    let write = |data: &'static str, done: &'static str| {
+        format!("echo {data} > /dev/{vd} && sync && echo {done}-$((40 + 2))")
+    };
+    console_command(
+        &status.console_socket,
+        &write("ferro-nbd-1", "wrote-one"),
+        "wrote-one-42",
+    )
+    .await?;
+    // The storage daemon restarts; QEMU reconnects and the guest's next write lands.
+    daemon.stop()?;
+    daemon = StorageDaemon::start(&image, &export, daemon.port)?;
+    let reconnecting = Instant::now();
+    console_command(
+        &status.console_socket,
+        &write("ferro-nbd-2", "wrote-two"),
+        "wrote-two-42",
+    )
+    .await?;
+    eprintln!(
+        "NBD volume: the guest's write after the storage daemon restarted took {} ms",
+        reconnecting.elapsed().as_millis()
+    );
+
+    // QEMU 7.2 cannot grow a disk over NBD: the export must grow on the storage node.
+    let grow = host.driver.resize_disk(&uid, &volume, 128 << 20).await;
+    eprintln!("NBD volume resize: {grow:?}");
+    ensure!(
+        matches!(grow, Err(HypervisorError::Control { .. })),
+        "{grow:?}"
+    );
+
+    let from = log_len(&log);
+    let unplugging = Instant::now();
+    host.driver.detach_disk(&uid, &volume).await?;
+    eprintln!(
+        "NBD volume hot-unplug: detach_disk took {} ms",
+        unplugging.elapsed().as_millis()
+    );
+    wait_for_console(&log, from, &format!("FERRO-DISK-GONE {vd}")).await?;
+    ensure!(host.driver.disks(&uid).await?.is_empty());
+    let nodes = block_nodes(&host.driver, &uid).await?;
+    ensure!(
+        !nodes
+            .iter()
+            .any(|(name, drv, _)| name.starts_with("vol") || drv == "nbd"),
+        "block nodes left behind: {nodes:?}"
+    );
+    destroy_and_check(&host.driver, &uid).await?;
+    daemon.stop()?;
+    let head = volume_head(&image, 12)?;
+    ensure!(
+        head == b"ferro-nbd-2\n",
+        "the volume starts with {:?}",
+        String::from_utf8_lossy(&head)
+    );
+    Ok(())
 }

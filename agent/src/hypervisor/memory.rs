@@ -12,9 +12,12 @@
 //! - a failed start leaves the VM's record and files behind, as QEMU's directory is left
 //!   (`Stopped`, or `PoweredOff` if it had been running before);
 //! - `stop` makes a VM `Stopped` whatever it was; `destroy` removes the VM and its files;
-//! - NICs are plugged into and out of a running VM only, as many as it has root ports
-//!   (one per NIC it was launched with, plus [`HOTPLUG_PORTS`]), and the recorded spec
-//!   (`vm.json`, [`MemoryHypervisor::spec`]) follows them, as on a QEMU host;
+//! - NICs and data disks are plugged into and out of a running VM only, as many as it has
+//!   root ports (one per NIC and disk it was launched with, plus [`HOTPLUG_PORTS`], at
+//!   most [`MAX_DEVICES`]), and the recorded spec (`vm.json`, [`MemoryHypervisor::spec`])
+//!   follows them, as on a QEMU host; a disk has a size (its file's, or
+//!   [`DEFAULT_DISK_SIZE`] until a test says otherwise), which only grows, and not at all
+//!   over NBD or when read-only (QEMU 7.2 refuses both);
 //! - [`MemoryHypervisor::restart`] is a new driver over the same host: the guests outlive
 //!   the driver, as they outlive the agent, and the new driver adopts them.
 //!
@@ -35,9 +38,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
+use super::qmp::QmpError;
 use super::{
-    Accel, Hypervisor, HypervisorError, MAX_NICS, Nic, StopOutcome, VmSpec, VmState, VmStatus,
-    validate_nic, validate_spec, validate_uid,
+    Accel, Disk, DiskSource, Hypervisor, HypervisorError, MAX_DEVICES, Nic, StopOutcome, VmSpec,
+    VmState, VmStatus, resolve_disk, validate_nic, validate_spec, validate_uid,
 };
 
 /// Where the (never created) files of the double's VMs are said to live.
@@ -46,9 +50,13 @@ pub const STATE_DIR: &str = "/nonexistent/ferro-memory-hypervisor";
 /// The first pid the double hands out.
 const FIRST_PID: u32 = 40_000;
 
-/// Spare hot-plug ports a launched VM gets besides one per NIC, as with the QEMU
-/// driver's default settings.
+/// Spare hot-plug ports a launched VM gets besides one per NIC and data disk, as with the
+/// QEMU driver's default settings.
 pub const HOTPLUG_PORTS: usize = 4;
+
+/// The size the double gives a data disk it has not been told the size of
+/// ([`MemoryHypervisor::set_disk_size`]): 1 GiB.
+pub const DEFAULT_DISK_SIZE: u64 = 1 << 30;
 
 /// A driver operation, for failure injection and the journal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -71,6 +79,14 @@ pub enum Operation {
     DetachNic,
     /// [`Hypervisor::nics`].
     Nics,
+    /// [`Hypervisor::attach_disk`].
+    AttachDisk,
+    /// [`Hypervisor::detach_disk`].
+    DetachDisk,
+    /// [`Hypervisor::disks`].
+    Disks,
+    /// [`Hypervisor::resize_disk`].
+    ResizeDisk,
 }
 
 impl Operation {
@@ -84,6 +100,9 @@ impl Operation {
                 | Operation::Destroy
                 | Operation::AttachNic
                 | Operation::DetachNic
+                | Operation::AttachDisk
+                | Operation::DetachDisk
+                | Operation::ResizeDisk
         )
     }
 }
@@ -172,11 +191,16 @@ struct Vm {
     launches: u32,
     /// Resets performed.
     resets: u32,
-    /// Root ports of the running hypervisor, each holding a NIC or free: one per NIC at
-    /// launch plus [`HOTPLUG_PORTS`].
+    /// Root ports of the running hypervisor, each holding a NIC, a disk or nothing: one
+    /// per NIC and disk at launch plus [`HOTPLUG_PORTS`].
     ports: usize,
     /// Whether the guest releases a NIC it is asked to unplug.
     releases_nics: bool,
+    /// Whether the guest releases a disk it is asked to unplug.
+    releases_disks: bool,
+    /// Data disk sizes in bytes, by disk id: what the volume files hold, so they outlive
+    /// attachments.
+    disk_sizes: BTreeMap<String, u64>,
 }
 
 impl Vm {
@@ -587,6 +611,51 @@ impl MemoryHypervisor {
         self.with_vm(uid, |_, vm| vm.releases_nics = releases);
     }
 
+    /// Whether the guest releases data disks it is asked to unplug; one that does not makes
+    /// [`Hypervisor::detach_disk`] time out with the disk still in.
+    ///
+    /// # Panics
+    /// If there is no such VM.
+    pub fn set_releases_disks(&self, uid: &str, releases: bool) {
+        self.with_vm(uid, |_, vm| vm.releases_disks = releases);
+    }
+
+    /// Data disk `disk_id`'s size in bytes as the VM's volume has it, e.g. after a resize;
+    /// `None` without such a VM. A disk the double was told nothing about has
+    /// [`DEFAULT_DISK_SIZE`].
+    pub fn disk_size(&self, uid: &str, disk_id: &str) -> Option<u64> {
+        let host = self.host();
+        let vm = host.vms.get(uid)?;
+        Some(
+            vm.disk_sizes
+                .get(disk_id)
+                .copied()
+                .unwrap_or(DEFAULT_DISK_SIZE),
+        )
+    }
+
+    /// Says how big data disk `disk_id`'s volume is, as a volume file of that size would.
+    ///
+    /// # Panics
+    /// If there is no such VM.
+    pub fn set_disk_size(&self, uid: &str, disk_id: &str, size_bytes: u64) {
+        self.with_vm(uid, |_, vm| {
+            vm.disk_sizes.insert(disk_id.to_owned(), size_bytes);
+        });
+    }
+
+    /// Someone unplugs a data disk without the driver (QEMU's monitor used by hand): the
+    /// VM and its recorded spec lose it.
+    ///
+    /// # Panics
+    /// If there is no such VM.
+    pub fn unplug_disk_behind_our_back(&self, uid: &str, disk_id: &str) {
+        self.with_vm(uid, |_, vm| {
+            vm.spec.disks.retain(|d| d.id != disk_id);
+            record_spec(vm);
+        });
+    }
+
     /// Someone unplugs a NIC without the driver (QEMU's monitor used by hand): the VM and
     /// its recorded spec lose it.
     ///
@@ -616,6 +685,7 @@ impl MemoryHypervisor {
             }),
             config_drive: None,
             nics: Vec::new(),
+            disks: Vec::new(),
             labels,
         };
         self.plant_spec(spec, running);
@@ -640,7 +710,14 @@ impl MemoryHypervisor {
 
 /// The root ports a hypervisor launched with `spec` has.
 fn root_ports(spec: &VmSpec) -> usize {
-    (spec.nics.len() + HOTPLUG_PORTS).min(MAX_NICS)
+    (spec.nics.len() + spec.disks.len() + HOTPLUG_PORTS).min(MAX_DEVICES)
+}
+
+impl Vm {
+    /// Root ports that hold a device.
+    fn used_ports(&self) -> usize {
+        self.spec.nics.len() + self.spec.disks.len()
+    }
 }
 
 fn new_vm(spec: VmSpec) -> Vm {
@@ -656,6 +733,8 @@ fn new_vm(spec: VmSpec) -> Vm {
         resets: 0,
         ports: 0,
         releases_nics: true,
+        releases_disks: true,
+        disk_sizes: BTreeMap::new(),
     }
 }
 
@@ -710,6 +789,12 @@ impl Hypervisor for MemoryHypervisor {
         let uid = spec.uid.clone();
         let result = (|| -> Result<_, HypervisorError> {
             validate_spec(spec)?;
+            // As the QEMU driver does, volume paths are used and recorded absolute.
+            let mut spec = spec.clone();
+            for disk in &mut spec.disks {
+                *disk = resolve_disk(disk)?;
+            }
+            let spec = &spec;
             let mut host = self.host();
             if let Some(vm) = host.vms.get(&uid)
                 && vm.process.is_some()
@@ -853,10 +938,10 @@ impl Hypervisor for MemoryHypervisor {
                     found: format!("tap {:?}, MAC {}", found.tap, found.mac),
                 });
             }
-            if vm.spec.nics.len() >= vm.ports {
+            if vm.used_ports() >= vm.ports {
                 return Err(HypervisorError::NoFreePort {
                     uid: uid.to_owned(),
-                    nic: nic.id.clone(),
+                    device: format!("NIC {}", nic.id),
                 });
             }
             vm.spec.nics.push(nic.clone());
@@ -880,7 +965,7 @@ impl Hypervisor for MemoryHypervisor {
             if !vm.releases_nics {
                 return Err(HypervisorError::UnplugTimeout {
                     uid: uid.to_owned(),
-                    nic: nic_id.to_owned(),
+                    device: format!("NIC {nic_id}"),
                     waited: Duration::from_secs(30),
                 });
             }
@@ -902,6 +987,128 @@ impl Hypervisor for MemoryHypervisor {
             Ok((vm.spec.nics.clone(), Outcome::Done))
         })();
         self.journaled(Operation::Nics, uid, result)
+    }
+
+    async fn attach_disk(&self, uid: &str, disk: &Disk) -> Result<(), HypervisorError> {
+        let result = (|| -> Result<_, HypervisorError> {
+            validate_uid(uid)?;
+            let disk = resolve_disk(disk)?;
+            if let Some(e) = self.injected_error(Operation::AttachDisk, uid) {
+                return Err(e);
+            }
+            let mut host = self.host();
+            let vm = running_vm(&mut host, uid)?;
+            if let Some(found) = vm.spec.disks.iter().find(|d| d.id == disk.id) {
+                if *found == disk {
+                    return Ok(((), Outcome::Done));
+                }
+                return Err(HypervisorError::DiskConflict {
+                    uid: uid.to_owned(),
+                    disk: disk.id.clone(),
+                    found: format!("{:?}", found.source),
+                });
+            }
+            if vm.used_ports() >= vm.ports {
+                return Err(HypervisorError::NoFreePort {
+                    uid: uid.to_owned(),
+                    device: format!("disk {}", disk.id),
+                });
+            }
+            vm.spec.disks.push(disk);
+            record_spec(vm);
+            Ok(((), Outcome::Done))
+        })();
+        self.journaled(Operation::AttachDisk, uid, result)
+    }
+
+    async fn detach_disk(&self, uid: &str, disk_id: &str) -> Result<(), HypervisorError> {
+        let result = (|| -> Result<_, HypervisorError> {
+            validate_uid(uid)?;
+            if let Some(e) = self.injected_error(Operation::DetachDisk, uid) {
+                return Err(e);
+            }
+            let mut host = self.host();
+            let vm = running_vm(&mut host, uid)?;
+            if !vm.spec.disks.iter().any(|d| d.id == disk_id) {
+                return Ok(((), Outcome::Done));
+            }
+            if !vm.releases_disks {
+                return Err(HypervisorError::UnplugTimeout {
+                    uid: uid.to_owned(),
+                    device: format!("disk {disk_id}"),
+                    waited: Duration::from_secs(30),
+                });
+            }
+            vm.spec.disks.retain(|d| d.id != disk_id);
+            record_spec(vm);
+            Ok(((), Outcome::Done))
+        })();
+        self.journaled(Operation::DetachDisk, uid, result)
+    }
+
+    async fn disks(&self, uid: &str) -> Result<Vec<Disk>, HypervisorError> {
+        let result = (|| -> Result<_, HypervisorError> {
+            validate_uid(uid)?;
+            if let Some(e) = self.injected_error(Operation::Disks, uid) {
+                return Err(e);
+            }
+            let mut host = self.host();
+            let vm = running_vm(&mut host, uid)?;
+            Ok((vm.spec.disks.clone(), Outcome::Done))
+        })();
+        self.journaled(Operation::Disks, uid, result)
+    }
+
+    async fn resize_disk(
+        &self,
+        uid: &str,
+        disk_id: &str,
+        size_bytes: u64,
+    ) -> Result<(), HypervisorError> {
+        let result = (|| -> Result<_, HypervisorError> {
+            validate_uid(uid)?;
+            if let Some(e) = self.injected_error(Operation::ResizeDisk, uid) {
+                return Err(e);
+            }
+            let mut host = self.host();
+            let vm = running_vm(&mut host, uid)?;
+            let Some(disk) = vm.spec.disks.iter().find(|d| d.id == disk_id) else {
+                return Err(HypervisorError::NoSuchDisk {
+                    uid: uid.to_owned(),
+                    disk: disk_id.to_owned(),
+                });
+            };
+            let current = vm
+                .disk_sizes
+                .get(disk_id)
+                .copied()
+                .unwrap_or(DEFAULT_DISK_SIZE);
+            if size_bytes < current {
+                return Err(HypervisorError::InvalidSpec {
+                    field: "size_bytes",
+                    reason: format!("{size_bytes} would shrink the {current}-byte disk {disk_id}"),
+                });
+            }
+            // What QEMU 7.2 refuses to grow, it refuses here too, in its words.
+            let refusal = match (&disk.source, disk.read_only) {
+                (_, true) => Some("Image is read-only"),
+                (DiskSource::Nbd { .. }, false) => Some("Cannot grow NBD nodes"),
+                (DiskSource::File { .. }, false) => None,
+            };
+            if let Some(desc) = refusal.filter(|_| size_bytes > current) {
+                return Err(HypervisorError::Control {
+                    uid: uid.to_owned(),
+                    source: QmpError::Command {
+                        command: "block_resize".to_owned(),
+                        class: "GenericError".to_owned(),
+                        desc: desc.to_owned(),
+                    },
+                });
+            }
+            vm.disk_sizes.insert(disk_id.to_owned(), size_bytes);
+            Ok(((), Outcome::Done))
+        })();
+        self.journaled(Operation::ResizeDisk, uid, result)
     }
 }
 
@@ -985,6 +1192,133 @@ mod tests {
         );
     }
 
+    fn disk(id: &str) -> Disk {
+        Disk {
+            id: id.into(),
+            source: DiskSource::File {
+                path: format!("/volumes/{id}.qcow2").into(),
+                format: DiskFormat::Qcow2,
+            },
+            serial: id.into(),
+            read_only: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn disks_plug_into_a_running_vm_sharing_the_ports_with_nics() {
+        let hv = MemoryHypervisor::new();
+        assert!(matches!(
+            hv.attach_disk(UID, &disk("v1")).await,
+            Err(HypervisorError::NotFound(_))
+        ));
+        hv.start(&VmSpec {
+            nics: vec![nic("p1", 1)],
+            disks: vec![disk("v1")],
+            ..spec(UID)
+        })
+        .await
+        .unwrap();
+        assert_eq!(hv.disks(UID).await.unwrap(), [disk("v1")]);
+        // Idempotent; another source, serial or mode under the same id is a conflict.
+        hv.attach_disk(UID, &disk("v2")).await.unwrap();
+        hv.attach_disk(UID, &disk("v2")).await.unwrap();
+        let read_only = Disk {
+            read_only: true,
+            ..disk("v2")
+        };
+        assert!(matches!(
+            hv.attach_disk(UID, &read_only).await,
+            Err(HypervisorError::DiskConflict { .. })
+        ));
+        let remote = Disk {
+            source: DiskSource::Nbd {
+                host: "10.0.0.2".into(),
+                port: 10809,
+                export: "v3".into(),
+            },
+            ..disk("v3")
+        };
+        hv.attach_disk(UID, &remote).await.unwrap();
+        assert_eq!(
+            hv.disks(UID).await.unwrap(),
+            [disk("v1"), disk("v2"), remote.clone()]
+        );
+        let recorded: VmSpec = serde_json::from_slice(&hv.file(UID, "vm.json").unwrap()).unwrap();
+        assert_eq!(recorded.disks, [disk("v1"), disk("v2"), remote.clone()]);
+        // Six ports at launch (a NIC, a disk, four spare): a NIC and three disks fill them.
+        hv.attach_nic(UID, &nic("p2", 2)).await.unwrap();
+        hv.attach_disk(UID, &disk("v4")).await.unwrap();
+        assert!(matches!(
+            hv.attach_disk(UID, &disk("v5")).await,
+            Err(HypervisorError::NoFreePort { device, .. }) if device == "disk v5"
+        ));
+        assert!(matches!(
+            hv.attach_nic(UID, &nic("p3", 3)).await,
+            Err(HypervisorError::NoFreePort { device, .. }) if device == "NIC p3"
+        ));
+        // A relative path is resolved, as the QEMU driver resolves it.
+        hv.detach_disk(UID, "v4").await.unwrap();
+        let relative = Disk {
+            source: DiskSource::File {
+                path: "v4.raw".into(),
+                format: DiskFormat::Raw,
+            },
+            ..disk("v4")
+        };
+        hv.attach_disk(UID, &relative).await.unwrap();
+        let resolved = crate::hypervisor::resolve_disk(&relative).unwrap();
+        assert_eq!(hv.disks(UID).await.unwrap()[3], resolved);
+        hv.attach_disk(UID, &relative).await.unwrap();
+
+        // Disks grow, never shrink; not over NBD, as with QEMU 7.2.
+        assert_eq!(hv.disk_size(UID, "v1"), Some(DEFAULT_DISK_SIZE));
+        hv.resize_disk(UID, "v1", 2 << 30).await.unwrap();
+        hv.resize_disk(UID, "v1", 2 << 30).await.unwrap();
+        assert_eq!(hv.disk_size(UID, "v1"), Some(2 << 30));
+        assert!(matches!(
+            hv.resize_disk(UID, "v1", 1 << 30).await,
+            Err(HypervisorError::InvalidSpec { .. })
+        ));
+        assert!(matches!(
+            hv.resize_disk(UID, "v3", 2 << 30).await,
+            Err(HypervisorError::Control { .. })
+        ));
+        assert!(matches!(
+            hv.resize_disk(UID, "nope", 2 << 30).await,
+            Err(HypervisorError::NoSuchDisk { .. })
+        ));
+
+        hv.detach_disk(UID, "v1").await.unwrap();
+        hv.detach_disk(UID, "v1").await.unwrap();
+        hv.set_releases_disks(UID, false);
+        assert!(matches!(
+            hv.detach_disk(UID, "v2").await,
+            Err(HypervisorError::UnplugTimeout { .. })
+        ));
+        hv.unplug_disk_behind_our_back(UID, "v3");
+        let ids: Vec<_> = hv
+            .disks(UID)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|d| d.id)
+            .collect();
+        assert_eq!(ids, ["v2", "v4"]);
+        assert_eq!(hv.spec(UID).unwrap().disks.len(), 2);
+        hv.stop(UID, Duration::ZERO).await.unwrap();
+        assert!(matches!(
+            hv.disks(UID).await,
+            Err(HypervisorError::NotRunning(_))
+        ));
+        assert!(matches!(
+            hv.attach_disk(UID, &disk("v1")).await,
+            Err(HypervisorError::NotRunning(_))
+        ));
+        let changes: Vec<_> = hv.changes().into_iter().map(|c| c.operation).collect();
+        assert!(changes.contains(&Operation::ResizeDisk), "{changes:?}");
+        assert!(!changes.contains(&Operation::Disks));
+    }
+
     const UID: &str = "0b5c3a52-5a9e-4d35-8a1e-2f1c0f3b1a01";
 
     fn spec(uid: &str) -> VmSpec {
@@ -1007,6 +1341,7 @@ mod tests {
                 ..ConfigDrive::default()
             }),
             nics: Vec::new(),
+            disks: Vec::new(),
             labels: BTreeMap::from([("ferro.io/server".to_owned(), "web-1".to_owned())]),
         }
     }

@@ -31,23 +31,41 @@
 //! [`Hypervisor::stop`] or never started (absent). A second driver, or a restarted agent,
 //! therefore sees and adopts every guest, and can tell why one is down.
 //!
-//! The machine is a q35. Every NIC sits alone on a `pcie-root-port` (`hotplug<i>`, at a
-//! fixed slot of the root bus), and a few more ports are spare: a device on the root bus
-//! itself could never be unplugged, while one on a root port can, whether it was there at
-//! start or hot-plugged later. Cold-plugged NICs take the first ports in [`VmSpec::nics`]
-//! order, which is the order the guest finds them in. A NIC's QEMU names come from its
-//! id (`net-<id>` for the tap backend, `nic-<id>` for the virtio-net device), never from
-//! its position, so plugging or unplugging one renames no other.
+//! The machine is a q35. Every NIC and every data disk sits alone on a `pcie-root-port`
+//! (`hotplug<i>`, at a fixed slot of the root bus), and a few more ports are spare: a
+//! device on the root bus itself could never be unplugged, while one on a root port can,
+//! whether it was there at start or hot-plugged later. Cold-plugged NICs take the first
+//! ports in [`VmSpec::nics`] order, which is the order the guest finds them in; the
+//! cold-plugged data disks take the next ones in [`VmSpec::disks`] order. A NIC's QEMU
+//! names come from its id (`net-<id>` for the tap backend, `nic-<id>` for the virtio-net
+//! device), never from its position, so plugging or unplugging one renames no other.
+//!
+//! The boot disk (`vd-boot`, block node `disk-boot`) and the config drive (`vd-config`,
+//! `disk-config`) sit on the root bus, so the guest always finds them first, as `vda`
+//! and `vdb`. A data disk ([`super::Disk`]) is a virtio-blk device `vol-<id>` over a
+//! format node (qcow2 or raw) over a protocol node (a local file, or an NBD export that
+//! QEMU connects to itself, reconnecting for a while if the storage daemon restarts). QEMU
+//! limits block node names to 31 bytes, too few for `volume-<uuid>`: the nodes are
+//! `volume-<key>` and `volfile-<key>`, where the key is the disk's id when it has at most
+//! 23 bytes, and otherwise its first 8 bytes, a `.` and 14 hex digits of the id's sha256
+//! (`volume-7d1e0c2a.3f9a0c1b2d4e5f`): an operator recognises the volume by the prefix,
+//! and no two ids share a key (ids hold no `.`). The protocol node is created inline with
+//! the format node, so deleting the format node deletes both.
 //!
 //! Hot-plug goes through QMP like every other request, under the VM's lock, in short
 //! sessions (QEMU serves one QMP client at a time, and a long one would make the VM look
 //! unresponsive to [`Hypervisor::status`]). Which ports are free and which NICs the VM
 //! has are read from QEMU each time, never remembered: `qom-list /machine/peripheral`
 //! names the devices and ports, each device's `parent_bus` says which port holds it,
-//! `qom-get` gives a NIC's MAC and backend, and `info network` the backend's tap. An
-//! unplug asks the guest (`device_del`), polls until QEMU has dropped the device, then
-//! removes the backend (`netdev_del`). The NICs a VM has are also written back into
-//! `vm.json`, so that the recorded spec always says what the VM runs with.
+//! `qom-get` gives a NIC's MAC and backend, and `info network` the backend's tap; a
+//! disk's block node and serial, and `query-named-block-nodes` the node's format,
+//! read-only flag, size, and its file or NBD server and export. A plug adds the backend
+//! (`netdev_add`, `blockdev-add`) then the device (`device_add`), and removes the backend
+//! again if the device is refused; a backend left alone by an interrupted plug or unplug
+//! is removed first. An unplug asks the guest (`device_del`), polls until QEMU has
+//! dropped the device, then removes the backend (`netdev_del`, `blockdev-del`). The NICs
+//! and disks a VM has are also written back into `vm.json`, so that the recorded spec
+//! always says what the VM runs with.
 //!
 //! KVM is used when `/dev/kvm` is there and really boots a kernel (probed once
 //! per driver, with a timeout): on hosts whose KVM only runs PVM-aware kernels it does not,
@@ -66,8 +84,9 @@ use tokio::sync::OnceCell;
 
 use super::qmp::{Qmp, QmpError};
 use super::{
-    Accel, BootDisk, Hypervisor, HypervisorError, MAX_NICS, Nic, StopOutcome, VmSpec, VmState,
-    VmStatus, validate_nic, validate_spec, validate_uid,
+    Accel, BootDisk, Disk, DiskFormat, DiskSource, Hypervisor, HypervisorError, MAX_DEVICES, Nic,
+    StopOutcome, VmSpec, VmState, VmStatus, resolve_disk, validate_nic, validate_spec,
+    validate_uid,
 };
 
 /// How long `qemu -daemonize` may take to finish initialising.
@@ -86,6 +105,15 @@ const START_MARK: &str = "--- ferro: starting qemu";
 const FIRST_PORT_SLOT: usize = 0x10;
 /// How often an unplug looks whether QEMU has dropped the device.
 const UNPLUG_POLL: Duration = Duration::from_millis(100);
+/// How long a released disk's block node may stay in use (by the device QEMU is still
+/// tearing down) before `blockdev-del` gives up.
+const BLOCK_RELEASE_WAIT: Duration = Duration::from_secs(5);
+/// Seconds an NBD disk keeps requests waiting for a lost connection to come back (a
+/// storage daemon restarting) before failing them; QEMU reconnects meanwhile.
+const NBD_RECONNECT_DELAY: u64 = 5;
+/// The longest disk id used as it is in block node names: `volfile-` and it make 31
+/// bytes, QEMU's limit for node names.
+const MAX_PLAIN_NODE_KEY: usize = 23;
 
 /// Which accelerator VMs get.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -129,8 +157,8 @@ pub struct QemuConfig {
     pub genisoimage: PathBuf,
     /// Which accelerator to use.
     pub accel: AccelPolicy,
-    /// Spare `pcie-root-port`s for hot-plug, besides the one each cold-plugged NIC sits on
-    /// (at most 15 ports in all).
+    /// Spare `pcie-root-port`s for hot-plug, besides the one each cold-plugged NIC or data
+    /// disk sits on (at most [`MAX_DEVICES`] ports in all).
     pub hotplug_ports: u8,
     /// How long a QMP exchange may take before the VM counts as unresponsive.
     pub control_timeout: Duration,
@@ -368,7 +396,7 @@ impl QemuDriver {
     }
 
     /// The spec recorded in VM `uid`'s directory: the one it was last started with, with
-    /// the NICs plugged and unplugged since. `None` when there is none.
+    /// the NICs and disks plugged and unplugged since. `None` when there is none.
     pub fn recorded_spec(&self, uid: &str) -> Option<VmSpec> {
         validate_uid(uid).ok()?;
         read_recorded(&self.paths(uid).spec).ok()
@@ -390,6 +418,15 @@ impl QemuDriver {
                 uid: uid.to_owned(),
                 source,
             })
+    }
+
+    fn unplug<'a>(&'a self, paths: &'a VmPaths, uid: &'a str) -> Unplug<'a> {
+        Unplug {
+            qmp: &paths.qmp,
+            timeout: self.config.control_timeout,
+            unplug_timeout: self.config.unplug_timeout,
+            uid,
+        }
     }
 
     async fn lock(&self, uid: &str) -> tokio::sync::OwnedMutexGuard<()> {
@@ -676,6 +713,12 @@ impl Hypervisor for QemuDriver {
 
     async fn start(&self, spec: &VmSpec) -> Result<VmStatus, HypervisorError> {
         validate_spec(spec)?;
+        // Volume paths are recorded and used as the absolute paths QEMU reports back.
+        let mut resolved = spec.clone();
+        for disk in &mut resolved.disks {
+            *disk = resolve_disk(disk)?;
+        }
+        let spec = &resolved;
         let uid = spec.uid.as_str();
         let _guard = self.lock(uid).await;
         let paths = self.paths(uid);
@@ -790,10 +833,10 @@ impl Hypervisor for QemuDriver {
         if plug_nic(&mut session, uid, nic, self.config.tap_offloads).await? {
             tracing::info!(uid, nic = %nic.id, tap = %nic.tap, "NIC plugged");
         }
-        record_nics(&paths.spec, |nics| {
-            match nics.iter_mut().find(|n| n.id == nic.id) {
+        record(&paths.spec, |spec| {
+            match spec.nics.iter_mut().find(|n| n.id == nic.id) {
                 Some(recorded) => *recorded = nic.clone(),
-                None => nics.push(nic.clone()),
+                None => spec.nics.push(nic.clone()),
             }
         })
     }
@@ -803,16 +846,10 @@ impl Hypervisor for QemuDriver {
         let _guard = self.lock(uid).await;
         let paths = self.paths(uid);
         let pid = self.running_pid(&paths, uid)?;
-        unplug_nic(
-            &paths.qmp,
-            self.config.control_timeout,
-            self.config.unplug_timeout,
-            uid,
-            nic_id,
-            || is_vm_process(pid, uid),
-        )
-        .await?;
-        record_nics(&paths.spec, |nics| nics.retain(|n| n.id != nic_id))
+        self.unplug(&paths, uid)
+            .nic(nic_id, || is_vm_process(pid, uid))
+            .await?;
+        record(&paths.spec, |spec| spec.nics.retain(|n| n.id != nic_id))
     }
 
     async fn nics(&self, uid: &str) -> Result<Vec<Nic>, HypervisorError> {
@@ -828,6 +865,67 @@ impl Hypervisor for QemuDriver {
                     source,
                 })?;
         Ok(layout.nics.into_iter().map(|p| p.nic).collect())
+    }
+
+    async fn attach_disk(&self, uid: &str, disk: &Disk) -> Result<(), HypervisorError> {
+        validate_uid(uid)?;
+        let disk = resolve_disk(disk)?;
+        let _guard = self.lock(uid).await;
+        let paths = self.paths(uid);
+        self.running_pid(&paths, uid)?;
+        let mut session = self.session(&paths, uid).await?;
+        if plug_disk(&mut session, uid, &disk).await? {
+            tracing::info!(uid, disk = %disk.id, "disk plugged");
+        }
+        record(&paths.spec, |spec| {
+            match spec.disks.iter_mut().find(|d| d.id == disk.id) {
+                Some(recorded) => *recorded = disk.clone(),
+                None => spec.disks.push(disk.clone()),
+            }
+        })
+    }
+
+    async fn detach_disk(&self, uid: &str, disk_id: &str) -> Result<(), HypervisorError> {
+        validate_uid(uid)?;
+        let _guard = self.lock(uid).await;
+        let paths = self.paths(uid);
+        let pid = self.running_pid(&paths, uid)?;
+        self.unplug(&paths, uid)
+            .disk(disk_id, || is_vm_process(pid, uid))
+            .await?;
+        record(&paths.spec, |spec| spec.disks.retain(|d| d.id != disk_id))
+    }
+
+    async fn disks(&self, uid: &str) -> Result<Vec<Disk>, HypervisorError> {
+        validate_uid(uid)?;
+        let paths = self.paths(uid);
+        self.running_pid(&paths, uid)?;
+        let mut session = self.session(&paths, uid).await?;
+        let layout =
+            read_layout(&mut session)
+                .await
+                .map_err(|source| HypervisorError::Control {
+                    uid: uid.to_owned(),
+                    source,
+                })?;
+        Ok(layout.disks.into_iter().map(|p| p.disk).collect())
+    }
+
+    async fn resize_disk(
+        &self,
+        uid: &str,
+        disk_id: &str,
+        size_bytes: u64,
+    ) -> Result<(), HypervisorError> {
+        validate_uid(uid)?;
+        let _guard = self.lock(uid).await;
+        let paths = self.paths(uid);
+        self.running_pid(&paths, uid)?;
+        let mut session = self.session(&paths, uid).await?;
+        if grow_disk(&mut session, uid, disk_id, size_bytes).await? {
+            tracing::info!(uid, disk = disk_id, size_bytes, "disk grown");
+        }
+        Ok(())
     }
 
     async fn list(&self) -> Result<Vec<VmStatus>, HypervisorError> {
@@ -956,8 +1054,9 @@ fn command_line(
         push(&["-blockdev", &node.to_string()]);
         push(&["-device", "virtio-blk-pci,id=vd-config,drive=disk-config"]);
     }
-    // A root port for each NIC and the spare ones, before the devices that sit on them.
-    let ports = (spec.nics.len() + usize::from(hotplug_ports)).min(MAX_NICS);
+    // A root port for each NIC and disk and the spare ones, before the devices that sit
+    // on them.
+    let ports = (spec.nics.len() + spec.disks.len() + usize::from(hotplug_ports)).min(MAX_DEVICES);
     for i in 0..ports {
         // Every root port needs its own chassis number.
         let port = format!(
@@ -984,6 +1083,23 @@ fn command_line(
         );
         push(&["-netdev", &netdev, "-device", &device]);
     }
+    // The data disks on the ports after the NICs', so the guest's NIC order stays put.
+    for (i, disk) in spec.disks.iter().enumerate() {
+        let disk = resolve_disk(disk)?;
+        push(&["-blockdev", &volume_blockdev(&disk)?.to_string()]);
+        let serial = if disk.serial.is_empty() {
+            String::new()
+        } else {
+            format!(",serial={}", disk.serial)
+        };
+        let device = format!(
+            "virtio-blk-pci,id={},drive={}{serial},bus={},addr=0",
+            disk_device_id(&disk.id),
+            volume_node(&disk.id),
+            port_id(spec.nics.len() + i)
+        );
+        push(&["-device", &device]);
+    }
     push(&["-object", "rng-random,id=rng0,filename=/dev/urandom"]);
     push(&["-device", "virtio-rng-pci,id=rng,rng=rng0"]);
     Ok(args)
@@ -1007,6 +1123,66 @@ fn device_id(nic_id: &str) -> String {
 /// The id of NIC `nic_id`'s tap backend.
 fn netdev_id(nic_id: &str) -> String {
     format!("net-{nic_id}")
+}
+
+/// The id of data disk `disk_id`'s virtio-blk device.
+fn disk_device_id(disk_id: &str) -> String {
+    format!("vol-{disk_id}")
+}
+
+/// What names data disk `disk_id`'s block nodes, within QEMU's 31 bytes: the id itself
+/// when short enough, otherwise its first 8 bytes, a `.` and 14 hex digits of its sha256.
+fn node_key(disk_id: &str) -> String {
+    use sha2::{Digest, Sha256};
+    if disk_id.len() <= MAX_PLAIN_NODE_KEY {
+        return disk_id.to_owned();
+    }
+    let digest = Sha256::digest(disk_id.as_bytes());
+    let hash: String = digest[..7].iter().map(|b| format!("{b:02x}")).collect();
+    // Validated ids are ASCII, so byte 8 is a character boundary.
+    let prefix = disk_id.get(..8).unwrap_or(disk_id);
+    format!("{prefix}.{hash}")
+}
+
+/// The name of data disk `disk_id`'s format node, the one its device reads.
+fn volume_node(disk_id: &str) -> String {
+    format!("volume-{}", node_key(disk_id))
+}
+
+/// The name of data disk `disk_id`'s protocol node (the file, or the NBD client).
+fn volume_file_node(disk_id: &str) -> String {
+    format!("volfile-{}", node_key(disk_id))
+}
+
+/// The `-blockdev` / `blockdev-add` definition of a (resolved) data disk: a format node
+/// over an inline protocol node, both named after the disk, with the host's page cache.
+fn volume_blockdev(disk: &Disk) -> Result<Value, HypervisorError> {
+    let (format, mut file) = match &disk.source {
+        DiskSource::File { path, format } => (
+            format.as_str(),
+            json!({ "driver": "file", "filename": path_str(path)? }),
+        ),
+        // The export carries raw bytes; the volume's format is the storage node's affair.
+        DiskSource::Nbd { host, port, export } => (
+            "raw",
+            json!({
+                "driver": "nbd",
+                "server": { "type": "inet", "host": host, "port": port.to_string() },
+                "export": export,
+                "reconnect-delay": NBD_RECONNECT_DELAY,
+            }),
+        ),
+    };
+    file["node-name"] = json!(volume_file_node(&disk.id));
+    file["read-only"] = json!(disk.read_only);
+    file["cache"] = json!({ "direct": false });
+    Ok(json!({
+        "driver": format,
+        "node-name": volume_node(&disk.id),
+        "read-only": disk.read_only,
+        "cache": { "direct": false },
+        "file": file,
+    }))
 }
 
 /// One QMP session for one operation, each exchange bounded by the control timeout.
@@ -1047,6 +1223,30 @@ impl Session {
             .collect())
     }
 
+    /// Every block node, by name (`query-named-block-nodes`, flat).
+    async fn block_nodes(&mut self) -> Result<BTreeMap<String, BlockNode>, QmpError> {
+        let nodes = self
+            .run("query-named-block-nodes", json!({ "flat": true }))
+            .await?;
+        Ok(nodes
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|node| {
+                let name = node["node-name"].as_str()?.to_owned();
+                Some((
+                    name,
+                    BlockNode {
+                        driver: node["drv"].as_str().unwrap_or_default().to_owned(),
+                        filename: node["file"].as_str().unwrap_or_default().to_owned(),
+                        read_only: node["ro"].as_bool().unwrap_or(false),
+                        size: node["image"]["virtual-size"].as_u64().unwrap_or(0),
+                    },
+                ))
+            })
+            .collect())
+    }
+
     async fn qom_string(&mut self, path: &str, property: &str) -> Result<String, QmpError> {
         let value = self
             .run("qom-get", json!({ "path": path, "property": property }))
@@ -1064,21 +1264,53 @@ struct PluggedNic {
     port: Option<usize>,
 }
 
+/// A data disk found in a running VM, the root port it sits on and the block node its
+/// device reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct PluggedDisk {
+    disk: Disk,
+    port: Option<usize>,
+    node: String,
+}
+
+/// One block node, as `query-named-block-nodes` describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct BlockNode {
+    /// The block driver: a format (`qcow2`, `raw`) or a protocol (`file`, `nbd`).
+    driver: String,
+    /// What QEMU calls the node's file: a path, `nbd://HOST:PORT/EXPORT`, or `json:{…}`.
+    filename: String,
+    read_only: bool,
+    /// The virtual size in bytes.
+    size: u64,
+}
+
 /// What a running VM's root ports hold, as QEMU says.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 struct PortLayout {
     /// Ferro's NICs (devices named `nic-<id>`), by port.
     nics: Vec<PluggedNic>,
+    /// Ferro's data disks (devices named `vol-<id>` whose source reads back), by port.
+    disks: Vec<PluggedDisk>,
+    /// The ids of every device given one (`-device id=…`, `device_add`).
+    devices: BTreeSet<String>,
     /// Root ports that hold no device, lowest first.
     free_ports: Vec<usize>,
     /// Tap backends by id, with their interface name; a backend whose device is gone
     /// is still here until `netdev_del`.
     netdevs: BTreeMap<String, String>,
+    /// Block nodes by name; a disk's nodes whose device is gone are still here until
+    /// `blockdev-del`.
+    block_nodes: BTreeMap<String, BlockNode>,
 }
 
 impl PortLayout {
     fn nic(&self, nic_id: &str) -> Option<&Nic> {
         self.nics.iter().map(|p| &p.nic).find(|n| n.id == nic_id)
+    }
+
+    fn disk(&self, disk_id: &str) -> Option<&PluggedDisk> {
+        self.disks.iter().find(|p| p.disk.id == disk_id)
     }
 }
 
@@ -1091,9 +1323,12 @@ async fn read_layout(session: &mut Session) -> Result<PortLayout, QmpError> {
         )
         .await?;
     let netdevs = tap_backends(info.as_str().unwrap_or_default());
+    let block_nodes = session.block_nodes().await?;
     let mut ports = BTreeSet::new();
     let mut occupied = BTreeSet::new();
+    let mut devices = BTreeSet::new();
     let mut nics = Vec::new();
+    let mut disks = Vec::new();
     for (name, kind) in session.peripherals().await? {
         if kind == "pcie-root-port" {
             if let Some(index) = port_index(&name) {
@@ -1101,33 +1336,125 @@ async fn read_layout(session: &mut Session) -> Result<PortLayout, QmpError> {
             }
             continue;
         }
+        devices.insert(name.clone());
         let path = format!("/machine/peripheral/{name}");
         // e.g. /machine/peripheral/hotplug2/hotplug2: a root port's bus is named after it.
         let bus = session.qom_string(&path, "parent_bus").await?;
         let port = bus.rsplit('/').next().and_then(port_index);
         occupied.extend(port);
-        if kind != "virtio-net-pci" {
-            continue;
+        match (kind.as_str(), name.split_once('-')) {
+            ("virtio-net-pci", Some(("nic", id))) => {
+                let mac = session.qom_string(&path, "mac").await?;
+                let netdev = session.qom_string(&path, "netdev").await?;
+                nics.push(PluggedNic {
+                    nic: Nic {
+                        id: id.to_owned(),
+                        tap: netdevs.get(&netdev).cloned().unwrap_or_default(),
+                        mac,
+                    },
+                    port,
+                });
+            }
+            ("virtio-blk-pci", Some(("vol", id))) => {
+                let node = session.qom_string(&path, "drive").await?;
+                let serial = session.qom_string(&path, "serial").await?;
+                let found = block_nodes.get(&node).and_then(|format| {
+                    let protocol = block_nodes.get(&volume_file_node(id));
+                    Some((disk_source(format, protocol)?, format.read_only))
+                });
+                match found {
+                    Some((source, read_only)) => disks.push(PluggedDisk {
+                        disk: Disk {
+                            id: id.to_owned(),
+                            source,
+                            serial,
+                            read_only,
+                        },
+                        port,
+                        node,
+                    }),
+                    None => tracing::warn!(
+                        device = %name,
+                        %node,
+                        "a volume device whose source does not read back as a Disk"
+                    ),
+                }
+            }
+            _ => {}
         }
-        let Some(id) = name.strip_prefix("nic-") else {
-            continue;
-        };
-        let mac = session.qom_string(&path, "mac").await?;
-        let netdev = session.qom_string(&path, "netdev").await?;
-        nics.push(PluggedNic {
-            nic: Nic {
-                id: id.to_owned(),
-                tap: netdevs.get(&netdev).cloned().unwrap_or_default(),
-                mac,
-            },
-            port,
-        });
     }
     nics.sort_by_key(|p| (p.port.is_none(), p.port));
+    disks.sort_by_key(|p| (p.port.is_none(), p.port));
     Ok(PortLayout {
         nics,
+        disks,
+        devices,
         free_ports: ports.difference(&occupied).copied().collect(),
         netdevs,
+        block_nodes,
+    })
+}
+
+/// Where a data disk's bytes are, from its format node and (when it has the name Ferro
+/// gives it) its protocol node. `None` for what no [`DiskSource`] describes (say, qcow2
+/// over NBD, or a format Ferro does not use).
+fn disk_source(format: &BlockNode, protocol: Option<&BlockNode>) -> Option<DiskSource> {
+    let filename = protocol.map_or(format.filename.as_str(), |p| p.filename.as_str());
+    let over_nbd = match protocol {
+        Some(protocol) => protocol.driver == "nbd",
+        None => filename.starts_with("nbd") || filename.starts_with("json:"),
+    };
+    if over_nbd {
+        return (format.driver == "raw")
+            .then(|| nbd_source(filename))
+            .flatten();
+    }
+    if protocol.is_some_and(|p| p.driver != "file") || filename.starts_with("json:") {
+        return None;
+    }
+    let format = match format.driver.as_str() {
+        "qcow2" => DiskFormat::Qcow2,
+        "raw" => DiskFormat::Raw,
+        _ => return None,
+    };
+    Some(DiskSource::File {
+        path: filename.into(),
+        format,
+    })
+}
+
+/// The NBD server and export in a filename QEMU made for an NBD node: `nbd://HOST:PORT/
+/// EXPORT` (QEMU 7.2 writes an IPv6 host without brackets), or `json:{…}` with the
+/// node's options when it could make no URL.
+fn nbd_source(filename: &str) -> Option<DiskSource> {
+    if let Some(json) = filename.strip_prefix("json:") {
+        let mut options: Value = serde_json::from_str(json).ok()?;
+        // A format node's options hold its protocol node's under "file".
+        while options["driver"] != "nbd" {
+            options = options.get("file")?.clone();
+        }
+        let server = &options["server"];
+        if server["type"] != "inet" {
+            return None;
+        }
+        let port = match &server["port"] {
+            Value::String(port) => port.parse().ok()?,
+            port => u16::try_from(port.as_u64()?).ok()?,
+        };
+        return Some(DiskSource::Nbd {
+            host: server["host"].as_str()?.to_owned(),
+            port,
+            export: options["export"].as_str()?.to_owned(),
+        });
+    }
+    let rest = filename.strip_prefix("nbd://")?;
+    let (authority, export) = rest.split_once('/')?;
+    let (host, port) = authority.rsplit_once(':')?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    Some(DiskSource::Nbd {
+        host: host.to_owned(),
+        port: port.parse().ok()?,
+        export: export.to_owned(),
     })
 }
 
@@ -1191,7 +1518,7 @@ async fn plug_nic(
     let Some(&port) = layout.free_ports.first() else {
         return Err(HypervisorError::NoFreePort {
             uid: uid.to_owned(),
-            nic: nic.id.clone(),
+            device: format!("NIC {}", nic.id),
         });
     };
     session
@@ -1230,25 +1557,90 @@ async fn plug_nic(
     Ok(true)
 }
 
-/// Unplugs NIC `nic_id`: `device_del`, then polls in short sessions (so that status
-/// calls meanwhile get their turn on the socket) until QEMU has dropped the device, then
-/// `netdev_del`. Gives up after `unplug_timeout`, or when `alive` says QEMU is gone.
-async fn unplug_nic(
-    qmp: &Path,
+/// What an unplug needs to know: where QMP is, and how long to wait for what.
+struct Unplug<'a> {
+    qmp: &'a Path,
     timeout: Duration,
     unplug_timeout: Duration,
-    uid: &str,
-    nic_id: &str,
-    alive: impl Fn() -> bool,
-) -> Result<(), HypervisorError> {
-    let control = |source| HypervisorError::Control {
-        uid: uid.to_owned(),
-        source,
-    };
-    let device = device_id(nic_id);
-    let mut session = Session::open(qmp, timeout).await.map_err(control)?;
-    let mut layout = read_layout(&mut session).await.map_err(control)?;
-    if layout.nic(nic_id).is_some() {
+    uid: &'a str,
+}
+
+impl Unplug<'_> {
+    fn control(&self) -> impl Fn(QmpError) -> HypervisorError + '_ {
+        |source| HypervisorError::Control {
+            uid: self.uid.to_owned(),
+            source,
+        }
+    }
+
+    async fn session(&self) -> Result<Session, HypervisorError> {
+        Session::open(self.qmp, self.timeout)
+            .await
+            .map_err(self.control())
+    }
+
+    /// Unplugs NIC `nic_id` (see [`Unplug::device`]), then removes its tap backend
+    /// (`netdev_del`). A NIC that is not there is not an error.
+    async fn nic(&self, nic_id: &str, alive: impl Fn() -> bool) -> Result<(), HypervisorError> {
+        let control = self.control();
+        let mut session = self.session().await?;
+        let mut layout = read_layout(&mut session).await.map_err(&control)?;
+        if layout.nic(nic_id).is_some() {
+            drop(session);
+            let waited = self
+                .device(&device_id(nic_id), &format!("NIC {nic_id}"), alive)
+                .await?;
+            tracing::info!(uid = self.uid, nic = nic_id, ?waited, "NIC unplugged");
+            session = self.session().await?;
+            layout = read_layout(&mut session).await.map_err(&control)?;
+        }
+        let netdev = netdev_id(nic_id);
+        if layout.netdevs.contains_key(&netdev) {
+            session
+                .run("netdev_del", json!({ "id": netdev }))
+                .await
+                .map_err(&control)?;
+        }
+        Ok(())
+    }
+
+    /// Unplugs data disk `disk_id` (see [`Unplug::device`]), then closes its block nodes
+    /// (`blockdev-del`). A disk that is not there is not an error.
+    async fn disk(&self, disk_id: &str, alive: impl Fn() -> bool) -> Result<(), HypervisorError> {
+        let control = self.control();
+        let device = disk_device_id(disk_id);
+        let mut session = self.session().await?;
+        let present = session
+            .peripherals()
+            .await
+            .map_err(&control)?
+            .iter()
+            .any(|(name, _)| *name == device);
+        if present {
+            drop(session);
+            let waited = self
+                .device(&device, &format!("disk {disk_id}"), alive)
+                .await?;
+            tracing::info!(uid = self.uid, disk = disk_id, ?waited, "disk unplugged");
+            session = self.session().await?;
+        }
+        remove_volume_nodes(&mut session, disk_id, None)
+            .await
+            .map_err(&control)
+    }
+
+    /// Asks the guest to release `device` (`device_del`), then polls in short sessions
+    /// (so that status calls meanwhile get their turn on the socket) until QEMU has
+    /// dropped it. Gives up after the unplug timeout, or when `alive` says QEMU is gone.
+    /// Returns how long the guest took.
+    async fn device(
+        &self,
+        device: &str,
+        what: &str,
+        alive: impl Fn() -> bool,
+    ) -> Result<Duration, HypervisorError> {
+        let control = self.control();
+        let mut session = self.session().await?;
         match session.run("device_del", json!({ "id": device })).await {
             Ok(_) => {}
             Err(e) if unplug_pending(&e) => {}
@@ -1258,36 +1650,176 @@ async fn unplug_nic(
         let waiting = tokio::time::Instant::now();
         loop {
             tokio::time::sleep(UNPLUG_POLL).await;
-            let mut session = Session::open(qmp, timeout).await.map_err(control)?;
+            let mut session = self.session().await?;
             let present = session
                 .peripherals()
                 .await
-                .map_err(control)?
+                .map_err(&control)?
                 .iter()
-                .any(|(name, _)| *name == device);
+                .any(|(name, _)| name == device);
             if !present {
-                break;
+                return Ok(waiting.elapsed());
             }
-            if waiting.elapsed() >= unplug_timeout || !alive() {
+            if waiting.elapsed() >= self.unplug_timeout || !alive() {
                 return Err(HypervisorError::UnplugTimeout {
-                    uid: uid.to_owned(),
-                    nic: nic_id.to_owned(),
+                    uid: self.uid.to_owned(),
+                    device: what.to_owned(),
                     waited: waiting.elapsed(),
                 });
             }
         }
-        tracing::info!(uid, nic = nic_id, waited = ?waiting.elapsed(), "NIC unplugged");
-        session = Session::open(qmp, timeout).await.map_err(control)?;
-        layout = read_layout(&mut session).await.map_err(control)?;
     }
-    let netdev = netdev_id(nic_id);
-    if layout.netdevs.contains_key(&netdev) {
-        session
-            .run("netdev_del", json!({ "id": netdev }))
-            .await
-            .map_err(control)?;
+}
+
+/// Plugs data disk `disk` (resolved) into a free root port: `blockdev-add`, then
+/// `device_add`, first removing block nodes of the same disk that an interrupted plug or
+/// unplug left without their device. Returns false when the disk was there already.
+async fn plug_disk(session: &mut Session, uid: &str, disk: &Disk) -> Result<bool, HypervisorError> {
+    let control = |source| HypervisorError::Control {
+        uid: uid.to_owned(),
+        source,
+    };
+    let layout = read_layout(session).await.map_err(control)?;
+    let device = disk_device_id(&disk.id);
+    if layout.devices.contains(&device) {
+        let found = layout.disk(&disk.id).map(|p| &p.disk);
+        if found == Some(disk) {
+            return Ok(false);
+        }
+        return Err(HypervisorError::DiskConflict {
+            uid: uid.to_owned(),
+            disk: disk.id.clone(),
+            found: found.map_or_else(
+                || "a source that does not read back".to_owned(),
+                describe_disk,
+            ),
+        });
+    }
+    remove_volume_nodes(session, &disk.id, Some(&layout.block_nodes))
+        .await
+        .map_err(control)?;
+    let Some(&port) = layout.free_ports.first() else {
+        return Err(HypervisorError::NoFreePort {
+            uid: uid.to_owned(),
+            device: format!("disk {}", disk.id),
+        });
+    };
+    session
+        .run("blockdev-add", volume_blockdev(disk)?)
+        .await
+        .map_err(control)?;
+    let mut device_args = json!({
+        "driver": "virtio-blk-pci",
+        "id": device,
+        "drive": volume_node(&disk.id),
+        "bus": port_id(port),
+        // A root port has one slot; naming it makes QEMU refuse a taken port.
+        "addr": "0",
+    });
+    if !disk.serial.is_empty() {
+        device_args["serial"] = json!(disk.serial);
+    }
+    if let Err(e) = session.run("device_add", device_args).await {
+        // Leave no volume open without its device.
+        let _ = remove_volume_nodes(session, &disk.id, None).await;
+        return Err(control(e));
+    }
+    Ok(true)
+}
+
+/// How a disk found in a VM differs from others, for a conflict's message.
+fn describe_disk(disk: &Disk) -> String {
+    let source = match &disk.source {
+        DiskSource::File { path, format } => {
+            format!("{} file {}", format.as_str(), path.display())
+        }
+        DiskSource::Nbd { host, port, export } => format!("NBD {host}:{port} export {export}"),
+    };
+    format!(
+        "{source}, serial {:?}{}",
+        disk.serial,
+        if disk.read_only { ", read-only" } else { "" }
+    )
+}
+
+/// Removes data disk `disk_id`'s block nodes, format node first (which takes the inline
+/// protocol node with it), then a protocol node still there. `known` is a fresh list of
+/// the block nodes; without one, QEMU is asked. A node still held by a device QEMU is
+/// tearing down is tried again for a while.
+async fn remove_volume_nodes(
+    session: &mut Session,
+    disk_id: &str,
+    known: Option<&BTreeMap<String, BlockNode>>,
+) -> Result<(), QmpError> {
+    let mut nodes = match known {
+        Some(nodes) => nodes.clone(),
+        None => session.block_nodes().await?,
+    };
+    for name in [volume_node(disk_id), volume_file_node(disk_id)] {
+        if !nodes.contains_key(&name) {
+            continue;
+        }
+        let waiting = tokio::time::Instant::now();
+        loop {
+            match session
+                .run("blockdev-del", json!({ "node-name": name }))
+                .await
+            {
+                Ok(_) => break,
+                Err(QmpError::Command { desc, .. })
+                    if desc.contains("is in use") && waiting.elapsed() < BLOCK_RELEASE_WAIT =>
+                {
+                    tokio::time::sleep(UNPLUG_POLL).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        nodes = session.block_nodes().await?;
     }
     Ok(())
+}
+
+/// Grows data disk `disk_id` to `size` bytes (`block_resize` on the node its device
+/// reads). Returns false when it has that size already.
+async fn grow_disk(
+    session: &mut Session,
+    uid: &str,
+    disk_id: &str,
+    size: u64,
+) -> Result<bool, HypervisorError> {
+    let control = |source| HypervisorError::Control {
+        uid: uid.to_owned(),
+        source,
+    };
+    let layout = read_layout(session).await.map_err(control)?;
+    let Some(plugged) = layout.disk(disk_id) else {
+        return Err(HypervisorError::NoSuchDisk {
+            uid: uid.to_owned(),
+            disk: disk_id.to_owned(),
+        });
+    };
+    let current = layout
+        .block_nodes
+        .get(&plugged.node)
+        .map_or(0, |node| node.size);
+    if size < current {
+        // QEMU would shrink it (and the guest's data with it) without a word.
+        return Err(HypervisorError::InvalidSpec {
+            field: "size_bytes",
+            reason: format!("{size} would shrink the {current}-byte disk {disk_id}"),
+        });
+    }
+    if size == current {
+        return Ok(false);
+    }
+    session
+        .run(
+            "block_resize",
+            json!({ "node-name": plugged.node, "size": size }),
+        )
+        .await
+        .map_err(control)?;
+    Ok(true)
 }
 
 /// Whether QEMU refused a `device_del` because the same unplug is already under way.
@@ -1304,13 +1836,13 @@ fn read_recorded(path: &Path) -> Result<VmSpec, HypervisorError> {
     })
 }
 
-/// Changes the NICs of the spec recorded in `vm.json`, so a cold start of it brings the
-/// VM back with the NICs it has now.
-fn record_nics(path: &Path, change: impl FnOnce(&mut Vec<Nic>)) -> Result<(), HypervisorError> {
+/// Changes the spec recorded in `vm.json` (its NICs or disks), so a cold start of it
+/// brings the VM back with the devices it has now.
+fn record(path: &Path, change: impl FnOnce(&mut VmSpec)) -> Result<(), HypervisorError> {
     let mut spec = read_recorded(path)?;
-    let before = spec.nics.clone();
-    change(&mut spec.nics);
-    if spec.nics == before {
+    let before = spec.clone();
+    change(&mut spec);
+    if spec == before {
         return Ok(());
     }
     let recorded = serde_json::to_vec_pretty(&spec).expect("specs serialise to JSON");
@@ -1514,7 +2046,35 @@ mod tests {
                     mac: "52:54:00:12:34:57".into(),
                 },
             ],
+            disks: vec![],
             labels: Default::default(),
+        }
+    }
+
+    const VOLUME: &str = "5e6f7a8b-9c0d-4e1f-a2b3-c4d5e6f7a8b9";
+
+    fn file_disk(id: &str, path: &str) -> Disk {
+        Disk {
+            id: id.into(),
+            source: DiskSource::File {
+                path: path.into(),
+                format: DiskFormat::Qcow2,
+            },
+            serial: id.chars().take(20).collect(),
+            read_only: false,
+        }
+    }
+
+    fn nbd_disk(id: &str) -> Disk {
+        Disk {
+            id: id.into(),
+            source: DiskSource::Nbd {
+                host: "10.0.0.2".into(),
+                port: 10809,
+                export: format!("volume-{id}"),
+            },
+            serial: id.chars().take(20).collect(),
+            read_only: true,
         }
     }
 
@@ -1666,7 +2226,7 @@ mod tests {
     #[test]
     fn root_ports_never_outnumber_the_free_slots() {
         let paths = VmPaths::new(Path::new("/v"), "vm1");
-        let nics: Vec<Nic> = (0..MAX_NICS)
+        let nics: Vec<Nic> = (0..MAX_DEVICES)
             .map(|i| Nic {
                 id: format!("p{i}"),
                 tap: format!("tap{i}"),
@@ -1683,8 +2243,191 @@ mod tests {
             .into_iter()
             .filter(|d| d.starts_with("pcie-root-port"))
             .count();
-        assert_eq!(ports, MAX_NICS);
+        assert_eq!(ports, MAX_DEVICES);
         assert!(args.iter().any(|a| a.ends_with("addr=0x1e")));
+        // NICs and disks together, the same.
+        let disks: Vec<Disk> = (0..10)
+            .map(|i| file_disk(&format!("v{i}"), &format!("/v/{i}.qcow2")))
+            .collect();
+        let nics = spec().nics;
+        let args: Vec<String> = command_line(
+            &VmSpec {
+                nics,
+                disks,
+                ..spec()
+            },
+            &paths,
+            Accel::Tcg,
+            4,
+            true,
+        )
+        .unwrap()
+        .into_iter()
+        .map(|a| a.into_string().unwrap())
+        .collect();
+        let devices = value_of(&args, "-device");
+        let ports = devices
+            .iter()
+            .filter(|d| d.starts_with("pcie-root-port"))
+            .count();
+        assert_eq!(ports, 2 + 10 + 3);
+        assert!(devices.iter().any(|d| d.ends_with("bus=hotplug11,addr=0")));
+    }
+
+    #[test]
+    fn command_line_puts_each_disk_on_a_port_after_the_nics() {
+        let with_disks = VmSpec {
+            disks: vec![
+                file_disk(VOLUME, "/var/lib/ferro/volumes/a,b.qcow2"),
+                nbd_disk("v2"),
+            ],
+            ..spec()
+        };
+        let args = args_of(&with_disks, Accel::Tcg);
+        let devices = value_of(&args, "-device");
+        // Two NICs, two disks, three spare.
+        let ports: Vec<_> = devices
+            .iter()
+            .filter(|d| d.starts_with("pcie-root-port"))
+            .collect();
+        assert_eq!(ports.len(), 7);
+        assert!(ports[6].ends_with("addr=0x16"), "{ports:?}");
+        // The NICs keep the first ports; the boot disk and config drive stay on the
+        // root bus, so the guest still finds them first.
+        assert!(
+            devices
+                .iter()
+                .any(|d| d.starts_with("virtio-net-pci,id=nic-7d1e0c2a")
+                    && d.ends_with("bus=hotplug0,addr=0"))
+        );
+        assert!(devices.contains(&"virtio-blk-pci,id=vd-config,drive=disk-config"));
+        let disks: Vec<_> = devices
+            .iter()
+            .filter(|d| d.starts_with("virtio-blk-pci,id=vol-"))
+            .collect();
+        assert_eq!(
+            disks,
+            [
+                &"virtio-blk-pci,id=vol-5e6f7a8b-9c0d-4e1f-a2b3-c4d5e6f7a8b9,\
+                  drive=volume-5e6f7a8b.e12b03340ad3ca,serial=5e6f7a8b-9c0d-4e1f-a,\
+                  bus=hotplug2,addr=0",
+                &"virtio-blk-pci,id=vol-v2,drive=volume-v2,serial=v2,bus=hotplug3,addr=0",
+            ]
+        );
+        let blockdevs: Vec<Value> = value_of(&args, "-blockdev")
+            .iter()
+            .map(|b| serde_json::from_str(b).unwrap())
+            .collect();
+        assert_eq!(blockdevs.len(), 4, "boot, config and two volumes");
+        // JSON needs no escaping of the comma in the path.
+        assert_eq!(
+            blockdevs[2],
+            json!({
+                "driver": "qcow2",
+                "node-name": "volume-5e6f7a8b.e12b03340ad3ca",
+                "read-only": false,
+                "cache": {"direct": false},
+                "file": {
+                    "driver": "file",
+                    "node-name": "volfile-5e6f7a8b.e12b03340ad3ca",
+                    "filename": "/var/lib/ferro/volumes/a,b.qcow2",
+                    "read-only": false,
+                    "cache": {"direct": false},
+                },
+            })
+        );
+        assert_eq!(
+            blockdevs[3],
+            json!({
+                "driver": "raw",
+                "node-name": "volume-v2",
+                "read-only": true,
+                "cache": {"direct": false},
+                "file": {
+                    "driver": "nbd",
+                    "node-name": "volfile-v2",
+                    "server": {"type": "inet", "host": "10.0.0.2", "port": "10809"},
+                    "export": "volume-v2",
+                    "reconnect-delay": NBD_RECONNECT_DELAY,
+                    "read-only": true,
+                    "cache": {"direct": false},
+                },
+            })
+        );
+        // Each volume's node is defined before the device that reads it.
+        let position = |needle: &str| args.iter().position(|a| a.contains(needle)).unwrap();
+        assert!(position("\"node-name\":\"volume-v2\"") < position("id=vol-v2"));
+        // Without NICs, the disks take the first ports; a relative path is made absolute;
+        // a disk without a serial gets none.
+        let alone = VmSpec {
+            nics: vec![],
+            disks: vec![Disk {
+                serial: String::new(),
+                ..file_disk("v1", "v1.qcow2")
+            }],
+            ..spec()
+        };
+        let args = args_of(&alone, Accel::Tcg);
+        assert!(
+            value_of(&args, "-device")
+                .contains(&"virtio-blk-pci,id=vol-v1,drive=volume-v1,bus=hotplug0,addr=0")
+        );
+        let node: Value = serde_json::from_str(value_of(&args, "-blockdev")[2]).unwrap();
+        let cwd = std::env::current_dir().unwrap();
+        assert_eq!(
+            node["file"]["filename"],
+            cwd.join("v1.qcow2").to_str().unwrap()
+        );
+    }
+
+    #[test]
+    fn block_node_names_fit_qemus_31_bytes_and_stay_apart() {
+        assert_eq!(volume_node("v1"), "volume-v1");
+        assert_eq!(volume_file_node("v1"), "volfile-v1");
+        let longest_plain = "a".repeat(MAX_PLAIN_NODE_KEY);
+        assert_eq!(volume_file_node(&longest_plain).len(), 31);
+        assert_eq!(
+            volume_node(&longest_plain),
+            format!("volume-{longest_plain}")
+        );
+        for id in [VOLUME, &"b".repeat(64), &"a".repeat(MAX_PLAIN_NODE_KEY + 1)] {
+            let (node, file) = (volume_node(id), volume_file_node(id));
+            assert!(node.len() <= 31 && file.len() <= 31, "{node} {file}");
+            assert!(node.starts_with(&format!("volume-{}.", &id[..8])), "{node}");
+        }
+        // Ids that share a prefix get keys of their own.
+        let twin = "5e6f7a8b-9c0d-4e1f-a2b3-c4d5e6f7a8ba";
+        assert_ne!(volume_node(VOLUME), volume_node(twin));
+        assert_eq!(disk_device_id(VOLUME), format!("vol-{VOLUME}"));
+    }
+
+    #[test]
+    fn nbd_sources_read_back_from_qemus_filenames() {
+        let nbd = |host: &str, port, export: &str| DiskSource::Nbd {
+            host: host.into(),
+            port,
+            export: export.into(),
+        };
+        assert_eq!(
+            nbd_source("nbd://10.0.0.2:10809/volume-v1"),
+            Some(nbd("10.0.0.2", 10809, "volume-v1"))
+        );
+        // QEMU 7.2 writes an IPv6 host without brackets.
+        assert_eq!(
+            nbd_source("nbd://::1:10898/vol-b"),
+            Some(nbd("::1", 10898, "vol-b"))
+        );
+        assert_eq!(
+            nbd_source("nbd://[fd00::2]:10809/a/b"),
+            Some(nbd("fd00::2", 10809, "a/b"))
+        );
+        let json = r#"json:{"driver": "raw", "file": {"driver": "nbd", "export": "e", "server": {"type": "inet", "host": "storage-1", "port": "10809"}}}"#;
+        assert_eq!(nbd_source(json), Some(nbd("storage-1", 10809, "e")));
+        assert_eq!(nbd_source("/var/lib/x.raw"), None);
+        assert_eq!(
+            nbd_source(r#"json:{"driver": "nbd", "server": {"type": "unix", "path": "/s"}}"#),
+            None
+        );
     }
 
     #[test]
@@ -1723,16 +2466,44 @@ mod tests {
         assert_eq!(last_run_log(&dir.path().join("missing")), "");
     }
 
+    /// A device of the fake QEMU.
+    #[derive(Debug, Clone, Default)]
+    struct FakeDevice {
+        /// The QOM type, e.g. `virtio-net-pci`.
+        kind: String,
+        /// The root port it sits on.
+        port: String,
+        /// A NIC's MAC and tap backend.
+        mac: String,
+        netdev: String,
+        /// A disk's block node and serial.
+        drive: String,
+        serial: String,
+    }
+
+    /// A block node of the fake QEMU.
+    #[derive(Debug, Clone)]
+    struct FakeNode {
+        driver: String,
+        filename: String,
+        read_only: bool,
+        size: u64,
+        /// The node this one was created inline under; such a node goes with its parent
+        /// and cannot be deleted on its own.
+        parent: Option<String>,
+    }
+
     /// A fake QEMU behind a QMP socket, modelling what hot-plug touches: root ports,
-    /// devices on them, tap backends. The guest releases an unplugged device after
-    /// `release_after` further QMP sessions (never, when `None`).
+    /// devices on them, tap backends, block nodes. The guest releases an unplugged device
+    /// after `release_after` further QMP sessions (never, when `None`).
     #[derive(Default)]
     struct FakeQemu {
         ports: Vec<String>,
-        /// Device id -> (type, port, MAC, backend).
-        devices: BTreeMap<String, (String, String, String, String)>,
+        devices: BTreeMap<String, FakeDevice>,
         /// Backend id -> tap.
         netdevs: BTreeMap<String, String>,
+        /// Block nodes by name.
+        nodes: BTreeMap<String, FakeNode>,
         /// Device id -> sessions left before the guest lets go.
         unplugging: BTreeMap<String, u32>,
         release_after: Option<u32>,
@@ -1759,6 +2530,48 @@ mod tests {
             }
         }
 
+        /// The filename QEMU 7.2 gives a node with these options.
+        fn filename(options: &Value) -> String {
+            match options["driver"].as_str() {
+                Some("file") => options["filename"].as_str().unwrap_or_default().to_owned(),
+                Some("nbd") => format!(
+                    "nbd://{}:{}/{}",
+                    options["server"]["host"].as_str().unwrap_or_default(),
+                    options["server"]["port"].as_str().unwrap_or_default(),
+                    options["export"].as_str().unwrap_or_default()
+                ),
+                _ => Self::filename(&options["file"]),
+            }
+        }
+
+        /// `blockdev-add`: the node and, inline, its protocol node.
+        fn add_node(&mut self, options: &Value, parent: Option<String>) -> Result<(), String> {
+            let name = match options["node-name"].as_str() {
+                Some(name) => name.to_owned(),
+                None => format!("#block{}", self.nodes.len()),
+            };
+            if name.len() > 31 {
+                return Err("Node name too long".into());
+            }
+            if self.nodes.contains_key(&name) {
+                return Err(format!("Duplicate nodes with node-name='{name}'"));
+            }
+            if options["file"].is_object() {
+                self.add_node(&options["file"], Some(name.clone()))?;
+            }
+            self.nodes.insert(
+                name,
+                FakeNode {
+                    driver: options["driver"].as_str().unwrap_or_default().to_owned(),
+                    filename: Self::filename(options),
+                    read_only: options["read-only"].as_bool().unwrap_or(false),
+                    size: 64 << 20,
+                    parent,
+                },
+            );
+            Ok(())
+        }
+
         fn answer(&mut self, command: &str, args: &Value) -> Value {
             let error = |desc: &str| json!({"error": {"class": "GenericError", "desc": desc}});
             if command != "qmp_capabilities" {
@@ -1774,8 +2587,8 @@ mod tests {
                         .map(|p| json!({"name": p, "type": "child<pcie-root-port>"}))
                         .collect();
                     list.push(json!({"name": "vd-boot", "type": "child<virtio-blk-pci>"}));
-                    for (id, (kind, ..)) in &self.devices {
-                        list.push(json!({"name": id, "type": format!("child<{kind}>")}));
+                    for (id, device) in &self.devices {
+                        list.push(json!({"name": id, "type": format!("child<{}>", device.kind)}));
                     }
                     json!({ "return": list })
                 }
@@ -1784,38 +2597,66 @@ mod tests {
                     if name == "vd-boot" {
                         return json!({"return": "/machine/q35/pcie.0"});
                     }
-                    let Some((_, port, mac, netdev)) = self.devices.get(&name) else {
+                    let Some(device) = self.devices.get(&name) else {
                         return error("no such device");
                     };
+                    let nic = device.kind == "virtio-net-pci";
                     match arg("property").as_str() {
                         "parent_bus" => {
-                            json!({"return": format!("/machine/peripheral/{port}/{port}")})
+                            json!({"return": format!("/machine/peripheral/{0}/{0}", device.port)})
                         }
-                        "mac" => json!({ "return": mac }),
-                        "netdev" => json!({ "return": netdev }),
+                        "mac" if nic => json!({ "return": device.mac }),
+                        "netdev" if nic => json!({ "return": device.netdev }),
+                        "drive" if !nic => json!({ "return": device.drive }),
+                        "serial" if !nic => json!({ "return": device.serial }),
                         _ => error("no such property"),
                     }
                 }
                 "human-monitor-command" => {
                     let mut text = String::new();
-                    for (id, (_, _, mac, netdev)) in &self.devices {
+                    for (id, device) in &self.devices {
+                        if device.kind != "virtio-net-pci" {
+                            continue;
+                        }
                         text += &format!(
-                            "{id}: index=0,type=nic,model=virtio-net-pci,macaddr={mac}\r\n"
+                            "{id}: index=0,type=nic,model=virtio-net-pci,macaddr={}\r\n",
+                            device.mac
                         );
-                        if let Some(tap) = self.netdevs.get(netdev) {
+                        if let Some(tap) = self.netdevs.get(&device.netdev) {
                             text += &format!(
-                                " \\ {netdev}: index=0,type=tap,ifname={tap},script=no,downscript=no\r\n"
+                                " \\ {}: index=0,type=tap,ifname={tap},script=no,downscript=no\r\n",
+                                device.netdev
                             );
                         }
                     }
                     for (netdev, tap) in &self.netdevs {
-                        if !self.devices.values().any(|d| d.3 == *netdev) {
+                        if !self.devices.values().any(|d| d.netdev == *netdev) {
                             text += &format!(
                                 "{netdev}: index=0,type=tap,ifname={tap},script=no,downscript=no\r\n"
                             );
                         }
                     }
                     json!({ "return": text })
+                }
+                "query-named-block-nodes" => {
+                    let nodes: Vec<Value> = self
+                        .nodes
+                        .iter()
+                        .map(|(name, node)| {
+                            json!({
+                                "node-name": name,
+                                "drv": node.driver,
+                                "file": node.filename,
+                                "ro": node.read_only,
+                                "image": {
+                                    "virtual-size": node.size,
+                                    "filename": node.filename,
+                                    "format": node.driver,
+                                },
+                            })
+                        })
+                        .collect();
+                    json!({ "return": nodes })
                 }
                 "netdev_add" => {
                     if self.netdevs.contains_key(&arg("id")) {
@@ -1828,16 +2669,56 @@ mod tests {
                     Some(_) => json!({"return": {}}),
                     None => error("Device not found"),
                 },
+                "blockdev-add" => match self.add_node(args, None) {
+                    Ok(()) => json!({"return": {}}),
+                    Err(e) => error(&e),
+                },
+                "blockdev-del" => {
+                    let name = arg("node-name");
+                    let Some(node) = self.nodes.get(&name) else {
+                        return error(&format!("Failed to find node with node-name='{name}'"));
+                    };
+                    if node.parent.is_some() {
+                        return error(&format!("Node {name} is not owned by the monitor"));
+                    }
+                    if self.devices.values().any(|d| d.drive == name) {
+                        return error(&format!("Node {name} is in use"));
+                    }
+                    self.nodes
+                        .retain(|n, node| *n != name && node.parent.as_deref() != Some(&name));
+                    json!({"return": {}})
+                }
+                "block_resize" => match self.nodes.get_mut(&arg("node-name")) {
+                    // As QEMU, it shrinks as readily as it grows.
+                    Some(node) => {
+                        node.size = args["size"].as_u64().unwrap();
+                        json!({"return": {}})
+                    }
+                    None => error("Cannot find device"),
+                },
                 "device_add" => {
                     if self.refuse_devices {
                         return error("refused");
                     }
                     let port = arg("bus");
-                    if self.devices.values().any(|d| d.1 == port) {
+                    if self.devices.values().any(|d| d.port == port) {
                         return error("PCI: slot 0 function 0 not available");
                     }
-                    self.devices
-                        .insert(arg("id"), (arg("driver"), port, arg("mac"), arg("netdev")));
+                    let drive = arg("drive");
+                    if !drive.is_empty() && !self.nodes.contains_key(&drive) {
+                        return error(&format!(
+                            "Property 'virtio-blk-device.drive' can't find value '{drive}'"
+                        ));
+                    }
+                    let device = FakeDevice {
+                        kind: arg("driver"),
+                        port,
+                        mac: arg("mac"),
+                        netdev: arg("netdev"),
+                        drive,
+                        serial: arg("serial"),
+                    };
+                    self.devices.insert(arg("id"), device);
                     json!({"return": {}})
                 }
                 "device_del" => {
@@ -1895,12 +2776,13 @@ mod tests {
         };
         fake.devices.insert(
             "nic-p1".into(),
-            (
-                "virtio-net-pci".into(),
-                "hotplug0".into(),
-                "52:54:00:00:00:01".into(),
-                "net-p1".into(),
-            ),
+            FakeDevice {
+                kind: "virtio-net-pci".into(),
+                port: "hotplug0".into(),
+                mac: "52:54:00:00:00:01".into(),
+                netdev: "net-p1".into(),
+                ..FakeDevice::default()
+            },
         );
         fake.netdevs.insert("net-p1".into(), "tapp1".into());
         fake
@@ -1919,7 +2801,12 @@ mod tests {
         std::mem::take(&mut fake.log)
             .into_iter()
             .map(|(c, _)| c)
-            .filter(|c| !matches!(c.as_str(), "qom-list" | "qom-get" | "human-monitor-command"))
+            .filter(|c| {
+                !matches!(
+                    c.as_str(),
+                    "qom-list" | "qom-get" | "human-monitor-command" | "query-named-block-nodes"
+                )
+            })
             .collect()
     }
 
@@ -1962,7 +2849,7 @@ mod tests {
         );
         assert_eq!(commands(&fake), ["netdev_add", "device_add"]);
         let added = fake.lock().unwrap().devices["nic-p2"].clone();
-        assert_eq!(added.1, "hotplug1", "the lowest free port");
+        assert_eq!(added.port, "hotplug1", "the lowest free port");
         // Plugging it again changes nothing; the same id with another MAC is refused.
         assert!(
             !plug_nic(&mut session, "vm1", &nic("p2", 2), true)
@@ -2024,18 +2911,14 @@ mod tests {
         let fake = Arc::new(Mutex::new(fake_with_one_nic()));
         let qmp = serve(dir.path(), fake.clone());
         let timeout = Duration::from_secs(5);
-        unplug_nic(&qmp, timeout, timeout, "vm1", "p1", || true)
-            .await
-            .unwrap();
+        unplugger(&qmp, timeout).nic("p1", || true).await.unwrap();
         assert_eq!(commands(&fake), ["device_del", "netdev_del"]);
         {
             let fake = fake.lock().unwrap();
             assert!(fake.devices.is_empty() && fake.netdevs.is_empty());
         }
         // Nothing there: nothing to do.
-        unplug_nic(&qmp, timeout, timeout, "vm1", "p1", || true)
-            .await
-            .unwrap();
+        unplugger(&qmp, timeout).nic("p1", || true).await.unwrap();
         assert!(commands(&fake).is_empty());
     }
 
@@ -2047,14 +2930,11 @@ mod tests {
         let fake = Arc::new(Mutex::new(fake));
         let qmp = serve(dir.path(), fake.clone());
         let timeout = Duration::from_secs(5);
-        let error = unplug_nic(
-            &qmp,
-            timeout,
-            Duration::from_millis(300),
-            "vm1",
-            "p1",
-            || true,
-        )
+        let error = Unplug {
+            unplug_timeout: Duration::from_millis(300),
+            ..unplugger(&qmp, timeout)
+        }
+        .nic("p1", || true)
         .await
         .unwrap_err();
         assert!(
@@ -2064,10 +2944,239 @@ mod tests {
         assert!(fake.lock().unwrap().netdevs.contains_key("net-p1"));
         // QEMU says the unplug is under way; the retry waits for it rather than fail.
         fake.lock().unwrap().unplugging.insert("nic-p1".into(), 3);
-        unplug_nic(&qmp, timeout, timeout, "vm1", "p1", || true)
+        unplugger(&qmp, timeout).nic("p1", || true).await.unwrap();
+        assert!(fake.lock().unwrap().devices.is_empty());
+    }
+
+    fn unplugger(qmp: &Path, timeout: Duration) -> Unplug<'_> {
+        Unplug {
+            qmp,
+            timeout,
+            unplug_timeout: timeout,
+            uid: "vm1",
+        }
+    }
+
+    fn volume_nodes(fake: &Mutex<FakeQemu>) -> Vec<String> {
+        fake.lock().unwrap().nodes.keys().cloned().collect()
+    }
+
+    #[tokio::test]
+    async fn disks_hot_plug_on_free_ports_and_read_back_from_qemu() {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = Arc::new(Mutex::new(fake_with_one_nic()));
+        let qmp = serve(dir.path(), fake.clone());
+        let mut session = Session::open(&qmp, Duration::from_secs(5)).await.unwrap();
+        let local = file_disk(VOLUME, "/var/lib/ferro/volumes/v1.qcow2");
+
+        assert!(plug_disk(&mut session, "vm1", &local).await.unwrap());
+        assert_eq!(commands(&fake), ["blockdev-add", "device_add"]);
+        {
+            let fake = fake.lock().unwrap();
+            let device = &fake.devices[&format!("vol-{VOLUME}")];
+            assert_eq!(device.port, "hotplug1", "the lowest free port");
+            assert_eq!(device.serial, "5e6f7a8b-9c0d-4e1f-a");
+            assert_eq!(device.drive, volume_node(VOLUME));
+        }
+        // Asked again, nothing changes; another source, serial or mode is a conflict.
+        assert!(!plug_disk(&mut session, "vm1", &local).await.unwrap());
+        assert!(commands(&fake).is_empty());
+        for other in [
+            file_disk(VOLUME, "/var/lib/ferro/volumes/other.qcow2"),
+            Disk {
+                serial: "other".into(),
+                ..local.clone()
+            },
+            Disk {
+                read_only: true,
+                ..local.clone()
+            },
+        ] {
+            let conflict = plug_disk(&mut session, "vm1", &other).await.unwrap_err();
+            assert!(
+                matches!(&conflict, HypervisorError::DiskConflict { found, .. }
+                    if found.contains("/var/lib/ferro/volumes/v1.qcow2")),
+                "{conflict}"
+            );
+        }
+        assert!(commands(&fake).is_empty());
+
+        // An NBD export on the last port; both read back from QEMU as they were asked.
+        let remote = nbd_disk("v2");
+        assert!(plug_disk(&mut session, "vm1", &remote).await.unwrap());
+        let layout = read_layout(&mut session).await.unwrap();
+        let found: Vec<_> = layout.disks.iter().map(|p| (&p.disk, p.port)).collect();
+        assert_eq!(found, [(&local, Some(1)), (&remote, Some(2))]);
+        assert_eq!(layout.nics.len(), 1, "the NIC is still read as one");
+        assert!(layout.free_ports.is_empty());
+        // No port left, for a disk as for a NIC; nothing is left open for it.
+        commands(&fake);
+        let full = plug_disk(&mut session, "vm1", &file_disk("v3", "/v3.raw"))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&full, HypervisorError::NoFreePort { device, .. } if device == "disk v3"),
+            "{full}"
+        );
+        let full = plug_nic(&mut session, "vm1", &nic("p2", 2), true)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&full, HypervisorError::NoFreePort { device, .. } if device == "NIC p2"),
+            "{full}"
+        );
+        assert!(commands(&fake).is_empty());
+        assert!(!volume_nodes(&fake).contains(&volume_node("v3")));
+    }
+
+    #[tokio::test]
+    async fn a_volume_left_open_is_closed_first_and_a_refused_device_leaves_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut fake = fake_with_one_nic();
+        // An interrupted plug: the nodes are there, the device is not.
+        let stale = file_disk("v1", "/old.qcow2");
+        fake.add_node(&volume_blockdev(&stale).unwrap(), None)
+            .unwrap();
+        let fake = Arc::new(Mutex::new(fake));
+        let qmp = serve(dir.path(), fake.clone());
+        let mut session = Session::open(&qmp, Duration::from_secs(5)).await.unwrap();
+        let disk = file_disk("v1", "/new.qcow2");
+        plug_disk(&mut session, "vm1", &disk).await.unwrap();
+        assert_eq!(
+            commands(&fake),
+            ["blockdev-del", "blockdev-add", "device_add"]
+        );
+        let layout = read_layout(&mut session).await.unwrap();
+        assert_eq!(layout.disk("v1").unwrap().disk, disk);
+
+        // QEMU refuses the device: the volume is closed again.
+        fake.lock().unwrap().refuse_devices = true;
+        let refused = plug_disk(&mut session, "vm1", &nbd_disk("v2"))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(refused, HypervisorError::Control { .. }),
+            "{refused}"
+        );
+        assert_eq!(
+            commands(&fake),
+            ["blockdev-add", "device_add", "blockdev-del"]
+        );
+        assert_eq!(volume_nodes(&fake), ["volfile-v1", "volume-v1"]);
+    }
+
+    #[tokio::test]
+    async fn a_disk_unplug_waits_for_the_guest_then_closes_the_volume() {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = Arc::new(Mutex::new(fake_with_one_nic()));
+        let qmp = serve(dir.path(), fake.clone());
+        let timeout = Duration::from_secs(5);
+        let mut session = Session::open(&qmp, timeout).await.unwrap();
+        plug_disk(&mut session, "vm1", &file_disk(VOLUME, "/v1.qcow2"))
             .await
             .unwrap();
-        assert!(fake.lock().unwrap().devices.is_empty());
+        plug_disk(&mut session, "vm1", &nbd_disk("v2"))
+            .await
+            .unwrap();
+        drop(session);
+        commands(&fake);
+
+        unplugger(&qmp, timeout)
+            .disk(VOLUME, || true)
+            .await
+            .unwrap();
+        assert_eq!(commands(&fake), ["device_del", "blockdev-del"]);
+        assert_eq!(volume_nodes(&fake), ["volfile-v2", "volume-v2"]);
+        assert!(
+            !fake
+                .lock()
+                .unwrap()
+                .devices
+                .contains_key(&disk_device_id(VOLUME))
+        );
+        // Nothing there: nothing to do.
+        unplugger(&qmp, timeout)
+            .disk(VOLUME, || true)
+            .await
+            .unwrap();
+        assert!(commands(&fake).is_empty());
+
+        // A guest that holds on: the unplug times out with the volume still open, and a
+        // retry waits for the unplug already under way.
+        fake.lock().unwrap().release_after = Some(1_000);
+        let error = Unplug {
+            unplug_timeout: Duration::from_millis(300),
+            ..unplugger(&qmp, timeout)
+        }
+        .disk("v2", || true)
+        .await
+        .unwrap_err();
+        assert!(
+            matches!(&error, HypervisorError::UnplugTimeout { device, .. } if device == "disk v2"),
+            "{error}"
+        );
+        assert_eq!(volume_nodes(&fake), ["volfile-v2", "volume-v2"]);
+        fake.lock().unwrap().unplugging.insert("vol-v2".into(), 3);
+        unplugger(&qmp, timeout).disk("v2", || true).await.unwrap();
+        let fake = fake.lock().unwrap();
+        assert!(fake.nodes.is_empty(), "{:?}", fake.nodes.keys());
+        assert_eq!(fake.devices.len(), 1, "the NIC stays");
+    }
+
+    #[tokio::test]
+    async fn a_disk_grows_on_the_node_its_device_reads_and_never_shrinks() {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = Arc::new(Mutex::new(fake_with_one_nic()));
+        let qmp = serve(dir.path(), fake.clone());
+        let mut session = Session::open(&qmp, Duration::from_secs(5)).await.unwrap();
+        plug_disk(&mut session, "vm1", &file_disk(VOLUME, "/v1.qcow2"))
+            .await
+            .unwrap();
+        commands(&fake);
+
+        assert!(
+            grow_disk(&mut session, "vm1", VOLUME, 128 << 20)
+                .await
+                .unwrap()
+        );
+        let log = std::mem::take(&mut fake.lock().unwrap().log);
+        let resize = log.iter().find(|(c, _)| c == "block_resize").unwrap();
+        assert_eq!(
+            resize.1,
+            json!({"node-name": volume_node(VOLUME), "size": 128 << 20})
+        );
+        assert_eq!(
+            fake.lock().unwrap().nodes[&volume_node(VOLUME)].size,
+            128 << 20
+        );
+        // The same size again changes nothing; a smaller one is refused before QEMU
+        // could shrink the disk.
+        assert!(
+            !grow_disk(&mut session, "vm1", VOLUME, 128 << 20)
+                .await
+                .unwrap()
+        );
+        let shrink = grow_disk(&mut session, "vm1", VOLUME, 64 << 20)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                shrink,
+                HypervisorError::InvalidSpec {
+                    field: "size_bytes",
+                    ..
+                }
+            ),
+            "{shrink}"
+        );
+        let missing = grow_disk(&mut session, "vm1", "nope", 1 << 30)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(missing, HypervisorError::NoSuchDisk { .. }),
+            "{missing}"
+        );
+        assert!(commands(&fake).is_empty());
     }
 
     #[test]
