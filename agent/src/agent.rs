@@ -16,6 +16,9 @@
 //!   hypervisor driver lists is queued again (unless it is backing off), so that guests
 //!   that died, orphans, and anything a missed event hid are looked at within one
 //!   period; the passes are counted in `ferro_controller_resyncs_total`;
+//! - **volumes**, on a node with the Storage role: the Volume reconciler
+//!   ([`crate::storage::StorageReconciler`]) keyed by Volume uid, which makes, grows,
+//!   exports and removes the volumes placed on the node;
 //! - **consoles** ([`crate::console`]): the tunnel through which the apiserver asks for
 //!   serial consoles;
 //! - **metrics**, when [`AgentConfig::metrics_addr`] is set: the runtime's metrics over
@@ -39,6 +42,9 @@
 //! ```text
 //! <state>/vms/<server-uid>/   one directory per VM (see the QEMU driver)
 //! <state>/images/             the image cache (see crate::images), unless placed elsewhere
+//! <state>/volumes/            a storage node's volumes (see crate::volumes::file)
+//! <state>/volume-records/     who owns each volume (see crate::storage)
+//! <state>/nbd/                the NBD exports of volumes to other nodes (crate::volumes::nbd)
 //! ```
 //!
 //! Unix socket paths are limited to 107 bytes, so `<state>/vms/<uid>/console.sock` must
@@ -76,7 +82,11 @@ use crate::network::{InsideChecks, NODE_KEY, NetworkHealth, NetworkReconciler};
 use crate::node::{self, HostTools, NodeReport};
 use crate::router::{ROUTER_RECORD_DIR, ROUTERS_KEY, RouterReconciler};
 use crate::server::{self, ServerReconciler};
+use crate::storage::{STORAGE_CONTROLLER, StorageReconciler};
 use crate::switch::ovs::{OvsConfig, OvsSwitch};
+use crate::volumes::VolumeBackend;
+use crate::volumes::file::FileBackend;
+use crate::volumes::nbd::NbdExports;
 use crate::wiring::linuxbridge::LinuxBridge;
 use crate::wiring::ovs::OvsWiring;
 use crate::wiring::{DriverKind, NetworkDriver};
@@ -102,6 +112,9 @@ const RECONCILE_TIMEOUT: Duration = Duration::from_secs(3600);
 /// window in which flows deleted by hand go unnoticed (see [`OvsWiring::reuse_flows_for`]).
 const OVS_FLOWS_FRESH_FOR: Duration = Duration::from_secs(10);
 
+/// Where a storage node keeps its NBD export records, under the state directory.
+const NBD_DIR: &str = "nbd";
+
 /// How long running reconciles get to finish their step when the agent stops.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
@@ -114,6 +127,36 @@ pub struct Drivers {
     /// What wires tenant networks; `None` on a node that wires none (its Servers' Ports
     /// then wait, and say so).
     pub network: Option<NetworkDrivers>,
+    /// What holds and exports volumes; `None` on a node without the Storage role.
+    pub volumes: Option<VolumeDrivers>,
+}
+
+/// The host systems the Volume reconciler drives.
+pub struct VolumeDrivers {
+    /// Where volumes' bytes are.
+    pub backend: Arc<dyn VolumeBackend>,
+    /// The NBD exports of volumes to servers on other nodes.
+    pub exports: Arc<NbdExports>,
+}
+
+impl VolumeDrivers {
+    /// The real ones: qcow2 files under `<state_dir>/volumes`, exported by
+    /// `qemu-storage-daemon` on the node's address.
+    pub fn real(config: &AgentConfig, state_dir: &Path, qemu_img: &Path) -> VolumeDrivers {
+        let address = config.address.clone().unwrap_or_else(node::default_address);
+        VolumeDrivers {
+            backend: Arc::new(FileBackend::new(
+                state_dir.join("volumes"),
+                qemu_img.to_owned(),
+            )),
+            exports: Arc::new(NbdExports::new(
+                state_dir.join(NBD_DIR),
+                PathBuf::from("qemu-storage-daemon"),
+                address,
+                crate::volumes::nbd::DEFAULT_PORTS,
+            )),
+        }
+    }
 }
 
 /// The host systems the network reconciler drives.
@@ -143,10 +186,15 @@ impl Drivers {
             .unwrap_or_else(|| state_dir.join("images"));
         let images = FileImageCache::open(&image_dir, &qemu.qemu_img)
             .with_context(|| format!("cannot open the image cache in {}", image_dir.display()))?;
+        let volumes = config
+            .roles
+            .contains(&Role::Storage)
+            .then(|| VolumeDrivers::real(config, &state_dir, &qemu.qemu_img));
         Ok(Drivers {
             hypervisor: Arc::new(QemuDriver::new(qemu)),
             images: Arc::new(images),
             network: Some(NetworkDrivers::real(config, &state_dir)?),
+            volumes,
         })
     }
 }
@@ -343,8 +391,9 @@ pub fn read_token(path: &Path, node: &str) -> anyhow::Result<String> {
 }
 
 /// Stops (ACPI, then force after `grace`) every guest under a state directory, as
-/// `ferro down` does; returns how many were running. Their disks stay, and the next
-/// agent starts those whose Server wants them running.
+/// `ferro down` does, then the NBD exports that served them; returns how many guests were
+/// running. Their disks and volumes stay, and the next agent starts those whose Server
+/// wants them running, and exports again what they attach.
 pub async fn stop_guests(state_dir: &Path, grace: Duration) -> anyhow::Result<usize> {
     let driver = QemuDriver::new(QemuConfig {
         accel: AccelPolicy::Tcg,
@@ -433,11 +482,14 @@ pub async fn run(config: AgentConfig, drivers: Drivers) -> anyhow::Result<()> {
         hypervisor,
         images,
         network,
+        volumes: volume_drivers,
     } = drivers;
     // Uploaded images are read from the apiserver over this same connection.
     images.use_apiserver(client.clone());
     let servers = Store::<v1::Server>::new();
     let ports = Store::<v1::Port>::new();
+    // Every Volume: servers here attach them, and a storage node holds some.
+    let volumes = Store::<v1::Volume>::new();
     let reconciler = Arc::new(ServerReconciler {
         client: client.clone(),
         driver: hypervisor.clone(),
@@ -449,6 +501,8 @@ pub async fn run(config: AgentConfig, drivers: Drivers) -> anyhow::Result<()> {
         stop_grace,
         recorder: Recorder::new(client.clone(), crate::server::event_component(&node)),
         seen: Default::default(),
+        volumes: volumes.clone(),
+        volume_backend: volume_drivers.as_ref().map(|v| v.backend.clone()),
     });
     let settings = Settings {
         concurrency: workers.max(1),
@@ -473,10 +527,67 @@ pub async fn run(config: AgentConfig, drivers: Drivers) -> anyhow::Result<()> {
         )
         .resync_with_async(move || vm_uids(vms_on_host.clone()))
         // A Server's Ports being plugged in (or out) is what its guest waits for.
-        .watches(&ports, server::servers_of_port(servers.clone()));
+        .watches(&ports, server::servers_of_port(servers.clone()))
+        // So are its Volumes becoming ready, or exported to this node.
+        .watches(&volumes, server::servers_of_volume(servers.clone()));
     tracing::info!(node, server, state_dir = %state_dir.display(), "node agent starting");
 
     let mut tasks = JoinSet::new();
+    tasks.spawn(
+        Reflector::new(client.clone(), volumes.clone())
+            .with_metrics(metrics.clone())
+            .run(),
+    );
+    let storage_report = volume_drivers.as_ref().map(|v| v.backend.clone());
+    let storage_controller = volume_drivers.map(|drivers| {
+        // Servers on every node: those elsewhere reach this node's volumes over NBD.
+        let all_servers = Store::<v1::Server>::new();
+        tasks.spawn(
+            Reflector::new(client.clone(), all_servers.clone())
+                .with_metrics(metrics.clone())
+                .run(),
+        );
+        let reconciler = Arc::new(StorageReconciler {
+            client: client.clone(),
+            node: node.clone(),
+            backend: drivers.backend,
+            exports: drivers.exports,
+            images: images.clone(),
+            volumes: volumes.clone(),
+            servers: all_servers.clone(),
+            records: state_dir.join(crate::storage::RECORD_DIR),
+            recorder: Recorder::new(client.clone(), crate::server::event_component(&node)),
+        });
+        let here = node.clone();
+        let on_volumes = move |c: &ferro_runtime::reflector::Change<v1::Volume>| {
+            c.old
+                .iter()
+                .chain(c.new.iter())
+                .filter(|v| v.status.as_ref().is_some_and(|s| s.node == here))
+                .filter_map(|v| v.metadata.as_ref().map(|m| m.uid.clone()))
+                .collect::<Vec<_>>()
+        };
+        let here = node.clone();
+        let placed = volumes.clone();
+        let on_servers = move |c: &ferro_runtime::reflector::Change<v1::Server>| {
+            let servers: Vec<&v1::Server> = c
+                .old
+                .iter()
+                .chain(c.new.iter())
+                .map(|s| s.as_ref())
+                .collect();
+            crate::storage::volumes_of_change(&here, &placed, &servers)
+        };
+        let resync = reconciler.clone();
+        let controller = Controller::<String>::new(STORAGE_CONTROLLER, settings, metrics.clone())
+            .watches(&volumes, on_volumes)
+            .watches(&all_servers, on_servers)
+            .resync_with_async(move || {
+                let resync = resync.clone();
+                async move { resync.resync_keys().await }
+            });
+        (controller, reconciler)
+    });
     if let Some(addr) = metrics_addr {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
@@ -647,6 +758,7 @@ pub async fn run(config: AgentConfig, drivers: Drivers) -> anyhow::Result<()> {
         },
         hypervisor.clone(),
         images.clone(),
+        storage_report,
         resync_period,
     ));
     tasks.spawn(
@@ -688,11 +800,21 @@ pub async fn run(config: AgentConfig, drivers: Drivers) -> anyhow::Result<()> {
                 tokio::join!(networks, routers, firewall);
             }
         };
+        let mut stopped_storage = stopped.clone();
+        let storage = async move {
+            if let Some((controller, reconciler)) = storage_controller {
+                controller
+                    .run_until(reconciler, async move {
+                        let _ = stopped_storage.wait_for(|s| *s).await;
+                    })
+                    .await;
+            }
+        };
         let mut stopped = stopped;
         let servers = server_controller.run_until(reconciler, async move {
             let _ = stopped.wait_for(|s| *s).await;
         });
-        tokio::join!(servers, network);
+        tokio::join!(servers, network, storage);
     });
 
     let mut shutdown = shutdown;
@@ -744,6 +866,7 @@ async fn keep_node_status(
     base: NodeBase,
     driver: Arc<dyn Hypervisor>,
     images: Arc<dyn ImageCache>,
+    storage: Option<Arc<dyn VolumeBackend>>,
     period: Duration,
 ) {
     let mut delays = retry::reconnect_to_apiserver().build();
@@ -758,6 +881,10 @@ async fn keep_node_status(
     };
     let mut changes = images.changes();
     loop {
+        let storage_report = match &storage {
+            Some(backend) => StorageReconciler::report(backend.as_ref()).await,
+            None => None,
+        };
         match node::measure_capacity(&base.state_dir) {
             Ok(capacity) => {
                 let report = NodeReport {
@@ -771,6 +898,7 @@ async fn keep_node_status(
                     host_ready: node::check_host(&base.tools, &base.state_dir),
                     network_driver: base.health.get().map(|h| h.0).unwrap_or_default(),
                     network_ready: base.health.get().map(|h| h.1),
+                    storage: storage_report,
                 };
                 match node::sync_status(&client, &report).await {
                     Ok(true) => tracing::debug!("node status written"),

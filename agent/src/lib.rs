@@ -27,7 +27,9 @@ pub mod network;
 pub mod node;
 pub mod router;
 pub mod server;
+pub mod storage;
 pub mod switch;
+pub mod volumes;
 pub mod wiring;
 
 pub use agent::{AgentConfig, DEFAULT_STATE_DIR, Drivers, read_token, run, stop_guests};

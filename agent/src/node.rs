@@ -224,6 +224,8 @@ pub struct NodeReport {
     /// The `NetworkReady` condition: whether the driver has what it needs; `None` until
     /// the network reconciler has looked.
     pub network_ready: Option<v1::Condition>,
+    /// The volume backend and its room, on a node that holds volumes.
+    pub storage: Option<v1::NodeStorage>,
 }
 
 /// The status fields the agent owns, in the order of the owner table.
@@ -238,6 +240,7 @@ pub const NODE_FIELDS: &[&str] = &[
     "agentVersion",
     "accelerator",
     "networkDriver",
+    "storage",
 ];
 
 impl NodeReport {
@@ -255,6 +258,7 @@ impl NodeReport {
             agent_version: env!("CARGO_PKG_VERSION").to_owned(),
             accelerator: self.accelerator.clone(),
             network_driver: self.network_driver.clone(),
+            storage: self.storage.clone(),
         }
     }
 
@@ -493,6 +497,7 @@ mod tests {
             },
             images: vec![],
             host_ready: condition(HOST_READY, ConditionStatus::True, "HostReady", "ok".into()),
+            storage: None,
             network_driver: "ovs".into(),
             network_ready: Some(condition(
                 "NetworkReady",

@@ -54,10 +54,11 @@ use ferro_api::{Error, Kind, Resource, auth, owners, v1};
 
 use crate::configdrive::ConfigDrive;
 use crate::hypervisor::{
-    BootDisk, DirectKernel, DiskFormat, Hypervisor, HypervisorError, Nic, StopOutcome, VmSpec,
-    VmStatus,
+    BootDisk, DirectKernel, Disk, DiskFormat, DiskSource, Hypervisor, HypervisorError, Nic,
+    StopOutcome, VmSpec, VmStatus,
 };
 use crate::images::{CachedFile, ImageCache, ImageError, ImageRef, error_chain};
+use crate::volumes::VolumeBackend;
 use ferro_runtime::events::Recorder;
 use ferro_runtime::{Reconcile, Store, reflector::UID};
 use plan::{Action, Applied, Desired, Failure, host_status, needs_write};
@@ -147,6 +148,9 @@ pub enum ReconcileError {
     /// Plugging NICs into or out of the running guest failed.
     #[error("hot-plugging NICs")]
     Nics(#[source] HypervisorError),
+    /// Attaching volumes to or detaching them from the running guest failed.
+    #[error("attaching volumes")]
+    Disks(#[source] HypervisorError),
     /// An API call failed.
     #[error("API")]
     Api(#[from] Error),
@@ -171,6 +175,7 @@ impl ReconcileError {
             ReconcileError::Reset(_) => "ResetFailed",
             ReconcileError::Destroy(_) | ReconcileError::StillPresent(_) => "DestroyFailed",
             ReconcileError::Nics(_) => "NicHotplugFailed",
+            ReconcileError::Disks(_) => "VolumeAttachFailed",
             ReconcileError::Api(_) => "ApiError",
         }
     }
@@ -206,6 +211,11 @@ pub struct ServerReconciler {
     pub recorder: Recorder,
     /// The guests this process has seen running or started.
     pub seen: SeenGuests,
+    /// Every Volume: a guest's disks are its Server's Volumes once they are ready.
+    pub volumes: Store<v1::Volume>,
+    /// This node's volume backend, which opens the volumes placed here; `None` on a node
+    /// that holds none (it reaches every volume over NBD).
+    pub volume_backend: Option<Arc<dyn VolumeBackend>>,
 }
 
 /// The uids of the guests one agent process has started or found running: a guest found
@@ -244,6 +254,30 @@ pub fn servers_of_port(
                         .status
                         .as_ref()
                         .is_some_and(|s| s.ports.contains(&m.name));
+                if lists && !keys.contains(&sm.uid) {
+                    keys.push(sm.uid.clone());
+                }
+            }
+        }
+        keys
+    }
+}
+
+/// The Servers bound here whose `spec.volumes` names a changed Volume.
+pub fn servers_of_volume(
+    servers: Store<v1::Server>,
+) -> impl Fn(&ferro_runtime::reflector::Change<v1::Volume>) -> Vec<String> + Send + Sync + 'static {
+    move |change| {
+        let mut keys = Vec::new();
+        for volume in change.old.iter().chain(change.new.iter()) {
+            let Some(m) = &volume.metadata else { continue };
+            for server in servers.list() {
+                let Some(sm) = &server.metadata else { continue };
+                let lists = sm.project == m.project
+                    && server
+                        .spec
+                        .as_ref()
+                        .is_some_and(|s| s.volumes.iter().any(|v| v.volume == m.name));
                 if lists && !keys.contains(&sm.uid) {
                     keys.push(sm.uid.clone());
                 }
@@ -309,6 +343,10 @@ impl ServerReconciler {
         {
             result = self.sync_nics(&server).await;
         }
+        if result.is_ok() && !desired.deleting && observed.as_ref().is_some_and(VmStatus::is_alive)
+        {
+            result = self.sync_disks(&server).await;
+        }
         if let Err(e) = &result {
             let reason = match e {
                 ReconcileError::Destroy(_) | ReconcileError::StillPresent(_) => "DeletionBlocked",
@@ -333,7 +371,7 @@ impl ServerReconciler {
                     message,
                 })
             });
-        let (host, guest) = host_status(
+        let (mut host, guest) = host_status(
             &server,
             &desired,
             &plan,
@@ -341,6 +379,9 @@ impl ServerReconciler {
             &applied,
             failure.as_ref(),
         );
+        if observed.as_ref().is_some_and(VmStatus::is_alive) {
+            host.volumes = self.attached_volumes(&uid).await;
+        }
         if needs_write(&server, &host, &guest)
             && let Err(e) = self.write_status(&server, host, guest).await
         {
@@ -371,6 +412,7 @@ impl ServerReconciler {
                     };
                     let mut spec = self.prepare(server).await?;
                     spec.nics = nics;
+                    spec.disks = self.disks(server).await.0;
                     let started = self
                         .driver
                         .start(&spec)
@@ -553,6 +595,167 @@ impl ServerReconciler {
             }
         }
         Ok(())
+    }
+
+    /// The guest's data disks: its `spec.volumes` that are ready to attach, in order, and
+    /// why the others are not. A volume on this node is opened as a file; one on another
+    /// node through the NBD export its node made for this server.
+    async fn disks(&self, server: &v1::Server) -> (Vec<Disk>, Vec<String>) {
+        let meta = server.metadata.clone().unwrap_or_default();
+        let mut disks = Vec::new();
+        let mut waiting = Vec::new();
+        for wanted in server.spec.iter().flat_map(|s| &s.volumes) {
+            let name = &wanted.volume;
+            let Some(volume) = self.volumes.get_named(&meta.project, name) else {
+                waiting.push(format!("volume {name} not found"));
+                continue;
+            };
+            match self.disk_of(&meta, &volume).await {
+                Ok(disk) => disks.push(disk),
+                Err(why) => waiting.push(format!("volume {name}: {why}")),
+            }
+        }
+        (disks, waiting)
+    }
+
+    /// How this server's guest reaches `volume`, or why it cannot yet.
+    async fn disk_of(&self, server: &v1::ObjectMeta, volume: &v1::Volume) -> Result<Disk, String> {
+        let vm = volume.metadata.clone().unwrap_or_default();
+        let status = volume.status.clone().unwrap_or_default();
+        let spec = volume.spec.clone().unwrap_or_default();
+        if vm.deletion_timestamp.is_some() {
+            return Err("is being deleted".to_owned());
+        }
+        if status.phase != v1::volume_status::Phase::Available as i32
+            && status.phase != v1::volume_status::Phase::InUse as i32
+        {
+            return Err("is not ready".to_owned());
+        }
+        if !spec.multiattach
+            && let Some(other) = status.attachments.iter().find(|a| a.server != server.name)
+        {
+            return Err(format!("is attached to server {}", other.server));
+        }
+        let serial: String = vm.uid.chars().filter(|c| *c != '-').take(20).collect();
+        let source = if status.node == self.node {
+            let Some(backend) = &self.volume_backend else {
+                return Err(format!("node {} holds no volumes", self.node));
+            };
+            match backend.get(&vm.uid).await {
+                Ok(Some(info)) => DiskSource::File {
+                    path: info.path,
+                    format: info.format,
+                },
+                Ok(None) => return Err(format!("not found on node {}", self.node)),
+                Err(e) => return Err(error_chain(&e)),
+            }
+        } else {
+            let Some(export) = status.exports.iter().find(|e| e.server_uid == server.uid) else {
+                return Err(format!("waiting for node {} to export it", status.node));
+            };
+            let Some((host, port)) = crate::storage::split_host_port(&export.address) else {
+                return Err(format!(
+                    "export address {:?} is not host:port",
+                    export.address
+                ));
+            };
+            DiskSource::Nbd {
+                host,
+                port,
+                export: export.name.clone(),
+            }
+        };
+        Ok(Disk {
+            id: vm.uid,
+            source,
+            serial,
+            read_only: false,
+        })
+    }
+
+    /// Attaches to the running guest the volumes it should have and lacks, and detaches
+    /// those it has and should not, comparing with what the hypervisor reports.
+    async fn sync_disks(&self, server: &v1::Server) -> Result<(), ReconcileError> {
+        let uid = uid_of(server);
+        let current = match self.driver.disks(uid).await {
+            Ok(current) => current,
+            Err(HypervisorError::NotRunning(_)) => return Ok(()),
+            Err(e) => return Err(ReconcileError::Disks(e)),
+        };
+        let project = server
+            .metadata
+            .as_ref()
+            .map(|m| m.project.clone())
+            .unwrap_or_default();
+        // The uids of the volumes the spec lists (ready or not): an attached one stays.
+        let listed: HashSet<String> = server
+            .spec
+            .iter()
+            .flat_map(|s| &s.volumes)
+            .filter_map(|v| self.volumes.get_named(&project, &v.volume))
+            .filter(|v| {
+                v.metadata
+                    .as_ref()
+                    .is_some_and(|m| m.deletion_timestamp.is_none())
+            })
+            .filter_map(|v| v.metadata.as_ref().map(|m| m.uid.clone()))
+            .collect();
+        for disk in &current {
+            if !listed.contains(&disk.id) {
+                self.driver
+                    .detach_disk(uid, &disk.id)
+                    .await
+                    .map_err(ReconcileError::Disks)?;
+                let name = self.volume_name(&disk.id);
+                let message = format!("detached volume {name} from the running guest");
+                self.normal(server, "VolumeDetached", &message).await;
+            }
+        }
+        let (wanted, _) = self.disks(server).await;
+        for disk in &wanted {
+            if !current.iter().any(|c| c.id == disk.id) {
+                let started = std::time::Instant::now();
+                self.driver
+                    .attach_disk(uid, disk)
+                    .await
+                    .map_err(ReconcileError::Disks)?;
+                let name = self.volume_name(&disk.id);
+                let how = match &disk.source {
+                    DiskSource::File { .. } => "from this node".to_owned(),
+                    DiskSource::Nbd { host, port, .. } => format!("over NBD from {host}:{port}"),
+                };
+                let message = format!(
+                    "attached volume {name} ({how}) to the running guest in {:.2}s, serial {}",
+                    started.elapsed().as_secs_f64(),
+                    disk.serial
+                );
+                self.normal(server, "VolumeAttached", &message).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// The volumes the running guest has, as the hypervisor reports them.
+    async fn attached_volumes(&self, uid: &str) -> Vec<v1::AttachedVolume> {
+        match self.driver.disks(uid).await {
+            Ok(disks) => disks
+                .into_iter()
+                .map(|d| v1::AttachedVolume {
+                    volume: self.volume_name(&d.id),
+                    uid: d.id,
+                    serial: d.serial,
+                })
+                .collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    fn volume_name(&self, uid: &str) -> String {
+        self.volumes
+            .by_index(UID, uid)
+            .first()
+            .and_then(|v| v.metadata.as_ref().map(|m| m.name.clone()))
+            .unwrap_or_else(|| uid.to_owned())
     }
 
     /// Records a Normal event about `server`. The recording future is boxed: it is large,
@@ -1034,6 +1237,7 @@ pub fn vm_spec(
             ..ConfigDrive::default()
         }),
         nics: Vec::new(),
+        disks: Vec::new(),
         labels: BTreeMap::from([
             (LABEL_PROJECT.to_owned(), meta.project.clone()),
             (LABEL_SERVER.to_owned(), meta.name.clone()),

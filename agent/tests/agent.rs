@@ -875,6 +875,7 @@ async fn run_strategies_decide_restarts_and_orphans_are_removed() -> Result<()> 
             }),
             config_drive: None,
             nics: vec![],
+            disks: vec![],
             labels: [
                 ("ferro.io/project".to_owned(), "default".to_owned()),
                 ("ferro.io/server".to_owned(), "ghost".to_owned()),

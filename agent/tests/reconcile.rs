@@ -229,6 +229,8 @@ fn agent(cloud: &Cloud, driver: &Arc<MemoryHypervisor>, images: &Arc<MemoryImage
         stop_grace: Duration::from_secs(30),
         recorder: Recorder::new(cloud.node_client.clone(), event_component(NODE)),
         seen: Default::default(),
+        volumes: Store::new(),
+        volume_backend: None,
     };
     Agent {
         reconciler,
@@ -696,11 +698,12 @@ async fn reconciling_again_writes_nothing_and_changes_nothing() -> Result<()> {
         after.status
     );
     let journal = driver.take_journal();
-    // Only observations: the guest's state and the NICs it has.
+    // Only observations: the guest's state and the NICs and disks it has.
     ensure!(
-        journal
-            .iter()
-            .all(|c| matches!(c.operation, Operation::Status | Operation::Nics)),
+        journal.iter().all(|c| matches!(
+            c.operation,
+            Operation::Status | Operation::Nics | Operation::Disks
+        )),
         "{journal:?}"
     );
     ensure!(images.fetches().len() == 1, "{:?}", images.fetches());

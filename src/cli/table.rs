@@ -345,6 +345,7 @@ fn columns(object: &Object, wide: bool) -> Vec<(&'static str, String)> {
             ));
             wide_cells.push(("TYPE", spec.volume_type.clone()));
             wide_cells.push(("BOOTABLE", spec.bootable.unwrap_or(false).to_string()));
+            wide_cells.push(("REASON", not_ready_reason(&status.conditions)));
         }
         Object::VolumeSnapshot(o) => {
             let spec = or_default(&o.spec);

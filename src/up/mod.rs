@@ -210,13 +210,14 @@ pub fn children(
         },
     });
     // The first two nodes also play the network role: they serve DHCP and host routers,
-    // and a router on one fails over to the other.
+    // and a router on one fails over to the other. Every node is a storage node.
     let network_nodes: Vec<String> = args.node_names().into_iter().take(2).collect();
     let agent = |node: &str, server: &str, state_dir: PathBuf, ovs_dir: PathBuf| {
+        // Every node holds volumes on its own disk.
         let roles = if network_nodes.iter().any(|n| n == node) {
-            "compute,network"
+            "compute,network,storage"
         } else {
-            "compute"
+            "compute,storage"
         };
         let mut agent: Vec<OsString> = vec![
             "agent".into(),

@@ -274,6 +274,8 @@ pub fn host_status(
             .as_ref()
             .map(Exit::describe)
             .unwrap_or(previous.last_exit_reason),
+        // Read from the hypervisor by the reconciler, which fills it in.
+        volumes: Vec::new(),
     };
     let mut guest = guest_running(desired, observed, failure);
     guest.observed_generation = generation;
