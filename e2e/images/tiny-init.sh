@@ -10,6 +10,10 @@
 #   FERRO-NIC IF MAC                          a NIC is there: at boot (before the ready
 #                                             marker), or hot-plugged later (seen within 0.5 s)
 #   FERRO-NIC-GONE IF                         a NIC went away (hot-unplugged)
+#   FERRO-DISK DEV SERIAL BYTES               a data disk (one with a serial) is there: at
+#                                             boot, hot-plugged later, or grown (seen
+#                                             within 0.5 s)
+#   FERRO-DISK-GONE DEV                       a data disk went away (detached)
 #   FERRO-POWEROFF                            on the way down (ACPI power button or poweroff)
 # and on the network: ping; TCP port 7 answers "ferro-tiny HOSTNAME" then echoes; HTTP on
 # port 80 serves the hostname. DHCP runs on every NIC in the background, on hot-plugged
@@ -186,6 +190,35 @@ watch_nics() {
     known=$now
   done
 }
+# Data disks are those with a serial (the boot disk and the config drive have none), as
+# DEV@SERIAL@BYTES words, so a grown disk counts as gone and new.
+disk_list() {
+  for path in /sys/block/vd*; do
+    [ -e "$path" ] || continue
+    serial=$(cat "$path/serial" 2>/dev/null)
+    [ -n "$serial" ] || continue
+    echo "${path##*/}@$serial@$(($(cat "$path/size") * 512))"
+  done
+}
+watch_disks() {
+  known=""
+  while :; do
+    now=" $(disk_list | tr '\n' ' ') "
+    for disk in $known; do
+      case "$now" in *" $disk "*) ;; *) echo "FERRO-DISK-GONE ${disk%%@*}" ;; esac
+    done
+    for disk in $now; do
+      case " $known " in *" $disk "*) ;; *)
+        rest=${disk#*@}
+        echo "FERRO-DISK ${disk%%@*} ${rest%@*} ${rest#*@}" ;;
+      esac
+    done
+    known=$now
+    sleep 0.5 2>/dev/null || sleep 1
+  done
+}
+watch_disks &
+
 boot_nics=$(nic_list)
 nics=""
 for nic in $boot_nics; do
