@@ -547,6 +547,12 @@ pub async fn run(config: AgentConfig, drivers: Drivers) -> anyhow::Result<()> {
                 .with_metrics(metrics.clone())
                 .run(),
         );
+        let snapshots = Store::<v1::VolumeSnapshot>::new();
+        tasks.spawn(
+            Reflector::new(client.clone(), snapshots.clone())
+                .with_metrics(metrics.clone())
+                .run(),
+        );
         let reconciler = Arc::new(StorageReconciler {
             client: client.clone(),
             node: node.clone(),
@@ -555,6 +561,7 @@ pub async fn run(config: AgentConfig, drivers: Drivers) -> anyhow::Result<()> {
             images: images.clone(),
             volumes: volumes.clone(),
             servers: all_servers.clone(),
+            snapshots: snapshots.clone(),
             records: state_dir.join(crate::storage::RECORD_DIR),
             recorder: Recorder::new(client.clone(), crate::server::event_component(&node)),
         });
@@ -578,10 +585,26 @@ pub async fn run(config: AgentConfig, drivers: Drivers) -> anyhow::Result<()> {
                 .collect();
             crate::storage::volumes_of_change(&here, &placed, &servers)
         };
+        let here = node.clone();
+        let of_snapshot = volumes.clone();
+        let on_snapshots = move |c: &ferro_runtime::reflector::Change<v1::VolumeSnapshot>| {
+            c.old
+                .iter()
+                .chain(c.new.iter())
+                .filter_map(|s| {
+                    let project = &s.metadata.as_ref()?.project;
+                    let volume = of_snapshot.get_named(project, &s.spec.as_ref()?.volume)?;
+                    let status = volume.status.as_ref()?;
+                    (status.node == here)
+                        .then(|| volume.metadata.as_ref().map(|m| m.uid.clone()))?
+                })
+                .collect::<Vec<_>>()
+        };
         let resync = reconciler.clone();
         let controller = Controller::<String>::new(STORAGE_CONTROLLER, settings, metrics.clone())
             .watches(&volumes, on_volumes)
             .watches(&all_servers, on_servers)
+            .watches(&snapshots, on_snapshots)
             .resync_with_async(move || {
                 let resync = resync.clone();
                 async move { resync.resync_keys().await }

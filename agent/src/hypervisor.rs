@@ -63,8 +63,9 @@ pub struct VmSpec {
     /// NICs, in the order the guest enumerates them.
     pub nics: Vec<Nic>,
     /// Data disks, cold-plugged at start in this order (after the boot disk and the
-    /// config drive, so the guest finds them as `vdc`, `vdd`, …). Specs recorded before
-    /// disks existed read back with none.
+    /// config drive, so the guest finds them as `vdc`, `vdd`, …). A VM with neither a boot
+    /// disk nor a kernel boots from the first one (a Server booted from a Volume). Specs
+    /// recorded before disks existed read back with none.
     #[serde(default)]
     pub disks: Vec<Disk>,
     /// Free-form facts the driver records with the VM and reports back in
@@ -489,8 +490,11 @@ pub fn validate_spec(spec: &VmSpec) -> Result<(), HypervisorError> {
     if spec.memory_mib < 16 {
         return invalid("memory_mib", "must be at least 16");
     }
-    if spec.boot_disk.is_none() && spec.kernel.is_none() {
-        return invalid("boot_disk", "a VM needs a boot disk or a kernel");
+    if spec.boot_disk.is_none() && spec.kernel.is_none() && spec.disks.is_empty() {
+        return invalid(
+            "boot_disk",
+            "a VM needs a boot disk, a kernel or a data disk to boot",
+        );
     }
     if let Some(kernel) = &spec.kernel
         && kernel.cmdline.contains('\n')

@@ -76,9 +76,14 @@ pub enum ReconcileError {
     /// The Server has no Flavor copy: it was not placed through Bind.
     #[error("status.flavor is empty: the server was not placed through Bind")]
     NotPlaced,
-    /// The Server boots from a Volume.
-    #[error("booting from a volume is not supported by this node yet")]
-    BootVolumeUnsupported,
+    /// The Volume the Server boots from cannot be attached (yet).
+    #[error("boot volume {name}: {why}")]
+    BootVolume {
+        /// The Volume.
+        name: String,
+        /// Why not.
+        why: String,
+    },
     /// An Image name resolves to no Image, or to several public ones.
     #[error(transparent)]
     ImageUnresolved(Unresolved),
@@ -161,7 +166,7 @@ impl ReconcileError {
     pub fn reason(&self) -> &'static str {
         match self {
             ReconcileError::NotPlaced => "NotPlaced",
-            ReconcileError::BootVolumeUnsupported => "BootVolumeUnsupported",
+            ReconcileError::BootVolume { .. } => "BootVolumeNotReady",
             ReconcileError::ImageUnresolved(Unresolved::NotFound { .. })
             | ReconcileError::ImageReplaced { .. } => "ImageNotFound",
             ReconcileError::ImageUnresolved(Unresolved::Ambiguous { .. }) => "ImageAmbiguous",
@@ -274,10 +279,9 @@ pub fn servers_of_volume(
             for server in servers.list() {
                 let Some(sm) = &server.metadata else { continue };
                 let lists = sm.project == m.project
-                    && server
-                        .spec
-                        .as_ref()
-                        .is_some_and(|s| s.volumes.iter().any(|v| v.volume == m.name));
+                    && server.spec.as_ref().is_some_and(|s| {
+                        s.boot_volume == m.name || s.volumes.iter().any(|v| v.volume == m.name)
+                    });
                 if lists && !keys.contains(&sm.uid) {
                     keys.push(sm.uid.clone());
                 }
@@ -412,7 +416,7 @@ impl ServerReconciler {
                     };
                     let mut spec = self.prepare(server).await?;
                     spec.nics = nics;
-                    spec.disks = self.disks(server).await.0;
+                    spec.disks.extend(self.disks(server).await.0);
                     let started = self
                         .driver
                         .start(&spec)
@@ -691,8 +695,9 @@ impl ServerReconciler {
         let listed: HashSet<String> = server
             .spec
             .iter()
-            .flat_map(|s| &s.volumes)
-            .filter_map(|v| self.volumes.get_named(&project, &v.volume))
+            .flat_map(|s| s.volumes.iter().map(|v| &v.volume).chain([&s.boot_volume]))
+            .filter(|name| !name.is_empty())
+            .filter_map(|name| self.volumes.get_named(&project, name))
             .filter(|v| {
                 v.metadata
                     .as_ref()
@@ -731,6 +736,51 @@ impl ServerReconciler {
                 );
                 self.normal(server, "VolumeAttached", &message).await;
             }
+        }
+        self.grow_disks(server, &current).await
+    }
+
+    /// Grows online the attached volumes of this node whose `spec.sizeGib` grew: QEMU
+    /// resizes the file it has open, and the guest sees the new size. A volume attached
+    /// over NBD keeps its size until detached (QEMU 7.2 cannot grow an NBD disk); its
+    /// storage node says so.
+    async fn grow_disks(
+        &self,
+        server: &v1::Server,
+        attached: &[Disk],
+    ) -> Result<(), ReconcileError> {
+        let Some(backend) = &self.volume_backend else {
+            return Ok(());
+        };
+        let uid = uid_of(server);
+        for disk in attached {
+            if !matches!(disk.source, DiskSource::File { .. }) {
+                continue;
+            }
+            let Some(volume) = self.volumes.by_index(UID, &disk.id).into_iter().next() else {
+                continue;
+            };
+            if volume.status.as_ref().is_none_or(|s| s.node != self.node) {
+                continue;
+            }
+            let wanted = volume.spec.as_ref().map_or(0, |s| s.size_gib) << 30;
+            let has = match backend.get(&disk.id).await {
+                Ok(Some(info)) => info.size_bytes,
+                _ => continue,
+            };
+            if wanted <= has {
+                continue;
+            }
+            self.driver
+                .resize_disk(uid, &disk.id, wanted)
+                .await
+                .map_err(ReconcileError::Disks)?;
+            let message = format!(
+                "grew volume {} to {} GiB in the running guest",
+                self.volume_name(&disk.id),
+                wanted >> 30
+            );
+            self.normal(server, "VolumeGrown", &message).await;
         }
         Ok(())
     }
@@ -935,26 +985,15 @@ impl ServerReconciler {
         if status.flavor.is_none() {
             return Err(ReconcileError::NotPlaced);
         }
-        if spec.image.is_empty() {
-            return Err(ReconcileError::BootVolumeUnsupported);
-        }
-        let resolved = status
-            .resolved
-            .iter()
-            .find(|r| r.kind == Kind::Image.name() && r.name == spec.image);
-        let image = match resolved {
-            Some(r) if !r.project.is_empty() => {
-                let image = self.get_image(&r.project, &spec.image).await?;
-                if !r.uid.is_empty() && image.metadata.as_ref().is_some_and(|m| m.uid != r.uid) {
-                    return Err(ReconcileError::ImageReplaced {
-                        name: spec.image.clone(),
-                        expected: r.uid.clone(),
-                    });
-                }
-                image
-            }
-            _ => self.resolve_image(&meta.project, &spec.image).await?,
+        // A server booted from a Volume boots the kernel of the Image the volume was made
+        // from, if that Image has one, and otherwise the volume itself through firmware.
+        let (boot_volume, image) = if spec.image.is_empty() {
+            let (disk, image) = self.boot_volume(server).await?;
+            (Some(disk), image)
+        } else {
+            (None, Some(self.server_image(server).await?))
         };
+        let image = image.unwrap_or_default();
         let image_spec = image.spec.clone().unwrap_or_default();
         let image_project = image
             .metadata
@@ -986,8 +1025,12 @@ impl ServerReconciler {
                 Err(e) => return Err(e.into()),
             },
         };
-        check_bootable(&image)?;
-        let disk = self.cached(server, &image).await?;
+        let disk = if boot_volume.is_none() {
+            check_bootable(&image)?;
+            Some(self.cached(server, &image).await?)
+        } else {
+            None
+        };
         let kernel = match &kernel {
             Some(k) => Some(self.cached(server, k).await?),
             None => None,
@@ -1003,7 +1046,74 @@ impl ServerReconciler {
             initrd,
             cmdline: image_spec.kernel_command_line,
         };
-        vm_spec(server, &boot, key, &self.node, &self.zone)
+        let mut vm = vm_spec(server, &boot, key, &self.node, &self.zone)?;
+        vm.disks.extend(boot_volume);
+        Ok(vm)
+    }
+
+    /// The Image of `spec.image`, as the server controller resolved it.
+    async fn server_image(&self, server: &v1::Server) -> Result<v1::Image, ReconcileError> {
+        let meta = server.metadata.clone().unwrap_or_default();
+        let spec = server.spec.clone().unwrap_or_default();
+        let status = server.status.clone().unwrap_or_default();
+        let resolved = status
+            .resolved
+            .iter()
+            .find(|r| r.kind == Kind::Image.name() && r.name == spec.image);
+        match resolved {
+            Some(r) if !r.project.is_empty() => {
+                let image = self.get_image(&r.project, &spec.image).await?;
+                if !r.uid.is_empty() && image.metadata.as_ref().is_some_and(|m| m.uid != r.uid) {
+                    return Err(ReconcileError::ImageReplaced {
+                        name: spec.image.clone(),
+                        expected: r.uid.clone(),
+                    });
+                }
+                Ok(image)
+            }
+            _ => self.resolve_image(&meta.project, &spec.image).await,
+        }
+    }
+
+    /// The disk of `spec.bootVolume`, once the volume is bootable and ready, and the Image
+    /// it was made from (whose kernel boots it), if that Image is still there.
+    async fn boot_volume(
+        &self,
+        server: &v1::Server,
+    ) -> Result<(Disk, Option<v1::Image>), ReconcileError> {
+        let meta = server.metadata.clone().unwrap_or_default();
+        let name = server
+            .spec
+            .as_ref()
+            .map(|s| s.boot_volume.clone())
+            .unwrap_or_default();
+        let not_ready = |why: String| ReconcileError::BootVolume {
+            name: name.clone(),
+            why,
+        };
+        let volume = self
+            .volumes
+            .get_named(&meta.project, &name)
+            .ok_or_else(|| not_ready(format!("not found in project {}", meta.project)))?;
+        let spec = volume.spec.clone().unwrap_or_default();
+        if spec.bootable != Some(true) {
+            return Err(not_ready(
+                "is not bootable (spec.bootable: false)".to_owned(),
+            ));
+        }
+        let disk = self.disk_of(&meta, &volume).await.map_err(not_ready)?;
+        let source = spec.source.unwrap_or_default().image;
+        let image = if source.is_empty() {
+            None
+        } else {
+            let project = volume
+                .metadata
+                .as_ref()
+                .map(|m| m.project.clone())
+                .unwrap_or_default();
+            self.resolve_image(&project, &source).await.ok()
+        };
+        Ok((disk, image))
     }
 
     /// An Image's file from the node's cache, and the event saying whether it had to be
@@ -1153,14 +1263,51 @@ fn check_bootable(image: &v1::Image) -> Result<(), ReconcileError> {
 pub struct BootFiles {
     /// The Image's name, for messages.
     pub image: String,
-    /// The disk image.
-    pub disk: CachedFile,
+    /// The disk image; `None` when the server boots from a Volume.
+    pub disk: Option<CachedFile>,
     /// The kernel, for direct boot.
     pub kernel: Option<CachedFile>,
     /// The ramdisk.
     pub initrd: Option<CachedFile>,
     /// The kernel command line (the Image's).
     pub cmdline: String,
+}
+
+/// The copy-on-write boot disk on a cached image, sized by the Flavor. Pure.
+fn boot_disk(
+    boot: &BootFiles,
+    disk: &CachedFile,
+    flavor_gib: u64,
+) -> Result<BootDisk, ReconcileError> {
+    let base_format = match disk.format.as_str() {
+        "raw" => DiskFormat::Raw,
+        "qcow2" => DiskFormat::Qcow2,
+        other => {
+            return Err(ReconcileError::ImageNotBootable {
+                name: boot.image.clone(),
+                reason: format!("qemu-img found format {other}; servers boot raw or qcow2"),
+            });
+        }
+    };
+    let size_bytes = match flavor_gib {
+        0 => None,
+        gib => {
+            let bytes = gib.saturating_mul(1 << 30);
+            if bytes < disk.virtual_size_bytes {
+                return Err(ReconcileError::FlavorDiskTooSmall {
+                    flavor_gib: gib,
+                    image: boot.image.clone(),
+                    image_bytes: disk.virtual_size_bytes,
+                });
+            }
+            Some(bytes)
+        }
+    };
+    Ok(BootDisk {
+        base: disk.path.clone(),
+        base_format,
+        size_bytes,
+    })
 }
 
 /// The VM a Server describes, given its boot files and key. Pure.
@@ -1178,29 +1325,9 @@ pub fn vm_spec(
         .as_ref()
         .and_then(|s| s.flavor.clone())
         .ok_or(ReconcileError::NotPlaced)?;
-    let base_format = match boot.disk.format.as_str() {
-        "raw" => DiskFormat::Raw,
-        "qcow2" => DiskFormat::Qcow2,
-        other => {
-            return Err(ReconcileError::ImageNotBootable {
-                name: boot.image.clone(),
-                reason: format!("qemu-img found format {other}; servers boot raw or qcow2"),
-            });
-        }
-    };
-    let size_bytes = match flavor.disk_gib {
-        0 => None,
-        gib => {
-            let bytes = gib.saturating_mul(1 << 30);
-            if bytes < boot.disk.virtual_size_bytes {
-                return Err(ReconcileError::FlavorDiskTooSmall {
-                    flavor_gib: gib,
-                    image: boot.image.clone(),
-                    image_bytes: boot.disk.virtual_size_bytes,
-                });
-            }
-            Some(bytes)
-        }
+    let boot_disk = match &boot.disk {
+        Some(disk) => Some(boot_disk(boot, disk, flavor.disk_gib)?),
+        None => None,
     };
     let kernel = boot.kernel.as_ref().map(|kernel| DirectKernel {
         kernel: kernel.path.clone(),
@@ -1221,11 +1348,7 @@ pub fn vm_spec(
         name: meta.name.clone(),
         vcpus: flavor.vcpus.max(1),
         memory_mib: flavor.ram_mib,
-        boot_disk: Some(BootDisk {
-            base: boot.disk.path.clone(),
-            base_format,
-            size_bytes,
-        }),
+        boot_disk,
         kernel,
         config_drive: Some(ConfigDrive {
             uuid: meta.uid.clone(),
@@ -1293,7 +1416,7 @@ mod tests {
     fn boot(disk_format: &str) -> BootFiles {
         BootFiles {
             image: "tiny".into(),
-            disk: file("d", disk_format, 64 << 20),
+            disk: Some(file("d", disk_format, 64 << 20)),
             kernel: Some(file("k", "raw", 10)),
             initrd: Some(file("i", "raw", 10)),
             cmdline: "console=ttyS0 quiet".into(),
@@ -1338,7 +1461,7 @@ mod tests {
             (None, DiskFormat::Qcow2)
         );
         let mut big = boot("raw");
-        big.disk.virtual_size_bytes = 3 << 30;
+        big.disk.as_mut().unwrap().virtual_size_bytes = 3 << 30;
         let err = vm_spec(&server(2), &big, None, "n1", "z").unwrap_err();
         assert_eq!(err.reason(), "FlavorDiskTooSmall");
     }

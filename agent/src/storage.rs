@@ -15,7 +15,13 @@
 //!   `status.exports`, which is where that server's node finds it. An export stays while
 //!   the server's node still reports the volume attached, so a guest never loses a disk
 //!   it has not released;
-//! - **writes** `status.sizeGib`, `status.exports` and `Provisioned` (its message begins
+//! - **snapshots** it: each VolumeSnapshot of the volume is a full copy made in the same
+//!   backend (named by the snapshot's uid, with a record naming the snapshot), taken while
+//!   no guest has the volume attached or exported (a copy of a disk in use would not be
+//!   consistent; the snapshot waits, and says so), listed in `status.snapshots`, and
+//!   removed when the VolumeSnapshot goes. A volume restored from a snapshot is a copy of
+//!   that copy, on this node;
+//! - **writes** `status.sizeGib`, `status.exports`, `status.snapshots` and `Provisioned` (its message begins
 //!   `node <name>`, see the volume controller) as writer `agent`, when they differ;
 //! - on **deletion**, waits until no guest has the volume attached, then removes its
 //!   exports, its bytes and its record, and then the finalizer `ferro.io/agent`;
@@ -85,7 +91,16 @@ pub enum StorageError {
 struct Record {
     project: String,
     name: String,
+    /// `VolumeSnapshot` for a snapshot's copy; empty for a Volume.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    kind: String,
+    /// For a snapshot: the uid of the volume it copies.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    volume: String,
 }
+
+/// The record kind of a snapshot's copy.
+const SNAPSHOT_RECORD: &str = "VolumeSnapshot";
 
 /// One export a volume should have: for a server on another node.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -99,7 +114,8 @@ pub struct WantedExport {
 }
 
 /// The exports `volume` (placed on `node`) should have: one per server in its project on
-/// another node that lists it in `spec.volumes`, or whose guest still has it attached.
+/// another node that lists it in `spec.volumes` or boots from it, or whose guest still has
+/// it attached.
 /// Pure.
 pub fn wanted_exports(
     volume: &v1::Volume,
@@ -118,10 +134,9 @@ pub fn wanted_exports(
                 return None;
             }
             let listed = sm.deletion_timestamp.is_none()
-                && server
-                    .spec
-                    .as_ref()
-                    .is_some_and(|s| s.volumes.iter().any(|v| v.volume == m.name));
+                && server.spec.as_ref().is_some_and(|s| {
+                    s.boot_volume == m.name || s.volumes.iter().any(|v| v.volume == m.name)
+                });
             let attached = status
                 .host
                 .as_ref()
@@ -182,6 +197,8 @@ pub struct StorageReconciler {
     pub volumes: Store<v1::Volume>,
     /// Every Server (those on other nodes attach this node's volumes).
     pub servers: Store<v1::Server>,
+    /// Every VolumeSnapshot: this node holds the copies of its volumes' snapshots.
+    pub snapshots: Store<v1::VolumeSnapshot>,
     /// Where owner records are kept.
     pub records: PathBuf,
     /// Events about Volumes.
@@ -230,13 +247,19 @@ impl StorageReconciler {
         let record = Record {
             project: m.project,
             name: m.name,
+            kind: String::new(),
+            volume: String::new(),
         };
+        self.put_record(uid, &record)
+    }
+
+    fn put_record(&self, uid: &str, record: &Record) -> Result<(), StorageError> {
         let path = self.record_path(uid);
         let io = |what: String| move |source| StorageError::Io { what, source };
         std::fs::create_dir_all(&self.records)
             .map_err(io(format!("creating {}", self.records.display())))?;
         let partial = path.with_extension("json.partial");
-        let bytes = serde_json::to_vec(&record).expect("records serialise");
+        let bytes = serde_json::to_vec(record).expect("records serialise");
         std::fs::write(&partial, bytes).map_err(io(format!("writing {}", partial.display())))?;
         std::fs::rename(&partial, &path).map_err(io(format!("writing {}", path.display())))?;
         Ok(())
@@ -249,6 +272,109 @@ impl StorageReconciler {
 
     fn remove_record(&self, uid: &str) {
         let _ = std::fs::remove_file(self.record_path(uid));
+    }
+
+    /// The snapshot copies recorded for volume `volume_uid`: (snapshot uid, record).
+    fn snapshot_records(&self, volume_uid: &str) -> Vec<(String, Record)> {
+        let Ok(entries) = std::fs::read_dir(&self.records) else {
+            return Vec::new();
+        };
+        let mut found: Vec<(String, Record)> = entries
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().into_string().ok()?;
+                let uid = name.strip_suffix(".json")?.to_owned();
+                let record = self.read_record(&uid)?;
+                (record.kind == SNAPSHOT_RECORD && record.volume == volume_uid)
+                    .then_some((uid, record))
+            })
+            .collect();
+        found.sort_by(|a, b| a.0.cmp(&b.0));
+        found
+    }
+
+    /// Takes the snapshots of `volume` that are wanted and not held, while no guest has it
+    /// (a copy of a disk in use would not be consistent), and removes the copies whose
+    /// VolumeSnapshot is gone. Returns what is held afterwards.
+    async fn sync_snapshots(
+        &self,
+        volume: &v1::Volume,
+        info: &VolumeInfo,
+        exported: bool,
+    ) -> Result<Vec<v1::HeldSnapshot>, StorageError> {
+        let m = volume.metadata.clone().unwrap_or_default();
+        let wanted: Vec<Arc<v1::VolumeSnapshot>> = self
+            .snapshots
+            .list()
+            .into_iter()
+            .filter(|s| {
+                let sm = s.metadata.clone().unwrap_or_default();
+                sm.project == m.project
+                    && sm.deletion_timestamp.is_none()
+                    && s.spec.as_ref().is_some_and(|s| s.volume == m.name)
+            })
+            .collect();
+        let wanted_uids: BTreeSet<String> = wanted
+            .iter()
+            .filter_map(|s| s.metadata.as_ref().map(|m| m.uid.clone()))
+            .collect();
+        for (uid, record) in self.snapshot_records(&m.uid) {
+            if !wanted_uids.contains(&uid) {
+                self.backend.delete(&uid).await?;
+                self.remove_record(&uid);
+                let message = format!(
+                    "removed the copy of snapshot {} from node {}",
+                    record.name, self.node
+                );
+                self.recorder
+                    .normal(volume, "SnapshotDeleted", &message)
+                    .await;
+            }
+        }
+        let in_use = exported
+            || volume
+                .status
+                .as_ref()
+                .is_some_and(|s| !s.attachments.is_empty());
+        let mut held = Vec::new();
+        for snapshot in &wanted {
+            let sm = snapshot.metadata.clone().unwrap_or_default();
+            let copy = match self.backend.get(&sm.uid).await? {
+                Some(copy) => copy,
+                None if in_use => continue,
+                None => {
+                    let record = Record {
+                        project: sm.project.clone(),
+                        name: sm.name.clone(),
+                        kind: SNAPSHOT_RECORD.to_owned(),
+                        volume: m.uid.clone(),
+                    };
+                    self.put_record(&sm.uid, &record)?;
+                    let request = VolumeRequest {
+                        uid: sm.uid.clone(),
+                        size_bytes: info.size_bytes,
+                        content: Content::Volume { uid: m.uid.clone() },
+                    };
+                    let started = std::time::Instant::now();
+                    let copy = self.backend.create(&request).await?;
+                    let message = format!(
+                        "took snapshot {} on node {} in {:.1}s",
+                        sm.name,
+                        self.node,
+                        started.elapsed().as_secs_f64()
+                    );
+                    self.recorder
+                        .normal(volume, "SnapshotTaken", &message)
+                        .await;
+                    copy
+                }
+            };
+            held.push(v1::HeldSnapshot {
+                uid: sm.uid.clone(),
+                size_gib: copy.size_bytes.div_ceil(GIB),
+            });
+        }
+        Ok(held)
     }
 
     /// Makes, grows and exports a live volume, and reports it.
@@ -322,13 +448,29 @@ impl StorageReconciler {
             },
         };
         let exports = self.sync_exports(volume, &info).await?;
+        let snapshots = self
+            .sync_snapshots(volume, &info, !exports.is_empty())
+            .await?;
         let size_gib = info.size_bytes.div_ceil(GIB);
         let mut detail = format!("{size_gib} GiB {} volume", self.backend.kind());
         if info.size_bytes < wanted_bytes {
-            detail.push_str(&format!(
-                "; growing to {} GiB waits until no guest has it attached",
-                spec.size_gib
-            ));
+            let remote = volume
+                .status
+                .iter()
+                .flat_map(|s| &s.attachments)
+                .any(|a| a.node != self.node);
+            detail.push_str(&if remote {
+                format!(
+                    "; growing to {} GiB waits until it is detached (QEMU cannot grow a disk \
+                     attached over NBD)",
+                    spec.size_gib
+                )
+            } else {
+                format!(
+                    "; the guest's QEMU on this node grows it to {} GiB",
+                    spec.size_gib
+                )
+            });
         }
         let ready = condition(
             PROVISIONED,
@@ -339,6 +481,7 @@ impl StorageReconciler {
         let status = v1::VolumeStatus {
             size_gib,
             exports,
+            snapshots,
             ..Default::default()
         };
         self.write_status(volume, Some(status), ready).await?;
@@ -404,10 +547,30 @@ impl StorageReconciler {
             return Ok(Content::Volume { uid: other_uid });
         }
         if !source.snapshot.is_empty() {
-            return Err((
-                "Unsupported",
-                "volumes from snapshots are not supported by this node yet".to_owned(),
-            ));
+            let Some(snapshot) = self.snapshots.get_named(&m.project, &source.snapshot) else {
+                return Err((
+                    "SourceNotFound",
+                    format!(
+                        "snapshot {} not found in project {}",
+                        source.snapshot, m.project
+                    ),
+                ));
+            };
+            let uid = snapshot
+                .metadata
+                .as_ref()
+                .map(|m| m.uid.clone())
+                .unwrap_or_default();
+            return match self.backend.get(&uid).await {
+                Ok(Some(_)) => Ok(Content::Volume { uid }),
+                _ => Err((
+                    "SourceNotFound",
+                    format!(
+                        "snapshot {} is not held on node {} (not taken yet?)",
+                        source.snapshot, self.node
+                    ),
+                )),
+            };
         }
         Ok(Content::Empty)
     }
@@ -495,14 +658,16 @@ impl StorageReconciler {
                 && c.message == provisioned.message
                 && c.observed_generation == generation
         });
-        let same_fields = status
-            .as_ref()
-            .is_none_or(|s| s.size_gib == current.size_gib && s.exports == current.exports);
+        let same_fields = status.as_ref().is_none_or(|s| {
+            s.size_gib == current.size_gib
+                && s.exports == current.exports
+                && s.snapshots == current.snapshots
+        });
         if same_condition && same_fields {
             return Ok(());
         }
         let fields: &[&str] = if status.is_some() {
-            &["sizeGib", "exports"]
+            &["sizeGib", "exports", "snapshots"]
         } else {
             &[]
         };
@@ -539,6 +704,10 @@ impl StorageReconciler {
         if !attached.is_empty() {
             tracing::info!(volume = %shown(volume), servers = ?attached, "deletion waits for the volume to be detached");
             return Ok(Action::Requeue(WAIT));
+        }
+        for (uid, _) in self.snapshot_records(&m.uid) {
+            self.backend.delete(&uid).await?;
+            self.remove_record(&uid);
         }
         self.remove_bytes(&m.uid).await?;
         let message = format!("removed the volume and its exports from node {}", self.node);
@@ -613,6 +782,9 @@ impl StorageReconciler {
             tracing::warn!(uid, "volume bytes without an owner record are left alone");
             return Ok(Action::AwaitChange);
         };
+        if record.kind == SNAPSHOT_RECORD {
+            return self.orphan_snapshot(uid, &record).await;
+        }
         match self
             .client
             .get_typed::<v1::Volume>(&record.project, &record.name)
@@ -630,6 +802,26 @@ impl StorageReconciler {
                 self.remove_bytes(uid).await?;
                 tracing::info!(uid, project = %record.project, name = %record.name,
                     "removed the bytes of a volume that is gone");
+                Ok(Action::AwaitChange)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// A snapshot copy: kept while its VolumeSnapshot is there (its volume's reconcile
+    /// removes it when the snapshot is deleted); removed when a direct read finds none.
+    async fn orphan_snapshot(&self, uid: &str, record: &Record) -> Result<Action, StorageError> {
+        match self
+            .client
+            .get_typed::<v1::VolumeSnapshot>(&record.project, &record.name)
+            .await
+        {
+            Ok(s) if s.metadata.as_ref().is_some_and(|m| m.uid == uid) => Ok(Action::AwaitChange),
+            Ok(_) | Err(Error::NotFound { .. }) => {
+                self.backend.delete(uid).await?;
+                self.remove_record(uid);
+                tracing::info!(uid, project = %record.project, name = %record.name,
+                    "removed the copy of a snapshot that is gone");
                 Ok(Action::AwaitChange)
             }
             Err(e) => Err(e.into()),
@@ -683,8 +875,13 @@ pub fn volumes_of_change(
         let names = server
             .spec
             .iter()
-            .flat_map(|s| &s.volumes)
-            .map(|v| v.volume.clone());
+            .flat_map(|s| {
+                s.volumes
+                    .iter()
+                    .map(|v| v.volume.clone())
+                    .chain([s.boot_volume.clone()])
+            })
+            .filter(|name| !name.is_empty());
         for name in names {
             if let Some(volume) = volumes.get_named(&m.project, &name)
                 && node_of(&volume) == node

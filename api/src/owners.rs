@@ -153,7 +153,7 @@ pub fn table(kind: Kind) -> &'static [Ownership] {
             ),
             // `Provisioned`'s message begins `node <name>`; the volume controller counts
             // only one naming the volume's node, at the current generation.
-            own!(AGENT, ["sizeGib", "exports"], ["Provisioned"]),
+            own!(AGENT, ["sizeGib", "exports", "snapshots"], ["Provisioned"]),
         ],
         Kind::VolumeSnapshot => &[own!(
             VOLUME_CONTROLLER,

@@ -507,6 +507,35 @@ impl ApiServer {
         Ok(Some(others))
     }
 
+    /// Refuses to delete a Volume that live VolumeSnapshots copy: they are the only
+    /// thing that could bring its data back, so they go first, on purpose.
+    async fn refuse_deleting_with_snapshots(&self, key: &Key, display: &str) -> Result<(), Error> {
+        let page = self
+            .store
+            .range(RangeRequest::prefix(
+                Kind::VolumeSnapshot.prefix(Some(&key.project)),
+            ))
+            .await
+            .map_err(store_error)?;
+        let mut names = Vec::new();
+        for kv in &page.kvs {
+            if let Object::VolumeSnapshot(snapshot) = decode_kv(Kind::VolumeSnapshot, kv)? {
+                let copies = snapshot.spec.as_ref().is_some_and(|s| s.volume == key.name);
+                let meta = snapshot.metadata.unwrap_or_default();
+                if copies && meta.deletion_timestamp.is_none() {
+                    names.push(meta.name);
+                }
+            }
+        }
+        if names.is_empty() {
+            return Ok(());
+        }
+        Err(Error::FailedPrecondition {
+            object: display.to_owned(),
+            message: format!("has snapshots {}: delete them first", names.join(", ")),
+        })
+    }
+
     /// Every object of a kind, in every project.
     async fn read_all(&self, kind: Kind) -> Result<Vec<Object>, Error> {
         let page = self
@@ -1392,6 +1421,9 @@ impl ApiServer {
         let display = key.display();
         let propagation =
             Propagation::try_from(request.propagation).unwrap_or(Propagation::Background);
+        if key.kind == Kind::Volume {
+            self.refuse_deleting_with_snapshots(&key, &display).await?;
+        }
         let (object, _, removed) = self
             .modify(&key, |current| {
                 let meta = current.metadata().cloned().unwrap_or_default();

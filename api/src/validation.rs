@@ -170,11 +170,14 @@ pub fn validate_update(new: &Object, old: &Object) -> Result<(), Invalid> {
 }
 
 /// Whether [`validate_references`] checks `object`: the apiserver reads [`Others`] only
-/// for Routers, FloatingIPs and Servers that attach volumes.
+/// for Routers, FloatingIPs and Servers that attach or boot from volumes.
 pub fn checks_references(object: &Object) -> bool {
     match object {
         Object::Router(_) | Object::FloatingIP(_) => true,
-        Object::Server(o) => o.spec.as_ref().is_some_and(|s| !s.volumes.is_empty()),
+        Object::Server(o) => o
+            .spec
+            .as_ref()
+            .is_some_and(|s| !s.volumes.is_empty() || !s.boot_volume.is_empty()),
         _ => false,
     }
 }

@@ -295,6 +295,8 @@ pub async fn run_controllers(api: Api, metrics: Metrics, options: Options) {
         securitygroup::SecurityGroupController::build(&api, &caches, &metrics, settings);
     let (volumes, volume_reconciler) =
         volume::VolumeController::build(&api, &caches, &metrics, settings);
+    let (snapshots, snapshot_reconciler) =
+        volume::SnapshotController::build(&api, &caches, &metrics, settings);
     let mut tasks = JoinSet::new();
     caches.start(&mut tasks);
     tasks.spawn(ipam.run(ipam_reconciler));
@@ -310,6 +312,7 @@ pub async fn run_controllers(api: Api, metrics: Metrics, options: Options) {
     tasks.spawn(fips.run(fip_reconciler));
     tasks.spawn(security_groups.run(security_group_reconciler));
     tasks.spawn(volumes.run(volume_reconciler));
+    tasks.spawn(snapshots.run(snapshot_reconciler));
     tasks.spawn(ferro_runtime::events::expire(
         api.client().clone(),
         options.event_ttl,

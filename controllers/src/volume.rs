@@ -28,6 +28,13 @@
 //! current `Provisioned=True`, `Error` on a current `Provisioned=False` that is not still
 //! under way, else `InUse` with attachments and `Available` without.
 //!
+//! **Snapshots.** A VolumeSnapshot is `Available` once its volume's node lists it in the
+//! volume's `status.snapshots` (it copies the volume while no guest has it attached;
+//! until then `Ready=False`, `VolumeInUse`, says why it waits). A volume restored from a
+//! snapshot is placed where the snapshot is held. The finalizer [`SNAPSHOT_FINALIZER`]
+//! keeps a deleted snapshot until that node no longer holds its copy, and the apiserver
+//! refuses to delete a volume that has snapshots.
+//!
 //! **Deletion.** The volume carries the agent's finalizer from before it is placed; the
 //! storage node's agent removes the bytes and then the finalizer. A volume never placed,
 //! or placed on a Node that no longer exists, has nothing to remove: the controller lets
@@ -297,6 +304,11 @@ fn source_volume(volume: &v1::Volume) -> Option<&str> {
     (!source.volume.is_empty()).then_some(source.volume.as_str())
 }
 
+fn source_snapshot(volume: &v1::Volume) -> Option<&str> {
+    let source = volume.spec.as_ref()?.source.as_ref()?;
+    (!source.snapshot.is_empty()).then_some(source.snapshot.as_str())
+}
+
 /// The volume controller: reconciles Volumes.
 pub struct VolumeController {
     api: Api,
@@ -304,6 +316,7 @@ pub struct VolumeController {
     volumes: Store<v1::Volume>,
     nodes: Store<v1::Node>,
     servers: Store<v1::Server>,
+    snapshots: Store<v1::VolumeSnapshot>,
     /// Placements written that the cache does not show yet: volume uid → (node, GiB).
     assumed: Arc<Mutex<HashMap<String, (String, u64)>>>,
 }
@@ -319,11 +332,13 @@ impl VolumeController {
         let volumes = caches.store::<v1::Volume>();
         let nodes = caches.store::<v1::Node>();
         let servers = caches.store::<v1::Server>();
+        let snapshots = caches.store::<v1::VolumeSnapshot>();
         volumes.add_index(VOLUME_BY_NODE, |v: &v1::Volume| {
             vec![recorded_node(v).to_owned()]
         });
         volumes.add_index(VOLUME_BY_SOURCE, |v: &v1::Volume| {
             source_volume(v)
+                .or(source_snapshot(v))
                 .map(|s| format!("{}/{s}", meta(v).project))
                 .into_iter()
                 .collect()
@@ -409,17 +424,32 @@ impl VolumeController {
                 .map(|v| ObjectRef::of(v.as_ref()))
                 .collect()
         };
+        let restores = volumes.clone();
+        let on_snapshots = move |c: &ferro_runtime::reflector::Change<v1::VolumeSnapshot>| {
+            // A snapshot that appears lets the volumes restored from it be placed.
+            let Some(new) = &c.new else {
+                return Vec::new();
+            };
+            let m = meta(new.as_ref());
+            restores
+                .by_index(VOLUME_BY_SOURCE, &format!("{}/{}", m.project, m.name))
+                .iter()
+                .map(|v| ObjectRef::of(v.as_ref()))
+                .collect()
+        };
         let controller = Controller::new("volume", settings, metrics.clone())
             .reconciles(&volumes)
             .watches(&volumes, on_volumes)
             .watches(&nodes, on_nodes)
-            .watches(&servers, on_servers);
+            .watches(&servers, on_servers)
+            .watches(&snapshots, on_snapshots);
         let reconciler = Arc::new(VolumeController {
             api: api.clone(),
             recorder: Recorder::new(api.client().clone(), owners::VOLUME_CONTROLLER),
             volumes,
             nodes,
             servers,
+            snapshots,
             assumed,
         });
         (controller, reconciler)
@@ -478,12 +508,22 @@ impl VolumeController {
     /// Decides placement under the lock and assumes a new decision.
     fn decide(&self, volume: &v1::Volume) -> Result<String, (&'static str, String)> {
         let m = meta(volume);
-        let source_node = source_volume(volume).map(|name| {
-            self.volumes
+        // A snapshot is held where its volume is; a restore goes there too.
+        let snapshot_volume = source_snapshot(volume).map(|name| {
+            self.snapshots
                 .get_named(&m.project, name)
-                .map(|s| recorded_node(&s).to_owned())
+                .and_then(|s| s.spec.as_ref().map(|s| s.volume.clone()))
                 .unwrap_or_default()
         });
+        let source_node = source_volume(volume)
+            .map(str::to_owned)
+            .or(snapshot_volume)
+            .map(|name| {
+                self.volumes
+                    .get_named(&m.project, &name)
+                    .map(|s| recorded_node(&s).to_owned())
+                    .unwrap_or_default()
+            });
         let wants = Wants::of(volume, source_node);
         let mut assumed = self.assumed.lock().unwrap_or_else(|e| e.into_inner());
         let nodes = self.storage_nodes(&m.uid, &assumed);
@@ -656,6 +696,198 @@ impl Reconcile for VolumeController {
     }
 }
 
+/// The finalizer that keeps a VolumeSnapshot until its storage node has let go of the copy.
+pub const SNAPSHOT_FINALIZER: &str = "ferro.io/snapshot-copy";
+
+/// The index of snapshots by `<project>/<volume>`.
+const SNAPSHOT_BY_VOLUME: &str = "snapshot-volume";
+
+/// What a VolumeSnapshot is, from what its volume's node reports: phase, `Ready` and the
+/// size. Pure.
+pub fn snapshot_state(
+    snapshot: &v1::VolumeSnapshot,
+    volume: Option<&v1::Volume>,
+) -> (v1::volume_snapshot_status::Phase, v1::Condition, u64) {
+    use v1::volume_snapshot_status::Phase;
+    let m = meta(snapshot);
+    let name = snapshot
+        .spec
+        .as_ref()
+        .map(|s| s.volume.clone())
+        .unwrap_or_default();
+    if m.deletion_timestamp.is_some() {
+        let c = condition(READY, false, "Deleting", "the snapshot is being deleted");
+        return (Phase::Deleting, c, 0);
+    }
+    let Some(volume) = volume else {
+        let message = format!("volume {name} not found in project {}", m.project);
+        return (
+            Phase::Creating,
+            condition(READY, false, "VolumeNotFound", message),
+            0,
+        );
+    };
+    let status = volume.status.clone().unwrap_or_default();
+    if let Some(held) = status.snapshots.iter().find(|s| s.uid == m.uid) {
+        let message = format!("a copy of volume {name} held on node {}", status.node);
+        let c = condition(READY, true, "Taken", message);
+        return (Phase::Available, c, held.size_gib);
+    }
+    if let Some(a) = status.attachments.first() {
+        let message = format!(
+            "volume {name} is attached to server {}: the snapshot is taken once it is detached",
+            a.server
+        );
+        return (
+            Phase::Creating,
+            condition(READY, false, "VolumeInUse", message),
+            0,
+        );
+    }
+    let message = if status.node.is_empty() {
+        format!("waiting for volume {name} to be placed")
+    } else {
+        format!("waiting for node {} to copy volume {name}", status.node)
+    };
+    (
+        Phase::Creating,
+        condition(READY, false, reason::CREATING, message),
+        0,
+    )
+}
+
+/// The VolumeSnapshot controller: says what each snapshot is, from its volume's node's
+/// report, and keeps a deleted one until that node has let go of the copy.
+pub struct SnapshotController {
+    api: Api,
+    snapshots: Store<v1::VolumeSnapshot>,
+    volumes: Store<v1::Volume>,
+    nodes: Store<v1::Node>,
+}
+
+fn snapshot_volume_key(snapshot: &v1::VolumeSnapshot) -> String {
+    let volume = snapshot
+        .spec
+        .as_ref()
+        .map(|s| s.volume.as_str())
+        .unwrap_or_default();
+    format!("{}/{volume}", meta(snapshot).project)
+}
+
+impl SnapshotController {
+    /// Builds the controller over the shared caches.
+    pub fn build(
+        api: &Api,
+        caches: &Caches,
+        metrics: &Metrics,
+        settings: Settings,
+    ) -> (Controller, Arc<SnapshotController>) {
+        let snapshots = caches.store::<v1::VolumeSnapshot>();
+        let volumes = caches.store::<v1::Volume>();
+        let nodes = caches.store::<v1::Node>();
+        snapshots.add_index(SNAPSHOT_BY_VOLUME, |s: &v1::VolumeSnapshot| {
+            vec![snapshot_volume_key(s)]
+        });
+        let of_volume = snapshots.clone();
+        let on_volumes = move |c: &ferro_runtime::reflector::Change<v1::Volume>| {
+            let mut set = BTreeSet::new();
+            for v in c.old.iter().chain(c.new.iter()) {
+                let m = meta(v.as_ref());
+                set.extend(
+                    of_volume
+                        .by_index(SNAPSHOT_BY_VOLUME, &format!("{}/{}", m.project, m.name))
+                        .iter()
+                        .map(|s| ObjectRef::of(s.as_ref())),
+                );
+            }
+            set.into_iter().collect()
+        };
+        let controller = Controller::new("volume-snapshot", settings, metrics.clone())
+            .reconciles(&snapshots)
+            .watches(&volumes, on_volumes);
+        let reconciler = Arc::new(SnapshotController {
+            api: api.clone(),
+            snapshots,
+            volumes,
+            nodes,
+        });
+        (controller, reconciler)
+    }
+
+    fn volume_of(&self, snapshot: &v1::VolumeSnapshot) -> Option<Arc<v1::Volume>> {
+        let name = snapshot.spec.as_ref()?.volume.clone();
+        self.volumes.get_named(&meta(snapshot).project, &name)
+    }
+
+    async fn apply(&self, snapshot: &v1::VolumeSnapshot) -> Result<Action, ReconcileError> {
+        let m = meta(snapshot);
+        let volume = self.volume_of(snapshot);
+        let (phase, ready, size_gib) = snapshot_state(snapshot, volume.as_deref());
+        let status = snapshot.status.clone().unwrap_or_default();
+        let holds = status.observed_generation == m.generation
+            && status.phase == phase as i32
+            && status.size_gib == size_gib
+            && condition_holds(&status.conditions, &ready, m.generation);
+        if holds {
+            return Ok(Action::AwaitChange);
+        }
+        let object = Object::VolumeSnapshot(v1::VolumeSnapshot {
+            metadata: snapshot.metadata.clone(),
+            spec: None,
+            status: Some(v1::VolumeSnapshotStatus {
+                phase: phase as i32,
+                size_gib,
+                observed_generation: m.generation,
+                ..Default::default()
+            }),
+        });
+        match self
+            .api
+            .update_status_at(
+                object,
+                owners::VOLUME_CONTROLLER,
+                &["phase", "sizeGib", "observedGeneration"],
+                vec![ready],
+                0,
+            )
+            .await
+        {
+            Ok(_) | Err(Error::Conflict { .. } | Error::NotFound { .. }) => Ok(Action::AwaitChange),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+impl Reconcile for SnapshotController {
+    type Error = ReconcileError;
+
+    async fn reconcile(&self, key: ObjectRef) -> Result<Action, ReconcileError> {
+        let Some(snapshot) = self.snapshots.get(&key) else {
+            return Ok(Action::AwaitChange);
+        };
+        match finalizer::prepare(self.api.client(), SNAPSHOT_FINALIZER, snapshot.as_ref()).await? {
+            Step::Skip => Ok(Action::AwaitChange),
+            Step::Apply => self.apply(&snapshot).await,
+            Step::Cleanup(cleanup) => {
+                // The copy is the volume node's to remove; wait until it no longer holds
+                // it, unless there is no volume or node left to hold it.
+                let uid = &meta(snapshot.as_ref()).uid;
+                let held = self.volume_of(&snapshot).is_some_and(|v| {
+                    let status = v.status.clone().unwrap_or_default();
+                    status.snapshots.iter().any(|s| s.uid == *uid)
+                        && self.nodes.get_named("", &status.node).is_some()
+                });
+                if held {
+                    self.apply(&snapshot).await?;
+                    return Ok(Action::AwaitChange);
+                }
+                cleanup.finish().await?;
+                Ok(Action::AwaitChange)
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -793,6 +1025,48 @@ mod tests {
         let mut going = volume(1, vec![]);
         going.metadata.as_mut().unwrap().deletion_timestamp = Some(Default::default());
         assert_eq!(phase_and_ready(&going, Some("a"), true).0, Phase::Deleting);
+    }
+
+    #[test]
+    fn a_snapshot_is_available_once_its_volumes_node_holds_it() {
+        use v1::volume_snapshot_status::Phase;
+        let snapshot = v1::VolumeSnapshot {
+            metadata: Some(v1::ObjectMeta {
+                name: "before".into(),
+                project: "p".into(),
+                uid: "su".into(),
+                ..Default::default()
+            }),
+            spec: Some(v1::VolumeSnapshotSpec {
+                volume: "data".into(),
+                ..Default::default()
+            }),
+            status: None,
+        };
+        let (phase, ready, _) = snapshot_state(&snapshot, None);
+        assert_eq!(
+            (phase, ready.reason.as_str()),
+            (Phase::Creating, "VolumeNotFound")
+        );
+        let mut data = volume(1, vec![]);
+        let (phase, ready, _) = snapshot_state(&snapshot, Some(&data));
+        assert_eq!(
+            (phase, ready.message.as_str()),
+            (Phase::Creating, "waiting for node a to copy volume data")
+        );
+        data.status.as_mut().unwrap().attachments = vec![v1::VolumeAttachment {
+            server: "web-1".into(),
+            ..Default::default()
+        }];
+        let (_, ready, _) = snapshot_state(&snapshot, Some(&data));
+        assert_eq!(ready.reason, "VolumeInUse");
+        data.status.as_mut().unwrap().snapshots = vec![v1::HeldSnapshot {
+            uid: "su".into(),
+            size_gib: 1,
+        }];
+        let (phase, ready, size) = snapshot_state(&snapshot, Some(&data));
+        assert_eq!((phase, size), (Phase::Available, 1));
+        assert_eq!(ready.status, v1::condition::Status::True as i32);
     }
 
     #[test]

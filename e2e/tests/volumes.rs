@@ -7,8 +7,14 @@
 //! disk go), it is hot-attached to running guests `reader-1` and then `reader-2`, which
 //! read the marker back. The three guests are on three different nodes (anti-affinity),
 //! so at least two of the three attachments reach the volume over NBD from another node.
-//! Deleting the servers leaves the volume intact; deleting the volume then leaves no
-//! volume file, export record or `qemu-storage-daemon` on any node.
+//! Grown while attached to the guest on its own node, the guest sees the new size; a
+//! shrink is refused. Deleting the servers leaves the volume intact. A snapshot of it is
+//! restored into a new volume a guest reads the marker from; the volume cannot be deleted
+//! while the snapshot is there. A server booted from
+//! a volume made from the test image counts its boot on it, and a second server booted
+//! from the same volume after the first is deleted counts the second boot. Deleting the
+//! volumes then leaves no volume file, export record or `qemu-storage-daemon` on any
+//! node.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -257,10 +263,126 @@ fn volumes_attach_anywhere_and_keep_their_data() -> anyhow::Result<()> {
         "three guests on three nodes: {nodes:?}"
     );
 
+    // Grown while attached to the guest on the volume's own node: the guest sees the new
+    // size at once (QEMU grows the file it has open).
+    let servers = table(&cloud.run(["get", "servers", "-o", "wide"])?);
+    let local = servers
+        .iter()
+        .find(|r| r["NODE"] == volume_node)
+        .map(|r| r["NAME"].clone())
+        .context("a guest on the volume's node")?;
+    if local != "reader-2" {
+        apply(
+            &cloud,
+            "reader-2-away",
+            &server("reader-2", &[], &on_disk(READ)),
+        )?;
+        wait_console(&cloud, "reader-2", "FERRO-DISK-GONE")?;
+        wait_for("the volume detached", WAIT, || {
+            Ok(volume_row(&cloud)?["ATTACHED-TO"].is_empty().then_some(()))
+        })?;
+        let script = if local == "writer" { WRITE } else { READ };
+        apply(
+            &cloud,
+            "local-attach",
+            &server(&local, &["data"], &on_disk(script)),
+        )?;
+        wait_for("the volume attached to the local guest", WAIT, || {
+            Ok((volume_row(&cloud)?["ATTACHED-TO"] == local).then_some(()))
+        })?;
+    }
+    apply(
+        &cloud,
+        "grow",
+        "apiVersion: ferro/v1\nkind: Volume\nmetadata: {name: data}\nspec: {sizeGib: 2}\n",
+    )?;
+    wait_console(&cloud, &local, "FERRO-DISK vd[a-z]+ [0-9a-f]+ 2147483648")?;
+    // Its node reports the new size too (spec and status both say 2).
+    wait_for("the volume reported at 2 GiB", WAIT, || {
+        let yaml = cloud.run(["get", "volume", "data", "-o", "yaml"])?;
+        Ok((yaml.matches("sizeGib: 2").count() == 2).then_some(()))
+    })?;
+    let said = apply_fails(
+        &cloud,
+        "shrink",
+        "apiVersion: ferro/v1\nkind: Volume\nmetadata: {name: data}\nspec: {sizeGib: 1}\n",
+    )?;
+    ensure!(
+        said.contains("spec.sizeGib: cannot shrink from 2 to 1"),
+        "{said}"
+    );
+
     // The servers go; the volume stays, intact, and then goes without a trace.
     cloud.run([
         "delete", "server", "writer", "reader-1", "reader-2", "--wait",
     ])?;
+
+    // A snapshot of the detached volume, and a volume restored from it, which a guest
+    // reads the marker from. The volume cannot go while the snapshot is there.
+    apply(
+        &cloud,
+        "snapshot",
+        "apiVersion: ferro/v1\nkind: VolumeSnapshot\nmetadata: {name: before}\nspec: {volume: data}\n",
+    )?;
+    cloud.run([
+        "wait",
+        "volumesnapshot/before",
+        "--for",
+        "condition=Ready",
+        "--timeout",
+        "120s",
+    ])?;
+    let out = cloud.ferro(["delete", "volume", "data"]).output()?;
+    let said = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success() && said.contains("has snapshots before"),
+        "deleting a volume with a snapshot: {said}"
+    );
+    apply(
+        &cloud,
+        "restored",
+        &format!(
+            "apiVersion: ferro/v1\nkind: Volume\nmetadata: {{name: restored}}\nspec: {{sizeGib: 2, source: {{snapshot: before}}}}\n---\n{}",
+            server("checker", &["restored"], &on_disk(READ))
+        ),
+    )?;
+    wait_console(&cloud, "checker", &format!("FERRO-READ {mark}"))?;
+    cloud.run(["delete", "server", "checker", "--wait"])?;
+    cloud.run(["delete", "volumesnapshot", "before", "--wait"])?;
+    cloud.run(["delete", "volume", "restored", "--wait"])?;
+
+    // Boot from a volume made from the test image: the guest counts its boots on its
+    // disk, so a second server booted from the same volume finds the first one's count.
+    apply(
+        &cloud,
+        "root",
+        "apiVersion: ferro/v1\nkind: Volume\nmetadata: {name: root}\nspec: {sizeGib: 1, source: {image: tiny}}\n",
+    )?;
+    cloud.run([
+        "wait",
+        "volume/root",
+        "--for",
+        "condition=Ready",
+        "--timeout",
+        "120s",
+    ])?;
+    let from_volume = |name: &str| {
+        format!(
+            "apiVersion: ferro/v1\nkind: Server\nmetadata: {{name: {name}}}\nspec: {{flavor: m1.tiny, bootVolume: root}}\n"
+        )
+    };
+    apply(&cloud, "vm-a", &from_volume("vm-a"))?;
+    wait_console(&cloud, "vm-a", "FERRO-READY .*boot-count=1 ")?;
+    let said = apply_fails(&cloud, "vm-b-early", &from_volume("vm-b"))?;
+    ensure!(
+        said.contains("spec.bootVolume: volume root is attached to server vm-a"),
+        "{said}"
+    );
+    cloud.run(["delete", "server", "vm-a", "--wait"])?;
+    apply(&cloud, "vm-b", &from_volume("vm-b"))?;
+    wait_console(&cloud, "vm-b", "FERRO-READY .*boot-count=2 ")?;
+    cloud.run(["delete", "server", "vm-b", "--wait"])?;
+    cloud.run(["delete", "volume", "root", "--wait"])?;
     wait_for("the volume Available again", WAIT, || {
         let row = volume_row(&cloud)?;
         Ok((row["PHASE"] == "Available").then_some(()))

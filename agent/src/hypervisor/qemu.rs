@@ -1092,8 +1092,14 @@ fn command_line(
         } else {
             format!(",serial={}", disk.serial)
         };
+        // Without a boot disk or a kernel, the firmware boots the first data disk.
+        let bootindex = if i == 0 && spec.boot_disk.is_none() && spec.kernel.is_none() {
+            ",bootindex=0"
+        } else {
+            ""
+        };
         let device = format!(
-            "virtio-blk-pci,id={},drive={}{serial},bus={},addr=0",
+            "virtio-blk-pci,id={},drive={}{serial},bus={},addr=0{bootindex}",
             disk_device_id(&disk.id),
             volume_node(&disk.id),
             port_id(spec.nics.len() + i)
@@ -2272,6 +2278,39 @@ mod tests {
             .count();
         assert_eq!(ports, 2 + 10 + 3);
         assert!(devices.iter().any(|d| d.ends_with("bus=hotplug11,addr=0")));
+    }
+
+    #[test]
+    fn without_a_boot_disk_or_kernel_the_first_data_disk_boots() {
+        let from_volume = VmSpec {
+            boot_disk: None,
+            kernel: None,
+            disks: vec![file_disk(VOLUME, "/v/boot.qcow2"), nbd_disk("v2")],
+            ..spec()
+        };
+        crate::hypervisor::validate_spec(&from_volume).unwrap();
+        let args = args_of(&from_volume, Accel::Tcg);
+        let booting: Vec<_> = value_of(&args, "-device")
+            .into_iter()
+            .filter(|d| d.contains("bootindex"))
+            .collect();
+        assert_eq!(booting.len(), 1, "{booting:?}");
+        assert!(booting[0].starts_with(&format!("virtio-blk-pci,id=vol-{VOLUME}")));
+        // With a kernel, the kernel boots and no disk claims the boot index.
+        let with_kernel = VmSpec {
+            boot_disk: None,
+            ..from_volume.clone()
+        };
+        let with_kernel = VmSpec {
+            kernel: spec().kernel,
+            ..with_kernel
+        };
+        let args = args_of(&with_kernel, Accel::Tcg);
+        assert!(
+            !value_of(&args, "-device")
+                .iter()
+                .any(|d| d.contains("bootindex"))
+        );
     }
 
     #[test]

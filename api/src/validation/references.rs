@@ -103,20 +103,31 @@ pub(super) fn check_router(
     }
 }
 
-/// A Server: a volume it attaches that is not `multiattach` is attached to no other
-/// server (listed in another live server's `spec.volumes`).
+/// A Server: a volume it attaches or boots from that is not `multiattach` is attached to
+/// no other server (named in another live server's `spec.volumes` or `spec.bootVolume`).
 pub(super) fn check_server(
     meta: &v1::ObjectMeta,
     spec: &v1::ServerSpec,
     others: &Others,
     out: &mut Violations,
 ) {
-    let path = FieldPath::spec().field("volumes");
-    for (i, wanted) in spec.volumes.iter().enumerate() {
+    let uses = |s: &v1::ServerSpec, name: &str| {
+        s.boot_volume == name || s.volumes.iter().any(|v| v.volume == name)
+    };
+    let path = FieldPath::spec();
+    let wanted = spec
+        .volumes
+        .iter()
+        .enumerate()
+        .map(|(i, v)| (path.field("volumes").index(i).field("volume"), &v.volume))
+        .chain(
+            (!spec.boot_volume.is_empty()).then(|| (path.field("bootVolume"), &spec.boot_volume)),
+        );
+    for (field, name) in wanted {
         let Some(volume) = others.volumes.iter().find(|v| {
             v.metadata
                 .as_ref()
-                .is_some_and(|m| m.project == meta.project && m.name == wanted.volume)
+                .is_some_and(|m| m.project == meta.project && m.name == *name)
         }) else {
             continue;
         };
@@ -128,19 +139,15 @@ pub(super) fn check_server(
             let elsewhere = m.project == meta.project
                 && m.name != meta.name
                 && m.deletion_timestamp.is_none()
-                && other
-                    .spec
-                    .as_ref()
-                    .is_some_and(|s| s.volumes.iter().any(|v| v.volume == wanted.volume));
+                && other.spec.as_ref().is_some_and(|s| uses(s, name));
             elsewhere.then_some(m.name.as_str())
         });
         if let Some(holder) = holder {
             out.add(
-                &path.index(i).field("volume"),
+                &field,
                 format!(
-                    "volume {} is attached to server {holder} and is not multiattach: \
-                     remove it from that server first",
-                    wanted.volume
+                    "volume {name} is attached to server {holder} and is not multiattach: \
+                     remove it from that server first"
                 ),
             );
         }
@@ -287,6 +294,14 @@ mod tests {
             [
                 "spec.volumes[1].volume: volume data is attached to server db and is not \
               multiattach: remove it from that server first"
+            ]
+        );
+        let boots = "kind: Server\nmetadata: {name: web}\nspec: {flavor: f, bootVolume: data}";
+        assert_eq!(
+            errors(boots, &existing),
+            [
+                "spec.bootVolume: volume data is attached to server db and is not multiattach: \
+              remove it from that server first"
             ]
         );
         // The holder itself, a multiattach volume, a volume not made yet: fine.
