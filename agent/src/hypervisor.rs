@@ -733,6 +733,7 @@ mod tests {
         assert_eq!(
             rejected_field(VmSpec {
                 kernel: None,
+                disks: vec![],
                 ..spec()
             }),
             "boot_disk"
