@@ -400,31 +400,6 @@ fn with_part(object: &Object, name: &str, value: Option<DynamicMessage>) -> Obje
     Object::from_dynamic(object.kind(), &message).expect("an object re-encodes as its own kind")
 }
 
-/// Refuses to delete a Volume that a guest has attached (as `status.attachments`, which
-/// the volume controller recomputes from what the servers' nodes observe, says): its
-/// data would go from under a running guest. Detaching it first is the user's move.
-fn refuse_deleting_in_use(object: &Object, display: &str) -> Result<(), Error> {
-    let Object::Volume(volume) = object else {
-        return Ok(());
-    };
-    let servers: Vec<&str> = volume
-        .status
-        .iter()
-        .flat_map(|s| &s.attachments)
-        .map(|a| a.server.as_str())
-        .collect();
-    if servers.is_empty() {
-        return Ok(());
-    }
-    Err(Error::FailedPrecondition {
-        object: display.to_owned(),
-        message: format!(
-            "is attached to server {}: remove it from that server's spec.volumes first",
-            servers.join(", ")
-        ),
-    })
-}
-
 /// Strips what only the server may set from a client's object.
 fn admit(mut object: Object) -> Object {
     object.clear_status();
@@ -505,6 +480,46 @@ impl ApiServer {
             }
         }
         Ok(Some(others))
+    }
+
+    /// Refuses to delete a Volume that a guest has attached (as `status.attachments`, which
+    /// the volume controller recomputes from what the servers' nodes observe, says) while
+    /// that server stays: its data would go from under a running guest. A server being
+    /// deleted does not hold it back (`ferro delete -f` of a whole stack works); the
+    /// volume's node removes the bytes only once no guest has the volume any more.
+    async fn refuse_deleting_in_use(&self, key: &Key, display: &str) -> Result<(), Error> {
+        let Ok((Object::Volume(volume), _)) = self.read(key).await else {
+            return Ok(());
+        };
+        let attached: Vec<String> = volume
+            .status
+            .iter()
+            .flat_map(|s| &s.attachments)
+            .map(|a| a.server.clone())
+            .collect();
+        let mut staying = Vec::new();
+        for name in attached {
+            let server = Key {
+                kind: Kind::Server,
+                project: key.project.clone(),
+                name: name.clone(),
+            };
+            if let Ok((server, _)) = self.read(&server).await
+                && server.metadata().is_some_and(|m| m.deletion_timestamp.is_none())
+            {
+                staying.push(name);
+            }
+        }
+        if staying.is_empty() {
+            return Ok(());
+        }
+        Err(Error::FailedPrecondition {
+            object: display.to_owned(),
+            message: format!(
+                "is attached to server {}: remove it from that server's spec.volumes first",
+                staying.join(", ")
+            ),
+        })
     }
 
     /// Refuses to delete a Volume that live VolumeSnapshots copy: they are the only
@@ -1422,6 +1437,7 @@ impl ApiServer {
         let propagation =
             Propagation::try_from(request.propagation).unwrap_or(Propagation::Background);
         if key.kind == Kind::Volume {
+            self.refuse_deleting_in_use(&key, &display).await?;
             self.refuse_deleting_with_snapshots(&key, &display).await?;
         }
         let (object, _, removed) = self
@@ -1447,7 +1463,6 @@ impl ApiServer {
                 if meta.deletion_timestamp.is_some() {
                     return Ok(Change::Unchanged(current));
                 }
-                refuse_deleting_in_use(&current, &display)?;
                 let mut next = current.clone();
                 let next_meta = next.metadata_mut();
                 let extra = match propagation {

@@ -7,21 +7,23 @@
 //! disk go), it is hot-attached to running guests `reader-1` and then `reader-2`, which
 //! read the marker back. The three guests are on three different nodes (anti-affinity),
 //! so at least two of the three attachments reach the volume over NBD from another node.
-//! Grown while attached to the guest on its own node, the guest sees the new size; a
-//! shrink is refused. Deleting the servers leaves the volume intact. A snapshot of it is
-//! restored into a new volume a guest reads the marker from; the volume cannot be deleted
-//! while the snapshot is there. A server booted from
-//! a volume made from the test image counts its boot on it, and a second server booted
-//! from the same volume after the first is deleted counts the second boot. Deleting the
-//! volumes then leaves no volume file, export record or `qemu-storage-daemon` on any
-//! node.
+//! The agents of reader-1's node and of the volume's node are SIGKILLed in the middle of
+//! its attach; the agents `ferro up` starts again finish it with one export. Grown while
+//! attached to the guest on its own node, the guest sees the new size; a shrink is
+//! refused. Deleting the servers leaves the volume intact. A snapshot of it is restored
+//! into a new volume a guest reads the marker from; the volume cannot be deleted while
+//! the snapshot is there. A server booted from a volume made from the test image counts
+//! its boot on it, and a second server booted from the same volume after the first is
+//! deleted counts the second boot. Deleting the volumes then leaves no volume file,
+//! export record or `qemu-storage-daemon` on any node.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
 use ferro_e2e::net::block;
-use ferro_e2e::{Cloud, Options, table, tiny_guest, wait_for};
+use ferro_e2e::{Cloud, Options, signal, table, tiny_guest, wait_for};
+use rustix::process::Signal;
 
 /// How long nodes, guests and volumes may take, on a loaded 2-core machine.
 const WAIT: Duration = Duration::from_secs(240);
@@ -80,6 +82,22 @@ spec:
 {script}"#,
         script = block(script, 4)
     )
+}
+
+/// SIGKILLs the agent of node `name` (`node-2`); `ferro up` starts it again.
+fn kill_agent(cloud: &Cloud, name: &str) -> anyhow::Result<()> {
+    let number = name
+        .strip_prefix("node-")
+        .context("a node of ferro up --nodes")?;
+    let pidfile = cloud
+        .data_dir()
+        .join(format!("run/agent-node-{number}.pid"));
+    let pid: u32 = std::fs::read_to_string(&pidfile)
+        .with_context(|| format!("reading {}", pidfile.display()))?
+        .trim()
+        .parse()?;
+    signal(pid, Signal::KILL);
+    Ok(())
 }
 
 fn apply(cloud: &Cloud, name: &str, yaml: &str) -> anyhow::Result<String> {
@@ -226,20 +244,46 @@ fn volumes_attach_anywhere_and_keep_their_data() -> anyhow::Result<()> {
                 Ok(volume_row(&cloud)?["ATTACHED-TO"].is_empty().then_some(()))
             })?;
         }
+        let node = table(&cloud.run(["get", "servers", "-o", "wide"])?)
+            .into_iter()
+            .find(|r| r["NAME"] == reader)
+            .map(|r| r["NODE"].clone())
+            .unwrap_or_default();
         let asked = Instant::now();
         apply(
             &cloud,
             &format!("{reader}-attach"),
             &server(reader, &["data"], &on_disk(READ)),
         )?;
+        if previous.is_none() {
+            // The agents of the guest's node and of the volume's node die in the middle
+            // of the attach; those `ferro up` starts again finish it, with one export.
+            for agent in [&node, &volume_node] {
+                kill_agent(&cloud, agent)?;
+            }
+        }
         wait_console(&cloud, reader, "FERRO-DISK vd")?;
         let seen_in = asked.elapsed();
         wait_console(&cloud, reader, &format!("FERRO-READ {mark}"))?;
-        let node = table(&cloud.run(["get", "servers", "-o", "wide"])?)
-            .into_iter()
-            .find(|r| r["NAME"] == reader)
-            .map(|r| r["NODE"].clone())
-            .unwrap_or_default();
+        // One export when the guest is on another node than the volume, none otherwise
+        // (the previous reader's export goes once its node no longer reports the disk).
+        let remote = usize::from(node != volume_node);
+        let daemons = || {
+            cloud
+                .processes()
+                .into_iter()
+                .filter(|(_, c)| c.contains("qemu-storage-daemon"))
+                .count()
+        };
+        wait_for(&format!("{remote} NBD export for {reader}"), WAIT, || {
+            Ok((daemons() == remote).then_some(()))
+        })
+        .with_context(|| {
+            format!(
+                "{} exports for {reader} on {node}, volume on {volume_node}",
+                daemons()
+            )
+        })?;
         let how = if node == volume_node {
             "locally"
         } else {
