@@ -566,13 +566,25 @@ pub async fn run(config: AgentConfig, drivers: Drivers) -> anyhow::Result<()> {
             recorder: Recorder::new(client.clone(), crate::server::event_component(&node)),
         });
         let here = node.clone();
+        let copies = volumes.clone();
         let on_volumes = move |c: &ferro_runtime::reflector::Change<v1::Volume>| {
-            c.old
+            let mut uids: Vec<String> = c
+                .old
                 .iter()
                 .chain(c.new.iter())
                 .filter(|v| v.status.as_ref().is_some_and(|s| s.node == here))
                 .filter_map(|v| v.metadata.as_ref().map(|m| m.uid.clone()))
-                .collect::<Vec<_>>()
+                .collect();
+            // A source made, or a snapshot taken: the volumes copied from them may wait.
+            let held = |v: &Option<Arc<v1::Volume>>| {
+                v.as_ref()
+                    .and_then(|v| v.status.as_ref())
+                    .map(|s| (s.snapshots.clone(), s.size_gib))
+            };
+            if held(&c.old) != held(&c.new) {
+                uids.extend(crate::storage::copies_waiting(&here, &copies));
+            }
+            uids
         };
         let here = node.clone();
         let placed = volumes.clone();

@@ -384,7 +384,17 @@ impl ServerReconciler {
             failure.as_ref(),
         );
         if observed.as_ref().is_some_and(VmStatus::is_alive) {
-            host.volumes = self.attached_volumes(&uid).await;
+            // When QEMU does not answer, what was last read stands: an empty list would
+            // let the volume be deleted from under the guest.
+            host.volumes = match self.attached_volumes(&uid).await {
+                Some(volumes) => volumes,
+                None => server
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.host.as_ref())
+                    .map(|h| h.volumes.clone())
+                    .unwrap_or_default(),
+            };
         }
         if needs_write(&server, &host, &guest)
             && let Err(e) = self.write_status(&server, host, guest).await
@@ -716,7 +726,11 @@ impl ServerReconciler {
                 self.normal(server, "VolumeDetached", &message).await;
             }
         }
-        let (wanted, _) = self.disks(server).await;
+        let (wanted, waiting) = self.disks(server).await;
+        if !waiting.is_empty() {
+            let message = format!("waiting to attach: {}", waiting.join("; "));
+            self.normal(server, "WaitingForVolume", &message).await;
+        }
         for disk in &wanted {
             if !current.iter().any(|c| c.id == disk.id) {
                 let started = std::time::Instant::now();
@@ -785,18 +799,25 @@ impl ServerReconciler {
         Ok(())
     }
 
-    /// The volumes the running guest has, as the hypervisor reports them.
-    async fn attached_volumes(&self, uid: &str) -> Vec<v1::AttachedVolume> {
+    /// The volumes the running guest has, as the hypervisor reports them; `None` when it
+    /// could not say.
+    async fn attached_volumes(&self, uid: &str) -> Option<Vec<v1::AttachedVolume>> {
         match self.driver.disks(uid).await {
-            Ok(disks) => disks
-                .into_iter()
-                .map(|d| v1::AttachedVolume {
-                    volume: self.volume_name(&d.id),
-                    uid: d.id,
-                    serial: d.serial,
-                })
-                .collect(),
-            Err(_) => Vec::new(),
+            Ok(disks) => Some(
+                disks
+                    .into_iter()
+                    .map(|d| v1::AttachedVolume {
+                        volume: self.volume_name(&d.id),
+                        uid: d.id,
+                        serial: d.serial,
+                    })
+                    .collect(),
+            ),
+            Err(HypervisorError::NotRunning(_)) => Some(Vec::new()),
+            Err(e) => {
+                tracing::warn!(uid, error = %error_chain(&e), "reading the guest's disks failed; keeping what was last seen");
+                None
+            }
         }
     }
 

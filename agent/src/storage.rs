@@ -388,16 +388,7 @@ impl StorageReconciler {
             .is_some_and(|s| !s.attachments.is_empty());
         let existing = self.backend.get(&m.uid).await?;
         let info = match existing {
-            Some(info) if info.size_bytes >= wanted_bytes || attached => info,
-            Some(_) => {
-                let info = self.backend.resize(&m.uid, wanted_bytes).await?;
-                let message = format!(
-                    "grew the volume to {} GiB on node {}",
-                    spec.size_gib, self.node
-                );
-                self.recorder.normal(volume, "Resized", &message).await;
-                info
-            }
+            Some(info) => info,
             None => match self.content(volume).await {
                 Ok(content) => {
                     self.write_record(&m.uid, volume)?;
@@ -447,22 +438,49 @@ impl StorageReconciler {
                 }
             },
         };
+        // Exports first: a daemon left for a guest that has gone holds the file's lock, and
+        // growing or copying the volume waits for it to stop.
         let exports = self.sync_exports(volume, &info).await?;
+        let mut grow_failed = None;
+        let info = if info.size_bytes < wanted_bytes && !attached && exports.is_empty() {
+            match self.backend.resize(&m.uid, wanted_bytes).await {
+                Ok(grown) => {
+                    let message = format!(
+                        "grew the volume to {} GiB on node {}",
+                        spec.size_gib, self.node
+                    );
+                    self.recorder.normal(volume, "Resized", &message).await;
+                    grown
+                }
+                Err(e) => {
+                    self.recorder
+                        .warning(volume, "ResizeFailed", &error_chain(&e))
+                        .await;
+                    grow_failed = Some(error_chain(&e));
+                    info
+                }
+            }
+        } else {
+            info
+        };
         let snapshots = self
             .sync_snapshots(volume, &info, !exports.is_empty())
             .await?;
         let size_gib = info.size_bytes.div_ceil(GIB);
         let mut detail = format!("{size_gib} GiB {} volume", self.backend.kind());
         if info.size_bytes < wanted_bytes {
-            let remote = volume
-                .status
-                .iter()
-                .flat_map(|s| &s.attachments)
-                .any(|a| a.node != self.node);
-            detail.push_str(&if remote {
+            let remote = !exports.is_empty()
+                || volume
+                    .status
+                    .iter()
+                    .flat_map(|s| &s.attachments)
+                    .any(|a| a.node != self.node);
+            detail.push_str(&if let Some(e) = &grow_failed {
+                format!("; growing to {} GiB failed: {e}", spec.size_gib)
+            } else if remote {
                 format!(
-                    "; growing to {} GiB waits until it is detached (QEMU cannot grow a disk \
-                     attached over NBD)",
+                    "; growing to {} GiB waits until no other node has it (QEMU cannot grow \
+                     a disk attached over NBD)",
                     spec.size_gib
                 )
             } else {
@@ -537,9 +555,9 @@ impl StorageReconciler {
                 .unwrap_or_default();
             if node_of(&other) != self.node {
                 return Err((
-                    "SourceNotFound",
+                    "Creating",
                     format!(
-                        "source volume {} is not on node {}",
+                        "waiting for source volume {} to be on node {}",
                         source.volume, self.node
                     ),
                 ));
@@ -564,9 +582,9 @@ impl StorageReconciler {
             return match self.backend.get(&uid).await {
                 Ok(Some(_)) => Ok(Content::Volume { uid }),
                 _ => Err((
-                    "SourceNotFound",
+                    "Creating",
                     format!(
-                        "snapshot {} is not held on node {} (not taken yet?)",
+                        "waiting for snapshot {} to be taken on node {}",
                         source.snapshot, self.node
                     ),
                 )),
@@ -837,6 +855,13 @@ impl StorageReconciler {
             .filter(|v| node_of(v) == self.node)
             .filter_map(|v| v.metadata.as_ref().map(|m| m.uid.clone()))
             .collect();
+        match self.backend.collect_leftovers().await {
+            Ok(removed) if !removed.is_empty() => {
+                tracing::info!(?removed, "removed what interrupted creates left");
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %error_chain(&e), "collecting leftovers failed"),
+        }
         match self.backend.list().await {
             Ok(found) => uids.extend(found.into_iter().map(|v| v.uid)),
             Err(e) => {
@@ -859,6 +884,24 @@ impl StorageReconciler {
             free_gib: capacity.free_bytes / GIB,
         })
     }
+}
+
+/// The uids of the Volumes placed on `node` that are copies (of a volume or a snapshot)
+/// not made yet: a change of their source lets them go on.
+pub fn copies_waiting(node: &str, volumes: &Store<v1::Volume>) -> Vec<String> {
+    volumes
+        .list()
+        .iter()
+        .filter(|v| node_of(v) == node)
+        .filter(|v| {
+            v.spec
+                .as_ref()
+                .and_then(|s| s.source.as_ref())
+                .is_some_and(|s| !s.volume.is_empty() || !s.snapshot.is_empty())
+        })
+        .filter(|v| v.status.as_ref().is_none_or(|s| s.size_gib == 0))
+        .filter_map(|v| v.metadata.as_ref().map(|m| m.uid.clone()))
+        .collect()
 }
 
 /// The uids of the Volumes placed here that a change of a Volume or Server concerns.

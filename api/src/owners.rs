@@ -103,7 +103,7 @@ pub fn table(kind: Kind) -> &'static [Ownership] {
                     "networkDriver",
                     "storage"
                 ],
-                ["HostReady", "NetworkReady", "StorageReady"],
+                ["HostReady", "NetworkReady"],
             ),
             own!(NODE_LIFECYCLE, [], ["Ready"]),
         ],

@@ -11,7 +11,12 @@
 //! defaulting, validation, the status owner table, and the project's quota, charged in
 //! the write's own transaction ([`crate::quota`]). A refused request writes nothing.
 
-use std::{collections::HashMap, pin::Pin, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeSet, HashMap},
+    pin::Pin,
+    sync::Arc,
+    time::Duration,
+};
 
 use ferro_store::{
     Compare, KeyRange, KeyValue, RangeRequest, Revision, Store, StoreError, Txn, TxnOp,
@@ -400,6 +405,36 @@ fn with_part(object: &Object, name: &str, value: Option<DynamicMessage>) -> Obje
     Object::from_dynamic(object.kind(), &message).expect("an object re-encodes as its own kind")
 }
 
+/// Refuses to delete a Volume attached to a server that is not among `leaving` (see
+/// `ApiServer::leaving_servers`).
+fn refuse_deleting_in_use(
+    object: &Object,
+    leaving: &BTreeSet<String>,
+    display: &str,
+) -> Result<(), Error> {
+    let Object::Volume(volume) = object else {
+        return Ok(());
+    };
+    let staying: Vec<&str> = volume
+        .status
+        .iter()
+        .flat_map(|s| &s.attachments)
+        .map(|a| a.server.as_str())
+        .filter(|server| !leaving.contains(*server))
+        .collect();
+    if staying.is_empty() {
+        return Ok(());
+    }
+    Err(Error::FailedPrecondition {
+        object: display.to_owned(),
+        message: format!(
+            "is attached to server {}: remove it from that server's spec.volumes (or delete \
+             the server, if it boots from it) first",
+            staying.join(", ")
+        ),
+    })
+}
+
 /// Strips what only the server may set from a client's object.
 fn admit(mut object: Object) -> Object {
     object.clear_status();
@@ -482,44 +517,37 @@ impl ApiServer {
         Ok(Some(others))
     }
 
-    /// Refuses to delete a Volume that a guest has attached (as `status.attachments`, which
-    /// the volume controller recomputes from what the servers' nodes observe, says) while
-    /// that server stays: its data would go from under a running guest. A server being
-    /// deleted does not hold it back (`ferro delete -f` of a whole stack works); the
-    /// volume's node removes the bytes only once no guest has the volume any more.
-    async fn refuse_deleting_in_use(&self, key: &Key, display: &str) -> Result<(), Error> {
-        let Ok((Object::Volume(volume), _)) = self.read(key).await else {
-            return Ok(());
+    /// The servers a Volume's `status.attachments` names that do not hold it back: gone,
+    /// or being deleted. Deleting the volume is refused (inside the delete's transaction,
+    /// against the attachments as they are then) while any other server has it: its data
+    /// would go from under a running guest. A server being deleted does not hold it back
+    /// (`ferro delete -f` of a whole stack works); the volume's node removes the bytes only
+    /// once no guest has the volume any more.
+    async fn leaving_servers(&self, key: &Key) -> Result<BTreeSet<String>, Error> {
+        let volume = match self.read(key).await {
+            Ok((Object::Volume(volume), _)) => volume,
+            Ok(_) | Err(Error::NotFound { .. }) => return Ok(BTreeSet::new()),
+            Err(e) => return Err(e),
         };
-        let attached: Vec<String> = volume
-            .status
-            .iter()
-            .flat_map(|s| &s.attachments)
-            .map(|a| a.server.clone())
-            .collect();
-        let mut staying = Vec::new();
-        for name in attached {
+        let mut leaving = BTreeSet::new();
+        for attachment in volume.status.iter().flat_map(|s| &s.attachments) {
             let server = Key {
                 kind: Kind::Server,
                 project: key.project.clone(),
-                name: name.clone(),
+                name: attachment.server.clone(),
             };
-            if let Ok((server, _)) = self.read(&server).await
-                && server.metadata().is_some_and(|m| m.deletion_timestamp.is_none())
-            {
-                staying.push(name);
+            match self.read(&server).await {
+                Ok((server, _))
+                    if server
+                        .metadata()
+                        .is_some_and(|m| m.deletion_timestamp.is_none()) => {}
+                Ok(_) | Err(Error::NotFound { .. }) => {
+                    leaving.insert(attachment.server.clone());
+                }
+                Err(e) => return Err(e),
             }
         }
-        if staying.is_empty() {
-            return Ok(());
-        }
-        Err(Error::FailedPrecondition {
-            object: display.to_owned(),
-            message: format!(
-                "is attached to server {}: remove it from that server's spec.volumes first",
-                staying.join(", ")
-            ),
-        })
+        Ok(leaving)
     }
 
     /// Refuses to delete a Volume that live VolumeSnapshots copy: they are the only
@@ -1436,10 +1464,12 @@ impl ApiServer {
         let display = key.display();
         let propagation =
             Propagation::try_from(request.propagation).unwrap_or(Propagation::Background);
-        if key.kind == Kind::Volume {
-            self.refuse_deleting_in_use(&key, &display).await?;
+        let leaving = if key.kind == Kind::Volume {
             self.refuse_deleting_with_snapshots(&key, &display).await?;
-        }
+            self.leaving_servers(&key).await?
+        } else {
+            BTreeSet::new()
+        };
         let (object, _, removed) = self
             .modify(&key, |current| {
                 let meta = current.metadata().cloned().unwrap_or_default();
@@ -1463,6 +1493,7 @@ impl ApiServer {
                 if meta.deletion_timestamp.is_some() {
                     return Ok(Change::Unchanged(current));
                 }
+                refuse_deleting_in_use(&current, &leaving, &display)?;
                 let mut next = current.clone();
                 let next_meta = next.metadata_mut();
                 let extra = match propagation {

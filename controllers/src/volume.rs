@@ -733,10 +733,15 @@ pub fn snapshot_state(
         let c = condition(READY, true, "Taken", message);
         return (Phase::Available, c, held.size_gib);
     }
-    if let Some(a) = status.attachments.first() {
+    let holder = status
+        .attachments
+        .first()
+        .map(|a| a.server.clone())
+        .or_else(|| status.exports.first().map(|e| e.server.clone()));
+    if let Some(server) = holder {
         let message = format!(
-            "volume {name} is attached to server {}: the snapshot is taken once it is detached",
-            a.server
+            "volume {name} is attached to server {server}: the snapshot is taken once it is \
+             detached"
         );
         return (
             Phase::Creating,
@@ -804,7 +809,8 @@ impl SnapshotController {
         };
         let controller = Controller::new("volume-snapshot", settings, metrics.clone())
             .reconciles(&snapshots)
-            .watches(&volumes, on_volumes);
+            .watches(&volumes, on_volumes)
+            .reads(Arc::new(nodes.clone()));
         let reconciler = Arc::new(SnapshotController {
             api: api.clone(),
             snapshots,

@@ -42,6 +42,13 @@ pub(super) fn check_volume(spec: &VolumeSpec, out: &mut Violations) {
             );
         }
     }
+    if spec.multiattach {
+        out.add(
+            &path.field("multiattach"),
+            "is not supported yet: two guests (or two NBD exports) cannot both open a volume \
+             for writing",
+        );
+    }
     out.reference(&path.field("volumeType"), &spec.volume_type);
     out.check(
         &path.field("availabilityZone"),
@@ -108,6 +115,12 @@ mod tests {
                     &[],
                 ),
                 ("{}", &["spec.sizeGib: must be at least 1"]),
+                (
+                    "{sizeGib: 1, multiattach: true}",
+                    &[
+                        "spec.multiattach: is not supported yet: two guests (or two NBD exports) cannot both open a volume for writing",
+                    ],
+                ),
                 (
                     "{sizeGib: 1, source: {}}",
                     &[
