@@ -36,7 +36,9 @@ impl Drop for Guarded {
 /// `FERRO-ADDR` lines) is a race, so those are left out of the comparison.
 fn comparable<'a>(lines: impl Iterator<Item = &'a str>) -> Vec<String> {
     lines
-        .filter(|l| !l.contains("FERRO-ADDR"))
+        // Addresses and the data volume come when they come: before the ready marker or
+        // after it.
+        .filter(|l| !l.contains("FERRO-ADDR") && !l.contains("FERRO-DISK"))
         .map(|l| {
             l.split(' ')
                 .filter(|word| !word.starts_with("addrs="))
