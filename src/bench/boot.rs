@@ -198,7 +198,9 @@ fn median(values: &mut [f64]) -> f64 {
     }
 }
 
-fn tiny_guest(script: &Path) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+pub(super) fn tiny_guest(
+    script: &Path,
+) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
     let output = Command::new("bash")
         .arg(script)
         .output()

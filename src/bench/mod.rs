@@ -27,8 +27,9 @@ pub enum BenchCommand {
     /// Port wiring latency, TCP throughput and agent restarts under `ferro up --nodes 3`,
     /// against the same kernel and switch pieces wired by hand.
     Net(net::NetBenchArgs),
-    /// Image upload throughput and the apiserver's peak memory for a 1 GiB image, and the
-    /// read back a node does.
+    /// Image upload throughput and the apiserver's peak memory for a 1 GiB image, the read
+    /// back a node does, volume attach / detach latency in a real guest (file and NBD),
+    /// and sequential reads through an NBD export against the same file read locally.
     Storage(storage::StorageBenchArgs),
 }
 
