@@ -171,7 +171,7 @@ pub fn table(kind: Kind) -> &'static [Ownership] {
                     "format",
                     "observedGeneration"
                 ],
-                ["Ready"],
+                ["Ready", "InUse"],
             ),
             own!(IMAGE_STORE, ["uploaded"], []),
         ],

@@ -1,4 +1,15 @@
-//! The image controller: an Image's status from what the nodes' caches found.
+//! The image controller: an Image's status from what the nodes' caches found, and an
+//! Image in use kept until it is not.
+//!
+//! **In use.** Every Image carries the finalizer [`IMAGE_FINALIZER`]. A deleted Image stays
+//! (`deletionTimestamp` set) while anything still needs it: a Server booted from it (its
+//! `status.resolved` names the image's uid, or it names the image and is not resolved
+//! yet), an Image that uses it as its kernel or ramdisk (even one being deleted, while it
+//! stays), or a Volume not made from it yet.
+//! The condition `InUse=True` and a Warning event name them; the image goes when the last
+//! one has. This is Kubernetes' protection of volumes in use rather than a refusal, so that
+//! `ferro delete -f` of a directory, which deletes `image.yaml` before `server.yaml`,
+//! works: the servers go, then the image.
 //!
 //! Each node's agent reports the images it holds in its own `Node.status.images` (one
 //! `CachedImage` per image uid: `Downloading`, `Ready` or `Failed`, with checksum, format,
@@ -22,7 +33,12 @@ use ferro_api::{Error, Kind, Object, owners, v1};
 use crate::api::Api;
 use ferro_runtime::{
     Action, Caches, Controller, ObjectRef, Reconcile, ReconcileError, Store, condition,
-    condition_holds, controller::Settings, meta, metrics::Metrics, reflector::UID,
+    condition_holds,
+    controller::Settings,
+    finalizer::{self, Step},
+    meta,
+    metrics::Metrics,
+    reflector::UID,
 };
 
 use v1::{cached_image::Phase as Cached, image_status::Phase};
@@ -156,11 +172,88 @@ pub fn plan(image: &v1::Image, entries: &[(String, v1::CachedImage)]) -> ImagePl
     }
 }
 
+/// The finalizer that keeps a deleted Image while something uses it.
+pub const IMAGE_FINALIZER: &str = "ferro.io/image-in-use";
+
+/// The index of Servers, Images and Volumes by the image names they use, `<project>/<name>`.
+const BY_IMAGE_NAME: &str = "image-name";
+/// The index of Servers by the image uids they resolved.
+const BY_IMAGE_UID: &str = "image-uid";
+
+fn resolved_images(server: &v1::Server) -> Vec<String> {
+    server
+        .status
+        .iter()
+        .flat_map(|s| &s.resolved)
+        .filter(|r| r.kind == Kind::Image.name() && !r.uid.is_empty())
+        .map(|r| r.uid.clone())
+        .collect()
+}
+
+fn is_public(image: &v1::Image) -> bool {
+    image.spec.as_ref().and_then(|s| s.visibility)
+        == Some(v1::image_spec::Visibility::Public as i32)
+}
+
+/// What still uses `image`, as `kind project/name` for people. Pure.
+pub fn users(
+    image: &v1::Image,
+    servers: &[Arc<v1::Server>],
+    images: &[Arc<v1::Image>],
+    volumes: &[Arc<v1::Volume>],
+) -> Vec<String> {
+    let m = meta(image);
+    let sees = |project: &str| project == m.project || is_public(image);
+    let mut found = Vec::new();
+    for server in servers {
+        let sm = meta(server.as_ref());
+        let resolved = resolved_images(server);
+        let by_name = resolved.is_empty()
+            && sees(&sm.project)
+            && server.spec.as_ref().is_some_and(|s| s.image == m.name);
+        if resolved.contains(&m.uid) || by_name {
+            found.push(format!("server {}/{}", sm.project, sm.name));
+        }
+    }
+    for other in images {
+        let om = meta(other.as_ref());
+        // One being deleted counts while it stays: its own users may still start from it.
+        let uses = om.uid != m.uid
+            && sees(&om.project)
+            && other
+                .spec
+                .as_ref()
+                .is_some_and(|s| s.kernel == m.name || s.ramdisk == m.name);
+        if uses {
+            found.push(format!("image {}/{}", om.project, om.name));
+        }
+    }
+    for volume in volumes {
+        let vm = meta(volume.as_ref());
+        let making = vm.deletion_timestamp.is_none()
+            && sees(&vm.project)
+            && volume.status.as_ref().is_none_or(|s| s.size_gib == 0)
+            && volume
+                .spec
+                .as_ref()
+                .and_then(|s| s.source.as_ref())
+                .is_some_and(|s| s.image == m.name);
+        if making {
+            found.push(format!("volume {}/{}", vm.project, vm.name));
+        }
+    }
+    found.sort();
+    found
+}
+
 /// The image controller: reconciles Images.
 pub struct ImageController {
     api: Api,
     images: Store<v1::Image>,
     nodes: Store<v1::Node>,
+    servers: Store<v1::Server>,
+    volumes: Store<v1::Volume>,
+    recorder: ferro_runtime::events::Recorder,
 }
 
 impl ImageController {
@@ -173,6 +266,68 @@ impl ImageController {
     ) -> (Controller, Arc<ImageController>) {
         let images = caches.store::<v1::Image>();
         let nodes = caches.store::<v1::Node>();
+        let servers = caches.store::<v1::Server>();
+        let volumes = caches.store::<v1::Volume>();
+        servers.add_index(BY_IMAGE_UID, resolved_images);
+        images.add_index(BY_IMAGE_NAME, |i: &v1::Image| {
+            vec![format!("{}/{}", meta(i).project, meta(i).name)]
+        });
+        // A user changed or gone: the images it names may be free to go.
+        let named = images.clone();
+        let users_of = move |project: &str, name: &str, uids: &[String]| -> Vec<ObjectRef> {
+            let mut keys: Vec<ObjectRef> = named
+                .by_index(BY_IMAGE_NAME, &format!("{project}/{name}"))
+                .iter()
+                .chain(
+                    uids.iter()
+                        .flat_map(|u| named.by_index(UID, u))
+                        .collect::<Vec<_>>()
+                        .iter(),
+                )
+                .filter(|i| meta(i.as_ref()).deletion_timestamp.is_some())
+                .map(|i| ObjectRef::of(i.as_ref()))
+                .collect();
+            keys.dedup();
+            keys
+        };
+        let of_servers = users_of.clone();
+        let on_servers = move |c: &ferro_runtime::reflector::Change<v1::Server>| {
+            let mut keys = Vec::new();
+            for s in c.old.iter().chain(c.new.iter()) {
+                let image = s.spec.as_ref().map(|s| s.image.clone()).unwrap_or_default();
+                keys.extend(of_servers(
+                    &meta(s.as_ref()).project,
+                    &image,
+                    &resolved_images(s),
+                ));
+            }
+            keys
+        };
+        let of_volumes = users_of.clone();
+        let on_volumes = move |c: &ferro_runtime::reflector::Change<v1::Volume>| {
+            let mut keys = Vec::new();
+            for v in c.old.iter().chain(c.new.iter()) {
+                let image = v
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.source.as_ref())
+                    .map(|s| s.image.clone())
+                    .unwrap_or_default();
+                keys.extend(of_volumes(&meta(v.as_ref()).project, &image, &[]));
+            }
+            keys
+        };
+        let of_images = users_of;
+        let on_images = move |c: &ferro_runtime::reflector::Change<v1::Image>| {
+            let mut keys = Vec::new();
+            for i in c.old.iter().chain(c.new.iter()) {
+                let spec = i.spec.clone().unwrap_or_default();
+                for name in [spec.kernel, spec.ramdisk] {
+                    keys.extend(of_images(&meta(i.as_ref()).project, &name, &[]));
+                }
+            }
+            keys
+        };
         let by_uid = images.clone();
         let controller = Controller::new("image", settings, metrics.clone())
             .reconciles(&images)
@@ -190,10 +345,20 @@ impl ImageController {
                 }
                 keys
             });
+        let controller = controller
+            .watches(&servers, on_servers)
+            .watches(&volumes, on_volumes)
+            .watches(&images, on_images);
         let reconciler = Arc::new(ImageController {
+            recorder: ferro_runtime::events::Recorder::new(
+                api.client().clone(),
+                owners::IMAGE_CONTROLLER,
+            ),
             api: api.clone(),
             images,
             nodes,
+            servers,
+            volumes,
         });
         (controller, reconciler)
     }
@@ -208,6 +373,51 @@ impl Reconcile for ImageController {
         };
         if key.kind != Kind::Image {
             return Ok(Action::AwaitChange);
+        }
+        match finalizer::prepare(self.api.client(), IMAGE_FINALIZER, image.as_ref()).await? {
+            Step::Skip => return Ok(Action::AwaitChange),
+            Step::Apply => {}
+            Step::Cleanup(cleanup) => {
+                let users = users(
+                    &image,
+                    &self.servers.list(),
+                    &self.images.list(),
+                    &self.volumes.list(),
+                );
+                if users.is_empty() {
+                    cleanup.finish().await?;
+                    return Ok(Action::AwaitChange);
+                }
+                let message = format!(
+                    "in use by {}: the image is deleted once they are gone",
+                    users.join(", ")
+                );
+                let in_use = condition("InUse", true, "InUse", message.clone());
+                let told = image.status.as_ref().is_some_and(|s| {
+                    s.conditions
+                        .iter()
+                        .any(|c| c.r#type == "InUse" && c.message == message)
+                });
+                if !told {
+                    self.recorder
+                        .warning(image.as_ref(), "DeletionWaits", &message)
+                        .await;
+                    let object = Object::Image(v1::Image {
+                        metadata: image.metadata.clone(),
+                        spec: None,
+                        status: Some(v1::ImageStatus::default()),
+                    });
+                    match self
+                        .api
+                        .update_status(object, owners::IMAGE_CONTROLLER, &[], vec![in_use])
+                        .await
+                    {
+                        Ok(_) | Err(Error::NotFound { .. }) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                return Ok(Action::AwaitChange);
+            }
         }
         let uid = &meta(image.as_ref()).uid;
         let entries: Vec<(String, v1::CachedImage)> = self
@@ -247,6 +457,87 @@ impl Reconcile for ImageController {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_image_is_used_by_servers_kernels_of_other_images_and_volumes_being_made() {
+        let obj = |name: &str, project: &str, uid: &str| {
+            Some(v1::ObjectMeta {
+                name: name.into(),
+                project: project.into(),
+                uid: uid.into(),
+                ..Default::default()
+            })
+        };
+        let kernel = v1::Image {
+            metadata: obj("tiny-kernel", "p", "k"),
+            ..Default::default()
+        };
+        let server = |name: &str, image: &str, resolved: Option<&str>| {
+            Arc::new(v1::Server {
+                metadata: obj(name, "p", name),
+                spec: Some(v1::ServerSpec {
+                    image: image.into(),
+                    ..Default::default()
+                }),
+                status: Some(v1::ServerStatus {
+                    resolved: resolved
+                        .into_iter()
+                        .map(|uid| v1::ResolvedReference {
+                            kind: "Image".into(),
+                            name: image.into(),
+                            project: "p".into(),
+                            uid: uid.into(),
+                        })
+                        .collect(),
+                    ..Default::default()
+                }),
+            })
+        };
+        let servers = [
+            // Booted from it, resolved.
+            server("web-1", "tiny-kernel", Some("k")),
+            // Names it, not resolved yet.
+            server("web-2", "tiny-kernel", None),
+            // Names another image of that name, resolved elsewhere.
+            server("web-3", "tiny-kernel", Some("other")),
+        ];
+        let disk = Arc::new(v1::Image {
+            metadata: obj("tiny", "p", "d"),
+            spec: Some(v1::ImageSpec {
+                kernel: "tiny-kernel".into(),
+                ..Default::default()
+            }),
+            status: None,
+        });
+        let volume = |name: &str, size_gib: u64| {
+            Arc::new(v1::Volume {
+                metadata: obj(name, "p", name),
+                spec: Some(v1::VolumeSpec {
+                    size_gib: 1,
+                    source: Some(v1::VolumeSource {
+                        image: "tiny-kernel".into(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                status: Some(v1::VolumeStatus {
+                    size_gib,
+                    ..Default::default()
+                }),
+            })
+        };
+        let volumes = [volume("making", 0), volume("made", 1)];
+        assert_eq!(
+            users(&kernel, &servers, &[disk], &volumes),
+            [
+                "image p/tiny",
+                "server p/web-1",
+                "server p/web-2",
+                "volume p/making"
+            ]
+        );
+        assert!(users(&kernel, &[], &[], &[]).is_empty());
+    }
 
     fn image() -> v1::Image {
         v1::Image {

@@ -3,6 +3,7 @@
 //! a Server booting from them — the node's agent fetching them from the apiserver into its
 //! cache. The Images are `Active` from the upload on, their status shows what the
 //! apiserver found, and a file that is not what it claims is refused with what it is.
+//! Deleted while in use, the images stay, naming their users, until those are gone.
 
 use std::time::Duration;
 
@@ -123,6 +124,16 @@ spec: {{flavor: m1.tiny, image: tiny}}
         .count();
     ensure!(files >= 3, "{files} files in {}", cached.display());
 
+    // An image in use stays until its users are gone, and says who they are: the kernel
+    // is used by the disk image, which the server booted from.
+    cloud.run(["delete", "image", "tiny-kernel", "tiny"])?;
+    wait_for("the images saying who uses them", SOON, || {
+        let kernel = cloud.run(["get", "image", "tiny-kernel", "-o", "yaml"])?;
+        let disk = cloud.run(["get", "image", "tiny", "-o", "yaml"])?;
+        Ok((kernel.contains("in use by image default/tiny")
+            && disk.contains("in use by server default/uploaded"))
+        .then_some(()))
+    })?;
     cloud.run([
         "delete",
         "server",
@@ -131,5 +142,9 @@ spec: {{flavor: m1.tiny, image: tiny}}
         "--timeout",
         "120s",
     ])?;
+    wait_for("both images gone once unused", SOON, || {
+        let listed = cloud.run(["get", "images"])?;
+        Ok((!listed.contains("tiny-kernel ") && !listed.contains("tiny ")).then_some(()))
+    })?;
     Ok(())
 }
