@@ -289,6 +289,47 @@ impl NodeReport {
     }
 }
 
+/// Removes this node's finalizer (`ferro.io/agent`) from the object `meta` names, read
+/// afresh: nothing to do when it is gone, has another uid, or lacks the finalizer; a
+/// conflicting write is retried a few times.
+pub async fn remove_agent_finalizer<T: Resource>(
+    client: &Client,
+    meta: &v1::ObjectMeta,
+) -> Result<(), Error> {
+    let mut last = None;
+    for _ in 0..5 {
+        let current = match client.get_typed::<T>(&meta.project, &meta.name).await {
+            Ok(current) => current.metadata().cloned().unwrap_or_default(),
+            Err(Error::NotFound { .. }) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        if current.uid != meta.uid
+            || !current
+                .finalizers
+                .iter()
+                .any(|f| f == ferro_api::auth::AGENT_FINALIZER)
+        {
+            return Ok(());
+        }
+        let request = v1::PatchMetadataRequest {
+            key: Some(v1::ObjectKey {
+                kind: T::KIND.name().to_owned(),
+                project: meta.project.clone(),
+                name: meta.name.clone(),
+            }),
+            remove_finalizers: vec![ferro_api::auth::AGENT_FINALIZER.to_owned()],
+            resource_version: current.resource_version,
+            ..Default::default()
+        };
+        match client.patch_metadata(request).await {
+            Ok(_) | Err(Error::NotFound { .. }) => return Ok(()),
+            Err(e @ Error::Conflict { .. }) => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| Error::internal("finalizer removal gave up")))
+}
+
 /// Creates the Node unless it exists.
 pub async fn register(client: &Client, name: &str) -> Result<(), Error> {
     let node = v1::Node {

@@ -426,7 +426,7 @@ impl ServerReconciler {
                     };
                     let mut spec = self.prepare(server).await?;
                     spec.nics = nics;
-                    spec.disks.extend(self.disks(server).await.0);
+                    spec.disks.extend(self.disks(server, &[]).await.0);
                     let started = self
                         .driver
                         .start(&spec)
@@ -614,7 +614,8 @@ impl ServerReconciler {
     /// The guest's data disks: its `spec.volumes` that are ready to attach, in order, and
     /// why the others are not. A volume on this node is opened as a file; one on another
     /// node through the NBD export its node made for this server.
-    async fn disks(&self, server: &v1::Server) -> (Vec<Disk>, Vec<String>) {
+    /// Volumes the guest has already (`attached`) are left out: nothing is read for them.
+    async fn disks(&self, server: &v1::Server, attached: &[Disk]) -> (Vec<Disk>, Vec<String>) {
         let meta = server.metadata.clone().unwrap_or_default();
         let mut disks = Vec::new();
         let mut waiting = Vec::new();
@@ -624,6 +625,10 @@ impl ServerReconciler {
                 waiting.push(format!("volume {name} not found"));
                 continue;
             };
+            let uid = volume.metadata.as_ref().map(|m| m.uid.as_str());
+            if attached.iter().any(|d| Some(d.id.as_str()) == uid) {
+                continue;
+            }
             match self.disk_of(&meta, &volume).await {
                 Ok(disk) => disks.push(disk),
                 Err(why) => waiting.push(format!("volume {name}: {why}")),
@@ -726,7 +731,7 @@ impl ServerReconciler {
                 self.normal(server, "VolumeDetached", &message).await;
             }
         }
-        let (wanted, waiting) = self.disks(server).await;
+        let (wanted, waiting) = self.disks(server, &current).await;
         if !waiting.is_empty() {
             let message = format!("waiting to attach: {}", waiting.join("; "));
             self.normal(server, "WaitingForVolume", &message).await;
@@ -778,6 +783,11 @@ impl ServerReconciler {
                 continue;
             }
             let wanted = volume.spec.as_ref().map_or(0, |s| s.size_gib) << 30;
+            // The size its node reports first: the file is read only when a grow is due.
+            let reported = volume.status.as_ref().map_or(0, |s| s.size_gib) << 30;
+            if wanted <= reported {
+                continue;
+            }
             let has = match backend.get(&disk.id).await {
                 Ok(Some(info)) => info.size_bytes,
                 _ => continue,
@@ -879,46 +889,7 @@ impl ServerReconciler {
     /// uid) and still has it.
     async fn remove_finalizer(&self, server: &v1::Server) -> Result<(), ReconcileError> {
         let meta = server.metadata.clone().unwrap_or_default();
-        let mut last = None;
-        for _ in 0..5 {
-            let current = match self
-                .client
-                .get_typed::<v1::Server>(&meta.project, &meta.name)
-                .await
-            {
-                Ok(current) => current,
-                Err(Error::NotFound { .. }) => return Ok(()),
-                Err(e) => return Err(e.into()),
-            };
-            let current = current.metadata.unwrap_or_default();
-            if current.uid != meta.uid
-                || !current
-                    .finalizers
-                    .iter()
-                    .any(|f| f == auth::AGENT_FINALIZER)
-            {
-                return Ok(());
-            }
-            let request = v1::PatchMetadataRequest {
-                key: Some(v1::ObjectKey {
-                    kind: Kind::Server.name().to_owned(),
-                    project: meta.project.clone(),
-                    name: meta.name.clone(),
-                }),
-                remove_finalizers: vec![auth::AGENT_FINALIZER.to_owned()],
-                resource_version: current.resource_version,
-                ..Default::default()
-            };
-            match self.client.patch_metadata(request).await {
-                Ok(_) | Err(Error::NotFound { .. }) => return Ok(()),
-                Err(e @ Error::Conflict { .. }) => last = Some(e),
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Err(last.map_or(
-            ReconcileError::Api(Error::internal("finalizer removal gave up")),
-            ReconcileError::Api,
-        ))
+        Ok(crate::node::remove_agent_finalizer::<v1::Server>(&self.client, &meta).await?)
     }
 
     async fn write_status(

@@ -36,7 +36,7 @@ use std::time::Duration;
 
 use ferro_api::client::{Client, Selection};
 use ferro_api::resolve::resolve;
-use ferro_api::{Error, Kind, Resource, auth, owners, v1};
+use ferro_api::{Error, Kind, Resource, owners, v1};
 use ferro_runtime::events::Recorder;
 use ferro_runtime::reflector::UID;
 use ferro_runtime::{Action, Reconcile, Store, condition};
@@ -670,11 +670,7 @@ impl StorageReconciler {
         let current = volume.status.clone().unwrap_or_default();
         let generation = volume.metadata.as_ref().map_or(0, |m| m.generation);
         let same_condition = current.conditions.iter().any(|c| {
-            c.r#type == provisioned.r#type
-                && c.status == provisioned.status
-                && c.reason == provisioned.reason
-                && c.message == provisioned.message
-                && c.observed_generation == generation
+            crate::node::same_condition(c, &provisioned) && c.observed_generation == generation
         });
         let same_fields = status.as_ref().is_none_or(|s| {
             s.size_gib == current.size_gib
@@ -730,7 +726,7 @@ impl StorageReconciler {
         self.remove_bytes(&m.uid).await?;
         let message = format!("removed the volume and its exports from node {}", self.node);
         self.recorder.normal(volume, "Deleted", &message).await;
-        self.remove_finalizer(&m).await?;
+        crate::node::remove_agent_finalizer::<v1::Volume>(&self.client, &m).await?;
         Ok(Action::AwaitChange)
     }
 
@@ -743,44 +739,6 @@ impl StorageReconciler {
         self.backend.delete(uid).await?;
         self.remove_record(uid);
         Ok(())
-    }
-
-    async fn remove_finalizer(&self, meta: &v1::ObjectMeta) -> Result<(), StorageError> {
-        for _ in 0..5 {
-            let current = match self
-                .client
-                .get_typed::<v1::Volume>(&meta.project, &meta.name)
-                .await
-            {
-                Ok(current) => current.metadata.unwrap_or_default(),
-                Err(Error::NotFound { .. }) => return Ok(()),
-                Err(e) => return Err(e.into()),
-            };
-            if current.uid != meta.uid
-                || !current
-                    .finalizers
-                    .iter()
-                    .any(|f| f == auth::AGENT_FINALIZER)
-            {
-                return Ok(());
-            }
-            let request = v1::PatchMetadataRequest {
-                key: Some(v1::ObjectKey {
-                    kind: Kind::Volume.name().to_owned(),
-                    project: meta.project.clone(),
-                    name: meta.name.clone(),
-                }),
-                remove_finalizers: vec![auth::AGENT_FINALIZER.to_owned()],
-                resource_version: current.resource_version,
-                ..Default::default()
-            };
-            match self.client.patch_metadata(request).await {
-                Ok(_) | Err(Error::NotFound { .. }) => return Ok(()),
-                Err(Error::Conflict { .. }) => continue,
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Err(Error::internal("removing the volume's finalizer kept conflicting").into())
     }
 
     /// Bytes or exports of a uid that is no Volume placed here.

@@ -347,8 +347,21 @@ pub fn plumbed_current<'a>(
     subject: &str,
     generation: i64,
 ) -> Option<&'a v1::Condition> {
+    agent_condition_current(existing, PLUMBED, subject, generation)
+}
+
+/// A node agent's condition `kind` (`Plumbed`, `Provisioned`, …), if it speaks of what is
+/// wanted now: written at `generation`, and its message's subject is `subject` (exactly,
+/// or followed by `: `), e.g. `node net-2`. A node that lost an object can no longer
+/// write, so its last word stays in status; only the current node's counts. Pure.
+pub fn agent_condition_current<'a>(
+    existing: &'a [v1::Condition],
+    kind: &str,
+    subject: &str,
+    generation: i64,
+) -> Option<&'a v1::Condition> {
     existing.iter().find(|c| {
-        c.r#type == PLUMBED
+        c.r#type == kind
             && c.observed_generation == generation
             && c.message
                 .strip_prefix(subject)

@@ -204,14 +204,12 @@ pub fn provisioned_current<'a>(
     node: &str,
     generation: i64,
 ) -> Option<&'a v1::Condition> {
-    let subject = provisioned_subject(node);
-    existing.iter().find(|c| {
-        c.r#type == PROVISIONED
-            && c.observed_generation == generation
-            && c.message
-                .strip_prefix(&subject)
-                .is_some_and(|rest| rest.is_empty() || rest.starts_with(": "))
-    })
+    crate::router::agent_condition_current(
+        existing,
+        PROVISIONED,
+        &provisioned_subject(node),
+        generation,
+    )
 }
 
 /// The attachments of a volume: one per server whose guest has it, by server name. Pure.
