@@ -5,7 +5,7 @@ set -euo pipefail
 packages=(
   etcd-server etcd-client    # the store
   protobuf-compiler libprotobuf-dev # etcd-client's build needs protoc and the well-known protos (descriptor.proto), which are only a Recommends of protoc
-  qemu-system-x86 qemu-utils # the hypervisor
+  qemu-system-x86 qemu-utils # the hypervisor; qemu-system-x86's qemu-system-common has qemu-storage-daemon (NBD exports of volumes), qemu-utils has qemu-img and qemu-io
   genisoimage                # config drives
   busybox-static cpio xz-utils # the test guest's initramfs
   kmod e2fsprogs             # the test guest: depmod for its modules, mkfs.ext4 -d for its disk
